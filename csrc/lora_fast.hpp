@@ -1,0 +1,3 @@
+// Declarations shared by the binding glue: one bind_* function per op file.
+#pragma once
+#include <pybind11/pybind11.h>
