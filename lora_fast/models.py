@@ -1,0 +1,134 @@
+"""SD1.5-, SD2-, SDXL- and SD3-shaped models built from their configs with random weights.
+
+There is no model hub here, so tests and benchmarks build the real diffusers/transformers module
+trees from the published configs: ``size="full"`` for benchmarks and name tables, ``size="tiny"``
+(same block structure, small widths and depths) for unit tests. Needs the ``diffusers`` extra.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+
+FAMILIES = ("sd15", "sd2", "sdxl", "sd3")
+
+_SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+)
+_SD2_UNET = dict(_SD15_UNET, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
+_SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816, norm_num_groups=32,
+)
+_SD3_TRANSFORMER = dict(
+    sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+    joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+    pos_embed_max_size=192,
+)
+# CLIP text encoders: SD1.x / SDXL text_encoder (ViT-L), SD2 (OpenCLIP ViT-H), SDXL text_encoder_2 (OpenCLIP ViT-bigG).
+_CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+               hidden_act="quick_gelu", projection_dim=768)
+_CLIP_H = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+               hidden_act="gelu", projection_dim=512)
+_CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+               hidden_act="gelu", projection_dim=1280)
+
+_TINY_UNET = dict(block_out_channels=(32, 64, 64, 64), cross_attention_dim=32, attention_head_dim=8,
+                  norm_num_groups=8, sample_size=8)
+_TINY_SDXL_UNET = dict(block_out_channels=(32, 64, 64), transformer_layers_per_block=(1, 2, 2),
+                       attention_head_dim=(4, 8, 8), cross_attention_dim=64, addition_time_embed_dim=8,
+                       projection_class_embeddings_input_dim=8 * 6 + 32, norm_num_groups=8, sample_size=8)
+_TINY_SD3 = dict(sample_size=8, num_layers=2, attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
+                 caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=16)
+_TINY_CLIP = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, projection_dim=32)
+
+
+def unet_config(family: str, size: str = "full") -> dict:
+    base = {"sd15": _SD15_UNET, "sd2": _SD2_UNET, "sdxl": _SDXL_UNET}[family]
+    if size == "full":
+        return dict(base)
+    if family == "sdxl":
+        return dict(base, **_TINY_SDXL_UNET)
+    cfg = dict(base, **_TINY_UNET)
+    if family == "sd2":
+        cfg["attention_head_dim"] = (2, 4, 4, 4)
+    return cfg
+
+
+def text_encoder_config(family: str, which: int = 1, size: str = "full") -> dict:
+    """which=1 is ``text_encoder``, 2 is ``text_encoder_2`` (SDXL, SD3)."""
+    base = {("sd15", 1): _CLIP_L, ("sd2", 1): _CLIP_H, ("sdxl", 1): _CLIP_L, ("sdxl", 2): _CLIP_G,
+            ("sd3", 1): _CLIP_L, ("sd3", 2): _CLIP_G}[(family, which)]
+    cfg = dict(base, vocab_size=49408, max_position_embeddings=77)
+    if size != "full":
+        cfg.update(_TINY_CLIP, vocab_size=1000, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+        if family == "sdxl" and which == 1:
+            cfg.update(hidden_size=32, projection_dim=32)
+    return cfg
+
+
+@contextlib.contextmanager
+def _seeded(seed: Optional[int]):
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _cast(module, dtype):
+    # diffusers warns on any .to(dtype) of a model; skip the no-op cast for float32.
+    return (module if dtype == torch.float32 else module.to(dtype)).eval()
+
+
+def build_unet(family: str, size: str = "tiny", *, dtype=torch.float32, device="cpu", seed: Optional[int] = 0):
+    from diffusers import UNet2DConditionModel
+
+    with _seeded(seed), torch.device(device):
+        return _cast(UNet2DConditionModel(**unet_config(family, size)), dtype)
+
+
+def build_sd3_transformer(size: str = "tiny", *, dtype=torch.float32, device="cpu", seed: Optional[int] = 0):
+    from diffusers import SD3Transformer2DModel
+
+    cfg = dict(_SD3_TRANSFORMER, **(_TINY_SD3 if size != "full" else {}))
+    with _seeded(seed), torch.device(device):
+        return _cast(SD3Transformer2DModel(**cfg), dtype)
+
+
+def build_text_encoder(family: str, which: int = 1, size: str = "tiny", *, dtype=torch.float32, device="cpu",
+                       seed: Optional[int] = 0):
+    """SD1.x/SD2 and SDXL text_encoder are CLIPTextModel; text_encoder_2 is CLIPTextModelWithProjection."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cls = CLIPTextModelWithProjection if (which == 2 or family == "sd3") else CLIPTextModel
+    with _seeded(seed), torch.device(device):
+        return _cast(cls(CLIPTextConfig(**text_encoder_config(family, which, size))), dtype)
+
+
+def build_components(family: str, size: str = "tiny", *, dtype=torch.float32, device="cpu", seed: Optional[int] = 0,
+                     text_encoders: bool = True) -> dict[str, torch.nn.Module]:
+    """{component name: module} as a diffusers pipeline of that family holds them (no VAE, no T5)."""
+    seed2 = None if seed is None else seed + 1
+    seed3 = None if seed is None else seed + 2
+    if family == "sd3":
+        out = {"transformer": build_sd3_transformer(size, dtype=dtype, device=device, seed=seed)}
+    else:
+        out = {"unet": build_unet(family, size, dtype=dtype, device=device, seed=seed)}
+    if text_encoders:
+        out["text_encoder"] = build_text_encoder(family, 1, size, dtype=dtype, device=device, seed=seed2)
+        if family in ("sdxl", "sd3"):
+            out["text_encoder_2"] = build_text_encoder(family, 2, size, dtype=dtype, device=device, seed=seed3)
+    return out
