@@ -132,3 +132,31 @@ def build_components(family: str, size: str = "tiny", *, dtype=torch.float32, de
         if family in ("sdxl", "sd3"):
             out["text_encoder_2"] = build_text_encoder(family, 2, size, dtype=dtype, device=device, seed=seed3)
     return out
+
+
+def build_pipeline(family: str, size: str = "tiny", *, dtype=torch.float32, device="cpu", seed: Optional[int] = 0):
+    """A real diffusers pipeline object around build_components (tiny VAE, no tokenizers, no T5).
+
+    Enough for diffusers' own LoRA loading/fusing (the interop oracle) and for lora_fast's
+    pipeline targets; not for generating images from text.
+    """
+    import diffusers
+
+    comps = build_components(family, size, dtype=dtype, device=device, seed=seed)
+    with _seeded(seed), torch.device(device):
+        vae = _cast(diffusers.AutoencoderKL(
+            block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+            latent_channels=16 if family == "sd3" else 4, norm_num_groups=8), dtype)
+    if family == "sd3":
+        return diffusers.StableDiffusion3Pipeline(
+            transformer=comps["transformer"], scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae,
+            text_encoder=comps.get("text_encoder"), tokenizer=None, text_encoder_2=comps.get("text_encoder_2"),
+            tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+    scheduler = diffusers.DDIMScheduler(clip_sample=False)
+    if family == "sdxl":
+        return diffusers.StableDiffusionXLPipeline(
+            vae=vae, text_encoder=comps.get("text_encoder"), text_encoder_2=comps.get("text_encoder_2"), tokenizer=None,
+            tokenizer_2=None, unet=comps["unet"], scheduler=scheduler)
+    return diffusers.StableDiffusionPipeline(
+        vae=vae, text_encoder=comps.get("text_encoder"), tokenizer=None, unet=comps["unet"], scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
