@@ -1,3 +1,4 @@
 // Declarations shared by the binding glue: one bind_* function per op file.
 #pragma once
 #include <pybind11/pybind11.h>
+void bind_safetensors(pybind11::module_& m);

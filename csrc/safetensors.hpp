@@ -1,0 +1,120 @@
+// Strict safetensors reader/writer: the format, its validation and atomic writing. No Python, no torch.
+//
+// File layout: [u64 LE header size N][N bytes of UTF-8 JSON header][data buffer]. docs/safetensors.md lists every
+// rule parse_header enforces. Every violation throws FormatError; operating-system failures throw IoError.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+namespace lora_fast::safetensors {
+
+// Same variants and order as the safetensors crate's Dtype enum: the writer sorts data by this order (descending).
+enum class Dtype : uint8_t {
+    BOOL, F4, F6_E2M3, F6_E3M2, U8, I8, F8_E5M2, F8_E4M3, F8_E8M0, F8_E4M3FNUZ, F8_E5M2FNUZ,
+    I16, U16, F16, BF16, I32, U32, F32, C64, F64, I64, U64,
+};
+constexpr int kDtypeCount = 22;
+
+const char* dtype_name(Dtype dtype);
+unsigned dtype_bits(Dtype dtype);
+std::optional<Dtype> parse_dtype(std::string_view name);
+
+// Largest header accepted (and written), as in the safetensors crate; checked before anything is allocated.
+constexpr uint64_t kMaxHeaderSize = 100'000'000;
+// Largest dimension and element count: torch sizes are int64.
+constexpr uint64_t kMaxDim = uint64_t(INT64_MAX);
+// JSON nesting deeper than this is rejected (a valid header nests 3 deep); keeps the recursive parser's stack bounded.
+constexpr int kMaxJsonDepth = 64;
+
+class FormatError : public std::runtime_error {
+  public:
+    using std::runtime_error::runtime_error;
+};
+
+class IoError : public std::runtime_error {
+  public:
+    IoError(int err, std::string path, const std::string& what)
+        : std::runtime_error(what), error_number(err), path(std::move(path)) {}
+    int error_number;
+    std::string path;
+};
+
+struct TensorInfo {
+    std::string name;
+    Dtype dtype;
+    std::vector<uint64_t> shape;
+    uint64_t begin;  // data_offsets, relative to the start of the data buffer; end is exclusive
+    uint64_t end;
+    uint64_t nbytes() const { return end - begin; }
+};
+
+using Metadata = std::vector<std::pair<std::string, std::string>>;
+
+struct Header {
+    uint64_t header_size = 0;  // N
+    uint64_t data_size = 0;    // bytes after the header
+    std::vector<TensorInfo> tensors;  // data order: by (begin, end), ties in header order
+    bool has_metadata = false;        // false when "__metadata__" is absent or null
+    Metadata metadata;                // header order
+    uint64_t data_start() const { return 8 + header_size; }
+};
+
+// Rules on the 8-byte prefix: returns N. total_size is the whole file's size.
+uint64_t parse_header_size(const uint8_t* prefix, uint64_t total_size);
+// Parses and validates the N header bytes of a file of total_size bytes (everything but the data's content).
+Header parse_header(std::string_view header_json, uint64_t total_size);
+// Both steps over a complete in-memory file.
+Header parse_buffer(const uint8_t* data, uint64_t size);
+
+// Reads and validates only the prefix and header of a file (pread; the data is never touched).
+// FormatError messages start with the path.
+Header read_header_file(const std::string& path);
+
+// A whole file mapped MAP_PRIVATE, readable and writable: writes are copy-on-write and never reach the file.
+class MappedFile {
+  public:
+    explicit MappedFile(const std::string& path);
+    ~MappedFile();
+    MappedFile(const MappedFile&) = delete;
+    MappedFile& operator=(const MappedFile&) = delete;
+    uint8_t* data() const { return data_; }
+    uint64_t size() const { return size_; }
+
+  private:
+    uint8_t* data_ = nullptr;
+    uint64_t size_ = 0;
+};
+
+// A mapped file whose header has been validated against it.
+struct MappedSafetensors {
+    explicit MappedSafetensors(const std::string& path);
+    MappedFile file;
+    Header header;
+};
+
+struct TensorToWrite {
+    std::string name;
+    Dtype dtype;
+    std::vector<uint64_t> shape;
+    const void* data;  // nbytes bytes, little-endian, row-major
+    uint64_t nbytes;
+};
+
+// Puts tensors in the writer's data order (dtype descending, then name) and returns the padded header JSON
+// exactly as the safetensors crate writes it. Validates names, sizes and metadata (FormatError).
+std::string build_header(std::vector<TensorToWrite>& tensors, const Metadata* metadata);
+
+// Writes a safetensors file atomically: a temporary file in the same directory, fsync, rename over path, fsync
+// the directory. On any failure the temporary file is removed and an existing file at path is untouched.
+// fail_after_bytes is fault injection for tests: the write fails with EIO once that many bytes went out.
+void save_file(const std::string& path, std::vector<TensorToWrite> tensors, const Metadata* metadata,
+               uint64_t fail_after_bytes = UINT64_MAX);
+
+}  // namespace lora_fast::safetensors
