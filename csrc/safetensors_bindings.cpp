@@ -156,7 +156,11 @@ void bind_safetensors(py::module_& m) {
             if (!metadata.is_none()) md = metadata.cast<st::Metadata>();
             const uint64_t fail_after = fail_after_bytes < 0 ? UINT64_MAX : uint64_t(fail_after_bytes);
             py::gil_scoped_release release;
-            st::save_file(path, std::move(items), md ? &*md : nullptr, fail_after);
+            try {
+                st::save_file(path, std::move(items), md ? &*md : nullptr, fail_after);
+            } catch (const st::FormatError& e) {
+                throw st::FormatError(path + ": " + e.what());
+            }
         },
         py::arg("path"), py::arg("tensors"), py::arg("metadata"), py::arg("fail_after_bytes") = -1,
         "Write a safetensors file atomically. tensors: [(name, dtype, shape, address, nbytes)], the memory kept "
