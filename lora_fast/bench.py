@@ -1,0 +1,248 @@
+"""Benchmark harness: lora_fast vs diffusers vs the machine's floor, measured side by side in one run.
+
+The floor of a fuse is max(bytes moved / measured copy bandwidth, FLOPs / measured fp32 matmul
+rate): every targeted weight is read and written once and the factors read once; the low-rank
+product costs 2·r FLOPs per weight element. Times are medians of warm repeats.
+Needs the ``diffusers`` extra for the models and the comparison.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+#: name -> (model family, targets, rank)
+CASES = {
+    "sd15-attn-r4": ("sd15", "attn", 4),
+    "sdxl-linear-r32": ("sdxl", "linear", 32),
+    "sd3-attn-r16": ("sd3", "attn", 16),
+}
+
+
+def _median_time(fn: Callable[[], None], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_copy_bandwidth(nbytes: int = 512 << 20, device="cpu", repeats: int = 5) -> float:
+    """Bytes/s of a large tensor copy, read + write counted."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+
+    def run():
+        dst.copy_(src)
+        sync()
+
+    t = _median_time(run, repeats)
+    return 2 * nbytes / t
+
+
+def measure_matmul_rate(n: int = 2048, device="cpu", repeats: int = 5) -> float:
+    """FLOP/s of an n×n×n fp32 matmul (TF32 off)."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        def run():
+            torch.mm(a, b)
+            sync()
+
+        t = _median_time(run, repeats)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    return 2 * n**3 / t
+
+
+def _is_target(name: str, module: nn.Module, targets: str) -> bool:
+    if not isinstance(module, nn.Linear):
+        return False
+    if targets == "linear":
+        return True
+    # attention projections: diffusers to_q/k/v/to_out.0 (+ SD3's added projections), CLIP q/k/v/out_proj
+    last = name.split(".")[-1]
+    return last in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                    "q_proj", "k_proj", "v_proj", "out_proj") or name.endswith("to_out.0")
+
+
+def make_adapter(components: dict[str, nn.Module], targets: str, rank: int, dtype=torch.float32, seed: int = 0,
+                 text_encoders: bool = True):
+    """A random diffusers-style adapter over the targeted modules (alpha = 2·rank, delta ≈ a few % of W)."""
+    from .adapter import LoraAdapter, LoraLayer
+
+    gen = torch.Generator().manual_seed(seed)
+    layers = {}
+    for comp, model in components.items():
+        if comp.startswith("text_encoder") and (not text_encoders or targets == "attn" and comp != "text_encoder"):
+            continue
+        for name, module in model.named_modules():
+            if not _is_target(name, module, targets):
+                continue
+            out_f, in_f = module.weight.shape
+            down = (torch.randn(rank, in_f, generator=gen) / in_f**0.5).to(dtype)
+            up = (torch.randn(out_f, rank, generator=gen) * 0.01).to(dtype)
+            if comp.startswith("text_encoder") and not name.startswith("text_model."):
+                name = "text_model." + name
+            layers[f"{comp}.{name}"] = LoraLayer(down=down, up=up, alpha=2.0 * rank)
+    return LoraAdapter(layers, "diffusers")
+
+
+@dataclass
+class CaseResult:
+    case: str
+    dtype: str
+    modules: int
+    params: int
+    floor_s: float
+    lora_fast: dict = field(default_factory=dict)
+    diffusers: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+
+
+def _changed_bits(tensors, originals) -> int:
+    bits = {4: torch.int32, 2: torch.int16}
+    return sum(int((a.view(bits[a.element_size()]) != b.view(bits[b.element_size()])).sum())
+               for a, b in zip(tensors, originals))
+
+
+def _targeted(components, adapter):
+    from .adapter import split_component
+    from .targets import resolve_module
+
+    out = []
+    for key in adapter.layers:
+        comp, path = split_component(key)
+        out.append(resolve_module(components[comp], path).weight)
+    return out
+
+
+def run_case(case: str, dtype_name: str, *, floor: dict, repeats: int = 3, compare_diffusers: bool = True,
+             size: str = "full", drift_sample: int = 64, log: Callable[[str], None] = print) -> CaseResult:
+    import lora_fast
+
+    from . import engine
+    from .models import build_pipeline, materialize
+
+    family, targets, rank = CASES[case]
+    dtype = DTYPES[dtype_name]
+    pipe = build_pipeline(family, "tiny" if size == "tiny" else "full", dtype=dtype, device="meta" if size != "tiny" else "cpu")
+    comps = {k: v for k, v in pipe.components.items() if isinstance(v, nn.Module) and k != "vae"}
+    if size != "tiny":
+        for i, m in enumerate(comps.values()):
+            materialize(m, dtype=dtype, seed=i)
+        pipe.vae = materialize(pipe.vae, dtype=dtype)
+    adapter = make_adapter(comps, targets, rank, dtype=dtype)
+    weights = _targeted(comps, adapter)
+    n_params = sum(w.numel() for w in weights)
+    elt = torch.finfo(dtype).bits // 8
+    nbytes = 2 * n_params * elt + sum(l.down.numel() + l.up.numel() for l in adapter.layers.values()) * elt
+    flops = 2 * rank * n_params
+    floor_s = max(nbytes / floor["copy_bytes_per_s"], flops / floor["matmul_flops_per_s"])
+    res = CaseResult(case, dtype_name, len(adapter.layers), n_params, floor_s)
+    log(f"[{case} {dtype_name}] {len(adapter.layers)} modules, {n_params / 1e6:.0f} M params, floor {floor_s * 1e3:.1f} ms")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "pytorch_lora_weights.safetensors")
+        adapter.save(path, format="diffusers")
+        sample = weights[:drift_sample]
+        pristine = [w.detach().clone() for w in sample]
+
+        # lora_fast: load (file -> registered), fuse, unfuse, load+fuse end to end
+        t0 = time.perf_counter()
+        lora_fast.load_lora_weights(pipe, path, adapter_name="bench")
+        t_load = time.perf_counter() - t0
+        lora_fast.fuse_lora(pipe)  # warm-up cycle
+        lora_fast.unfuse_lora(pipe)
+        fuse_times, unfuse_times = [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            lora_fast.fuse_lora(pipe)
+            fuse_times.append(time.perf_counter() - t0)
+            rec = engine.fused_record_bytes(pipe)
+            t0 = time.perf_counter()
+            lora_fast.unfuse_lora(pipe)
+            unfuse_times.append(time.perf_counter() - t0)
+        changed = _changed_bits(sample, pristine)
+        lora_fast.unload_lora_weights(pipe)
+        t0 = time.perf_counter()
+        lora_fast.load_lora_weights(pipe, path, adapter_name="bench2", fuse=True)
+        t_e2e = time.perf_counter() - t0
+        lora_fast.unfuse_lora(pipe)
+        lora_fast.unload_lora_weights(pipe)
+        res.lora_fast = dict(
+            load_s=t_load, fuse_s=statistics.median(fuse_times), unfuse_s=statistics.median(unfuse_times),
+            load_fuse_s=t_e2e, record_bytes=rec, record_fraction_of_weight_bytes=rec / (n_params * elt),
+            changed_elements_after_cycles=changed, sample_elements=sum(w.numel() for w in sample),
+        )
+        log(f"  lora_fast  load {t_load:.3f}s  fuse {res.lora_fast['fuse_s'] * 1e3:.1f} ms  unfuse "
+            f"{res.lora_fast['unfuse_s'] * 1e3:.1f} ms  load+fuse {t_e2e:.3f}s  record {rec / 2**20:.1f} MiB "
+            f"({100 * res.lora_fast['record_fraction_of_weight_bytes']:.1f}% of fused weight bytes)  changed bits {changed}")
+        for w, p in zip(sample, pristine):
+            w.copy_(p)  # defensive: diffusers starts from pristine weights even if the above failed
+
+        if compare_diffusers:
+            gc.collect()
+            t0 = time.perf_counter()
+            pipe.load_lora_weights(path, adapter_name="bench")
+            t_dload = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            pipe.fuse_lora()
+            t_dfuse_first = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            pipe.unfuse_lora()
+            t_dunfuse = [time.perf_counter() - t0]
+            d_changed = _changed_bits(sample, pristine)
+            t_dfuse = [t_dfuse_first]
+            for _ in range(repeats - 1):
+                t0 = time.perf_counter()
+                pipe.fuse_lora()
+                t_dfuse.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                pipe.unfuse_lora()
+                t_dunfuse.append(time.perf_counter() - t0)
+            pipe.unload_lora_weights()
+            res.diffusers = dict(
+                load_s=t_dload, fuse_s=statistics.median(t_dfuse), unfuse_s=statistics.median(t_dunfuse),
+                load_fuse_s=t_dload + t_dfuse_first, changed_elements_after_one_cycle=d_changed,
+            )
+            log(f"  diffusers  load {t_dload:.3f}s  fuse {res.diffusers['fuse_s'] * 1e3:.1f} ms  unfuse "
+                f"{res.diffusers['unfuse_s'] * 1e3:.1f} ms  load+fuse {res.diffusers['load_fuse_s']:.3f}s  "
+                f"changed after 1 cycle {100 * d_changed / res.lora_fast['sample_elements']:.2f}% of sampled elements")
+    del pipe, comps, weights, sample, pristine
+    gc.collect()
+    return res
+
+
+def run(cases=("sd15-attn-r4",), dtypes=("fp32", "fp16", "bf16"), *, repeats: int = 3, compare_diffusers: bool = True,
+        size: str = "full", log: Callable[[str], None] = print) -> dict:
+    """Run the cases and return a JSON-able report (machine, floor, per-case results)."""
+    import platform
+
+    floor = dict(copy_bytes_per_s=measure_copy_bandwidth(), matmul_flops_per_s=measure_matmul_rate())
+    log(f"floor: copy {floor['copy_bytes_per_s'] / 1e9:.1f} GB/s (read+write), fp32 matmul "
+        f"{floor['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s, {torch.get_num_threads()} threads")
+    results = []
+    for case in cases:
+        for dt in dtypes:
+            results.append(asdict(run_case(case, dt, floor=floor, repeats=repeats, compare_diffusers=compare_diffusers,
+                                           size=size, log=log)))
+    return dict(machine=dict(platform=platform.platform(), processor=platform.processor(), threads=torch.get_num_threads(),
+                             torch=torch.__version__), floor=floor, results=results)
