@@ -1,13 +1,200 @@
-"""Format detection and normalization (TEMPORARY placeholder: the formats helper replaces this)."""
+"""Reading and writing LoRA files: diffusers, PEFT and kohya formats <-> LoraAdapter.
+
+* :func:`read_lora` reads a file, a directory or an in-memory state dict in any supported format;
+* :func:`write_adapter` (``LoraAdapter.save``) writes one as diffusers, kohya or PEFT;
+* :func:`save_lora_weights` is diffusers' ``save_lora_weights`` for layer state dicts.
+
+See docs/formats.md.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Optional
+
+import torch
+
+from ..adapter import LoraAdapter
+from ..errors import LoraFormatError
+from .detect import FORMATS, detect_format
+from .diffusers import LORA_WEIGHT_NAME, LORA_WEIGHT_NAME_SAFE, read_diffusers, save_lora_weights, write_diffusers
+from .peft import (
+    PEFT_CONFIG_NAME, PEFT_PICKLE_NAME, PEFT_WEIGHTS_NAME, iter_component_dirs, parse_config_json, prepare_for_save,
+    read_peft, write_peft,
+)
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
-def read_lora(source, *, weight_name=None, allow_pickle=False, component=None):
-    raise NotImplementedError
+def _pickle_refused(path: str) -> LoraFormatError:
+    return LoraFormatError(
+        f"{path}: refusing to read a pickle checkpoint: unpickling can execute arbitrary code. If you trust the "
+        "file, pass allow_pickle=True (it is then read with torch.load(weights_only=True)), or convert it to "
+        ".safetensors."
+    )
 
 
-def write_adapter(adapter, path, format):
-    raise NotImplementedError
+def _load_tensors(path: str, allow_pickle: bool) -> tuple[dict, dict]:
+    """(state dict, header metadata) of one file."""
+    from .. import io
+
+    if path.lower().endswith(PICKLE_SUFFIXES):
+        if not allow_pickle:
+            raise _pickle_refused(path)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # UnpicklingError, RuntimeError (not a zip/pickle), ...
+            raise LoraFormatError(f"{path}: cannot read as a torch checkpoint with weights_only=True ({exc})") from None
+        if not isinstance(obj, Mapping):
+            raise LoraFormatError(f"{path}: the checkpoint holds a {type(obj).__name__}, not a state dict")
+        return dict(obj), {}
+    try:
+        tensors = io.load_file(path)
+        header = io.read_metadata(path) or {}
+    except (FileNotFoundError, IsADirectoryError, PermissionError, LoraFormatError):
+        raise
+    except Exception as exc:  # safetensors' own errors are not ValueErrors with the path in them
+        raise LoraFormatError(f"{path}: cannot read as safetensors ({exc})") from None
+    return tensors, dict(header)
 
 
-def save_lora_weights(*args, **kwargs):
-    raise NotImplementedError
+def _read_peft_config(directory: str, where: str) -> Optional[dict]:
+    cfg_path = os.path.join(directory, PEFT_CONFIG_NAME)
+    if not os.path.isfile(cfg_path):
+        return None
+    with open(cfg_path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise LoraFormatError(f"{cfg_path}: not UTF-8 text") from None
+    return parse_config_json(text, cfg_path)
+
+
+def _from_state_dict(state_dict: dict, *, header: dict, config: Optional[dict], component: Optional[str],
+                     where: str) -> LoraAdapter:
+    fmt = detect_format(state_dict.keys(), source=where)
+    if fmt == "kohya":
+        from .kohya import read_kohya
+
+        adapter = read_kohya(state_dict, source=where)
+        if header and not adapter.metadata:
+            adapter.metadata = dict(header)
+        return adapter
+    if fmt == "peft":
+        return read_peft(state_dict, config=config, component=component, source=where, metadata=header)
+    return read_diffusers(state_dict, metadata=header, component=component, source=where)
+
+
+def _read_file(path: str, *, allow_pickle: bool, component: Optional[str]) -> LoraAdapter:
+    tensors, header = _load_tensors(path, allow_pickle)
+    config = None
+    if os.path.basename(path).startswith("adapter_model"):
+        config = _read_peft_config(os.path.dirname(path) or ".", path)
+    return _from_state_dict(tensors, header=header, config=config, component=component, where=path)
+
+
+def _read_directory(directory: str, *, weight_name, allow_pickle: bool, component: Optional[str]) -> LoraAdapter:
+    if weight_name is not None:
+        path = os.path.join(directory, weight_name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such file (weight_name={weight_name!r} in {directory})")
+        return _read_file(path, allow_pickle=allow_pickle, component=component)
+    for name in (LORA_WEIGHT_NAME_SAFE, PEFT_WEIGHTS_NAME):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            return _read_file(path, allow_pickle=allow_pickle, component=component)
+    subdirs = list(iter_component_dirs(directory))
+    if subdirs:
+        # A multi-component PEFT directory, as write_peft lays it out: one adapter per component.
+        layers, metadata = {}, {}
+        for comp, sub in subdirs:
+            if component is not None and comp != component:
+                continue
+            name = PEFT_WEIGHTS_NAME if os.path.isfile(os.path.join(sub, PEFT_WEIGHTS_NAME)) else PEFT_PICKLE_NAME
+            path = os.path.join(sub, name)
+            tensors, header = _load_tensors(path, allow_pickle)
+            part = read_peft(tensors, config=_read_peft_config(sub, path), component=comp, source=path, metadata=header)
+            layers.update(part.layers)
+            metadata.update(part.metadata)
+        if not layers:
+            raise LoraFormatError(f"{directory}: no adapter for component={component!r} (has {[c for c, _ in subdirs]})")
+        return LoraAdapter(layers=layers, format="peft", metadata=metadata, source=directory)
+    for name in (LORA_WEIGHT_NAME, PEFT_PICKLE_NAME):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            if not allow_pickle:
+                raise _pickle_refused(path)
+            return _read_file(path, allow_pickle=True, component=component)
+    candidates = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+    if len(candidates) == 1:
+        return _read_file(os.path.join(directory, candidates[0]), allow_pickle=allow_pickle, component=component)
+    raise LoraFormatError(
+        f"{directory}: no LoRA weights found (looked for {LORA_WEIGHT_NAME_SAFE}, {PEFT_WEIGHTS_NAME} + "
+        f"{PEFT_CONFIG_NAME}, per-component PEFT subfolders, or a single .safetensors file"
+        + (f"; found several: {candidates}, pass weight_name" if candidates else "")
+        + ")"
+    )
+
+
+def read_lora(source, *, weight_name=None, allow_pickle=False, component=None) -> LoraAdapter:
+    """Read a LoRA adapter in any supported format into a normalized :class:`LoraAdapter`.
+
+    source: a ``.safetensors`` file, a directory (diffusers ``pytorch_lora_weights.safetensors``, PEFT
+    ``adapter_model.safetensors`` + ``adapter_config.json``, or per-component PEFT subfolders), or an
+    in-memory state dict (not modified). ``weight_name`` picks the file inside a directory. Pickle
+    files (``.bin``, ``.pt``, ``.ckpt``) are refused unless ``allow_pickle=True``. ``component`` prefixes
+    keys that carry no component (PEFT files, a single module's state dict).
+    """
+    if component is not None and (not isinstance(component, str) or not component or "." in component):
+        raise LoraFormatError(f"component must be a name such as 'unet' or 'text_encoder', got {component!r}")
+    if isinstance(source, Mapping):
+        return _from_state_dict(dict(source), header={}, config=None, component=component, where="<state dict>")
+    try:
+        path = os.fspath(source)
+    except TypeError:
+        raise LoraFormatError(
+            f"read_lora: source must be a path or a state dict, got {type(source).__name__}"
+        ) from None
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if os.path.isdir(path):
+        return _read_directory(path, weight_name=weight_name, allow_pickle=allow_pickle, component=component)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    return _read_file(path, allow_pickle=allow_pickle, component=component)
+
+
+def write_adapter(adapter: LoraAdapter, path, format: str = "diffusers") -> None:
+    """Write ``adapter``: "diffusers" -> one .safetensors file (a directory gets
+    pytorch_lora_weights.safetensors), "kohya" -> one .safetensors file, "peft" -> a directory.
+
+    What the target cannot express raises LoraFormatError before anything is written.
+    """
+    from .. import io
+
+    if format not in FORMATS:
+        raise LoraFormatError(f"unknown LoRA format {format!r} (expected one of {FORMATS})")
+    if not isinstance(adapter, LoraAdapter):
+        raise LoraFormatError(f"write_adapter needs a LoraAdapter, got {type(adapter).__name__}")
+    if not adapter.layers:
+        raise LoraFormatError(f"{adapter.source or '<adapter>'}: the adapter has no layers")
+    if format == "diffusers":
+        write_diffusers(adapter, path)
+    elif format == "peft":
+        write_peft(adapter, path)
+    else:
+        from .kohya import write_kohya
+
+        tensors = write_kohya(adapter, source=adapter.source or "<adapter>")
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            raise LoraFormatError(f"{path}: a kohya LoRA is one .safetensors file; give a file path, not a directory")
+        parent = os.path.dirname(path)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        io.save_file(prepare_for_save(tensors), path, metadata={"format": "pt"})
+
+
+__all__ = ["read_lora", "write_adapter", "save_lora_weights", "detect_format", "FORMATS"]
