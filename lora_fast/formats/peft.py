@@ -374,15 +374,23 @@ def _pattern_key_for(path: str) -> str:
     # '^' anchors at the module path's start (as diffusers writes rank keys). A CLIP text-model path
     # also has to match transformers 5's CLIPTextModel, which has no text_model level.
     if path.startswith("text_model.") and path[len("text_model."):].startswith(_CLIP_INNER_HEADS):
-        return r"^(text_model\.)?" + path[len("text_model."):]
+        return r"^(?:text_model\.)?" + path[len("text_model."):]
     return "^" + path
 
 
-def _target_name_for(path: str) -> str:
-    # PEFT matches a list entry T against a module name N when N == T or N ends with "." + T.
-    if path.startswith("text_model.") and path[len("text_model."):].startswith(_CLIP_INNER_HEADS):
-        return path[len("text_model."):]
-    return path
+def _target_regex(paths) -> str:
+    """target_modules as one regex that PEFT fullmatches against module names: exactly these modules.
+
+    (A list would also match every module whose name merely ends with ``.<entry>``, e.g. ``lin`` would
+    wrap ``block.lin`` too.) CLIP text-model paths also match without the ``text_model.`` level.
+    """
+    alts = []
+    for path in sorted(paths):
+        if path.startswith("text_model.") and path[len("text_model."):].startswith(_CLIP_INNER_HEADS):
+            alts.append(r"(?:text_model\.)?" + re.escape(path[len("text_model."):]))
+        else:
+            alts.append(re.escape(path))
+    return "|".join(alts) if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
 
 
 def _json_number(x: float):
@@ -483,7 +491,7 @@ def export_component(layers: dict[str, LoraLayer], where: str, fmt: str) -> tupl
         "lora_alpha": _json_number(a_common),
         "rank_pattern": {_pattern_key_for(p): r for p, r in ranks.items() if r != r_common},
         "alpha_pattern": {_pattern_key_for(p): _json_number(a) for p, a in alphas.items() if a != a_common},
-        "target_modules": sorted({_target_name_for(p) for p in prepared}),
+        "target_modules": _target_regex(prepared),
         "use_rslora": use_rslora,
         "use_dora": bool(dora),
         "lora_bias": bool(with_bias),
