@@ -571,11 +571,17 @@ Header parse_buffer(const uint8_t* data, uint64_t size) {
 
 // ---------------------------------------------------------------------------------------------- files
 
+IoError::IoError(int err, const std::string& path_, const std::string& action_)
+    : std::runtime_error(action_ + " " + path_ + ": " + std::strerror(err)),
+      error_number(err),
+      path(path_),
+      action(action_) {}
+
 namespace {
 
 [[noreturn]] void throw_errno(const std::string& path, const std::string& action) {
     const int err = errno;
-    throw IoError(err, path, action + " " + path + ": " + std::strerror(err));
+    throw IoError(err, path, action);
 }
 
 class UniqueFd {
@@ -612,7 +618,7 @@ UniqueFd open_regular_file(const std::string& path, uint64_t* size) {
     if (fd.get() < 0) throw_errno(path, "cannot open");
     struct stat st;
     if (::fstat(fd.get(), &st) != 0) throw_errno(path, "cannot stat");
-    if (S_ISDIR(st.st_mode)) throw IoError(EISDIR, path, path + " is a directory");
+    if (S_ISDIR(st.st_mode)) throw IoError(EISDIR, path, "cannot open");
     if (!S_ISREG(st.st_mode)) throw FormatError(path + ": not a regular file");
     *size = uint64_t(st.st_size);
     return fd;
@@ -656,7 +662,7 @@ MappedFile::MappedFile(const std::string& path) {
     uint64_t size = 0;
     UniqueFd fd = open_regular_file(path, &size);
     if (size == 0) return;  // nothing to map; mmap rejects length 0
-    if (size > uint64_t(SIZE_MAX)) throw IoError(EFBIG, path, path + ": file too large to map");
+    if (size > uint64_t(SIZE_MAX)) throw IoError(EFBIG, path, "cannot mmap");
     // PROT_WRITE on a MAP_PRIVATE mapping only ever writes to private copy-on-write pages; the fd stays read-only.
     void* p = ::mmap(nullptr, size_t(size), PROT_READ | PROT_WRITE, MAP_PRIVATE, fd.get(), 0);
     if (p == MAP_FAILED) throw_errno(path, "cannot mmap");
@@ -770,7 +776,7 @@ class TempFile {
             if (fd_.get() >= 0) return;
             if (errno != EEXIST) throw_errno(target_, "cannot create a temporary file for");
         }
-        throw IoError(EEXIST, target_, "cannot create a temporary file for " + target_);
+        throw IoError(EEXIST, target_, "cannot create a temporary file for");
     }
     ~TempFile() {
         fd_.reset();

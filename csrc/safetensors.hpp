@@ -40,10 +40,11 @@ class FormatError : public std::runtime_error {
 
 class IoError : public std::runtime_error {
   public:
-    IoError(int err, std::string path, const std::string& what)
-        : std::runtime_error(what), error_number(err), path(std::move(path)) {}
+    // what(): "<action> <path>: <strerror>", e.g. "cannot open /x.safetensors: No such file or directory".
+    IoError(int err, const std::string& path, const std::string& action);
     int error_number;
     std::string path;
+    std::string action;
 };
 
 struct TensorInfo {

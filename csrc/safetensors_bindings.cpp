@@ -47,11 +47,17 @@ void set_format_error(const char* message) {
     Py_XDECREF(text);
 }
 
+// OSError(errno, "<action>: <strerror>", filename): the errno picks the subclass (FileNotFoundError, ...).
 void set_os_error(const st::IoError& e) {
+    const std::string message = e.action + ": " + std::strerror(e.error_number);
     PyObject* filename = PyUnicode_DecodeFSDefaultAndSize(e.path.data(), Py_ssize_t(e.path.size()));
-    if (!filename) PyErr_Clear();
-    errno = e.error_number;
-    PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, filename);
+    PyObject* error = filename ? PyObject_CallFunction(PyExc_OSError, "isO", e.error_number, message.c_str(),
+                                                       filename)
+                               : nullptr;
+    if (error) {
+        PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(error)), error);
+    }  // otherwise the failed call left its own exception set
+    Py_XDECREF(error);
     Py_XDECREF(filename);
 }
 
