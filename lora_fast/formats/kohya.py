@@ -12,9 +12,9 @@ module's kind (Linear/Conv2d) and full-size weight shape.
 
 Family choice on read: the candidates are the families whose table contains every name of the file
 (``lora_te2_`` exists only in SDXL). Among them, the one whose full-size shapes match the most modules
-wins, then the one whose module kinds fit the factor shapes most directly (SD1.x's 1×1-conv proj_in
-saved 4-D vs SD2/SDXL's Linear proj_in saved 2-D), then SDXL first if the file uses ``lora_te1_``/
-``lora_te2_`` or LDM UNet names, else SD1.5, SD2, SDXL. A kohya name means the same module in every
+wins, then SDXL if the file uses ``lora_te1_``/``lora_te2_`` or LDM UNet names, then the one whose module
+kinds fit the factor shapes most directly (SD1.x's 1×1-conv proj_in saved 4-D vs SD2's Linear proj_in
+saved 2-D), then SD1.5, SD2, SDXL in that order. A kohya name means the same module in every
 family that has it (the generator checks this), so the choice never changes where a LoRA lands; it
 only decides layer kinds and the shape check.
 
@@ -158,6 +158,8 @@ def _scalar(source: str, key: str, value) -> float:
         raise _fail(source, key, f"expected a real number, got a {value.dtype} tensor")
     if value.numel() != 1:
         raise _fail(source, key, f"expected a single number, got shape {tuple(value.shape)}")
+    if value.device.type == "meta":
+        raise _fail(source, key, "is on the meta device (no value to read)")
     number = float(value.detach().reshape(()).cpu().double().item())
     if not math.isfinite(number):
         raise _fail(source, key, f"value is {number}")
@@ -307,7 +309,10 @@ def _choose_family(source: str, parsed: list[_Parsed]) -> _Table:
             module = table.by_name[p.name]
             shapes += p.implied_shape(module.kind) == module.shape
             forms += _form_fit(p, module)
-        return (shapes, forms, -order.index(table.family))
+        # LDM / te1 / te2 names mean SDXL unless the shapes say otherwise: a 4-D 1×1 SDXL proj_in is
+        # not an SD1.x 1×1 conv just because its factors look like one.
+        prefer_sdxl = sdxl_first and table.family == "sdxl"
+        return (shapes, prefer_sdxl, forms, -order.index(table.family))
 
     return max(candidates, key=score)
 
@@ -395,36 +400,44 @@ def read_kohya(state_dict: dict[str, torch.Tensor], *, source: str = "<state dic
 # writing
 
 
-def _is_float32(x: float) -> bool:
-    return float(torch.tensor(x, dtype=torch.float32).item()) == x
+def _float32(x: float) -> float:
+    return float(torch.tensor(x, dtype=torch.float32).item())
 
 
 def _stored_alpha(layer: LoraLayer, source: str, key: str) -> torch.Tensor:
-    """The 0-d ``.alpha`` tensor that reproduces ``layer.scale`` exactly as alpha / r.
+    """The 0-d ``.alpha`` tensor whose alpha / r reproduces ``layer.scale``.
 
-    float32 whenever a float32 value does; otherwise float64 (e.g. alpha 0.3 from a diffusers
-    metadata JSON, or an rsLoRA fold α·√r that float32 cannot hold), so the delta never changes.
+    Plain layers: alpha itself, as float32 when float32 holds it exactly, else as float64 (e.g. 0.3
+    from a diffusers metadata JSON), so the scale is exact. rsLoRA layers (kohya has no rsLoRA flag)
+    are folded: alpha' with alpha' / r == alpha / sqrt(r). An exact float32 alpha' is preferred, then an
+    exact float64 one; when no double divides back exactly (r not a power of two can skip values), the
+    double whose alpha' / r is nearest is used: the scale is then off by at most one float64 ulp and
+    its float32 rounding, which the delta uses, is checked to be unchanged.
     """
     r = layer.rank
     target = layer.scale
     if layer.alpha == 0 or target == 0:
         raise LoraFormatError(f"{source}: {key}: alpha 0 has no kohya form (kohya reads alpha 0 as alpha = rank)")
-    if not math.isfinite(target):
+    if not math.isfinite(target) or not math.isfinite(layer.alpha):
         raise LoraFormatError(f"{source}: {key}: alpha {layer.alpha} is not finite")
-    if layer.use_rslora:
-        # kohya has no rsLoRA flag: store alpha' with alpha' / r == alpha / sqrt(r).
-        guess = target * r
-        candidates = [guess, math.nextafter(guess, math.inf), math.nextafter(guess, -math.inf)]
-    else:
-        candidates = [layer.alpha]
-    for c in candidates:  # a float32 that gives the same scale
-        c32 = float(torch.tensor(c, dtype=torch.float32).item())
+    if not layer.use_rslora:
+        alpha = layer.alpha
+        dtype = torch.float32 if _float32(alpha) == alpha else torch.float64
+        return torch.tensor(alpha, dtype=dtype)
+    guess = target * r
+    candidates = [guess]
+    up = down = guess
+    for _ in range(4):
+        up, down = math.nextafter(up, math.inf), math.nextafter(down, -math.inf)
+        candidates += [up, down]
+    for c in candidates:
+        c32 = _float32(c)
         if c32 / r == target:
             return torch.tensor(c32, dtype=torch.float32)
-    for c in candidates:
-        if c / r == target:
-            return torch.tensor(c, dtype=torch.float64)
-    raise LoraFormatError(f"{source}: {key}: no alpha reproduces the scale {target!r} exactly at rank {r}")
+    best = min(candidates, key=lambda c: abs(c / r - target))
+    if _float32(best / r) != _float32(target):
+        raise LoraFormatError(f"{source}: {key}: cannot fold the rsLoRA scale {target!r} into a kohya alpha at rank {r}")
+    return torch.tensor(best, dtype=torch.float64)
 
 
 def _writer_family(adapter: LoraAdapter, source: str) -> str:
