@@ -686,3 +686,32 @@ def test_writer_rejects_what_kohya_cannot_express():
     for bad, match in cases:
         with pytest.raises(LoraFormatError, match=match):
             write_kohya(bad)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd2", "sdxl"])
+def test_committed_tables_match_the_generator(family):
+    import gzip
+    import json
+
+    stored = json.loads(gzip.decompress((ROOT / "lora_fast/formats/names" / f"{family}.json.gz").read_bytes()))
+    assert stored == _load_generator().family_table(family)
+
+
+def test_sd1_file_with_ldm_names():
+    """SD1.x LDM names, including blocks 10 and 11 that substring grouping confuses with block 1 (§2.11)."""
+    sd = _pair("lora_unet_input_blocks_1_1_proj_in", torch.randn(4, 32, 1, 1), torch.randn(32, 4, 1, 1),
+               torch.tensor(2.0))
+    sd.update(_pair("lora_unet_input_blocks_10_0_in_layers_2", torch.randn(2, 64, 3, 3), torch.randn(64, 2, 1, 1)))
+    sd.update(_pair("lora_unet_input_blocks_11_0_in_layers_2", torch.randn(3, 64, 3, 3), torch.randn(64, 3, 1, 1),
+                    torch.tensor(6.0)))
+    sd.update(_pair("lora_unet_output_blocks_11_1_transformer_blocks_0_attn1_to_q", torch.randn(4, 32),
+                    torch.randn(32, 4), torch.tensor(1.0)))
+    adapter = read_kohya(sd)
+    assert {k: (l.kind, l.scale) for k, l in adapter.layers.items()} == {
+        "unet.down_blocks.0.attentions.0.proj_in": ("conv", 0.5),
+        "unet.down_blocks.3.resnets.0.conv1": ("conv", 1.0),
+        "unet.down_blocks.3.resnets.1.conv1": ("conv", 2.0),
+        "unet.up_blocks.3.attentions.2.transformer_blocks.0.attn1.to_q": ("linear", 0.25),
+    }
+    # written back with kohya's own SD1.x (diffusers-style) names
+    assert "lora_unet_down_blocks_3_resnets_1_conv1.alpha" in write_kohya(adapter)
