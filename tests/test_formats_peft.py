@@ -46,7 +46,7 @@ def test_save_pretrained_reads_back_exact_deltas(name, tiny_mixed, peft_helpers,
     for name_, module in live.items():
         layer = adapter.layers[name_.removeprefix("base_model.model.")]
         ref = peft_helpers.reference_delta(module, "default")
-        torch.testing.assert_close(layer.delta().double(), ref, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(layer.delta().double(), ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
         assert layer.scale == pytest.approx(module.scaling["default"], rel=1e-15)
         if not module.use_dora["default"]:
             torch.testing.assert_close(layer.delta(), module.get_delta_weight("default"), rtol=1e-6, atol=1e-7)
@@ -112,8 +112,8 @@ def test_written_peft_dir_loads_in_peft_with_same_deltas(tiny_mixed, peft_helper
     assert {n.removeprefix("base_model.model.") for n in live} == set(layers)
     for name, module in live.items():
         layer = layers[name.removeprefix("base_model.model.")]
-        torch.testing.assert_close(peft_helpers.reference_delta(module, "default").float(), layer.delta(),
-                                   rtol=1e-6, atol=1e-7)
+        ref = peft_helpers.reference_delta(module, "default")
+        torch.testing.assert_close(layer.delta().double(), ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
         assert module.scaling["default"] == pytest.approx(layer.scale, rel=1e-15)
     back = read_lora(tmp_path / "out")
     for name, layer in layers.items():

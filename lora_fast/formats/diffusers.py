@@ -19,7 +19,7 @@ from ..adapter import LoraAdapter, split_component
 from ..errors import LoraFormatError
 from .diffusers_legacy import parse_legacy_tail
 from .peft import (
-    PEFT_PREFIX, AdapterConfig, ModuleCollector, ParsedKey, build_layers, export_component, parse_config_json,
+    PEFT_PREFIX, TEXT_COMPONENTS, AdapterConfig, ModuleCollector, ParsedKey, build_layers, export_component, parse_config_json,
     parse_peft_tail, prepare_for_save,
 )
 
@@ -105,7 +105,11 @@ def diffusers_tensors_and_metadata(adapter: LoraAdapter) -> tuple[dict[str, torc
         raise LoraFormatError(f"{where}: layer {bare!r} has no component prefix while others do")
     tensors, meta = {}, {}
     for comp, layers in groups.items():
-        part, config = export_component(layers, f"{where} ({comp or 'model'})", "diffusers")
+        # transformers' load_adapter (diffusers' text-encoder path) maps only the live spelling
+        # ``lora_magnitude_vector.weight``; the bare PEFT spelling would leave DoRA magnitudes unloaded.
+        magnitude_suffix = "lora_magnitude_vector.weight" if comp in TEXT_COMPONENTS else "lora_magnitude_vector"
+        part, config = export_component(layers, f"{where} ({comp or 'model'})", "diffusers",
+                                        magnitude_suffix=magnitude_suffix)
         prefix = f"{comp}." if comp else ""
         tensors.update({prefix + k: v for k, v in part.items()})
         meta.update({prefix + k: v for k, v in config.items()})

@@ -41,7 +41,7 @@ _PEFT_DEFAULT_R = 8
 _PEFT_DEFAULT_ALPHA = 8
 
 _PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-_TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 # Paths inside a CLIP text model; transformers 5's CLIPTextModel drops the ``text_model.`` level above them.
 _CLIP_INNER_HEADS = ("encoder.layers.", "embeddings.", "final_layer_norm")
 
@@ -99,7 +99,7 @@ def parse_peft_tail(key: str) -> Optional[ParsedKey]:
 
 def normalize_text_encoder_path(component: Optional[str], path: str) -> str:
     """Give CLIP text-encoder paths their ``text_model.`` level back (transformers 5 drops it)."""
-    if component in _TEXT_COMPONENTS and path.startswith(_CLIP_INNER_HEADS):
+    if component in TEXT_COMPONENTS and path.startswith(_CLIP_INNER_HEADS):
         return "text_model." + path
     return path
 
@@ -406,7 +406,8 @@ def check_writable_to_peft(adapter_layers: dict[str, LoraLayer], where: str, fmt
             )
 
 
-def export_component(layers: dict[str, LoraLayer], where: str, fmt: str) -> tuple[dict[str, torch.Tensor], dict]:
+def export_component(layers: dict[str, LoraLayer], where: str, fmt: str, *,
+                     magnitude_suffix: str = "lora_magnitude_vector") -> tuple[dict[str, torch.Tensor], dict]:
     """One component's layers (un-prefixed module paths) -> (PEFT-named tensors without prefix, config dict).
 
     The config states every module's rank and alpha exactly (rank_pattern/alpha_pattern with '^' keys);
@@ -479,7 +480,7 @@ def export_component(layers: dict[str, LoraLayer], where: str, fmt: str) -> tupl
         out = int(up.shape[0])
         if layer.magnitude is not None:
             shape = (1, out, 1, 1) if layer.kind == "conv" else (out,)
-            tensors[f"{path}.lora_magnitude_vector"] = layer.magnitude.reshape(shape)
+            tensors[f"{path}.{magnitude_suffix}"] = layer.magnitude.reshape(shape)
         if with_bias:
             # lora_bias is per config: modules without one get an exact zero bias.
             bias = layer.bias if layer.bias is not None else torch.zeros(out, dtype=up.dtype, device=up.device)
