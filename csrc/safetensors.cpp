@@ -614,7 +614,8 @@ class UniqueFd {
 
 // Opens a regular file for reading and returns it with its size.
 UniqueFd open_regular_file(const std::string& path, uint64_t* size) {
-    UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+    // O_NONBLOCK: opening a FIFO must not hang; it is then rejected as not a regular file.
+    UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK));
     if (fd.get() < 0) throw_errno(path, "cannot open");
     struct stat st;
     if (::fstat(fd.get(), &st) != 0) throw_errno(path, "cannot stat");

@@ -259,6 +259,10 @@ def test_missing_file_is_an_os_error(tmp_path):
         io.read_metadata(tmp_path / "nope.safetensors")
     with pytest.raises(IsADirectoryError):
         io.load_file(tmp_path)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(LoraFormatError, match="not a regular file"):
+        io.load_file(fifo)
 
 
 # ------------------------------------------------------------------------------------------------- saving
