@@ -245,3 +245,23 @@ def test_read_kohya_file_through_read_lora(tmp_path):
     assert adapter.format == "kohya"
     assert list(adapter.layers) == ["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]
     assert adapter.metadata.get("ss_network_dim") == "2"
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "peft"])
+def test_mixed_rslora_flags_and_tucker_core_keep_deltas(tmp_path, fmt):
+    g = torch.Generator().manual_seed(9)
+    layers = {
+        "unet.a": LoraLayer(torch.randn(4, 8, generator=g), torch.randn(6, 4, generator=g), 3.0, use_rslora=True),
+        "unet.b": LoraLayer(torch.randn(2, 8, generator=g), torch.randn(6, 2, generator=g), 5.0),
+        # Tucker/CP LoCon: down (r, in, 1, 1), mid (r, r, 3, 3), up (out, r, 1, 1); folded into down on write
+        "unet.c": LoraLayer(torch.randn(3, 5, 1, 1, generator=g), torch.randn(7, 3, 1, 1, generator=g), 1.5,
+                            kind="conv", mid=torch.randn(3, 3, 3, 3, generator=g)),
+    }
+    adapter = LoraAdapter(layers, "kohya")
+    path = tmp_path / ("p" if fmt == "peft" else "d.safetensors")
+    adapter.save(path, format=fmt)
+    # A single-component PEFT directory is a plain PEFT adapter: its keys carry no component.
+    back = read_lora(path, component="unet" if fmt == "peft" else None)
+    _assert_same_deltas(adapter, back)
+    assert back.layers["unet.c"].mid is None and tuple(back.layers["unet.c"].down.shape) == (3, 5, 3, 3)
+    assert torch.equal(back.layers["unet.c"].delta(), layers["unet.c"].delta())
