@@ -10,6 +10,7 @@
 #include <atomic>
 #include <cerrno>
 #include <cstring>
+#include <deque>
 #include <random>
 #include <unordered_set>
 
@@ -151,219 +152,63 @@ std::string quote(std::string_view name) {
 
 // ---------------------------------------------------------------------------------------------- strict JSON
 
-struct Json {
-    enum class Kind : uint8_t { Null, Bool, Number, String, Array, Object };
-    Kind kind = Kind::Null;
-    std::string text;               // String: the decoded value; Number: its lexeme
-    std::vector<Json> values;       // Array elements or Object member values
-    std::vector<std::string> keys;  // Object member names, parallel to values
+enum class JsonKind : uint8_t { Null, Bool, Number, String, Array, Object };
 
-    const Json* member(std::string_view key) const {
-        for (size_t i = 0; i < keys.size(); ++i)
-            if (keys[i] == key) return &values[i];
-        return nullptr;
-    }
-};
-
-const char* kind_name(Json::Kind kind) {
+const char* kind_name(JsonKind kind) {
     switch (kind) {
-        case Json::Kind::Null: return "null";
-        case Json::Kind::Bool: return "a boolean";
-        case Json::Kind::Number: return "a number";
-        case Json::Kind::String: return "a string";
-        case Json::Kind::Array: return "an array";
-        case Json::Kind::Object: return "an object";
+        case JsonKind::Null: return "null";
+        case JsonKind::Bool: return "a boolean";
+        case JsonKind::Number: return "a number";
+        case JsonKind::String: return "a string";
+        case JsonKind::Array: return "an array";
+        case JsonKind::Object: return "an object";
     }
     return "?";
 }
 
-// RFC 8259 JSON, nothing more: no comments, trailing commas, NaN/Infinity, single quotes, leading zeros or raw
-// control characters. Duplicate object keys are rejected at every level. The input must already be valid UTF-8.
-class JsonParser {
+// A pull parser for RFC 8259 JSON, nothing more: no comments, trailing commas, NaN/Infinity, single quotes, leading
+// zeros or raw control characters. The header reader drives it and skips what it does not need, so memory stays
+// proportional to what is kept (an adversarial header cannot expand into a huge tree). Duplicate object keys are
+// rejected at every level, in skipped values too. The input must already be valid UTF-8.
+class JsonReader {
   public:
-    explicit JsonParser(std::string_view text) : s_(text) {}
+    explicit JsonReader(std::string_view text) : s_(text) {}
 
-    Json parse_document() {
-        skip_whitespace();
-        Json value = parse_value(0);
-        skip_whitespace();
-        if (pos_ != s_.size()) fail("unexpected data after the top-level value");
-        return value;
-    }
-
-  private:
     [[noreturn]] void fail(const std::string& what) const {
         throw FormatError("header is not valid JSON: " + what + " at byte " + num(pos_) + " of the header");
     }
 
-    bool at_end() const { return pos_ >= s_.size(); }
-    char peek() const { return at_end() ? '\0' : s_[pos_]; }
-
-    void skip_whitespace() {
-        while (!at_end() && (s_[pos_] == ' ' || s_[pos_] == '\t' || s_[pos_] == '\n' || s_[pos_] == '\r')) ++pos_;
-    }
-
-    void expect(char c) {
-        if (at_end()) fail(std::string("expected '") + c + "' but the header ended");
-        if (s_[pos_] != c) fail(std::string("expected '") + c + "'");
-        ++pos_;
-    }
-
-    Json parse_value(int depth) {
-        if (depth > kMaxJsonDepth) fail("nesting deeper than " + num(kMaxJsonDepth));
+    // The kind of the next value (after whitespace); fails on a character that cannot start a value.
+    JsonKind peek_kind() {
+        skip_whitespace();
         if (at_end()) fail("expected a value but the header ended");
-        Json v;
         switch (s_[pos_]) {
-            case '{': parse_object(v, depth); break;
-            case '[': parse_array(v, depth); break;
-            case '"':
-                v.kind = Json::Kind::String;
-                v.text = parse_string();
-                break;
-            case 't': parse_literal("true", v, Json::Kind::Bool); break;
-            case 'f': parse_literal("false", v, Json::Kind::Bool); break;
-            case 'n': parse_literal("null", v, Json::Kind::Null); break;
+            case '{': return JsonKind::Object;
+            case '[': return JsonKind::Array;
+            case '"': return JsonKind::String;
+            case 't': case 'f': return JsonKind::Bool;
+            case 'n': return JsonKind::Null;
             default:
-                if (s_[pos_] == '-' || (s_[pos_] >= '0' && s_[pos_] <= '9')) {
-                    v.kind = Json::Kind::Number;
-                    v.text = parse_number();
-                } else {
-                    fail("unexpected character " + quote(s_.substr(pos_, 1)));
-                }
+                if (s_[pos_] == '-' || (s_[pos_] >= '0' && s_[pos_] <= '9')) return JsonKind::Number;
+                fail("unexpected character " + quote(s_.substr(pos_, 1)));
         }
-        return v;
     }
 
-    void parse_literal(std::string_view word, Json& v, Json::Kind kind) {
-        if (s_.substr(pos_, word.size()) != word) fail("invalid literal");
-        pos_ += word.size();
-        v.kind = kind;
-        v.text = std::string(word);
-    }
-
-    void parse_object(Json& v, int depth) {
-        v.kind = Json::Kind::Object;
-        expect('{');
+    void expect_end() {
         skip_whitespace();
-        if (peek() == '}') {
-            ++pos_;
-            return;
-        }
-        for (;;) {
-            skip_whitespace();
-            if (peek() != '"') fail("expected a string key");
-            v.keys.push_back(parse_string());
-            skip_whitespace();
-            expect(':');
-            skip_whitespace();
-            v.values.push_back(parse_value(depth + 1));
-            skip_whitespace();
-            if (peek() == ',') {
-                ++pos_;
-                continue;
-            }
-            expect('}');
-            break;
-        }
-        check_unique_keys(v.keys);
+        if (!at_end()) fail("unexpected data after the top-level value");
     }
 
-    void check_unique_keys(const std::vector<std::string>& keys) const {
-        if (keys.size() < 16) {
-            for (size_t i = 0; i < keys.size(); ++i)
-                for (size_t j = i + 1; j < keys.size(); ++j)
-                    if (keys[i] == keys[j]) fail("duplicate key " + quote(keys[i]));
-            return;
-        }
-        std::unordered_set<std::string_view> seen;
-        seen.reserve(keys.size() * 2);
-        for (const auto& k : keys)
-            if (!seen.insert(k).second) fail("duplicate key " + quote(k));
-    }
-
-    void parse_array(Json& v, int depth) {
-        v.kind = Json::Kind::Array;
-        expect('[');
+    std::string read_string() {
         skip_whitespace();
-        if (peek() == ']') {
-            ++pos_;
-            return;
-        }
-        for (;;) {
-            skip_whitespace();
-            v.values.push_back(parse_value(depth + 1));
-            skip_whitespace();
-            if (peek() == ',') {
-                ++pos_;
-                continue;
-            }
-            expect(']');
-            break;
-        }
-    }
-
-    unsigned hex4() {
-        if (s_.size() - pos_ < 4) fail("truncated \\u escape");
-        unsigned value = 0;
-        for (int i = 0; i < 4; ++i) {
-            const char c = s_[pos_++];
-            unsigned d;
-            if (c >= '0' && c <= '9') d = unsigned(c - '0');
-            else if (c >= 'a' && c <= 'f') d = unsigned(c - 'a' + 10);
-            else if (c >= 'A' && c <= 'F') d = unsigned(c - 'A' + 10);
-            else fail("invalid hex digit in \\u escape");
-            value = value * 16 + d;
-        }
-        return value;
-    }
-
-    std::string parse_string() {
-        expect('"');
         std::string out;
-        for (;;) {
-            if (at_end()) fail("unterminated string");
-            const auto c = static_cast<unsigned char>(s_[pos_]);
-            if (c == '"') {
-                ++pos_;
-                return out;
-            }
-            if (c < 0x20) fail("unescaped control character in a string");
-            if (c != '\\') {
-                out += char(c);
-                ++pos_;
-                continue;
-            }
-            ++pos_;
-            if (at_end()) fail("unterminated escape");
-            const char e = s_[pos_++];
-            switch (e) {
-                case '"': out += '"'; break;
-                case '\\': out += '\\'; break;
-                case '/': out += '/'; break;
-                case 'b': out += '\b'; break;
-                case 'f': out += '\f'; break;
-                case 'n': out += '\n'; break;
-                case 'r': out += '\r'; break;
-                case 't': out += '\t'; break;
-                case 'u': {
-                    uint32_t cp = hex4();
-                    if (cp >= 0xDC00 && cp <= 0xDFFF) fail("unpaired low surrogate in \\u escape");
-                    if (cp >= 0xD800 && cp <= 0xDBFF) {
-                        if (s_.substr(pos_, 2) != "\\u") fail("unpaired high surrogate in \\u escape");
-                        pos_ += 2;
-                        const uint32_t low = hex4();
-                        if (low < 0xDC00 || low > 0xDFFF) fail("unpaired high surrogate in \\u escape");
-                        cp = 0x10000 + ((cp - 0xD800) << 10) + (low - 0xDC00);
-                    }
-                    append_utf8(out, cp);
-                    break;
-                }
-                default: --pos_; fail("invalid escape");
-            }
-        }
+        scan_string(&out);
+        return out;
     }
 
-    std::string parse_number() {
+    // The number's lexeme, validated against the JSON grammar.
+    std::string_view read_number() {
+        skip_whitespace();
         const size_t start = pos_;
         auto digits = [&] {
             const size_t from = pos_;
@@ -386,7 +231,205 @@ class JsonParser {
             if (peek() == '+' || peek() == '-') ++pos_;
             if (digits() == 0) fail("invalid number");
         }
-        return std::string(s_.substr(start, pos_ - start));
+        return s_.substr(start, pos_ - start);
+    }
+
+    void read_literal() {
+        skip_whitespace();
+        for (std::string_view word : {"true", "false", "null"}) {
+            if (s_.substr(pos_, word.size()) == word) {
+                pos_ += word.size();
+                return;
+            }
+        }
+        fail("invalid literal");
+    }
+
+    // Validates and discards one value.
+    void skip_value(int depth) {
+        switch (peek_kind()) {
+            case JsonKind::Object: {
+                std::string key;
+                for (Members members(*this, depth); members.next(&key);) skip_value(depth + 1);
+                break;
+            }
+            case JsonKind::Array:
+                for (Elements elements(*this, depth); elements.next();) skip_value(depth + 1);
+                break;
+            case JsonKind::String: scan_string(nullptr); break;
+            case JsonKind::Number: read_number(); break;
+            case JsonKind::Bool:
+            case JsonKind::Null: read_literal(); break;
+        }
+    }
+
+    // Iterates an object's members: each next() returning true leaves the reader at the member's value, which the
+    // caller must consume. Duplicate keys are detected when the object closes.
+    class Members {
+      public:
+        Members(JsonReader& r, int depth) : r_(r) {
+            if (depth > kMaxJsonDepth) r_.fail("nesting deeper than " + num(kMaxJsonDepth));
+            r_.skip_whitespace();
+            r_.expect('{');
+        }
+        bool next(std::string* key) {
+            r_.skip_whitespace();
+            if (first_ && r_.peek() == '}') {
+                ++r_.pos_;
+                return false;
+            }
+            if (!first_) {
+                if (r_.peek() != ',') {
+                    r_.expect('}');
+                    check_unique();
+                    return false;
+                }
+                ++r_.pos_;
+                r_.skip_whitespace();
+            }
+            first_ = false;
+            if (r_.peek() != '"') r_.fail("expected a string key");
+            const size_t start = r_.pos_;
+            key->clear();
+            const bool escaped = r_.scan_string(key);
+            // Keys without escapes are compared as spans of the input; only escaped ones are kept decoded.
+            if (escaped) {
+                decoded_.push_back(*key);
+                keys_.emplace_back(decoded_.back());
+            } else {
+                keys_.emplace_back(r_.s_.substr(start + 1, r_.pos_ - start - 2));
+            }
+            r_.skip_whitespace();
+            r_.expect(':');
+            return true;
+        }
+
+      private:
+        void check_unique() {
+            if (keys_.size() < 2) return;
+            std::sort(keys_.begin(), keys_.end());
+            for (size_t i = 1; i < keys_.size(); ++i)
+                if (keys_[i] == keys_[i - 1]) r_.fail("duplicate key " + quote(keys_[i]));
+        }
+        JsonReader& r_;
+        bool first_ = true;
+        std::vector<std::string_view> keys_;
+        std::deque<std::string> decoded_;  // stable addresses for the views in keys_
+    };
+
+    // Iterates an array's elements: each next() returning true leaves the reader at an element to consume.
+    class Elements {
+      public:
+        Elements(JsonReader& r, int depth) : r_(r) {
+            if (depth > kMaxJsonDepth) r_.fail("nesting deeper than " + num(kMaxJsonDepth));
+            r_.skip_whitespace();
+            r_.expect('[');
+        }
+        bool next() {
+            r_.skip_whitespace();
+            if (first_ && r_.peek() == ']') {
+                ++r_.pos_;
+                return false;
+            }
+            if (!first_) {
+                if (r_.peek() != ',') {
+                    r_.expect(']');
+                    return false;
+                }
+                ++r_.pos_;
+            }
+            first_ = false;
+            return true;
+        }
+
+      private:
+        JsonReader& r_;
+        bool first_ = true;
+    };
+
+  private:
+    bool at_end() const { return pos_ >= s_.size(); }
+    char peek() const { return at_end() ? '\0' : s_[pos_]; }
+
+    void skip_whitespace() {
+        while (!at_end() && (s_[pos_] == ' ' || s_[pos_] == '\t' || s_[pos_] == '\n' || s_[pos_] == '\r')) ++pos_;
+    }
+
+    void expect(char c) {
+        if (at_end()) fail(std::string("expected '") + c + "' but the header ended");
+        if (s_[pos_] != c) fail(std::string("expected '") + c + "'");
+        ++pos_;
+    }
+
+    unsigned hex4() {
+        if (s_.size() - pos_ < 4) fail("truncated \\u escape");
+        unsigned value = 0;
+        for (int i = 0; i < 4; ++i) {
+            const char c = s_[pos_++];
+            unsigned d;
+            if (c >= '0' && c <= '9') d = unsigned(c - '0');
+            else if (c >= 'a' && c <= 'f') d = unsigned(c - 'a' + 10);
+            else if (c >= 'A' && c <= 'F') d = unsigned(c - 'A' + 10);
+            else fail("invalid hex digit in \\u escape");
+            value = value * 16 + d;
+        }
+        return value;
+    }
+
+    // Scans a string at pos_, appending its decoded value to *out when out is not null. Returns whether it had
+    // escapes.
+    bool scan_string(std::string* out) {
+        expect('"');
+        bool escaped = false;
+        for (;;) {
+            if (at_end()) fail("unterminated string");
+            const auto c = static_cast<unsigned char>(s_[pos_]);
+            if (c == '"') {
+                ++pos_;
+                return escaped;
+            }
+            if (c < 0x20) fail("unescaped control character in a string");
+            if (c != '\\') {
+                // Copy the run of plain characters at once.
+                size_t end = pos_ + 1;
+                while (end < s_.size() && s_[end] != '"' && s_[end] != '\\' &&
+                       static_cast<unsigned char>(s_[end]) >= 0x20)
+                    ++end;
+                if (out) out->append(s_.data() + pos_, end - pos_);
+                pos_ = end;
+                continue;
+            }
+            escaped = true;
+            ++pos_;
+            if (at_end()) fail("unterminated escape");
+            const char e = s_[pos_++];
+            char simple = 0;
+            switch (e) {
+                case '"': simple = '"'; break;
+                case '\\': simple = '\\'; break;
+                case '/': simple = '/'; break;
+                case 'b': simple = '\b'; break;
+                case 'f': simple = '\f'; break;
+                case 'n': simple = '\n'; break;
+                case 'r': simple = '\r'; break;
+                case 't': simple = '\t'; break;
+                case 'u': {
+                    uint32_t cp = hex4();
+                    if (cp >= 0xDC00 && cp <= 0xDFFF) fail("unpaired low surrogate in \\u escape");
+                    if (cp >= 0xD800 && cp <= 0xDBFF) {
+                        if (s_.substr(pos_, 2) != "\\u") fail("unpaired high surrogate in \\u escape");
+                        pos_ += 2;
+                        const uint32_t low = hex4();
+                        if (low < 0xDC00 || low > 0xDFFF) fail("unpaired high surrogate in \\u escape");
+                        cp = 0x10000 + ((cp - 0xD800) << 10) + (low - 0xDC00);
+                    }
+                    if (out) append_utf8(*out, cp);
+                    continue;
+                }
+                default: --pos_; fail("invalid escape");
+            }
+            if (out) *out += simple;
+        }
     }
 
     std::string_view s_;
@@ -395,17 +438,19 @@ class JsonParser {
 
 // ---------------------------------------------------------------------------------------------- header rules
 
-// A JSON number that must be a non-negative integer <= limit; `what` names it in errors.
-uint64_t as_uint(const Json& v, uint64_t limit, const std::string& what) {
-    if (v.kind != Json::Kind::Number) throw FormatError(what + " is " + kind_name(v.kind) + ", not an integer");
-    const std::string& t = v.text;
-    if (t[0] == '-') throw FormatError(what + " is negative (" + t + ")");
-    if (t.find_first_of(".eE") != std::string::npos)
-        throw FormatError(what + " is not an integer (" + t + ")");
+// The next value must be a non-negative integer <= limit, written without fraction or exponent.
+uint64_t read_uint(JsonReader& r, uint64_t limit, const std::string& what) {
+    const JsonKind kind = r.peek_kind();
+    if (kind != JsonKind::Number) throw FormatError(what + " is " + kind_name(kind) + ", not an integer");
+    const std::string_view t = r.read_number();
+    if (t[0] == '-') throw FormatError(what + " is negative (" + std::string(t) + ")");
+    if (t.find_first_of(".eE") != std::string_view::npos)
+        throw FormatError(what + " is not an integer (" + std::string(t) + ")");
     uint64_t value = 0;
     for (char c : t)
         if (!checked_mul(value, 10, &value) || !checked_add(value, uint64_t(c - '0'), &value) || value > limit)
-            throw FormatError(what + " is too large (" + t + ", limit " + num(limit) + ")");
+            throw FormatError(what + " is too large (" + std::string(t.substr(0, 40)) + ", limit " + num(limit) +
+                              ")");
     return value;
 }
 
@@ -435,40 +480,57 @@ uint64_t checked_nbytes(Dtype dtype, const std::vector<uint64_t>& shape, const s
     return bits / 8;
 }
 
-TensorInfo parse_tensor_entry(const std::string& name, const Json& entry) {
+// Reads the entry object of tensor `name` (depth 1 of the header).
+TensorInfo read_tensor_entry(JsonReader& r, const std::string& name) {
     if (name.empty()) throw FormatError("empty tensor name");
     const std::string who = "tensor " + quote(name);
     if (name.find('\0') != std::string::npos) throw FormatError(who + ": name contains a NUL character");
-    if (entry.kind != Json::Kind::Object)
-        throw FormatError(who + ": entry is " + kind_name(entry.kind) + ", not an object");
-
-    const Json* dtype_json = entry.member("dtype");
-    const Json* shape_json = entry.member("shape");
-    const Json* offsets_json = entry.member("data_offsets");
-    if (!dtype_json) throw FormatError(who + ": missing \"dtype\"");
-    if (!shape_json) throw FormatError(who + ": missing \"shape\"");
-    if (!offsets_json) throw FormatError(who + ": missing \"data_offsets\"");
+    const JsonKind kind = r.peek_kind();
+    if (kind != JsonKind::Object) throw FormatError(who + ": entry is " + kind_name(kind) + ", not an object");
 
     TensorInfo t;
     t.name = name;
-    if (dtype_json->kind != Json::Kind::String)
-        throw FormatError(who + ": \"dtype\" is " + kind_name(dtype_json->kind) + ", not a string");
-    const auto dtype = parse_dtype(dtype_json->text);
-    if (!dtype) throw FormatError(who + ": unknown dtype " + quote(dtype_json->text));
-    t.dtype = *dtype;
-
-    if (shape_json->kind != Json::Kind::Array)
-        throw FormatError(who + ": \"shape\" is " + kind_name(shape_json->kind) + ", not an array");
-    for (size_t i = 0; i < shape_json->values.size(); ++i)
-        t.shape.push_back(as_uint(shape_json->values[i], kMaxDim, who + ": shape[" + num(i) + "]"));
-
-    if (offsets_json->kind != Json::Kind::Array)
-        throw FormatError(who + ": \"data_offsets\" is " + kind_name(offsets_json->kind) + ", not an array");
-    if (offsets_json->values.size() != 2)
-        throw FormatError(who + ": \"data_offsets\" has " + num(offsets_json->values.size()) +
-                          " values, not 2");
-    t.begin = as_uint(offsets_json->values[0], UINT64_MAX, who + ": data_offsets[0]");
-    t.end = as_uint(offsets_json->values[1], UINT64_MAX, who + ": data_offsets[1]");
+    bool has_dtype = false, has_shape = false;
+    size_t n_offsets = 0;
+    bool has_offsets = false;
+    uint64_t offsets[2] = {0, 0};
+    std::string field;
+    for (JsonReader::Members fields(r, 1); fields.next(&field);) {
+        if (field == "dtype") {
+            has_dtype = true;
+            const JsonKind k = r.peek_kind();
+            if (k != JsonKind::String) throw FormatError(who + ": \"dtype\" is " + kind_name(k) + ", not a string");
+            const std::string dtype = r.read_string();
+            const auto parsed = parse_dtype(dtype);
+            if (!parsed) throw FormatError(who + ": unknown dtype " + quote(dtype));
+            t.dtype = *parsed;
+        } else if (field == "shape") {
+            has_shape = true;
+            const JsonKind k = r.peek_kind();
+            if (k != JsonKind::Array) throw FormatError(who + ": \"shape\" is " + kind_name(k) + ", not an array");
+            t.shape.clear();
+            for (JsonReader::Elements dims(r, 2); dims.next();)
+                t.shape.push_back(read_uint(r, kMaxDim, who + ": shape[" + num(t.shape.size()) + "]"));
+        } else if (field == "data_offsets") {
+            has_offsets = true;
+            const JsonKind k = r.peek_kind();
+            if (k != JsonKind::Array)
+                throw FormatError(who + ": \"data_offsets\" is " + kind_name(k) + ", not an array");
+            n_offsets = 0;
+            for (JsonReader::Elements values(r, 2); values.next(); ++n_offsets) {
+                const uint64_t v = read_uint(r, UINT64_MAX, who + ": data_offsets[" + num(n_offsets) + "]");
+                if (n_offsets < 2) offsets[n_offsets] = v;
+            }
+        } else {
+            r.skip_value(2);  // unknown fields are ignored, as by safetensors (but must be valid JSON)
+        }
+    }
+    if (!has_dtype) throw FormatError(who + ": missing \"dtype\"");
+    if (!has_shape) throw FormatError(who + ": missing \"shape\"");
+    if (!has_offsets) throw FormatError(who + ": missing \"data_offsets\"");
+    if (n_offsets != 2) throw FormatError(who + ": \"data_offsets\" has " + num(n_offsets) + " values, not 2");
+    t.begin = offsets[0];
+    t.end = offsets[1];
     if (t.end < t.begin)
         throw FormatError(who + ": data_offsets [" + num(t.begin) + ", " + num(t.end) + "] end before they begin");
 
@@ -480,18 +542,21 @@ TensorInfo parse_tensor_entry(const std::string& name, const Json& entry) {
     return t;
 }
 
-void parse_metadata(const Json& value, Header& header) {
-    if (value.kind == Json::Kind::Null) return;
-    if (value.kind != Json::Kind::Object)
-        throw FormatError(std::string("\"__metadata__\" is ") + kind_name(value.kind) +
-                          ", not an object of strings");
+void read_metadata(JsonReader& r, Header& header) {
+    const JsonKind kind = r.peek_kind();
+    if (kind == JsonKind::Null) {
+        r.read_literal();
+        return;
+    }
+    if (kind != JsonKind::Object)
+        throw FormatError(std::string("\"__metadata__\" is ") + kind_name(kind) + ", not an object of strings");
     header.has_metadata = true;
-    for (size_t i = 0; i < value.keys.size(); ++i) {
-        const Json& v = value.values[i];
-        if (v.kind != Json::Kind::String)
-            throw FormatError("\"__metadata__\" value of " + quote(value.keys[i]) + " is " + kind_name(v.kind) +
-                              ", not a string");
-        header.metadata.emplace_back(value.keys[i], v.text);
+    std::string key;
+    for (JsonReader::Members members(r, 1); members.next(&key);) {
+        const JsonKind k = r.peek_kind();
+        if (k != JsonKind::String)
+            throw FormatError("\"__metadata__\" value of " + quote(key) + " is " + kind_name(k) + ", not a string");
+        header.metadata.emplace_back(key, r.read_string());
     }
 }
 
@@ -546,23 +611,26 @@ Header parse_header(std::string_view header_json, uint64_t total_size) {
     if (total_size < 8 || n > kMaxHeaderSize || n > total_size - 8)
         throw FormatError("header size " + num(n) + " does not fit a " + num(total_size) + "-byte file");
     if (!valid_utf8(header_json)) throw FormatError("header is not valid UTF-8");
-    const Json root = JsonParser(header_json).parse_document();
-    if (root.kind != Json::Kind::Object)
-        throw FormatError(std::string("header is ") + kind_name(root.kind) + ", not a JSON object");
 
     Header header;
     header.header_size = n;
     header.data_size = total_size - 8 - n;
-    header.tensors.reserve(root.keys.size());
-    for (size_t i = 0; i < root.keys.size(); ++i) {
-        if (root.keys[i] == "__metadata__")
-            parse_metadata(root.values[i], header);
+    JsonReader r(header_json);
+    const JsonKind kind = r.peek_kind();
+    if (kind != JsonKind::Object)
+        throw FormatError(std::string("header is ") + kind_name(kind) + ", not a JSON object");
+    std::string key;
+    for (JsonReader::Members members(r, 0); members.next(&key);) {
+        if (key == "__metadata__")
+            read_metadata(r, header);
         else
-            header.tensors.push_back(parse_tensor_entry(root.keys[i], root.values[i]));
+            header.tensors.push_back(read_tensor_entry(r, key));
     }
+    r.expect_end();
     check_layout(header);
     return header;
 }
+
 
 Header parse_buffer(const uint8_t* data, uint64_t size) {
     const uint64_t n = parse_header_size(data, size);

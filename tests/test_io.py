@@ -435,7 +435,9 @@ MALFORMED = {
     "truncated data": (file_bytes({"a": F32x2}, D8[:5]), "past the end"),
     "trailing bytes": (file_bytes({"a": F32x2}, D8 + b"!"), "trailing bytes"),
     "data but no tensors": (file_bytes({}, b"abc"), "trailing bytes"),
-    "deep nesting": (file_bytes('{"__metadata__":' + "[" * 10_000 + "]" * 10_000 + "}"), "nesting deeper"),
+    "deep nesting": (file_bytes('{"a":{"dtype":"U8","shape":[0],"data_offsets":[0,0],"x":' + "[" * 10_000
+                                + "]" * 10_000 + "}}"), "nesting deeper"),
+    "metadata array": (file_bytes('{"__metadata__":[["x"]]}'), "not an object of strings"),
 }  # fmt: skip
 
 
