@@ -4,4 +4,5 @@
 PYBIND11_MODULE(_C, m) {
     m.doc() = "lora_fast C++ core (torch-free: data crosses as buffers and raw pointers)";
     bind_safetensors(m);
+    bind_merge(m);
 }

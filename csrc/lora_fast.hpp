@@ -2,3 +2,4 @@
 #pragma once
 #include <pybind11/pybind11.h>
 void bind_safetensors(pybind11::module_& m);
+void bind_merge(pybind11::module_& m);

@@ -1,0 +1,805 @@
+// CPU fused LoRA merge: W <- rn(W ± up·down) in one pass per element, with the exact-unfuse record and a
+// non-finite flag computed in the same pass. Torch-free: tensors arrive as raw addresses, shapes, strides.
+//
+// Numerics (identical on every code path, so fuse and unfuse always agree and ISAs agree with each other):
+//  * delta[i][j] = fma chain over k = 0..R-1 starting from +0: acc = fma(up[i][k], down[k][j], acc).
+//    Every element uses that same chain whatever the tiling, vector width or thread count.
+//  * W' = rn_dtype(fp32(W) + delta): the add is done in fp32 and the sum is rounded once to the weight dtype
+//    (nearest even; bf16 by integer ops, NaN stays NaN). This is what torch's (W.float() + delta).to(dtype) does.
+//    (For fp16/bf16 the fp32 add itself can round, so in about 2^-13 of elements the result may differ by one
+//    dtype ulp from the infinitely precise rn(W + delta); making that exact cost ~25% of the epilogue.)
+//  * The record keeps (flat index, original bits) wherever rn(W' - delta) differs bitwise from W, so
+//    unfuse = same kernel with -delta, then scatter the records.
+//  * MXCSR is pinned to round-to-nearest without FTZ/DAZ in every worker, so a caller's flush-denormal setting
+//    cannot change the bits.
+#include "lora_fast.hpp"
+
+#include <pybind11/numpy.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <memory>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#define LF_X86 1
+#include <immintrin.h>
+#else
+#define LF_X86 0
+#endif
+
+namespace py = pybind11;
+
+// Vector types cross inline helpers that carry no target attribute of their own; everything is flattened into the
+// target-specific tile functions, so the ABI note does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+// GCC 12 reports the _mm512_undefined_* placeholders inside its own intrinsic headers as uninitialized.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+namespace {
+
+enum : int { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };
+enum : int { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2, ISA_AVX512 = 3 };
+
+struct Job {
+    char* w = nullptr;          // weight base address
+    int64_t rows = 0, cols = 0;  // logical 2-D shape
+    int64_t sr = 0, sc = 0;      // strides in elements
+    int dtype = DT_F32;
+    const float* up = nullptr;    // (rows, R) row-major
+    const float* down = nullptr;  // (R, cols) row-major
+    int64_t R = 0;
+    // unfuse only: records to scatter back after the pass
+    const int64_t* rest_idx = nullptr;
+    const void* rest_val = nullptr;
+    int64_t rest_n = 0;
+};
+
+struct Options {
+    bool negate = false;  // unfuse: W <- rn(W - delta)
+    bool record = false;
+    bool check_finite = false;
+};
+
+// Growable (flat index, original bits) list. No value-initialization and no bounds checks in push(): callers
+// reserve room for a whole row first, so the hot loop writes through raw pointers.
+struct RecList {
+    int64_t* idx = nullptr;
+    uint32_t* val = nullptr;
+    size_t n = 0, cap = 0;
+    RecList() = default;
+    RecList(const RecList&) = delete;
+    RecList& operator=(const RecList&) = delete;
+    RecList(RecList&& o) noexcept : idx(o.idx), val(o.val), n(o.n), cap(o.cap) { o.idx = nullptr; o.val = nullptr; o.n = o.cap = 0; }
+    ~RecList() { release(); }
+    void release() {
+        std::free(idx);
+        std::free(val);
+        idx = nullptr;
+        val = nullptr;
+        n = cap = 0;
+    }
+    void reserve_more(size_t extra) {
+        if (n + extra <= cap) return;
+        size_t c = std::max(cap * 2, n + extra);
+        auto* ni = static_cast<int64_t*>(std::realloc(idx, c * sizeof(int64_t)));
+        if (!ni) throw std::bad_alloc();
+        idx = ni;
+        auto* nv = static_cast<uint32_t*>(std::realloc(val, c * sizeof(uint32_t)));
+        if (!nv) throw std::bad_alloc();
+        val = nv;
+        cap = c;
+    }
+    void push(int64_t i, uint32_t v) {
+        idx[n] = i;
+        val[n] = v;
+        ++n;
+    }
+};
+
+inline int elem_size(int dt) { return dt == DT_F32 ? 4 : 2; }
+
+// ---------------------------------------------------------------- scalar conversions (exact, portable)
+inline uint32_t f2u(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+inline float u2f(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+
+inline float f16_to_f32(uint32_t h) {
+    uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, mant = h & 0x3FFu;
+    if (exp == 0x1F) return u2f(sign | 0x7F800000u | (mant << 13) | (mant ? 0x00400000u : 0u));  // quiets, as vcvtph2ps
+    if (exp == 0) {
+        float v = static_cast<float>(mant) * 5.9604644775390625e-8f;  // mant * 2^-24, exact
+        return u2f(sign | f2u(v));
+    }
+    return u2f(sign | ((exp + 112u) << 23) | (mant << 13));
+}
+
+// fp32 -> fp16, round to nearest even; NaN keeps sign and top payload bits and is quieted (as vcvtps2ph).
+inline uint32_t f32_to_f16(float f) {
+    uint32_t b = f2u(f), sign = (b >> 16) & 0x8000u, a = b & 0x7FFFFFFFu;
+    if (a > 0x7F800000u) return sign | 0x7E00u | ((a >> 13) & 0x3FFu);
+    if (a >= 0x477FF000u) return sign | 0x7C00u;  // >= 65520 rounds to inf (ties to even included)
+    if (a >= 0x38800000u) {                        // normal fp16
+        uint32_t r = a - (112u << 23);
+        r += 0xFFFu + ((r >> 13) & 1u);
+        return sign | (r >> 13);
+    }
+    // subnormal fp16: adding 0.5 aligns the fp32 ulp to 2^-24, so the hardware add rounds (nearest even) for us
+    float t = u2f(a) + 0.5f;
+    return sign | (f2u(t) - 0x3F000000u);
+}
+
+inline uint32_t f32_to_bf16(float f) {
+    uint32_t b = f2u(f);
+    if ((b & 0x7FFFFFFFu) > 0x7F800000u) return (b >> 16) | 0x40u;  // NaN: never let the carry turn it into Inf
+    return (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+}
+
+template <int DT> inline float decode_s(uint32_t raw) {
+    if constexpr (DT == DT_F32) return u2f(raw);
+    else if constexpr (DT == DT_F16) return f16_to_f32(raw);
+    else return u2f(raw << 16);
+}
+template <int DT> inline uint32_t encode_s(float f) {
+    if constexpr (DT == DT_F32) return f2u(f);
+    else if constexpr (DT == DT_F16) return f32_to_f16(f);
+    else return f32_to_bf16(f);
+}
+
+// rn_dtype(x + d): the fp32 sum, rounded once to the weight dtype.
+template <int DT> inline uint32_t add_round_s(float x, float d) { return encode_s<DT>(x + d); }
+
+template <int DT> inline uint32_t load_raw_s(const char* p) {
+    if constexpr (DT == DT_F32) { uint32_t v; std::memcpy(&v, p, 4); return v; }
+    else { uint16_t v; std::memcpy(&v, p, 2); return v; }
+}
+template <int DT> inline void store_raw_s(char* p, uint32_t v) {
+    if constexpr (DT == DT_F32) std::memcpy(p, &v, 4);
+    else { uint16_t h = static_cast<uint16_t>(v); std::memcpy(p, &h, 2); }
+}
+template <int DT> inline bool nonfinite_raw(uint32_t v) {
+    if constexpr (DT == DT_F32) return (v & 0x7F800000u) == 0x7F800000u;
+    else if constexpr (DT == DT_F16) return (v & 0x7C00u) == 0x7C00u;
+    else return (v & 0x7F80u) == 0x7F80u;
+}
+
+// Records of one row segment are staged as (column offset, original bits) in per-thread scratch, then appended
+// to the tile's list with their flat indices.
+struct RowRecs {
+    int32_t* col;
+    uint32_t* val;
+};
+
+// One element of the epilogue (the scalar ISA and vector tails). Returns the number of records written (0 or 1).
+template <int DT>
+inline int epilogue_elem(char* wp, float delta, int32_t col, const Options& o, RowRecs rr, bool& nonfinite) {
+    uint32_t w = load_raw_s<DT>(wp);
+    float d = o.negate ? -delta : delta;
+    uint32_t h = add_round_s<DT>(decode_s<DT>(w), d);
+    store_raw_s<DT>(wp, h);
+    if (o.check_finite && nonfinite_raw<DT>(h)) nonfinite = true;
+    if (o.record && add_round_s<DT>(decode_s<DT>(h), -d) != w) {
+        rr.col[0] = col;
+        rr.val[0] = w;
+        return 1;
+    }
+    return 0;
+}
+
+// Epilogue of a row segment of n elements at w (element stride `stride`), delta at drow. Returns the record count.
+template <int DT>
+int64_t epilogue_row_scalar(char* w, int64_t stride, const float* drow, int64_t n, const Options& o, RowRecs rr,
+                            bool& nonfinite) {
+    const int es = elem_size(DT);
+    int64_t cnt = 0;
+    for (int64_t j = 0; j < n; ++j)
+        cnt += epilogue_elem<DT>(w + j * stride * es, drow[j], static_cast<int32_t>(j), o, {rr.col + cnt, rr.val + cnt}, nonfinite);
+    return cnt;
+}
+
+// Scalar delta: rows [0, mr) of a row group, columns [c0, c0 + nb), into out (row stride ldo).
+void delta_scalar(const Job& jb, int64_t r, int mr, int64_t c0, int64_t nb, float* out, int64_t ldo) {
+    for (int i = 0; i < mr; ++i) {
+        float* o = out + i * ldo;
+        for (int64_t j = 0; j < nb; ++j) o[j] = 0.0f;
+        const float* a = jb.up + (r + i) * jb.R;
+        for (int64_t k = 0; k < jb.R; ++k) {
+            const float ak = a[k];
+            const float* b = jb.down + k * jb.cols + c0;
+            for (int64_t j = 0; j < nb; ++j) o[j] = std::fma(ak, b[j], o[j]);
+        }
+    }
+}
+
+#if LF_X86
+// ---------------------------------------------------------------- vector ISAs
+#define LF_T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx2,bmi,bmi2,popcnt")))
+#define LF_T256 __attribute__((target("avx2,fma,f16c,bmi,bmi2,popcnt")))
+
+// Float vector ops for the micro-kernel.
+struct Avx512 {
+    static constexpr int W = 16, MR = 6, NV = 4;
+    using F = __m512;
+    LF_T512 static inline F loadf(const float* p) { return _mm512_loadu_ps(p); }
+    LF_T512 static inline void storef(float* p, F v) { _mm512_storeu_ps(p, v); }
+    LF_T512 static inline F zero() { return _mm512_setzero_ps(); }
+    LF_T512 static inline F bcast(const float* p) { return _mm512_set1_ps(*p); }
+    LF_T512 static inline F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+    LF_T512 static inline F add(F a, F b) { return _mm512_add_ps(a, b); }
+    LF_T512 static inline F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+    // Record staging: a well-predicted branch skips clean vectors; differing lanes are compressed to the scratch
+    // row (which has W entries of slack), avoiding a data-dependent loop over the lanes.
+    template <class E>
+    LF_T512 static inline int emit(uint32_t differ, typename E::Raw wr, int32_t j, int32_t* col, uint32_t* val) {
+        if (__builtin_expect(differ == 0, 1)) return 0;
+        const __mmask16 m = static_cast<__mmask16>(differ);
+        const __m512i cols = _mm512_add_epi32(_mm512_set1_epi32(j), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+        _mm512_storeu_si512(col, _mm512_maskz_compress_epi32(m, cols));
+        _mm512_storeu_si512(val, _mm512_maskz_compress_epi32(m, E::wide(wr)));
+        return __builtin_popcount(differ);
+    }
+};
+
+struct Avx2 {
+    static constexpr int W = 8, MR = 6, NV = 2;
+    using F = __m256;
+    LF_T256 static inline F loadf(const float* p) { return _mm256_loadu_ps(p); }
+    LF_T256 static inline void storef(float* p, F v) { _mm256_storeu_ps(p, v); }
+    LF_T256 static inline F zero() { return _mm256_setzero_ps(); }
+    LF_T256 static inline F bcast(const float* p) { return _mm256_broadcast_ss(p); }
+    LF_T256 static inline F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+    LF_T256 static inline F add(F a, F b) { return _mm256_add_ps(a, b); }
+    LF_T256 static inline F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+    template <class E>
+    LF_T256 static inline int emit(uint32_t differ, typename E::Raw wr, int32_t j, int32_t* col, uint32_t* val) {
+        if (!differ) return 0;
+        alignas(32) uint32_t ws[8];
+        E::to_u32(ws, wr);
+        int c = 0;
+        while (differ) {
+            int l = __builtin_ctz(differ);
+            differ &= differ - 1;
+            col[c] = j + l;
+            val[c] = ws[l];
+            ++c;
+        }
+        return c;
+    }
+    LF_T256 static inline uint32_t mask32(__m256i m) { return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(m))); }
+};
+
+// Epilogue ops per (ISA, dtype): Raw holds the weight's own bits in a register (bf16 zero-extended to 32-bit
+// lanes because its rounding is done with integer ops there). encode() is the plain fp32 -> dtype rounding.
+template <class V, int DT> struct Ep;
+
+template <> struct Ep<Avx512, DT_F32> {
+    using Raw = __m512i;
+    LF_T512 static inline Raw load(const char* p) { return _mm512_loadu_si512(p); }
+    LF_T512 static inline void store(char* p, Raw v) { _mm512_storeu_si512(p, v); }
+    LF_T512 static inline __m512 decode(Raw v) { return _mm512_castsi512_ps(v); }
+    LF_T512 static inline Raw encode(__m512 s) { return _mm512_castps_si512(s); }
+    LF_T512 static inline uint32_t differ(Raw a, Raw b) { return _mm512_cmpneq_epi32_mask(a, b); }
+    LF_T512 static inline uint32_t nonfinite(Raw h) { return _mm512_fpclass_ps_mask(_mm512_castsi512_ps(h), 0x99); }
+    LF_T512 static inline __m512i wide(Raw v) { return v; }
+};
+template <> struct Ep<Avx512, DT_F16> {
+    using Raw = __m256i;
+    LF_T512 static inline Raw load(const char* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+    LF_T512 static inline void store(char* p, Raw v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+    LF_T512 static inline __m512 decode(Raw v) { return _mm512_cvtph_ps(v); }
+    LF_T512 static inline Raw encode(__m512 s) { return _mm512_cvtps_ph(s, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+    LF_T512 static inline uint32_t differ(Raw a, Raw b) { return _mm256_cmpneq_epi16_mask(a, b); }
+    LF_T512 static inline uint32_t nonfinite(Raw h) {
+        const __m256i e = _mm256_set1_epi16(0x7C00);
+        return _mm256_cmpeq_epi16_mask(_mm256_and_si256(h, e), e);
+    }
+    LF_T512 static inline __m512i wide(Raw v) { return _mm512_cvtepu16_epi32(v); }
+};
+template <> struct Ep<Avx512, DT_BF16> {
+    using Raw = __m512i;
+    LF_T512 static inline Raw load(const char* p) { return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+    LF_T512 static inline void store(char* p, Raw v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(v)); }
+    LF_T512 static inline __m512 decode(Raw v) { return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)); }
+    LF_T512 static inline Raw encode(__m512 s) {
+        __m512i b = _mm512_castps_si512(s);
+        __m512i hi = _mm512_srli_epi32(b, 16);
+        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(_mm512_and_si512(hi, _mm512_set1_epi32(1)), _mm512_set1_epi32(0x7FFF))), 16);
+        __mmask16 nan = _mm512_cmp_ps_mask(s, s, _CMP_UNORD_Q);  // NaN: quiet it; the rounding carry could make it Inf
+        return _mm512_mask_or_epi32(r, nan, hi, _mm512_set1_epi32(0x40));
+    }
+    LF_T512 static inline uint32_t differ(Raw a, Raw b) { return _mm512_cmpneq_epi32_mask(a, b); }
+    LF_T512 static inline uint32_t nonfinite(Raw h) {
+        const __m512i e = _mm512_set1_epi32(0x7F80);
+        return _mm512_cmpeq_epi32_mask(_mm512_and_si512(h, e), e);
+    }
+    LF_T512 static inline __m512i wide(Raw v) { return v; }
+};
+
+template <> struct Ep<Avx2, DT_F32> {
+    using Raw = __m256i;
+    LF_T256 static inline Raw load(const char* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+    LF_T256 static inline void store(char* p, Raw v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+    LF_T256 static inline __m256 decode(Raw v) { return _mm256_castsi256_ps(v); }
+    LF_T256 static inline Raw encode(__m256 s) { return _mm256_castps_si256(s); }
+    LF_T256 static inline uint32_t differ(Raw a, Raw b) { return Avx2::mask32(_mm256_cmpeq_epi32(a, b)) ^ 0xFFu; }
+    LF_T256 static inline uint32_t nonfinite(Raw h) {
+        const __m256i e = _mm256_set1_epi32(0x7F800000);
+        return Avx2::mask32(_mm256_cmpeq_epi32(_mm256_and_si256(h, e), e));
+    }
+    LF_T256 static inline void to_u32(uint32_t* o, Raw v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), v); }
+};
+template <> struct Ep<Avx2, DT_F16> {
+    using Raw = __m128i;
+    LF_T256 static inline uint32_t mask16(__m128i m) {  // 8 lanes of 16-bit all-ones/zero -> 8 bits
+        return static_cast<uint32_t>(_mm_movemask_epi8(_mm_packs_epi16(m, _mm_setzero_si128())));
+    }
+    LF_T256 static inline Raw load(const char* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+    LF_T256 static inline void store(char* p, Raw v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), v); }
+    LF_T256 static inline __m256 decode(Raw v) { return _mm256_cvtph_ps(v); }
+    LF_T256 static inline Raw encode(__m256 s) { return _mm256_cvtps_ph(s, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+    LF_T256 static inline uint32_t differ(Raw a, Raw b) { return mask16(_mm_cmpeq_epi16(a, b)) ^ 0xFFu; }
+    LF_T256 static inline uint32_t nonfinite(Raw h) {
+        const __m128i e = _mm_set1_epi16(0x7C00);
+        return mask16(_mm_cmpeq_epi16(_mm_and_si128(h, e), e));
+    }
+    LF_T256 static inline void to_u32(uint32_t* o, Raw v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm256_cvtepu16_epi32(v)); }
+};
+template <> struct Ep<Avx2, DT_BF16> {
+    using Raw = __m256i;
+    LF_T256 static inline Raw load(const char* p) { return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+    LF_T256 static inline void store(char* p, Raw v) {  // lanes hold values < 2^16, so unsigned saturation just narrows
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(v, v), 0x08)));
+    }
+    LF_T256 static inline __m256 decode(Raw v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
+    LF_T256 static inline Raw encode(__m256 s) {
+        __m256i b = _mm256_castps_si256(s);
+        __m256i hi = _mm256_srli_epi32(b, 16);
+        __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(_mm256_and_si256(hi, _mm256_set1_epi32(1)), _mm256_set1_epi32(0x7FFF))), 16);
+        __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(s, s, _CMP_UNORD_Q));
+        return _mm256_blendv_epi8(r, _mm256_or_si256(hi, _mm256_set1_epi32(0x40)), nan);
+    }
+    LF_T256 static inline uint32_t differ(Raw a, Raw b) { return Avx2::mask32(_mm256_cmpeq_epi32(a, b)) ^ 0xFFu; }
+    LF_T256 static inline uint32_t nonfinite(Raw h) {
+        const __m256i e = _mm256_set1_epi32(0x7F80);
+        return Avx2::mask32(_mm256_cmpeq_epi32(_mm256_and_si256(h, e), e));
+    }
+    LF_T256 static inline void to_u32(uint32_t* o, Raw v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), v); }
+};
+
+// rn_dtype(x ± d): the fp32 sum, rounded once to the weight dtype (as add_round_s; x - d is exactly x + (-d)).
+template <class V, int DT, bool SUB>
+__attribute__((always_inline)) inline typename Ep<V, DT>::Raw add_round(const typename V::F& x, const typename V::F& d) {
+    return Ep<V, DT>::encode(SUB ? V::sub(x, d) : V::add(x, d));
+}
+
+template <class V, int DT, bool REC>
+__attribute__((always_inline)) inline int64_t epilogue_row_vec(char* w, const float* drow, int64_t n, const Options& o,
+                                                               RowRecs rr, bool& nonfinite) {
+    using E = Ep<V, DT>;
+    using F = typename V::F;
+    constexpr int W = V::W;
+    const int es = elem_size(DT);
+    const bool neg = o.negate, chk = o.check_finite;
+    int32_t* rcol = rr.col;
+    uint32_t* rval = rr.val;
+    uint32_t nf = 0;
+    int64_t j = 0;
+    for (; j + W <= n; j += W) {
+        char* p = w + j * es;
+        typename E::Raw wr = E::load(p);
+        F x = E::decode(wr);
+        F d = V::loadf(drow + j);
+        typename E::Raw h = neg ? add_round<V, DT, true>(x, d) : add_round<V, DT, false>(x, d);
+        E::store(p, h);
+        if (chk) nf |= E::nonfinite(h);
+        if constexpr (REC) {
+            typename E::Raw r = add_round<V, DT, true>(E::decode(h), d);  // REC implies fuse (d not negated)
+            int c = V::template emit<E>(E::differ(r, wr), wr, static_cast<int32_t>(j), rcol, rval);
+            rcol += c;
+            rval += c;
+        }
+    }
+    if (nf) nonfinite = true;
+    int64_t cnt = rcol - rr.col;
+    for (; j < n; ++j)
+        cnt += epilogue_elem<DT>(w + j * es, drow[j], static_cast<int32_t>(j), o, {rr.col + cnt, rr.val + cnt}, nonfinite);
+    return cnt;
+}
+
+// Register-blocked micro-kernel: MR rows x (NV vectors) columns, loop over R with broadcast FMAs.
+// ap: packed A [R][MR]; bp: packed B [R][NV*W]; out: row stride ldo.
+template <class V>
+__attribute__((always_inline)) inline void micro_kernel(const float* ap, const float* bp, int64_t R, float* out, int64_t ldo) {
+    constexpr int MR = V::MR, NV = V::NV, W = V::W;
+    typename V::F acc[MR][NV];
+    for (int i = 0; i < MR; ++i)
+        for (int v = 0; v < NV; ++v) acc[i][v] = V::zero();
+    for (int64_t k = 0; k < R; ++k) {
+        typename V::F b[NV];
+        for (int v = 0; v < NV; ++v) b[v] = V::loadf(bp + k * NV * W + v * W);
+        for (int i = 0; i < MR; ++i) {
+            typename V::F a = V::bcast(ap + k * MR + i);
+            for (int v = 0; v < NV; ++v) acc[i][v] = V::fma(a, b[v], acc[i][v]);
+        }
+    }
+    for (int i = 0; i < MR; ++i)
+        for (int v = 0; v < NV; ++v) V::storef(out + i * ldo + v * W, acc[i][v]);
+}
+#endif  // LF_X86
+
+// Per-thread scratch, reused across tiles.
+struct Scratch {
+    std::vector<float> bp, ap, dbuf;
+    std::vector<uint32_t> wtmp;  // strided rows are staged here (raw bits, contiguous)
+    std::vector<int32_t> rcol;   // one row's records before they get flat indices
+    std::vector<uint32_t> rval;
+    RowRecs row_recs(int64_t nb) {
+        rcol.resize(static_cast<size_t>(nb + 64));  // + slack for full-vector compress stores
+        rval.resize(static_cast<size_t>(nb + 64));
+        return {rcol.data(), rval.data()};
+    }
+};
+
+struct Tile {
+    int32_t job;
+    int64_t r0, r1, c0, c1;
+};
+
+inline void flush_row(RecList* rec, const RowRecs& rr, int64_t cnt, int64_t flat0) {
+    if (cnt == 0) return;
+    rec->reserve_more(static_cast<size_t>(cnt));
+    for (int64_t q = 0; q < cnt; ++q) rec->push(flat0 + rr.col[q], rr.val[q]);
+}
+
+#if LF_X86
+// One tile: pack down[:, c0:c1] once, then per group of MR rows compute delta (MR x nb) with the micro-kernel
+// into an L1-sized buffer and run the epilogue row by row. Rows run top to bottom and left to right, so a tile's
+// records come out sorted by flat index.
+template <class V, int DT, bool REC>
+__attribute__((always_inline)) inline void run_tile_vec(const Job& jb, const Tile& t, const Options& o, Scratch& s,
+                                                        RecList* rec, bool& nonfinite) {
+    constexpr int MR = V::MR, NR = V::NV * V::W;
+    const int64_t R = jb.R, nb = t.c1 - t.c0;
+    const int64_t npanel = (nb + NR - 1) / NR, ldo = npanel * NR;
+    const int es = elem_size(DT);
+    s.bp.resize(static_cast<size_t>(R * ldo));
+    s.ap.resize(static_cast<size_t>(R * MR));
+    s.dbuf.resize(static_cast<size_t>(MR * ldo));
+    const RowRecs rr = s.row_recs(nb);
+    // pack down[:, c0:c1] as panels [p][k][NR], zero padded
+    for (int64_t p = 0; p < npanel; ++p) {
+        const int64_t cj = t.c0 + p * NR, cw = std::min<int64_t>(NR, t.c1 - cj);
+        float* dst = s.bp.data() + p * R * NR;
+        for (int64_t k = 0; k < R; ++k) {
+            const float* src = jb.down + k * jb.cols + cj;
+            float* d = dst + k * NR;
+            std::memcpy(d, src, static_cast<size_t>(cw) * 4);
+            for (int64_t q = cw; q < NR; ++q) d[q] = 0.0f;
+        }
+    }
+    const bool contiguous = jb.sc == 1;
+    if (!contiguous) s.wtmp.resize(static_cast<size_t>(nb));
+    for (int64_t r = t.r0; r < t.r1; r += MR) {
+        const int mr = static_cast<int>(std::min<int64_t>(MR, t.r1 - r));
+        for (int64_t k = 0; k < R; ++k)
+            for (int i = 0; i < MR; ++i) s.ap[k * MR + i] = i < mr ? jb.up[(r + i) * R + k] : 0.0f;
+        for (int64_t p = 0; p < npanel; ++p)
+            micro_kernel<V>(s.ap.data(), s.bp.data() + p * R * NR, R, s.dbuf.data() + p * NR, ldo);
+        for (int i = 0; i < mr; ++i) {
+            const int64_t row = r + i;
+            char* wrow = jb.w + (row * jb.sr + t.c0 * jb.sc) * es;
+            const float* drow = s.dbuf.data() + i * ldo;
+            int64_t cnt;
+            if (contiguous) {
+                cnt = epilogue_row_vec<V, DT, REC>(wrow, drow, nb, o, rr, nonfinite);
+            } else {
+                char* tmp = reinterpret_cast<char*>(s.wtmp.data());
+                for (int64_t j = 0; j < nb; ++j) std::memcpy(tmp + j * es, wrow + j * jb.sc * es, es);
+                cnt = epilogue_row_vec<V, DT, REC>(tmp, drow, nb, o, rr, nonfinite);
+                for (int64_t j = 0; j < nb; ++j) std::memcpy(wrow + j * jb.sc * es, tmp + j * es, es);
+            }
+            if (REC) flush_row(rec, rr, cnt, row * jb.cols + t.c0);
+        }
+    }
+}
+
+template <int DT, bool REC>
+LF_T512 __attribute__((flatten)) void run_tile_avx512(const Job& jb, const Tile& t, const Options& o, Scratch& s, RecList* rec, bool& nf) {
+    run_tile_vec<Avx512, DT, REC>(jb, t, o, s, rec, nf);
+}
+template <int DT, bool REC>
+LF_T256 __attribute__((flatten)) void run_tile_avx2(const Job& jb, const Tile& t, const Options& o, Scratch& s, RecList* rec, bool& nf) {
+    run_tile_vec<Avx2, DT, REC>(jb, t, o, s, rec, nf);
+}
+#endif
+
+template <int DT>
+void run_tile_scalar(const Job& jb, const Tile& t, const Options& o, Scratch& s, RecList* rec, bool& nonfinite) {
+    constexpr int MR = 4;
+    const int64_t nb = t.c1 - t.c0;
+    const int es = elem_size(DT);
+    s.dbuf.resize(static_cast<size_t>(MR * nb));
+    const RowRecs rr = s.row_recs(nb);
+    for (int64_t r = t.r0; r < t.r1; r += MR) {
+        const int mr = static_cast<int>(std::min<int64_t>(MR, t.r1 - r));
+        delta_scalar(jb, r, mr, t.c0, nb, s.dbuf.data(), nb);
+        for (int i = 0; i < mr; ++i) {
+            const int64_t row = r + i;
+            char* wrow = jb.w + (row * jb.sr + t.c0 * jb.sc) * es;
+            int64_t cnt = epilogue_row_scalar<DT>(wrow, jb.sc, s.dbuf.data() + i * nb, nb, o, rr, nonfinite);
+            if (o.record) flush_row(rec, rr, cnt, row * jb.cols + t.c0);
+        }
+    }
+}
+
+using TileFn = void (*)(const Job&, const Tile&, const Options&, Scratch&, RecList*, bool&);
+
+TileFn pick_tile_fn(int isa, int dt, bool rec) {
+#if LF_X86
+    if (isa == ISA_AVX512) {
+        if (dt == DT_F32) return rec ? run_tile_avx512<DT_F32, true> : run_tile_avx512<DT_F32, false>;
+        if (dt == DT_F16) return rec ? run_tile_avx512<DT_F16, true> : run_tile_avx512<DT_F16, false>;
+        return rec ? run_tile_avx512<DT_BF16, true> : run_tile_avx512<DT_BF16, false>;
+    }
+    if (isa == ISA_AVX2) {
+        if (dt == DT_F32) return rec ? run_tile_avx2<DT_F32, true> : run_tile_avx2<DT_F32, false>;
+        if (dt == DT_F16) return rec ? run_tile_avx2<DT_F16, true> : run_tile_avx2<DT_F16, false>;
+        return rec ? run_tile_avx2<DT_BF16, true> : run_tile_avx2<DT_BF16, false>;
+    }
+#else
+    (void)rec;
+#endif
+    if (dt == DT_F32) return run_tile_scalar<DT_F32>;
+    if (dt == DT_F16) return run_tile_scalar<DT_F16>;
+    return run_tile_scalar<DT_BF16>;
+}
+
+int best_isa() {
+#if LF_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+        return ISA_AVX512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+        return ISA_AVX2;
+#endif
+    return ISA_SCALAR;
+}
+
+const char* isa_name(int isa) {
+    return isa == ISA_AVX512 ? "avx512" : isa == ISA_AVX2 ? "avx2" : "scalar";
+}
+
+// Pins the floating-point environment for the numerics above, restoring the caller's on exit.
+struct FpEnvGuard {
+#if LF_X86
+    unsigned int saved;
+    FpEnvGuard() : saved(_mm_getcsr()) { _mm_setcsr(0x1F80u); }  // all exceptions masked, nearest, no FTZ/DAZ
+    ~FpEnvGuard() { _mm_setcsr(saved); }
+#endif
+};
+
+template <class Fn>
+void parallel_for(int64_t n, int nthreads, Fn&& fn) {
+    std::atomic<int64_t> next{0};
+    auto worker = [&](int tid) {
+        FpEnvGuard env;
+        for (;;) {
+            int64_t i = next.fetch_add(1, std::memory_order_relaxed);
+            if (i >= n) break;
+            fn(tid, i);
+        }
+    };
+    int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, n)));
+    std::vector<std::thread> pool;
+    pool.reserve(static_cast<size_t>(nt - 1));
+    for (int t = 1; t < nt; ++t) pool.emplace_back(worker, t);
+    worker(0);
+    for (auto& th : pool) th.join();
+}
+
+struct TileShape {
+    int64_t mb, nb;
+};
+
+// Row bands of mb rows and column blocks of nb columns. The packed down block (R x nb floats) stays in L2 and the
+// per-row-group delta buffer (MR x nb) in L1.
+TileShape tile_shape(int isa, const Job& jb) {
+    int64_t nr = isa == ISA_AVX512 ? 64 : isa == ISA_AVX2 ? 16 : 16;
+    int64_t nb = std::max<int64_t>(nr, (262144 / 4 / std::max<int64_t>(jb.R, 1)) / nr * nr);  // <= 256 KiB of down
+    nb = std::min<int64_t>(nb, 1024);
+    if (jb.cols <= nb) nb = jb.cols;
+    int64_t mb = 48;
+    return {mb, nb};
+}
+
+struct MergeResult {
+    std::vector<RecList> recs;       // per job
+    std::vector<uint8_t> nonfinite;  // per job
+};
+
+MergeResult merge_run(const std::vector<Job>& jobs, const Options& o, int nthreads, int isa) {
+    if (isa == ISA_AUTO || isa > best_isa()) isa = best_isa();
+    std::vector<Tile> tiles;
+    std::vector<int64_t> job_tile0(jobs.size() + 1, 0);
+    std::vector<int64_t> job_ncb(jobs.size(), 1);
+    for (size_t j = 0; j < jobs.size(); ++j) {
+        const Job& jb = jobs[j];
+        job_tile0[j] = static_cast<int64_t>(tiles.size());
+        if (jb.rows <= 0 || jb.cols <= 0) continue;
+        TileShape ts = tile_shape(isa, jb);
+        job_ncb[j] = (jb.cols + ts.nb - 1) / ts.nb;
+        for (int64_t r = 0; r < jb.rows; r += ts.mb)
+            for (int64_t c = 0; c < jb.cols; c += ts.nb)
+                tiles.push_back({static_cast<int32_t>(j), r, std::min(jb.rows, r + ts.mb), c, std::min(jb.cols, c + ts.nb)});
+    }
+    job_tile0[jobs.size()] = static_cast<int64_t>(tiles.size());
+
+    std::vector<RecList> tile_recs(o.record ? tiles.size() : 0);
+    std::vector<uint8_t> tile_nf(tiles.size(), 0);
+    std::vector<Scratch> scratch(static_cast<size_t>(std::max(nthreads, 1)));
+    std::vector<TileFn> fns(jobs.size());
+    for (size_t j = 0; j < jobs.size(); ++j) fns[j] = pick_tile_fn(isa, jobs[j].dtype, o.record);
+
+    parallel_for(static_cast<int64_t>(tiles.size()), nthreads, [&](int tid, int64_t i) {
+        const Tile& t = tiles[static_cast<size_t>(i)];
+        bool nf = false;
+        RecList* rec = o.record ? &tile_recs[static_cast<size_t>(i)] : nullptr;
+        fns[t.job](jobs[t.job], t, o, scratch[static_cast<size_t>(tid)], rec, nf);
+        tile_nf[static_cast<size_t>(i)] = nf;
+    });
+
+    MergeResult res;
+    res.recs.resize(jobs.size());
+    res.nonfinite.assign(jobs.size(), 0);
+    for (size_t j = 0; j < jobs.size(); ++j)
+        for (int64_t i = job_tile0[j]; i < job_tile0[j + 1]; ++i) res.nonfinite[j] |= tile_nf[static_cast<size_t>(i)];
+
+    // Second phase, per job: merge the tiles' sorted record lists into one sorted list (row bands in order; the
+    // column blocks of one band interleave by row, so they are merged), or scatter the caller's records back.
+    parallel_for(static_cast<int64_t>(jobs.size()), nthreads, [&](int, int64_t jj) {
+        const size_t j = static_cast<size_t>(jj);
+        const Job& jb = jobs[j];
+        if (o.record) {
+            RecList& out = res.recs[j];
+            size_t total = 0;
+            for (int64_t i = job_tile0[j]; i < job_tile0[j + 1]; ++i) total += tile_recs[static_cast<size_t>(i)].n;
+            out.reserve_more(total);
+            const int64_t ncb = job_ncb[j];
+            for (int64_t band0 = job_tile0[j]; band0 < job_tile0[j + 1]; band0 += ncb) {
+                std::vector<size_t> pos(static_cast<size_t>(ncb), 0);
+                for (;;) {
+                    int64_t best = -1, best_idx = INT64_MAX;
+                    for (int64_t c = 0; c < ncb; ++c) {
+                        const RecList& rl = tile_recs[static_cast<size_t>(band0 + c)];
+                        if (pos[c] < rl.n && rl.idx[pos[c]] < best_idx) { best = c; best_idx = rl.idx[pos[c]]; }
+                    }
+                    if (best < 0) break;
+                    const RecList& rl = tile_recs[static_cast<size_t>(band0 + best)];
+                    // copy the run of this list that precedes every other head (a whole row segment at a time)
+                    int64_t limit = INT64_MAX;
+                    for (int64_t c = 0; c < ncb; ++c) {
+                        const RecList& o2 = tile_recs[static_cast<size_t>(band0 + c)];
+                        if (c != best && pos[c] < o2.n) limit = std::min(limit, o2.idx[pos[c]]);
+                    }
+                    size_t p = pos[best];
+                    while (p < rl.n && rl.idx[p] < limit) {
+                        out.push(rl.idx[p], rl.val[p]);
+                        ++p;
+                    }
+                    pos[best] = p;
+                }
+                for (int64_t c = 0; c < ncb; ++c) tile_recs[static_cast<size_t>(band0 + c)].release();  // free as we go
+            }
+        }
+        if (jb.rest_n > 0) {
+            const int es = elem_size(jb.dtype);
+            const char* vals = static_cast<const char*>(jb.rest_val);
+            for (int64_t q = 0; q < jb.rest_n; ++q) {
+                int64_t f = jb.rest_idx[q];
+                int64_t r = f / jb.cols, c = f % jb.cols;
+                std::memcpy(jb.w + (r * jb.sr + c * jb.sc) * es, vals + q * es, static_cast<size_t>(es));
+            }
+        }
+    });
+    return res;
+}
+
+// Hands a malloc'd buffer to numpy without copying; the capsule frees it.
+template <class T>
+py::array owned_array(T* data, size_t n) {
+    if (!data) data = static_cast<T*>(std::malloc(sizeof(T)));  // numpy wants a valid pointer even for size 0
+    py::capsule owner(data, [](void* p) { std::free(p); });
+    return py::array_t<T>({static_cast<py::ssize_t>(n)}, {static_cast<py::ssize_t>(sizeof(T))}, data, owner);
+}
+
+// jobs: sequence of (w_addr, rows, cols, stride_r, stride_c, dtype, up_addr, down_addr, R).
+// restore (unfuse only): None or a sequence parallel to jobs of (idx_addr, val_addr, n).
+py::list merge_cpu_py(py::sequence job_specs, bool negate, bool record, bool check_finite, int num_threads, int isa,
+                      py::object restore) {
+    std::vector<Job> jobs;
+    jobs.reserve(py::len(job_specs));
+    for (py::handle h : job_specs) {
+        auto t = h.cast<py::tuple>();
+        if (t.size() != 9) throw std::invalid_argument("merge_cpu: each job is a 9-tuple");
+        Job jb;
+        jb.w = reinterpret_cast<char*>(t[0].cast<uintptr_t>());
+        jb.rows = t[1].cast<int64_t>();
+        jb.cols = t[2].cast<int64_t>();
+        jb.sr = t[3].cast<int64_t>();
+        jb.sc = t[4].cast<int64_t>();
+        jb.dtype = t[5].cast<int>();
+        jb.up = reinterpret_cast<const float*>(t[6].cast<uintptr_t>());
+        jb.down = reinterpret_cast<const float*>(t[7].cast<uintptr_t>());
+        jb.R = t[8].cast<int64_t>();
+        if (jb.dtype < DT_F32 || jb.dtype > DT_BF16) throw std::invalid_argument("merge_cpu: unknown dtype code");
+        if (jb.rows < 0 || jb.cols < 0 || jb.R < 1) throw std::invalid_argument("merge_cpu: bad shape or rank");
+        if (jb.rows * jb.cols > 0 && (!jb.w || !jb.up || !jb.down)) throw std::invalid_argument("merge_cpu: null pointer");
+        jobs.push_back(jb);
+    }
+    if (!restore.is_none()) {
+        auto rs = restore.cast<py::sequence>();
+        if (py::len(rs) != jobs.size()) throw std::invalid_argument("merge_cpu: restore must parallel jobs");
+        for (size_t j = 0; j < jobs.size(); ++j) {
+            py::object item = rs[j];
+            if (item.is_none()) continue;
+            auto t = item.cast<py::tuple>();
+            jobs[j].rest_idx = reinterpret_cast<const int64_t*>(t[0].cast<uintptr_t>());
+            jobs[j].rest_val = reinterpret_cast<const void*>(t[1].cast<uintptr_t>());
+            jobs[j].rest_n = t[2].cast<int64_t>();
+        }
+    }
+    Options o;
+    o.negate = negate;
+    o.record = record && !negate;
+    o.check_finite = check_finite;
+    MergeResult res;
+    {
+        py::gil_scoped_release nogil;
+        res = merge_run(jobs, o, std::max(1, num_threads), isa);
+    }
+    py::list out;
+    for (size_t j = 0; j < jobs.size(); ++j) {
+        py::object idx = py::none(), val = py::none();
+        if (o.record) {
+            RecList& rl = res.recs[j];
+            const size_t n = rl.n;
+            if (jobs[j].dtype == DT_F32) {
+                val = owned_array(rl.val, n);
+            } else {
+                auto* v16 = static_cast<uint16_t*>(std::malloc(std::max<size_t>(n, 1) * sizeof(uint16_t)));
+                if (!v16) throw std::bad_alloc();
+                for (size_t q = 0; q < n; ++q) v16[q] = static_cast<uint16_t>(rl.val[q]);
+                std::free(rl.val);
+                val = owned_array(v16, n);
+            }
+            rl.val = nullptr;
+            idx = owned_array(rl.idx, n);
+            rl.idx = nullptr;
+            rl.n = rl.cap = 0;
+        }
+        out.append(py::make_tuple(idx, val, static_cast<bool>(res.nonfinite[j])));
+    }
+    return out;
+}
+
+}  // namespace
+
+void bind_merge(py::module_& m) {
+    m.def("merge_cpu", &merge_cpu_py, py::arg("jobs"), py::arg("negate"), py::arg("record"), py::arg("check_finite"),
+          py::arg("num_threads") = 1, py::arg("isa") = 0, py::arg("restore") = py::none(),
+          "Fused LoRA merge on CPU: W <- rn(W ± up@down) for a list of jobs. Returns per job "
+          "(record indices int64 | None, record original bits uint16/uint32 | None, non-finite flag).");
+    m.def("merge_cpu_isa", []() { return std::string(isa_name(best_isa())); },
+          "The vector ISA merge_cpu uses by default on this CPU: 'avx512', 'avx2' or 'scalar'.");
+    m.attr("MERGE_ISA_SCALAR") = py::int_(static_cast<int>(ISA_SCALAR));
+    m.attr("MERGE_ISA_AVX2") = py::int_(static_cast<int>(ISA_AVX2));
+    m.attr("MERGE_ISA_AVX512") = py::int_(static_cast<int>(ISA_AVX512));
+}
