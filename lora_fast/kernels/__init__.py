@@ -1,0 +1,1 @@
+"""Compute kernels: fused merge (CPU C++ and Triton). Kernels know tensors, not models or formats."""

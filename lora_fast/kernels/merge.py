@@ -1,0 +1,467 @@
+"""Fused LoRA merge kernels: ``W <- rn(W + up @ down)`` for a whole list of weights in a few launches.
+
+Semantics (all backends):
+
+* ``delta[i, j]`` is accumulated in fp32 as one fused-multiply-add chain over ``k = 0 .. R-1`` starting from +0,
+  ``acc = fma(up[i, k], down[k, j], acc)``. The CPU kernel and the Triton kernel use that same chain, so on the
+  same inputs they give the same delta bits, whatever the tiling or thread count.
+* ``W' = rn_dtype(fp32(W) + delta)``: the add in fp32, then one rounding to the weight dtype (nearest even).
+* The exact-unfuse record: wherever ``rn_dtype(fp32(W') - delta)`` differs bitwise from the original ``W``, the
+  pair (flat row-major index, original element) is kept. :func:`unfuse` recomputes ``rn(W' - delta)`` with the
+  identical kernel and scatters the records back, which restores every bit (NaN payloads, -0.0, Inf included).
+  Records are sparse: an element needs one only when the fuse moved it across a binade or hit a tie.
+* The non-finite flag of a job is set when any fused element is NaN or Inf.
+
+Jobs must not overlap in memory (two jobs writing the same weight elements race). ``up`` and ``down`` should be
+float32 and contiguous (other dtypes are converted, which costs a copy).
+
+Backends: CPU tensors go to the C++ kernel (``lora_fast._C.merge_cpu``), CUDA tensors to the Triton kernel. Pass
+``backend="triton"`` (or set ``LORA_FAST_MERGE_BACKEND=triton``) to run the Triton kernel on CPU tensors under
+``TRITON_INTERPRET=1``; ``backend="torch"`` is a plain-torch implementation for other devices.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["MergeJob", "MergeRecord", "fuse", "unfuse"]
+
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_BITS_DTYPE = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+_BACKENDS = ("cpu", "triton", "torch")
+
+
+@dataclass
+class MergeJob:
+    weight: torch.Tensor  # 2-D view (rows, cols) of the real weight, modified in place
+    up: torch.Tensor  # (rows, R) float32 contiguous, every scale folded in
+    down: torch.Tensor  # (R, cols) float32 contiguous
+
+
+@dataclass
+class MergeRecord:
+    index: torch.Tensor  # int64 flat row-major indices into the job's (rows, cols) view, sorted
+    value: torch.Tensor  # original elements at those indices, in the weight dtype
+
+    def nbytes(self) -> int:
+        return self.index.numel() * self.index.element_size() + self.value.numel() * self.value.element_size()
+
+    def __len__(self) -> int:
+        return self.index.numel()
+
+
+# --------------------------------------------------------------------------------------------------- public API
+
+
+def fuse(jobs, *, record: bool = True, check_finite: bool = False, backend: str | None = None,
+         num_threads: int | None = None, record_capacity: float | None = None):
+    """W <- rn(W + up@down) for every job in few launches.
+
+    Returns ``(records, nonfinite)``: per job a :class:`MergeRecord` (``None`` when ``record=False``) and whether
+    the fused weight holds a NaN/Inf (computed only with ``check_finite=True``; otherwise all False).
+    ``num_threads`` is the CPU thread count (default ``torch.get_num_threads()``). ``record_capacity`` is the
+    Triton path's initial record buffer, as a fraction of each job's elements (it grows and retries on overflow).
+    """
+    jobs = _prepare(jobs)
+    if not jobs:
+        return [], []
+    out_records: list = [None] * len(jobs)
+    out_flags = [False] * len(jobs)
+    for be, idxs in _by_backend(jobs, backend).items():
+        sub = [jobs[i] for i in idxs]
+        if be == "cpu":
+            recs, flags = _cpu_run(sub, negate=False, record=record, check_finite=check_finite,
+                                   num_threads=num_threads)
+        elif be == "triton":
+            recs, flags = _triton_run(sub, negate=False, record=record, check_finite=check_finite,
+                                      capacity=record_capacity)
+        else:
+            recs, flags = _torch_run(sub, negate=False, record=record, check_finite=check_finite)
+        for i, r, f in zip(idxs, recs, flags):
+            out_records[i] = r
+            out_flags[i] = f
+    return out_records, out_flags
+
+
+def unfuse(jobs, records, *, backend: str | None = None, num_threads: int | None = None) -> None:
+    """Inverse of :func:`fuse` with the same jobs: W <- rn(W - up@down), then the records are scattered back,
+    which gives the original weights bit for bit. ``records`` may hold ``None`` (fused without a record: the
+    result is then only the rounded subtraction)."""
+    jobs = _prepare(jobs)
+    records = list(records)
+    if len(records) != len(jobs):
+        raise ValueError(f"unfuse: {len(jobs)} jobs but {len(records)} records")
+    for job, rec in zip(jobs, records):
+        if rec is not None:
+            _check_record(job, rec)
+    for be, idxs in _by_backend(jobs, backend).items():
+        sub = [jobs[i] for i in idxs]
+        sub_rec = [records[i] for i in idxs]
+        if be == "cpu":
+            _cpu_run(sub, negate=True, record=False, check_finite=False, num_threads=num_threads, restore=sub_rec)
+        else:
+            if be == "triton":
+                _triton_run(sub, negate=True, record=False, check_finite=False)
+            else:
+                _torch_run(sub, negate=True, record=False, check_finite=False)
+            for job, rec in zip(sub, sub_rec):
+                _scatter(job.weight, rec)
+
+
+# ----------------------------------------------------------------------------------------------- validation
+
+
+def _prepare(jobs) -> list[MergeJob]:
+    out = []
+    for n, job in enumerate(jobs):
+        w, up, down = job.weight, job.up, job.down
+        if not isinstance(w, torch.Tensor) or w.dim() != 2:
+            raise ValueError(f"merge job {n}: weight must be a 2-D tensor view")
+        if w.dtype not in _DTYPE_CODE:
+            raise ValueError(f"merge job {n}: weight dtype {w.dtype} is not float32/float16/bfloat16")
+        rows, cols = w.shape
+        if up.dim() != 2 or down.dim() != 2 or up.shape[0] != rows or down.shape[1] != cols or up.shape[1] != down.shape[0]:
+            raise ValueError(f"merge job {n}: up {tuple(up.shape)} @ down {tuple(down.shape)} does not give weight "
+                             f"shape {tuple(w.shape)}")
+        if up.shape[1] < 1:
+            raise ValueError(f"merge job {n}: rank must be >= 1")
+        if up.device != w.device or down.device != w.device:
+            raise ValueError(f"merge job {n}: weight, up and down must be on one device")
+        for d in range(2):
+            if w.shape[d] > 1 and w.stride(d) <= 0:
+                raise ValueError(f"merge job {n}: weight has a zero or negative stride (an expanded view?)")
+        if up.dtype != torch.float32 or not up.is_contiguous():
+            up = up.to(torch.float32).contiguous()
+        if down.dtype != torch.float32 or not down.is_contiguous():
+            down = down.to(torch.float32).contiguous()
+        out.append(MergeJob(w, up, down))
+    return out
+
+
+def _check_record(job: MergeJob, rec: MergeRecord) -> None:
+    if rec.index.numel() != rec.value.numel() or rec.value.dtype != job.weight.dtype:
+        raise ValueError("unfuse: record does not match its job (length or dtype)")
+
+
+def _by_backend(jobs, backend):
+    backend = backend or os.environ.get("LORA_FAST_MERGE_BACKEND") or None
+    if backend is not None and backend not in _BACKENDS:
+        raise ValueError(f"unknown merge backend {backend!r}; expected one of {_BACKENDS}")
+    groups: dict[str, list[int]] = {}
+    for i, job in enumerate(jobs):
+        dev = job.weight.device.type
+        if backend is not None:
+            be = backend
+        elif dev == "cpu":
+            be = "cpu"
+        elif dev == "cuda":
+            be = "triton"
+        else:
+            be = "torch"
+        if be == "cpu" and dev != "cpu":
+            raise ValueError(f"merge backend 'cpu' cannot run on {dev} tensors")
+        groups.setdefault(be, []).append(i)
+    return groups
+
+
+def _scatter(weight: torch.Tensor, rec: MergeRecord | None) -> None:
+    if rec is None or rec.index.numel() == 0:
+        return
+    idx = rec.index.to(device=weight.device, dtype=torch.int64)
+    cols = weight.shape[1]
+    weight[idx // cols, idx % cols] = rec.value.to(weight.device)
+
+
+# ------------------------------------------------------------------------------------------------- CPU (C++)
+
+
+def _cpu_run(jobs, *, negate, record, check_finite, num_threads=None, restore=None):
+    from .. import _C
+
+    specs = []
+    for j in jobs:
+        w = j.weight
+        specs.append((w.data_ptr(), w.shape[0], w.shape[1], w.stride(0), w.stride(1), _DTYPE_CODE[w.dtype],
+                      j.up.data_ptr(), j.down.data_ptr(), j.up.shape[1]))
+    keep = []  # holds converted record tensors alive during the call
+    rest = None
+    if restore is not None:
+        rest = []
+        for j, rec in zip(jobs, restore):
+            if rec is None or rec.index.numel() == 0:
+                rest.append(None)
+                continue
+            idx = rec.index.to(torch.int64).contiguous()
+            val = rec.value.contiguous()
+            keep.append((idx, val))
+            rest.append((idx.data_ptr(), val.data_ptr(), idx.numel()))
+    nt = num_threads if num_threads is not None else torch.get_num_threads()
+    isa = int(os.environ.get("LORA_FAST_MERGE_ISA", "0"))  # tests: 1 scalar, 2 avx2, 3 avx512
+    out = _C.merge_cpu(specs, negate, record and not negate, check_finite, max(1, int(nt)), isa, rest)
+    del keep
+    records, flags = [], []
+    for j, (idx, val, nf) in zip(jobs, out):
+        flags.append(bool(nf))
+        if idx is None:
+            records.append(None)
+            continue
+        bits = _BITS_DTYPE[j.weight.dtype]
+        val_t = torch.from_numpy(val.view("int32" if bits == torch.int32 else "int16")).view(j.weight.dtype)
+        records.append(MergeRecord(torch.from_numpy(idx), val_t))
+    return records, flags
+
+
+# ----------------------------------------------------------------------------------------------- plain torch
+
+
+def _torch_delta(job: MergeJob) -> torch.Tensor:
+    # exact fp32 products (no TF32) so fuse and unfuse see the same delta on this device
+    if job.up.device.type == "cuda":
+        prev = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            return job.up @ job.down
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = prev
+    return job.up @ job.down
+
+
+def _torch_run(jobs, *, negate, record, check_finite):
+    records, flags = [], []
+    for j in jobs:
+        w = j.weight
+        delta = _torch_delta(j)
+        x = w.float()
+        new = (x - delta if negate else x + delta).to(w.dtype)
+        rec = None
+        if record:
+            back = (new.float() - delta).to(w.dtype)
+            bits = _BITS_DTYPE[w.dtype]
+            diff = (back.view(bits) != w.contiguous().view(bits)).reshape(-1)
+            idx = diff.nonzero().reshape(-1)
+            rec = MergeRecord(idx, w.reshape(-1)[idx].clone() if w.is_contiguous() else w.contiguous().reshape(-1)[idx])
+        flags.append(bool(check_finite and not torch.isfinite(new).all()))
+        w.copy_(new)
+        records.append(rec)
+    return records, flags
+
+
+# --------------------------------------------------------------------------------------------------- Triton
+#
+# One grouped launch per weight dtype. Each program handles one (BLOCK_M x BLOCK_N) tile of one job: a flat tile
+# id maps to its job through a per-tile job table, and the job's addresses, shape and strides come from a per-job
+# int64 table (raw addresses cast to pointers; this works compiled and under TRITON_INTERPRET=1). The tile loads W,
+# computes delta with explicit fp32 FMAs (no TF32), adds, rounds, stores, and in the same pass counts the elements
+# needing a record, claims that many slots with one atomic_add on its job's counter and writes them compacted.
+# A tile whose slots would pass its job's capacity writes nothing at all (W stays unmodified) and flags itself;
+# the launcher then reruns exactly the flagged tiles with a buffer sized from the counts.
+
+_TRITON = None
+triton_reruns = 0  # how many overflow reruns the Triton launcher has done (tests check the retry path ran)
+_F_W, _F_ROWS, _F_COLS, _F_SR, _F_SC, _F_UP, _F_DOWN, _F_R, _F_TILE0, _F_RBASE, _F_RCAP = range(11)
+_NF = 11
+BLOCK_M, BLOCK_N = 32, 64
+
+
+def _triton_kernel():
+    global _TRITON, triton, tl, _decode, _encode
+    if _TRITON is not None:
+        return _TRITON
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _decode(bits, DT: tl.constexpr):  # weight bits -> fp32, exact
+        if DT == 0:
+            x = bits.to(tl.float32, bitcast=True)
+        elif DT == 1:
+            x = bits.to(tl.float16, bitcast=True).to(tl.float32)
+        else:
+            x = ((bits.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+        return x
+
+    @triton.jit
+    def _encode(s, DT: tl.constexpr):  # fp32 -> weight bits, one rounding to nearest even
+        if DT == 0:
+            h = s.to(tl.int32, bitcast=True)
+        elif DT == 1:
+            h = s.to(tl.float16, fp_downcast_rounding="rtne").to(tl.int16, bitcast=True)
+        else:
+            # bf16 by integer ops (in int64 to stay clear of signedness); NaN stays NaN instead of carrying to Inf
+            b = s.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+            hi = b >> 16
+            rb = (b + 0x7FFF + (hi & 1)) >> 16
+            h = tl.where(s != s, hi | 0x40, rb).to(tl.int16)
+        return h
+
+    @triton.jit
+    def _merge_tiles(table, tile_job, tile_ids, counters, failed, tile_fail, nonfinite, rec_idx, rec_val,
+                     NF: tl.constexpr, DT: tl.constexpr, NEGATE: tl.constexpr, RECORD: tl.constexpr,
+                     CHECK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+        t = tl.load(tile_ids + tl.program_id(0)).to(tl.int64)
+        j = tl.load(tile_job + t).to(tl.int64)
+        row = table + j * NF
+        rows = tl.load(row + 1)
+        cols = tl.load(row + 2)
+        sr = tl.load(row + 3)
+        sc = tl.load(row + 4)
+        up = tl.load(row + 5).to(tl.pointer_type(tl.float32))
+        down = tl.load(row + 6).to(tl.pointer_type(tl.float32))
+        rank = tl.load(row + 7)
+        local = t - tl.load(row + 8)
+        nct = (cols + BN - 1) // BN
+        offs_m = (local // nct) * BM + tl.arange(0, BM).to(tl.int64)
+        offs_n = (local % nct) * BN + tl.arange(0, BN).to(tl.int64)
+        mm = offs_m < rows
+        mn = offs_n < cols
+        mask = mm[:, None] & mn[None, :]
+
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in range(0, rank):
+            a = tl.load(up + offs_m * rank + k, mask=mm, other=0.0)
+            b = tl.load(down + k * cols + offs_n, mask=mn, other=0.0)
+            acc = tl.fma(a[:, None], b[None, :], acc)
+
+        if DT == 0:
+            wp = tl.load(row + 0).to(tl.pointer_type(tl.int32))
+        else:
+            wp = tl.load(row + 0).to(tl.pointer_type(tl.int16))
+        wptr = wp + offs_m[:, None] * sr + offs_n[None, :] * sc
+        wbits = tl.load(wptr, mask=mask, other=0)
+
+        x = _decode(wbits, DT)
+        if NEGATE:
+            h = _encode(x - acc, DT)
+        else:
+            h = _encode(x + acc, DT)
+
+        wmask = mask
+        if RECORD:
+            r = _encode(_decode(h, DT) - acc, DT)
+            flat_d = tl.reshape(((r != wbits) & mask).to(tl.int32), [BM * BN])
+            cnt = tl.sum(flat_d, axis=0).to(tl.int64)
+            slot = tl.atomic_add(counters + j, cnt)
+            fits = (cnt == 0) | (slot + cnt <= tl.load(row + 10))
+            # broadcast the scalar by arithmetic: the interpreter mis-types bool-tensor & bool-scalar
+            fits_i = fits.to(tl.int32)
+            pos = tl.cumsum(flat_d, axis=0) - 1
+            dst = tl.load(row + 9) + slot + pos
+            keep = (flat_d * fits_i) != 0
+            tl.store(rec_idx + dst, tl.reshape(offs_m[:, None] * cols + offs_n[None, :], [BM * BN]), mask=keep)
+            tl.store(rec_val + dst, tl.reshape(wbits, [BM * BN]), mask=keep)
+            # an overflowing tile leaves W untouched and asks for a rerun with a bigger buffer
+            tl.store(tile_fail + t, 1, mask=~fits)
+            tl.atomic_add(failed + j, cnt, mask=~fits)
+            wmask = mask & ((tl.zeros((BM, BN), dtype=tl.int32) + fits_i) != 0)
+        tl.store(wptr, h, mask=wmask)
+        if CHECK:
+            h32 = h.to(tl.int32)
+            if DT == 0:
+                bad = (h32 & 0x7F800000) == 0x7F800000
+            elif DT == 1:
+                bad = (h32 & 0x7C00) == 0x7C00
+            else:
+                bad = (h32 & 0x7F80) == 0x7F80
+            nbad = tl.sum(tl.reshape((bad & wmask).to(tl.int32), [BM * BN]), axis=0)
+            tl.atomic_max(nonfinite + j, 1, mask=nbad > 0)
+
+    _TRITON = _merge_tiles
+    return _TRITON
+
+
+def _triton_run(jobs, *, negate, record, check_finite, capacity=None):
+    kernel = _triton_kernel()
+    record = record and not negate
+    frac = 1.0 / 32 if capacity is None else float(capacity)
+    records: list = [None] * len(jobs)
+    flags = [False] * len(jobs)
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, j in enumerate(jobs):
+        groups.setdefault(j.weight.dtype, []).append(i)
+    for dtype, idxs in groups.items():
+        sub = [jobs[i] for i in idxs]
+        recs, nf = _triton_group(kernel, sub, dtype, negate, record, check_finite, frac)
+        for i, r, f in zip(idxs, recs, nf):
+            records[i] = r
+            flags[i] = f
+    return records, flags
+
+
+def _triton_group(kernel, jobs, dtype, negate, record, check_finite, frac):
+    device = jobs[0].weight.device
+    n = len(jobs)
+    tiles = [((j.weight.shape[0] + BLOCK_M - 1) // BLOCK_M) * ((j.weight.shape[1] + BLOCK_N - 1) // BLOCK_N)
+             for j in jobs]
+    tile0, acc = [], 0
+    for c in tiles:
+        tile0.append(acc)
+        acc += c
+    n_tiles = acc
+    if n_tiles == 0:
+        return [_empty_record(j) if record else None for j in jobs], [False] * n
+
+    def table_for(caps, bases):
+        rows = []
+        for j, t0, cap, base in zip(jobs, tile0, caps, bases):
+            w = j.weight
+            rows.append([w.data_ptr(), w.shape[0], w.shape[1], w.stride(0), w.stride(1), j.up.data_ptr(),
+                         j.down.data_ptr(), j.up.shape[1], t0, base, cap])
+        return torch.tensor(rows, dtype=torch.int64, device=device)
+
+    tile_job = torch.repeat_interleave(torch.arange(n, dtype=torch.int32), torch.tensor(tiles)).to(device)
+    tile_ids = torch.arange(n_tiles, dtype=torch.int32, device=device)
+    nonfinite = torch.zeros(n, dtype=torch.int32, device=device)
+    bits = _BITS_DTYPE[dtype]
+    caps = [int(j.weight.numel() * frac) + 64 if record else 0 for j in jobs]
+    pieces: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(n)]
+    while True:
+        bases, acc = [], 0
+        for c in caps:
+            bases.append(acc)
+            acc += c
+        rec_idx = torch.empty(max(acc, 1), dtype=torch.int64, device=device)
+        rec_val = torch.empty(max(acc, 1), dtype=bits, device=device)
+        counters = torch.zeros(n, dtype=torch.int64, device=device)
+        failed = torch.zeros(n, dtype=torch.int64, device=device)
+        tile_fail = torch.zeros(n_tiles, dtype=torch.int32, device=device)
+        table = table_for(caps, bases)
+        kernel[(tile_ids.numel(),)](
+            table, tile_job, tile_ids, counters, failed, tile_fail, nonfinite, rec_idx, rec_val,
+            NF=_NF, DT=_DTYPE_CODE[dtype], NEGATE=bool(negate), RECORD=bool(record), CHECK=bool(check_finite),
+            BM=BLOCK_M, BN=BLOCK_N)
+        if not record:
+            break
+        counts = counters.tolist()
+        fails = failed.tolist()
+        for k in range(n):
+            valid = counts[k] - fails[k]  # successful tiles filled [0, valid) of the job's region
+            if valid:
+                pieces[k].append((rec_idx[bases[k]:bases[k] + valid], rec_val[bases[k]:bases[k] + valid]))
+        if not any(fails):
+            break
+        # rerun only the tiles that wrote nothing, with room for exactly what they need
+        global triton_reruns
+        triton_reruns += 1
+        tile_ids = tile_fail.nonzero().reshape(-1).to(torch.int32)
+        caps = fails
+    flags = [bool(v) for v in nonfinite.tolist()] if check_finite else [False] * n
+    if not record:
+        return [None] * n, flags
+    out = []
+    for k, j in enumerate(jobs):
+        if not pieces[k]:
+            out.append(_empty_record(j))
+            continue
+        idx = torch.cat([p[0] for p in pieces[k]])
+        val = torch.cat([p[1] for p in pieces[k]])
+        idx, order = torch.sort(idx)
+        out.append(MergeRecord(idx, val[order].view(dtype)))
+    return out, flags
+
+
+def _empty_record(job: MergeJob) -> MergeRecord:
+    dev = job.weight.device
+    return MergeRecord(torch.empty(0, dtype=torch.int64, device=dev), torch.empty(0, dtype=job.weight.dtype, device=dev))
