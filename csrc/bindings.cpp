@@ -4,5 +4,6 @@
 PYBIND11_MODULE(_C, m) {
     m.doc() = "lora_fast C++ core (torch-free: data crosses as buffers and raw pointers)";
     bind_safetensors(m);
+    bind_stream_reader(m);
     bind_merge(m);
 }

@@ -652,33 +652,18 @@ namespace {
     throw IoError(err, path, action);
 }
 
-class UniqueFd {
-  public:
-    explicit UniqueFd(int fd = -1) : fd_(fd) {}
-    ~UniqueFd() { reset(); }
-    UniqueFd(UniqueFd&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
-    UniqueFd& operator=(UniqueFd&& other) noexcept {
-        if (this != &other) {
-            reset();
-            fd_ = std::exchange(other.fd_, -1);
-        }
-        return *this;
-    }
-    int get() const { return fd_; }
-    void reset() {
-        if (fd_ >= 0) ::close(fd_);
-        fd_ = -1;
-    }
-    // Closes and reports the error close() may carry (delayed write errors on some file systems).
-    int close_checked() {
-        const int rc = ::close(fd_);
-        fd_ = -1;
-        return rc;
-    }
+}  // namespace
 
-  private:
-    int fd_;
-};
+void UniqueFd::reset() {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+}
+
+int UniqueFd::close_checked() {
+    const int rc = ::close(fd_);
+    fd_ = -1;
+    return rc;
+}
 
 // Opens a regular file for reading and returns it with its size.
 UniqueFd open_regular_file(const std::string& path, uint64_t* size) {
@@ -693,7 +678,7 @@ UniqueFd open_regular_file(const std::string& path, uint64_t* size) {
     return fd;
 }
 
-void pread_all(int fd, uint8_t* out, uint64_t n, uint64_t offset, const std::string& path) {
+static void pread_all(int fd, uint8_t* out, uint64_t n, uint64_t offset, const std::string& path) {
     while (n > 0) {
         const ssize_t got = ::pread(fd, out, std::min<uint64_t>(n, 1u << 30), off_t(offset));
         if (got < 0) {
@@ -708,18 +693,20 @@ void pread_all(int fd, uint8_t* out, uint64_t n, uint64_t offset, const std::str
     }
 }
 
-}  // namespace
-
 Header read_header_file(const std::string& path) {
     uint64_t size = 0;
     UniqueFd fd = open_regular_file(path, &size);
+    return read_header_fd(fd.get(), size, path);
+}
+
+Header read_header_fd(int fd, uint64_t size, const std::string& path) {
     try {
         uint8_t prefix[8] = {};
         if (size < 8) parse_header_size(prefix, size);  // throws: too short
-        pread_all(fd.get(), prefix, 8, 0, path);
+        pread_all(fd, prefix, 8, 0, path);
         const uint64_t n = parse_header_size(prefix, size);
         std::string json(n, '\0');  // n is bounded by kMaxHeaderSize and by the file size here
-        pread_all(fd.get(), reinterpret_cast<uint8_t*>(json.data()), n, 8, path);
+        pread_all(fd, reinterpret_cast<uint8_t*>(json.data()), n, 8, path);
         return parse_header(json, size);
     } catch (const FormatError& e) {
         if (std::string_view(e.what()).substr(0, path.size() + 1) == path + ":") throw;

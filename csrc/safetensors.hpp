@@ -77,6 +77,34 @@ Header parse_buffer(const uint8_t* data, uint64_t size);
 // Reads and validates only the prefix and header of a file (pread; the data is never touched).
 // FormatError messages start with the path.
 Header read_header_file(const std::string& path);
+// The same over an open descriptor of a file of `size` bytes (the size its caller got from fstat).
+Header read_header_fd(int fd, uint64_t size, const std::string& path);
+
+// An owned file descriptor, closed on destruction.
+class UniqueFd {
+  public:
+    explicit UniqueFd(int fd = -1) : fd_(fd) {}
+    ~UniqueFd() { reset(); }
+    UniqueFd(UniqueFd&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
+    UniqueFd& operator=(UniqueFd&& other) noexcept {
+        if (this != &other) {
+            reset();
+            fd_ = std::exchange(other.fd_, -1);
+        }
+        return *this;
+    }
+    int get() const { return fd_; }
+    void reset();
+    // Closes and reports the error close() may carry (delayed write errors on some file systems).
+    int close_checked();
+
+  private:
+    int fd_;
+};
+
+// Opens a regular file read-only (never blocking, so a FIFO is rejected rather than waited on) and returns it with
+// its size. Not a regular file: FormatError; a directory or an open failure: IoError.
+UniqueFd open_regular_file(const std::string& path, uint64_t* size);
 
 // A whole file mapped MAP_PRIVATE, readable and writable: writes are copy-on-write and never reach the file.
 class MappedFile {

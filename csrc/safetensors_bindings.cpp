@@ -12,11 +12,9 @@
 namespace py = pybind11;
 namespace st = lora_fast::safetensors;
 
-namespace {
-
 // (tensors, metadata, data_start, file_size) with tensors = [(name, dtype, shape, begin, end)] in data order and
-// metadata None or a dict in header order.
-py::tuple header_to_python(const st::Header& h) {
+// metadata None or a dict in header order. Shared with stream_reader_bindings.cpp.
+py::tuple safetensors_header_to_python(const st::Header& h) {
     py::list tensors;
     for (const auto& t : h.tensors) {
         py::tuple shape(t.shape.size());
@@ -31,6 +29,10 @@ py::tuple header_to_python(const st::Header& h) {
     }
     return py::make_tuple(tensors, metadata, h.data_start(), h.data_start() + h.data_size);
 }
+
+namespace {
+
+py::tuple header_to_python(const st::Header& h) { return safetensors_header_to_python(h); }
 
 // Raises LoraFormatError (imported when needed, so _C does not depend on the package's import order).
 void set_format_error(const char* message) {
