@@ -1,0 +1,349 @@
+"""Fused merge kernels: accuracy against a float64 reference, bit-exact fuse/unfuse, records, non-finite flags,
+CPU ISA agreement, and the Triton kernel (interpreted on the CPU, in a subprocess) against the C++ kernel."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from lora_fast.kernels import merge as M
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(BITS[t.dtype])
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and torch.equal(bits(a), bits(b))
+
+
+def ulp(v: torch.Tensor) -> torch.Tensor:
+    """Spacing above |v| in v's dtype, as float64 (v finite)."""
+    a = v.abs().contiguous()
+    nxt = (a.view(BITS[v.dtype]) + 1).view(v.dtype)
+    return nxt.double() - a.double()
+
+
+def make(rows, cols, rank, dtype, *, w_scale=0.05, d_scale=0.1, gen=None):
+    w = (torch.randn(rows, cols, generator=gen) * w_scale).to(dtype)
+    up = torch.randn(rows, rank, generator=gen) * d_scale
+    down = torch.randn(rank, cols, generator=gen) * d_scale
+    return w, up, down
+
+
+def check_against_reference(w_new, w_old, up, down):
+    """|W' - (W + up@down)| <= half a dtype ulp at W' (the final rounding) + the fp32 add's rounding
+    + the fp32 FMA chain's accumulation error, bounded by (R+1)·2^-24·Σ_k |up_ik·down_kj|."""
+    u = 2.0**-24
+    r = up.shape[1]
+    exact_delta = up.double() @ down.double()
+    exact = w_old.double() + exact_delta
+    abs_terms = up.double().abs() @ down.double().abs()
+    bound = (0.5 * ulp(w_new) + u * (w_old.double().abs() + exact_delta.abs() + abs_terms)
+             + (r + 1) * u * abs_terms * 1.01)
+    err = (w_new.double() - exact).abs()
+    assert torch.isfinite(w_new.double()).all()
+    worst = (err / bound).max().item()
+    assert worst <= 1.0, f"error exceeds the bound by {worst:.3f}x"
+
+
+def fuse_unfuse_exact(jobs, **kw):
+    originals = [j.weight.clone() for j in jobs]
+    records, _ = M.fuse(jobs, **kw)
+    M.unfuse(jobs, records, **{k: v for k, v in kw.items() if k in ("backend", "num_threads")})
+    for j, o in zip(jobs, originals):
+        assert same_bits(j.weight, o)
+    return records
+
+
+# ------------------------------------------------------------------------------------------- accuracy
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rank", [1, 4, 33])
+@pytest.mark.parametrize("shape", [(1, 97), (97, 1), (97, 131), (64, 320), (7, 1000)])
+def test_fuse_matches_float64_reference(dtype, rank, shape):
+    g = torch.Generator().manual_seed(hash((str(dtype), rank, shape)) % 2**31)
+    w, up, down = make(*shape, rank, dtype, gen=g)
+    old = w.clone()
+    records, flags = M.fuse([M.MergeJob(w, up, down)])
+    check_against_reference(w, old, up, down)
+    assert flags == [False]
+    assert not same_bits(w, old)  # the delta did something
+    idx = records[0].index
+    assert idx.dtype == torch.int64 and bool((idx[1:] > idx[:-1]).all())  # sorted, unique
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_strided_views_transposed_sliced_and_conv(dtype):
+    g = torch.Generator().manual_seed(1)
+    # fan_in_fan_out style: the job weight is the transpose of the stored tensor
+    store = (torch.randn(53, 29, generator=g) * 0.05).to(dtype)
+    up, down = torch.randn(29, 5, generator=g) * 0.1, torch.randn(5, 53, generator=g) * 0.1
+    old = store.clone()
+    rec = fuse_unfuse_exact([M.MergeJob(store.t(), up, down)])
+    assert len(rec[0]) > 0
+    M.fuse([M.MergeJob(store.t(), up, down)])
+    check_against_reference(store.t(), old.t(), up, down)
+
+    # every other column of a larger tensor: the columns in between must not move
+    big = (torch.randn(31, 90, generator=g) * 0.05).to(dtype)
+    before = big.clone()
+    view = big[:, ::2]
+    up, down = torch.randn(31, 3, generator=g) * 0.1, torch.randn(3, 45, generator=g) * 0.1
+    M.fuse([M.MergeJob(view, up, down)])
+    check_against_reference(view, before[:, ::2], up, down)
+    assert same_bits(big[:, 1::2], before[:, 1::2])
+
+    # conv k x k weight merged through its (out, in*k*k) reshape
+    conv = (torch.randn(16, 8, 3, 3, generator=g) * 0.05).to(dtype)
+    cold = conv.clone()
+    up, down = torch.randn(16, 4, generator=g) * 0.1, torch.randn(4, 72, generator=g) * 0.1
+    M.fuse([M.MergeJob(conv.view(16, 72), up, down)])
+    check_against_reference(conv.view(16, 72), cold.view(16, 72), up, down)
+
+
+def test_many_jobs_mixed_dtypes_in_one_call_and_thread_count_does_not_matter():
+    g = torch.Generator().manual_seed(2)
+    specs = [(40, 70, 4, torch.float16), (3, 5, 1, torch.float32), (130, 33, 9, torch.bfloat16),
+             (64, 64, 32, torch.float32), (1, 1, 2, torch.float16)]
+    base = [make(r, c, k, d, gen=g) for r, c, k, d in specs]
+    results = []
+    for nt in (1, 2, 3):
+        jobs = [M.MergeJob(w.clone(), up, down) for w, up, down in base]
+        recs, _ = M.fuse(jobs, num_threads=nt)
+        results.append((jobs, recs))
+    for jobs, recs in results[1:]:
+        for a, b, ra, rb in zip(jobs, results[0][0], recs, results[0][1]):
+            assert same_bits(a.weight, b.weight)
+            assert torch.equal(ra.index, rb.index) and same_bits(ra.value, rb.value)
+    for (w, up, down), job in zip(base, results[0][0]):
+        check_against_reference(job.weight, w, up, down)
+
+
+# ------------------------------------------------------------------------------------------- exactness
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_200_cycles_with_different_adapters_restore_every_bit(dtype):
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(23, 37, generator=g) * 0.05).to(dtype)
+    pristine = w.clone()
+    total = 0
+    for cycle in range(200):
+        rank = 1 + cycle % 7
+        scale = [0.003, 0.03, 0.3][cycle % 3]
+        up = torch.randn(23, rank, generator=g) * scale
+        down = torch.randn(rank, 37, generator=g) * scale
+        records, _ = M.fuse([M.MergeJob(w, up, down)])
+        total += len(records[0])
+        M.unfuse([M.MergeJob(w, up, down)], records)
+        assert same_bits(w, pristine), f"cycle {cycle}"
+    assert total > 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_stacked_fuses_unfuse_in_reverse_order(dtype):
+    g = torch.Generator().manual_seed(4)
+    w = (torch.randn(40, 50, generator=g) * 0.05).to(dtype)
+    pristine = w.clone()
+    stack = []
+    for _ in range(5):
+        job = M.MergeJob(w, torch.randn(40, 4, generator=g) * 0.2, torch.randn(4, 50, generator=g) * 0.2)
+        stack.append((job, M.fuse([job])[0]))
+    for job, recs in reversed(stack):
+        M.unfuse([job], recs)
+    assert same_bits(w, pristine)
+
+
+def special_values(dtype, n, gen):
+    """Random weights with NaNs (several payloads and signs), infinities, subnormals, -0.0, +0.0, extremes."""
+    w = (torch.randn(n, generator=gen) * 0.05).to(dtype)
+    b = w.view(BITS[dtype])
+    info = torch.finfo(dtype)
+    if dtype == torch.float32:
+        raw = [0x7FC00000, 0x7F800001, 0xFFC00123, 0x7FBFFFFF, 0x7F800000, 0xFF800000, 0x00000001, 0x807FFFFF,
+               0x80000000, 0x00000000, 0x7F7FFFFF, 0xFF7FFFFF, 0x00800000]
+        vals = torch.tensor([x - (1 << 32) if x >= 1 << 31 else x for x in raw], dtype=torch.int32)
+    else:
+        if dtype == torch.float16:
+            raw = [0x7E00, 0x7C01, 0xFE12, 0x7DFF, 0x7C00, 0xFC00, 0x0001, 0x83FF, 0x8000, 0x0000, 0x7BFF, 0xFBFF, 0x0400]
+        else:
+            raw = [0x7FC0, 0x7F81, 0xFFC1, 0x7FBF, 0x7F80, 0xFF80, 0x0001, 0x807F, 0x8000, 0x0000, 0x7F7F, 0xFF7F, 0x0080]
+        vals = torch.tensor([x - (1 << 16) if x >= 1 << 15 else x for x in raw], dtype=torch.int16)
+    pos = torch.randperm(n, generator=gen)[: len(vals)]
+    b[pos] = vals
+    assert info.max > 0
+    return w
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d_scale", [0.05, 30.0])  # small deltas, and deltas >> W (most elements recorded)
+def test_special_values_and_huge_deltas_restore_bit_exactly(dtype, d_scale):
+    g = torch.Generator().manual_seed(5)
+    w = special_values(dtype, 48 * 70, g).view(48, 70)
+    up, down = torch.randn(48, 6, generator=g) * d_scale, torch.randn(6, 70, generator=g) * d_scale
+    recs = fuse_unfuse_exact([M.MergeJob(w, up, down)])
+    frac = len(recs[0]) / w.numel()
+    if d_scale > 1:
+        assert frac > 0.5
+    # the record holds exactly the elements that a plain subtraction would not give back
+    assert recs[0].nbytes() == len(recs[0]) * (8 + w.element_size())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_check_finite_flags_only_the_bad_job_and_unfuse_still_restores(dtype):
+    g = torch.Generator().manual_seed(6)
+    jobs = [M.MergeJob(*make(20, 30, 3, dtype, gen=g)) for _ in range(4)]
+    jobs[1].up[3, 1] = float("nan")
+    jobs[2].down[0, 7] = float("inf")
+    originals = [j.weight.clone() for j in jobs]
+    recs, flags = M.fuse(jobs, check_finite=True)
+    assert flags == [False, True, True, False]
+    assert torch.isnan(jobs[1].weight[3]).any()
+    M.unfuse(jobs, recs)
+    for j, o in zip(jobs, originals):
+        assert same_bits(j.weight, o)
+    _, flags = M.fuse([M.MergeJob(*make(5, 5, 1, dtype, gen=g))], check_finite=False)
+    assert flags == [False]
+
+
+def test_overflow_to_inf_is_flagged_and_restored():
+    w = torch.full((4, 20), 60000.0, dtype=torch.float16)
+    pristine = w.clone()
+    up, down = torch.full((4, 1), 100.0), torch.full((1, 20), 100.0)
+    recs, flags = M.fuse([M.MergeJob(w, up, down)], check_finite=True)
+    assert flags == [True] and torch.isinf(w).all()
+    M.unfuse([M.MergeJob(w, up, down)], recs)
+    assert same_bits(w, pristine)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_record_false_returns_none_and_unfuse_without_record_subtracts(dtype):
+    g = torch.Generator().manual_seed(7)
+    w, up, down = make(10, 12, 2, dtype, gen=g)
+    old = w.clone()
+    recs, flags = M.fuse([M.MergeJob(w, up, down)], record=False)
+    assert recs == [None] and flags == [False]
+    fused = w.clone()
+    M.unfuse([M.MergeJob(w, up, down)], [None])
+    # two roundings, each at most half an ulp of the larger neighbour (plus fp32 noise far below that)
+    assert ((w.double() - old.double()).abs() <= ulp(fused) + ulp(old)).all()
+
+
+def test_isa_paths_agree_bit_for_bit(monkeypatch):
+    """The scalar fallback, AVX2 and AVX-512 kernels use the same FMA chain and rounding: identical results."""
+    from lora_fast import _C
+
+    levels = {"scalar": [1], "avx2": [1, 2], "avx512": [1, 2, 3]}[_C.merge_cpu_isa()]
+    g = torch.Generator().manual_seed(8)
+    for dtype in DTYPES:
+        w0 = special_values(dtype, 37 * 83, g).view(37, 83)
+        up, down = torch.randn(37, 5, generator=g) * 0.2, torch.randn(5, 83, generator=g) * 0.2
+        outs = []
+        for isa in levels:
+            monkeypatch.setenv("LORA_FAST_MERGE_ISA", str(isa))
+            w = w0.clone()
+            recs, flags = M.fuse([M.MergeJob(w, up, down)], check_finite=True)
+            outs.append((w, recs[0], flags))
+            M.unfuse([M.MergeJob(w.clone(), up, down)], recs)
+        for w, rec, flags in outs[1:]:
+            assert flags == outs[0][2]
+            nan = torch.isnan(w.float())
+            assert torch.equal(nan, torch.isnan(outs[0][0].float()))
+            assert same_bits(w[~nan], outs[0][0][~nan]), dtype
+
+
+def test_torch_backend_is_exact_too():
+    g = torch.Generator().manual_seed(9)
+    for dtype in DTYPES:
+        fuse_unfuse_exact([M.MergeJob(*make(17, 19, 3, dtype, gen=g))], backend="torch")
+
+
+def test_bad_jobs_raise_value_error():
+    w = torch.zeros(4, 5)
+    with pytest.raises(ValueError):
+        M.fuse([M.MergeJob(w, torch.zeros(4, 2), torch.zeros(3, 5))])
+    with pytest.raises(ValueError):
+        M.fuse([M.MergeJob(w.to(torch.float64), torch.zeros(4, 2), torch.zeros(2, 5))])
+    with pytest.raises(ValueError):
+        M.fuse([M.MergeJob(torch.zeros(1, 5).expand(4, 5), torch.zeros(4, 2), torch.zeros(2, 5))])
+    with pytest.raises(ValueError):
+        M.fuse([M.MergeJob(w, torch.zeros(4, 2), torch.zeros(2, 5))], backend="nope")
+    with pytest.raises(ValueError):
+        M.unfuse([M.MergeJob(w, torch.zeros(4, 2), torch.zeros(2, 5))], [])
+    assert M.fuse([]) == ([], [])
+
+
+def test_non_float32_factors_are_converted():
+    g = torch.Generator().manual_seed(10)
+    w, up, down = make(9, 11, 2, torch.float16, gen=g)
+    a, b = w.clone(), w.clone()
+    M.fuse([M.MergeJob(a, up.half(), down.half())])
+    M.fuse([M.MergeJob(b, up.half().float(), down.half().float())])
+    assert same_bits(a, b)
+
+
+# ------------------------------------------------------------------------------------------- Triton
+
+TRITON_SCRIPT = textwrap.dedent(
+    """
+    import os
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+    from lora_fast.kernels import merge as M
+
+    BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+    def same(a, b):
+        return torch.equal(a.contiguous().view(BITS[a.dtype]), b.contiguous().view(BITS[b.dtype]))
+
+    g = torch.Generator().manual_seed(11)
+    shapes = [(37, 70, 3), (1, 65, 1), (66, 1, 4), (40, 33, 33)]
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        tri, cpu = [], []
+        for r, c, k in shapes:
+            w = (torch.randn(r, c, generator=g) * 0.05).to(dtype)
+            up, down = torch.randn(r, k, generator=g) * 0.1, torch.randn(k, c, generator=g) * 0.1
+            tri.append(M.MergeJob(w, up, down))
+            cpu.append(M.MergeJob(w.clone(), up, down))
+        # a transposed view in the same launch
+        st = (torch.randn(30, 20, generator=g) * 0.05).to(dtype)
+        tri.append(M.MergeJob(st.t(), torch.randn(20, 2, generator=g), torch.randn(2, 30, generator=g)))
+        cpu.append(M.MergeJob(st.t().clone(), tri[-1].up, tri[-1].down))
+        tri[1].up[0, 0] = float("nan")
+        cpu[1].up[0, 0] = float("nan")
+        originals = [j.weight.clone() for j in tri]
+        before = M.triton_reruns
+        rt, ft = M.fuse(tri, backend="triton", check_finite=True, record_capacity=0.0)  # 64 slots per job
+        assert M.triton_reruns > before, "the overflow rerun path did not run"
+        rc, fc = M.fuse(cpu, backend="cpu", check_finite=True)
+        assert ft == fc == [False, True, False, False, False], (ft, fc)
+        for a, b, x, y in zip(tri, cpu, rt, rc):
+            nan = torch.isnan(a.weight.float())
+            assert torch.equal(nan, torch.isnan(b.weight.float()))
+            assert same(a.weight[~nan], b.weight[~nan]), dtype
+            assert torch.equal(x.index, y.index), dtype
+            assert same(x.value, y.value), dtype
+        M.unfuse(tri, rt, backend="triton")
+        for j, o in zip(tri, originals):
+            assert same(j.weight, o), dtype
+        # without records, a large enough capacity: one launch, no rerun
+        before = M.triton_reruns
+        rn, _ = M.fuse(tri, backend="triton", record=False)
+        assert rn == [None] * len(tri) and M.triton_reruns == before
+    print("TRITON-OK")
+    """
+)
+
+
+def test_triton_kernel_interpreted_matches_cpu_kernel_and_restores():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0 and "TRITON-OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
