@@ -162,11 +162,13 @@ def _tensors_from_buffer(buffer, header: tuple, source: str, device, dtype) -> d
     return out
 
 
-# Ring defaults. CPU: measured on the development machine (2 cores, warm page cache) with
-# `python benchmarks/bench_io.py --tune`; the CPU ring is only used when ring_bytes is given. CUDA: NOT measured on
-# a GPU; chosen from published anchors (lora-formats.md §5: pinned H2D ~50 GB/s on PCIe Gen5, fastsafetensors /
-# Run:ai / InstantTensor use MB-sized pinned bounce buffers and several reader threads): 8 MiB chunks keep the
-# per-copy launch overhead (~10 us) under 2% at 50 GB/s, 8 slots let 4 reads and 4 copies be in flight.
+# Ring defaults. CPU (only used when ring_bytes is given): measured with `python benchmarks/bench_io.py --tune` on the
+# development machine (2-core Xeon, 4 MiB L2, warm page cache, 400 MB file): rings of 1-16 MiB, chunks of
+# 128 KiB-1 MiB and 1-3 threads all landed within the run-to-run noise of a shared machine (about +-20%), with
+# 16 MiB / 1 MiB / 2 threads among the fastest; threads = cores. CUDA: NOT measured on a GPU; chosen from the
+# published anchors (lora-formats.md §5: pinned H2D ~50 GB/s on PCIe Gen5; fastsafetensors, Run:ai's streamer and
+# InstantTensor use MB-sized pinned bounce buffers with several reader threads): 8 MiB chunks keep per-copy launch
+# overhead (~10 us) under 2% at 50 GB/s, and 8 slots let 4 reads and 4 copies be in flight.
 _CPU_RING = {"ring_bytes": 16 << 20, "chunk_bytes": 1 << 20, "threads": 2}
 _CUDA_RING = {"ring_bytes": 64 << 20, "chunk_bytes": 8 << 20, "threads": 4}
 
