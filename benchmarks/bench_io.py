@@ -56,12 +56,12 @@ def _model_shapes(total: int):
              ((640, 640), 4), ((640, 640, 3, 3), 1), ((2560, 640), 1), ((640,), 4)]  # fmt: skip
     size, i = 0, 0
     while size < total:
-        for shape, count in block:
+        for kind, (shape, count) in enumerate(block):
             for j in range(count):
                 n = 1
                 for d in shape:
                     n *= d
-                yield f"block_{i}.w{len(shape)}_{shape[0]}_{j}", shape
+                yield f"block_{i}.param_{kind}_{j}", shape
                 size += 2 * n
                 if size >= total:
                     return
