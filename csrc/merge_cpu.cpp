@@ -23,6 +23,8 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
+#include <mutex>
 #include <new>
 #include <memory>
 #include <stdexcept>
@@ -234,11 +236,11 @@ struct Avx512 {
     LF_T512 static inline F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
     LF_T512 static inline F add(F a, F b) { return _mm512_add_ps(a, b); }
     LF_T512 static inline F sub(F a, F b) { return _mm512_sub_ps(a, b); }
-    // Record staging: a well-predicted branch skips clean vectors; differing lanes are compressed to the scratch
-    // row (which has W entries of slack), avoiding a data-dependent loop over the lanes.
+    // Record staging without a branch: the differing lanes' columns and original bits are compressed to the
+    // scratch row (which has W entries of slack). At a few % of records about a third of vectors hold one, so a
+    // branch per vector would mispredict constantly.
     template <class E>
     LF_T512 static inline int emit(uint32_t differ, typename E::Raw wr, int32_t j, int32_t* col, uint32_t* val) {
-        if (__builtin_expect(differ == 0, 1)) return 0;
         const __mmask16 m = static_cast<__mmask16>(differ);
         const __m512i cols = _mm512_add_epi32(_mm512_set1_epi32(j), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
         _mm512_storeu_si512(col, _mm512_maskz_compress_epi32(m, cols));
@@ -381,7 +383,7 @@ __attribute__((always_inline)) inline typename Ep<V, DT>::Raw add_round(const ty
 
 template <class V, int DT, bool REC>
 __attribute__((always_inline)) inline int64_t epilogue_row_vec(char* w, const float* drow, int64_t n, const Options& o,
-                                                               RowRecs rr, bool& nonfinite) {
+                                                               RowRecs rr, bool& nonfinite, const char* prefetch) {
     using E = Ep<V, DT>;
     using F = typename V::F;
     constexpr int W = V::W;
@@ -393,6 +395,9 @@ __attribute__((always_inline)) inline int64_t epilogue_row_vec(char* w, const fl
     int64_t j = 0;
     for (; j + W <= n; j += W) {
         char* p = w + j * es;
+        // Pull in the matching part of the row MR rows below, so its memory latency overlaps this group's work
+        // (the micro-kernel phase touches no weight memory, and each short row segment defeats the prefetcher).
+        if (prefetch && ((j * es) & 63) == 0) _mm_prefetch(prefetch + j * es, _MM_HINT_T0);
         typename E::Raw wr = E::load(p);
         F x = E::decode(wr);
         F d = V::loadf(drow + j);
@@ -452,6 +457,22 @@ struct Tile {
     int64_t r0, r1, c0, c1;
 };
 
+// Unfuse: scatter the caller's records that fall in this row segment while it is still in cache.
+inline void restore_row(const Job& jb, int64_t row, int64_t c0, int64_t c1) {
+    if (jb.rest_n <= 0) return;
+    const int64_t lo_idx = row * jb.cols + c0, hi_idx = row * jb.cols + c1;
+    const int64_t* end = jb.rest_idx + jb.rest_n;
+    const int64_t* it = std::lower_bound(jb.rest_idx, end, lo_idx);  // records are sorted by flat index
+    const int es = elem_size(jb.dtype);
+    const char* vals = static_cast<const char*>(jb.rest_val);
+    char* base = jb.w + row * jb.sr * es;
+    for (; it != end && *it < hi_idx; ++it) {
+        const int64_t q = it - jb.rest_idx, c = *it - row * jb.cols;
+        if (es == 4) std::memcpy(base + c * jb.sc * 4, vals + q * 4, 4);
+        else std::memcpy(base + c * jb.sc * 2, vals + q * 2, 2);
+    }
+}
+
 inline void flush_row(RecList* rec, const RowRecs& rr, int64_t cnt, int64_t flat0) {
     if (cnt == 0) return;
     rec->reserve_more(static_cast<size_t>(cnt));
@@ -498,14 +519,16 @@ __attribute__((always_inline)) inline void run_tile_vec(const Job& jb, const Til
             const float* drow = s.dbuf.data() + i * ldo;
             int64_t cnt;
             if (contiguous) {
-                cnt = epilogue_row_vec<V, DT, REC>(wrow, drow, nb, o, rr, nonfinite);
+                const char* pf = row + MR < t.r1 ? wrow + MR * jb.sr * es : nullptr;
+                cnt = epilogue_row_vec<V, DT, REC>(wrow, drow, nb, o, rr, nonfinite, pf);
             } else {
                 char* tmp = reinterpret_cast<char*>(s.wtmp.data());
                 for (int64_t j = 0; j < nb; ++j) std::memcpy(tmp + j * es, wrow + j * jb.sc * es, es);
-                cnt = epilogue_row_vec<V, DT, REC>(tmp, drow, nb, o, rr, nonfinite);
+                cnt = epilogue_row_vec<V, DT, REC>(tmp, drow, nb, o, rr, nonfinite, nullptr);
                 for (int64_t j = 0; j < nb; ++j) std::memcpy(wrow + j * jb.sc * es, tmp + j * es, es);
             }
             if (REC) flush_row(rec, rr, cnt, row * jb.cols + t.c0);
+            else restore_row(jb, row, t.c0, t.c1);
         }
     }
 }
@@ -535,6 +558,7 @@ void run_tile_scalar(const Job& jb, const Tile& t, const Options& o, Scratch& s,
             char* wrow = jb.w + (row * jb.sr + t.c0 * jb.sc) * es;
             int64_t cnt = epilogue_row_scalar<DT>(wrow, jb.sc, s.dbuf.data() + i * nb, nb, o, rr, nonfinite);
             if (o.record) flush_row(rec, rr, cnt, row * jb.cols + t.c0);
+            else restore_row(jb, row, t.c0, t.c1);
         }
     }
 }
@@ -586,15 +610,27 @@ struct FpEnvGuard {
 #endif
 };
 
+// Dynamic schedule over [0, n). An exception in any worker (e.g. bad_alloc) stops the others and is rethrown
+// on the calling thread after the join, instead of terminating the process.
 template <class Fn>
 void parallel_for(int64_t n, int nthreads, Fn&& fn) {
     std::atomic<int64_t> next{0};
+    std::atomic<bool> failed{false};
+    std::exception_ptr error;
+    std::mutex error_mu;
     auto worker = [&](int tid) {
         FpEnvGuard env;
-        for (;;) {
-            int64_t i = next.fetch_add(1, std::memory_order_relaxed);
-            if (i >= n) break;
-            fn(tid, i);
+        try {
+            for (;;) {
+                if (failed.load(std::memory_order_relaxed)) break;
+                int64_t i = next.fetch_add(1, std::memory_order_relaxed);
+                if (i >= n) break;
+                fn(tid, i);
+            }
+        } catch (...) {
+            std::lock_guard<std::mutex> lock(error_mu);
+            if (!error) error = std::current_exception();
+            failed.store(true);
         }
     };
     int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, n)));
@@ -603,6 +639,7 @@ void parallel_for(int64_t n, int nthreads, Fn&& fn) {
     for (int t = 1; t < nt; ++t) pool.emplace_back(worker, t);
     worker(0);
     for (auto& th : pool) th.join();
+    if (error) std::rethrow_exception(error);
 }
 
 struct TileShape {
@@ -620,8 +657,16 @@ TileShape tile_shape(int isa, const Job& jb) {
     return {mb, nb};
 }
 
+// A job's final records: sorted flat indices and original bits in the weight's own width (malloc'd; ownership
+// passes to numpy).
+struct JobRecords {
+    int64_t* idx = nullptr;
+    void* val = nullptr;
+    size_t n = 0;
+};
+
 struct MergeResult {
-    std::vector<RecList> recs;       // per job
+    std::vector<JobRecords> recs;    // per job
     std::vector<uint8_t> nonfinite;  // per job
 };
 
@@ -663,49 +708,46 @@ MergeResult merge_run(const std::vector<Job>& jobs, const Options& o, int nthrea
         for (int64_t i = job_tile0[j]; i < job_tile0[j + 1]; ++i) res.nonfinite[j] |= tile_nf[static_cast<size_t>(i)];
 
     // Second phase, per job: merge the tiles' sorted record lists into one sorted list (row bands in order; the
-    // column blocks of one band interleave by row, so they are merged), or scatter the caller's records back.
+    // column blocks of one band interleave by row, so they are merged).
     parallel_for(static_cast<int64_t>(jobs.size()), nthreads, [&](int, int64_t jj) {
         const size_t j = static_cast<size_t>(jj);
         const Job& jb = jobs[j];
         if (o.record) {
-            RecList& out = res.recs[j];
+            JobRecords& out = res.recs[j];
             size_t total = 0;
             for (int64_t i = job_tile0[j]; i < job_tile0[j + 1]; ++i) total += tile_recs[static_cast<size_t>(i)].n;
-            out.reserve_more(total);
+            const int es = elem_size(jb.dtype);
+            out.n = total;
+            out.idx = static_cast<int64_t*>(std::malloc(std::max<size_t>(total, 1) * sizeof(int64_t)));
+            out.val = std::malloc(std::max<size_t>(total, 1) * static_cast<size_t>(es));
+            if (!out.idx || !out.val) throw std::bad_alloc();
+            auto* v32 = static_cast<uint32_t*>(out.val);
+            auto* v16 = static_cast<uint16_t*>(out.val);
+            size_t q = 0;
+            auto put = [&](const RecList& rl, size_t p) {
+                out.idx[q] = rl.idx[p];
+                if (es == 4) v32[q] = rl.val[p]; else v16[q] = static_cast<uint16_t>(rl.val[p]);
+                ++q;
+            };
             const int64_t ncb = job_ncb[j];
             for (int64_t band0 = job_tile0[j]; band0 < job_tile0[j + 1]; band0 += ncb) {
-                std::vector<size_t> pos(static_cast<size_t>(ncb), 0);
-                for (;;) {
-                    int64_t best = -1, best_idx = INT64_MAX;
-                    for (int64_t c = 0; c < ncb; ++c) {
-                        const RecList& rl = tile_recs[static_cast<size_t>(band0 + c)];
-                        if (pos[c] < rl.n && rl.idx[pos[c]] < best_idx) { best = c; best_idx = rl.idx[pos[c]]; }
+                if (ncb == 1) {
+                    const RecList& rl = tile_recs[static_cast<size_t>(band0)];
+                    for (size_t p = 0; p < rl.n; ++p) put(rl, p);
+                } else {
+                    // each column block's list is row-major within the band: emit row by row, blocks left to right
+                    const Tile& t0 = tiles[static_cast<size_t>(band0)];
+                    std::vector<size_t> pos(static_cast<size_t>(ncb), 0);
+                    for (int64_t row = t0.r0; row < t0.r1; ++row) {
+                        const int64_t row_end = (row + 1) * jb.cols;
+                        for (int64_t c = 0; c < ncb; ++c) {
+                            const RecList& rl = tile_recs[static_cast<size_t>(band0 + c)];
+                            size_t& p = pos[static_cast<size_t>(c)];
+                            while (p < rl.n && rl.idx[p] < row_end) put(rl, p++);
+                        }
                     }
-                    if (best < 0) break;
-                    const RecList& rl = tile_recs[static_cast<size_t>(band0 + best)];
-                    // copy the run of this list that precedes every other head (a whole row segment at a time)
-                    int64_t limit = INT64_MAX;
-                    for (int64_t c = 0; c < ncb; ++c) {
-                        const RecList& o2 = tile_recs[static_cast<size_t>(band0 + c)];
-                        if (c != best && pos[c] < o2.n) limit = std::min(limit, o2.idx[pos[c]]);
-                    }
-                    size_t p = pos[best];
-                    while (p < rl.n && rl.idx[p] < limit) {
-                        out.push(rl.idx[p], rl.val[p]);
-                        ++p;
-                    }
-                    pos[best] = p;
                 }
                 for (int64_t c = 0; c < ncb; ++c) tile_recs[static_cast<size_t>(band0 + c)].release();  // free as we go
-            }
-        }
-        if (jb.rest_n > 0) {
-            const int es = elem_size(jb.dtype);
-            const char* vals = static_cast<const char*>(jb.rest_val);
-            for (int64_t q = 0; q < jb.rest_n; ++q) {
-                int64_t f = jb.rest_idx[q];
-                int64_t r = f / jb.cols, c = f % jb.cols;
-                std::memcpy(jb.w + (r * jb.sr + c * jb.sc) * es, vals + q * es, static_cast<size_t>(es));
             }
         }
     });
@@ -769,21 +811,11 @@ py::list merge_cpu_py(py::sequence job_specs, bool negate, bool record, bool che
     for (size_t j = 0; j < jobs.size(); ++j) {
         py::object idx = py::none(), val = py::none();
         if (o.record) {
-            RecList& rl = res.recs[j];
-            const size_t n = rl.n;
-            if (jobs[j].dtype == DT_F32) {
-                val = owned_array(rl.val, n);
-            } else {
-                auto* v16 = static_cast<uint16_t*>(std::malloc(std::max<size_t>(n, 1) * sizeof(uint16_t)));
-                if (!v16) throw std::bad_alloc();
-                for (size_t q = 0; q < n; ++q) v16[q] = static_cast<uint16_t>(rl.val[q]);
-                std::free(rl.val);
-                val = owned_array(v16, n);
-            }
-            rl.val = nullptr;
-            idx = owned_array(rl.idx, n);
-            rl.idx = nullptr;
-            rl.n = rl.cap = 0;
+            JobRecords& jr = res.recs[j];
+            if (jobs[j].dtype == DT_F32) val = owned_array(static_cast<uint32_t*>(jr.val), jr.n);
+            else val = owned_array(static_cast<uint16_t*>(jr.val), jr.n);
+            idx = owned_array(jr.idx, jr.n);
+            jr = JobRecords();
         }
         out.append(py::make_tuple(idx, val, static_cast<bool>(res.nonfinite[j])));
     }

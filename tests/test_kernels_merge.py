@@ -251,8 +251,9 @@ def test_isa_paths_agree_bit_for_bit(monkeypatch):
             monkeypatch.setenv("LORA_FAST_MERGE_ISA", str(isa))
             w = w0.clone()
             recs, flags = M.fuse([M.MergeJob(w, up, down)], check_finite=True)
-            outs.append((w, recs[0], flags))
-            M.unfuse([M.MergeJob(w.clone(), up, down)], recs)
+            outs.append((w.clone(), recs[0], flags))
+            M.unfuse([M.MergeJob(w, up, down)], recs)
+            assert same_bits(w, w0), (dtype, isa)
         for w, rec, flags in outs[1:]:
             assert flags == outs[0][2]
             nan = torch.isnan(w.float())

@@ -196,6 +196,11 @@ def _cpu_run(jobs, *, negate, record, check_finite, num_threads=None, restore=No
                 continue
             idx = rec.index.to(torch.int64).contiguous()
             val = rec.value.contiguous()
+            if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):  # the kernel expects sorted indices
+                idx, order = torch.sort(idx)
+                val = val[order].contiguous()
+            if idx[0] < 0 or idx[-1] >= j.weight.numel():
+                raise ValueError("unfuse: record index out of range for its job")
             keep.append((idx, val))
             rest.append((idx.data_ptr(), val.data_ptr(), idx.numel()))
     nt = num_threads if num_threads is not None else torch.get_num_threads()
