@@ -175,21 +175,21 @@ template <int DT> inline bool nonfinite_raw(uint32_t v) {
 // Records of one row segment are staged as (column offset, original bits) in per-thread scratch, then appended
 // to the tile's list with their flat indices.
 struct RowRecs {
-    int32_t* col;
-    uint32_t* val;
+    int32_t* col;  // columns (offsets in the row segment) that need a record
+    char* orig;    // the segment's original bits, in the weight's width, indexed by column
 };
 
 // One element of the epilogue (the scalar ISA and vector tails). Returns the number of records written (0 or 1).
 template <int DT>
 inline int epilogue_elem(char* wp, float delta, int32_t col, const Options& o, RowRecs rr, bool& nonfinite) {
     uint32_t w = load_raw_s<DT>(wp);
+    if (o.record) store_raw_s<DT>(rr.orig + col * elem_size(DT), w);
     float d = o.negate ? -delta : delta;
     uint32_t h = add_round_s<DT>(decode_s<DT>(w), d);
     store_raw_s<DT>(wp, h);
     if (o.check_finite && nonfinite_raw<DT>(h)) nonfinite = true;
     if (o.record && add_round_s<DT>(decode_s<DT>(h), -d) != w) {
         rr.col[0] = col;
-        rr.val[0] = w;
         return 1;
     }
     return 0;
@@ -202,7 +202,7 @@ int64_t epilogue_row_scalar(char* w, int64_t stride, const float* drow, int64_t 
     const int es = elem_size(DT);
     int64_t cnt = 0;
     for (int64_t j = 0; j < n; ++j)
-        cnt += epilogue_elem<DT>(w + j * stride * es, drow[j], static_cast<int32_t>(j), o, {rr.col + cnt, rr.val + cnt}, nonfinite);
+        cnt += epilogue_elem<DT>(w + j * stride * es, drow[j], static_cast<int32_t>(j), o, {rr.col + cnt, rr.orig}, nonfinite);
     return cnt;
 }
 
@@ -236,15 +236,12 @@ struct Avx512 {
     LF_T512 static inline F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
     LF_T512 static inline F add(F a, F b) { return _mm512_add_ps(a, b); }
     LF_T512 static inline F sub(F a, F b) { return _mm512_sub_ps(a, b); }
-    // Record staging without a branch: the differing lanes' columns and original bits are compressed to the
-    // scratch row (which has W entries of slack). At a few % of records about a third of vectors hold one, so a
-    // branch per vector would mispredict constantly.
-    template <class E>
-    LF_T512 static inline int emit(uint32_t differ, typename E::Raw wr, int32_t j, int32_t* col, uint32_t* val) {
-        const __mmask16 m = static_cast<__mmask16>(differ);
+    // Record staging without a branch: the differing lanes' columns are compressed to the scratch row (which has
+    // W entries of slack); the original bits were already copied aside. At a few % of records about a third of
+    // vectors hold one, so a branch per vector would mispredict constantly.
+    LF_T512 static inline int emit(uint32_t differ, int32_t j, int32_t* col) {
         const __m512i cols = _mm512_add_epi32(_mm512_set1_epi32(j), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-        _mm512_storeu_si512(col, _mm512_maskz_compress_epi32(m, cols));
-        _mm512_storeu_si512(val, _mm512_maskz_compress_epi32(m, E::wide(wr)));
+        _mm512_storeu_si512(col, _mm512_maskz_compress_epi32(static_cast<__mmask16>(differ), cols));
         return __builtin_popcount(differ);
     }
 };
@@ -259,18 +256,11 @@ struct Avx2 {
     LF_T256 static inline F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
     LF_T256 static inline F add(F a, F b) { return _mm256_add_ps(a, b); }
     LF_T256 static inline F sub(F a, F b) { return _mm256_sub_ps(a, b); }
-    template <class E>
-    LF_T256 static inline int emit(uint32_t differ, typename E::Raw wr, int32_t j, int32_t* col, uint32_t* val) {
-        if (!differ) return 0;
-        alignas(32) uint32_t ws[8];
-        E::to_u32(ws, wr);
+    LF_T256 static inline int emit(uint32_t differ, int32_t j, int32_t* col) {
         int c = 0;
         while (differ) {
-            int l = __builtin_ctz(differ);
+            col[c++] = j + __builtin_ctz(differ);
             differ &= differ - 1;
-            col[c] = j + l;
-            val[c] = ws[l];
-            ++c;
         }
         return c;
     }
@@ -289,7 +279,6 @@ template <> struct Ep<Avx512, DT_F32> {
     LF_T512 static inline Raw encode(__m512 s) { return _mm512_castps_si512(s); }
     LF_T512 static inline uint32_t differ(Raw a, Raw b) { return _mm512_cmpneq_epi32_mask(a, b); }
     LF_T512 static inline uint32_t nonfinite(Raw h) { return _mm512_fpclass_ps_mask(_mm512_castsi512_ps(h), 0x99); }
-    LF_T512 static inline __m512i wide(Raw v) { return v; }
 };
 template <> struct Ep<Avx512, DT_F16> {
     using Raw = __m256i;
@@ -302,7 +291,6 @@ template <> struct Ep<Avx512, DT_F16> {
         const __m256i e = _mm256_set1_epi16(0x7C00);
         return _mm256_cmpeq_epi16_mask(_mm256_and_si256(h, e), e);
     }
-    LF_T512 static inline __m512i wide(Raw v) { return _mm512_cvtepu16_epi32(v); }
 };
 template <> struct Ep<Avx512, DT_BF16> {
     using Raw = __m512i;
@@ -321,7 +309,6 @@ template <> struct Ep<Avx512, DT_BF16> {
         const __m512i e = _mm512_set1_epi32(0x7F80);
         return _mm512_cmpeq_epi32_mask(_mm512_and_si512(h, e), e);
     }
-    LF_T512 static inline __m512i wide(Raw v) { return v; }
 };
 
 template <> struct Ep<Avx2, DT_F32> {
@@ -335,7 +322,6 @@ template <> struct Ep<Avx2, DT_F32> {
         const __m256i e = _mm256_set1_epi32(0x7F800000);
         return Avx2::mask32(_mm256_cmpeq_epi32(_mm256_and_si256(h, e), e));
     }
-    LF_T256 static inline void to_u32(uint32_t* o, Raw v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), v); }
 };
 template <> struct Ep<Avx2, DT_F16> {
     using Raw = __m128i;
@@ -351,7 +337,6 @@ template <> struct Ep<Avx2, DT_F16> {
         const __m128i e = _mm_set1_epi16(0x7C00);
         return mask16(_mm_cmpeq_epi16(_mm_and_si128(h, e), e));
     }
-    LF_T256 static inline void to_u32(uint32_t* o, Raw v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm256_cvtepu16_epi32(v)); }
 };
 template <> struct Ep<Avx2, DT_BF16> {
     using Raw = __m256i;
@@ -372,7 +357,6 @@ template <> struct Ep<Avx2, DT_BF16> {
         const __m256i e = _mm256_set1_epi32(0x7F80);
         return Avx2::mask32(_mm256_cmpeq_epi32(_mm256_and_si256(h, e), e));
     }
-    LF_T256 static inline void to_u32(uint32_t* o, Raw v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), v); }
 };
 
 // rn_dtype(x ± d): the fp32 sum, rounded once to the weight dtype (as add_round_s; x - d is exactly x + (-d)).
@@ -390,7 +374,6 @@ __attribute__((always_inline)) inline int64_t epilogue_row_vec(char* w, const fl
     const int es = elem_size(DT);
     const bool neg = o.negate, chk = o.check_finite;
     int32_t* rcol = rr.col;
-    uint32_t* rval = rr.val;
     uint32_t nf = 0;
     int64_t j = 0;
     for (; j + W <= n; j += W) {
@@ -406,15 +389,14 @@ __attribute__((always_inline)) inline int64_t epilogue_row_vec(char* w, const fl
         if (chk) nf |= E::nonfinite(h);
         if constexpr (REC) {
             typename E::Raw r = add_round<V, DT, true>(E::decode(h), d);  // REC implies fuse (d not negated)
-            int c = V::template emit<E>(E::differ(r, wr), wr, static_cast<int32_t>(j), rcol, rval);
-            rcol += c;
-            rval += c;
+            E::store(rr.orig + j * es, wr);
+            rcol += V::emit(E::differ(r, wr), static_cast<int32_t>(j), rcol);
         }
     }
     if (nf) nonfinite = true;
     int64_t cnt = rcol - rr.col;
     for (; j < n; ++j)
-        cnt += epilogue_elem<DT>(w + j * es, drow[j], static_cast<int32_t>(j), o, {rr.col + cnt, rr.val + cnt}, nonfinite);
+        cnt += epilogue_elem<DT>(w + j * es, drow[j], static_cast<int32_t>(j), o, {rr.col + cnt, rr.orig}, nonfinite);
     return cnt;
 }
 
@@ -444,11 +426,11 @@ struct Scratch {
     std::vector<float> bp, ap, dbuf;
     std::vector<uint32_t> wtmp;  // strided rows are staged here (raw bits, contiguous)
     std::vector<int32_t> rcol;   // one row's records before they get flat indices
-    std::vector<uint32_t> rval;
+    std::vector<uint32_t> rorig;
     RowRecs row_recs(int64_t nb) {
         rcol.resize(static_cast<size_t>(nb + 64));  // + slack for full-vector compress stores
-        rval.resize(static_cast<size_t>(nb + 64));
-        return {rcol.data(), rval.data()};
+        rorig.resize(static_cast<size_t>(nb + 64));
+        return {rcol.data(), reinterpret_cast<char*>(rorig.data())};
     }
 };
 
@@ -473,10 +455,11 @@ inline void restore_row(const Job& jb, int64_t row, int64_t c0, int64_t c1) {
     }
 }
 
+template <int DT>
 inline void flush_row(RecList* rec, const RowRecs& rr, int64_t cnt, int64_t flat0) {
     if (cnt == 0) return;
     rec->reserve_more(static_cast<size_t>(cnt));
-    for (int64_t q = 0; q < cnt; ++q) rec->push(flat0 + rr.col[q], rr.val[q]);
+    for (int64_t q = 0; q < cnt; ++q) rec->push(flat0 + rr.col[q], load_raw_s<DT>(rr.orig + rr.col[q] * elem_size(DT)));
 }
 
 #if LF_X86
@@ -527,7 +510,7 @@ __attribute__((always_inline)) inline void run_tile_vec(const Job& jb, const Til
                 cnt = epilogue_row_vec<V, DT, REC>(tmp, drow, nb, o, rr, nonfinite, nullptr);
                 for (int64_t j = 0; j < nb; ++j) std::memcpy(wrow + j * jb.sc * es, tmp + j * es, es);
             }
-            if (REC) flush_row(rec, rr, cnt, row * jb.cols + t.c0);
+            if (REC) flush_row<DT>(rec, rr, cnt, row * jb.cols + t.c0);
             else restore_row(jb, row, t.c0, t.c1);
         }
     }
@@ -557,7 +540,7 @@ void run_tile_scalar(const Job& jb, const Tile& t, const Options& o, Scratch& s,
             const int64_t row = r + i;
             char* wrow = jb.w + (row * jb.sr + t.c0 * jb.sc) * es;
             int64_t cnt = epilogue_row_scalar<DT>(wrow, jb.sc, s.dbuf.data() + i * nb, nb, o, rr, nonfinite);
-            if (o.record) flush_row(rec, rr, cnt, row * jb.cols + t.c0);
+            if (o.record) flush_row<DT>(rec, rr, cnt, row * jb.cols + t.c0);
             else restore_row(jb, row, t.c0, t.c1);
         }
     }
