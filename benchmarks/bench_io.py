@@ -193,6 +193,8 @@ def cpu_loaders(ring: bool, fast: bool):
 
 
 def bench_cpu(files: dict, repeats: int, cold_ok: bool, cold_max: int, ring: bool, fast: bool) -> list[dict]:
+    """Per file and cache mode: the floor and every loader, interleaved within each repeat (so that drift in a shared
+    machine's load hits all alike); the median per method is reported."""
     rows = []
     loaders = cpu_loaders(ring, fast)
     for label, path in files.items():
@@ -200,19 +202,23 @@ def bench_cpu(files: dict, repeats: int, cold_ok: bool, cold_max: int, ring: boo
         modes = ["warm"] + (["cold"] if cold_ok and size <= cold_max else [])
         for mode in modes:
             cold = mode == "cold"
-            reps = repeats if not cold else max(1, min(repeats, 2))
-            if not cold:
-                sequential_read(path)  # warm the page cache
-            floor = statistics.median(timed(lambda: sequential_read(path), reps, cold))
-            rows.append(dict(file=label, bytes=size, cache=mode, method="sequential read (floor)", seconds=floor))
-            for name, fn in loaders.items():
+            methods = {"sequential read (floor)": lambda p: sequential_read(p), **loaders}
+            sequential_read(path)  # warm the page cache
+            for name, fn in list(methods.items()):
                 try:
                     fn(path)  # warm-up run (also proves it works)
-                    t = statistics.median(timed(lambda: fn(path), reps, cold))
                 except Exception as e:
                     print(f"{name} failed on {label}: {e}", file=sys.stderr)
-                    continue
-                rows.append(dict(file=label, bytes=size, cache=mode, method=name, seconds=t, vs_floor=t / floor))
+                    del methods[name]
+            times = {name: [] for name in methods}
+            for _ in range(repeats * (5 if size < 64 * MB else 1)):  # small files: more samples, same cost
+                for name, fn in methods.items():
+                    times[name] += timed(lambda: fn(path), 1, cold)
+            floor = statistics.median(times["sequential read (floor)"])
+            for name, ts in times.items():
+                t = statistics.median(ts)
+                rows.append(dict(file=label, bytes=size, cache=mode, method=name, seconds=t, vs_floor=t / floor,
+                                 all_seconds=ts))  # fmt: skip
     return rows
 
 

@@ -387,7 +387,13 @@ def test_cuda_stream_and_dtype_cast(mixed_file):
     with io.stream_tensors(mixed_file, "cuda:0", dtype=torch.float32, ring_bytes=1024, chunk_bytes=256) as s:
         for name, tensor in s:
             got[name] = tensor.clone()  # work on the current stream, ordered after the copy
-    assert_same(got, want)
+    assert list(got) == list(want)
+    for name, tensor in got.items():
+        assert tensor.dtype == want[name].dtype and tensor.device.type == "cuda", name
+        if tensor.is_floating_point():  # NaN payloads may be canonicalized differently by CPU and CUDA casts
+            torch.testing.assert_close(tensor.cpu(), want[name], rtol=0, atol=0, equal_nan=True)
+        else:
+            assert torch.equal(as_bytes(tensor), as_bytes(want[name])), name
 
 
 @cuda_only
@@ -399,6 +405,7 @@ def test_cuda_failures_and_abandonment_leak_neither_pinned_nor_device_memory(tmp
     io.load_file(path, "cuda", ring_bytes=1 << 16, chunk_bytes=1 << 14)  # warm up allocator caches
     torch.cuda.synchronize()
     device_before = torch.cuda.memory_allocated()
+    pinned_before = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)
     for i in range(20):
         with pytest.raises(LoraFormatError):
             list(io.TensorStream(path, "cuda", None, 1 << 16, 1 << 14, 1 + i % 4, _fault=("truncate", i % 30, 0)))
@@ -410,5 +417,6 @@ def test_cuda_failures_and_abandonment_leak_neither_pinned_nor_device_memory(tmp
     gc.collect()
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() == device_before
-    stats = torch.cuda.host_memory_stats()
-    assert stats.get("allocated_bytes.current", 0) <= 1 << 20  # only what the host cache keeps, not one ring per run
+    # The pinned cache may hold one more ring (slots freed while their last copy was pending), never one per run.
+    pinned_after = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)
+    assert pinned_after - pinned_before <= 1 << 16
