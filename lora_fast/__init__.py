@@ -13,6 +13,7 @@ from .errors import LoraError, LoraFormatError, LoraFusionError
 from .adapter import LoraAdapter, LoraLayer
 from .io import load_file, read_metadata, save_file
 from .formats import read_lora, save_lora_weights
+from . import engine as _engine
 
 __version__ = "0.1.0"
 
@@ -28,8 +29,6 @@ def load_lora_weights(target, source, adapter_name=None, *, components=None, fus
     ``default_0``, ``default_1``, ... ``fuse=True`` also fuses it (as ``fuse_lora(target,
     adapter_names=[name])``). Returns the adapter name.
     """
-    from . import engine as _engine
-
     adapter = source if isinstance(source, LoraAdapter) else read_lora(source)
     name = _engine.bind(target, adapter, adapter_name, components=components)
     if fuse:
@@ -50,24 +49,18 @@ def fuse_lora(target, lora_scale=1.0, safe_fusing=False, adapter_names=None, com
     sticky. With ``safe_fusing=True`` a non-finite result raises LoraFusionError naming the module and
     leaves every weight bit-identical. A second fuse composes; one :func:`unfuse_lora` undoes all.
     """
-    from . import engine as _engine
-
     _engine.fuse(target, lora_scale=lora_scale, safe_fusing=safe_fusing, adapter_names=adapter_names,
                  components=components, adapter_weights=adapter_weights)
 
 
 def unfuse_lora(target, components=None):
     """Restore every fused weight bit for bit (any number of cycles, scales, adapter sets and dtypes)."""
-    from . import engine as _engine
-
     _engine.unfuse(target, components=components)
 
 
 def unload_lora_weights(target):
     """Drop every adapter. Fused weights stay baked in (and can no longer be unfused), as in diffusers;
     with nothing fused the model is left bit-identical to before the first load."""
-    from . import engine as _engine
-
     _engine.unload(target)
 
 
