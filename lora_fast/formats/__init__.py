@@ -35,8 +35,8 @@ def _pickle_refused(path: str) -> LoraFormatError:
     )
 
 
-def _load_tensors(path: str, allow_pickle: bool) -> tuple[dict, dict]:
-    """(state dict, header metadata) of one file."""
+def _load_tensors(path: str, allow_pickle: bool, device=None) -> tuple[dict, dict]:
+    """(state dict, header metadata) of one file; tensors land on ``device`` (streamed for accelerators)."""
     from .. import io
 
     if path.lower().endswith(PICKLE_SUFFIXES):
@@ -48,9 +48,12 @@ def _load_tensors(path: str, allow_pickle: bool) -> tuple[dict, dict]:
             raise LoraFormatError(f"{path}: cannot read as a torch checkpoint with weights_only=True ({exc})") from None
         if not isinstance(obj, Mapping):
             raise LoraFormatError(f"{path}: the checkpoint holds a {type(obj).__name__}, not a state dict")
-        return dict(obj), {}
+        out = dict(obj)
+        if device is not None:
+            out = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+        return out, {}
     try:
-        tensors = io.load_file(path)
+        tensors = io.load_file(path, device=device if device is not None else "cpu")
         header = io.read_metadata(path) or {}
     except (FileNotFoundError, IsADirectoryError, PermissionError, LoraFormatError):
         raise
@@ -87,24 +90,24 @@ def _from_state_dict(state_dict: dict, *, header: dict, config: Optional[dict], 
     return read_diffusers(state_dict, metadata=header, component=component, source=where)
 
 
-def _read_file(path: str, *, allow_pickle: bool, component: Optional[str]) -> LoraAdapter:
-    tensors, header = _load_tensors(path, allow_pickle)
+def _read_file(path: str, *, allow_pickle: bool, component: Optional[str], device=None) -> LoraAdapter:
+    tensors, header = _load_tensors(path, allow_pickle, device)
     config = None
     if os.path.basename(path).startswith("adapter_model"):
         config = _read_peft_config(os.path.dirname(path) or ".", path)
     return _from_state_dict(tensors, header=header, config=config, component=component, where=path)
 
 
-def _read_directory(directory: str, *, weight_name, allow_pickle: bool, component: Optional[str]) -> LoraAdapter:
+def _read_directory(directory: str, *, weight_name, allow_pickle: bool, component: Optional[str], device=None) -> LoraAdapter:
     if weight_name is not None:
         path = os.path.join(directory, weight_name)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such file (weight_name={weight_name!r} in {directory})")
-        return _read_file(path, allow_pickle=allow_pickle, component=component)
+        return _read_file(path, allow_pickle=allow_pickle, component=component, device=device)
     for name in (LORA_WEIGHT_NAME_SAFE, PEFT_WEIGHTS_NAME):
         path = os.path.join(directory, name)
         if os.path.isfile(path):
-            return _read_file(path, allow_pickle=allow_pickle, component=component)
+            return _read_file(path, allow_pickle=allow_pickle, component=component, device=device)
     subdirs = list(iter_component_dirs(directory))
     if subdirs:
         # A multi-component PEFT directory, as write_peft lays it out: one adapter per component.
@@ -114,7 +117,7 @@ def _read_directory(directory: str, *, weight_name, allow_pickle: bool, componen
                 continue
             name = PEFT_WEIGHTS_NAME if os.path.isfile(os.path.join(sub, PEFT_WEIGHTS_NAME)) else PEFT_PICKLE_NAME
             path = os.path.join(sub, name)
-            tensors, header = _load_tensors(path, allow_pickle)
+            tensors, header = _load_tensors(path, allow_pickle, device)
             part = read_peft(tensors, config=_read_peft_config(sub, path), component=comp, source=path, metadata=header)
             layers.update(part.layers)
             metadata.update(part.metadata)
@@ -126,10 +129,10 @@ def _read_directory(directory: str, *, weight_name, allow_pickle: bool, componen
         if os.path.isfile(path):
             if not allow_pickle:
                 raise _pickle_refused(path)
-            return _read_file(path, allow_pickle=True, component=component)
+            return _read_file(path, allow_pickle=True, component=component, device=device)
     candidates = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
     if len(candidates) == 1:
-        return _read_file(os.path.join(directory, candidates[0]), allow_pickle=allow_pickle, component=component)
+        return _read_file(os.path.join(directory, candidates[0]), allow_pickle=allow_pickle, component=component, device=device)
     raise LoraFormatError(
         f"{directory}: no LoRA weights found (looked for {LORA_WEIGHT_NAME_SAFE}, {PEFT_WEIGHTS_NAME} + "
         f"{PEFT_CONFIG_NAME}, per-component PEFT subfolders, or a single .safetensors file"
@@ -138,19 +141,24 @@ def _read_directory(directory: str, *, weight_name, allow_pickle: bool, componen
     )
 
 
-def read_lora(source, *, weight_name=None, allow_pickle=False, component=None) -> LoraAdapter:
+def read_lora(source, *, weight_name=None, allow_pickle=False, component=None, device=None) -> LoraAdapter:
     """Read a LoRA adapter in any supported format into a normalized :class:`LoraAdapter`.
 
     source: a ``.safetensors`` file, a directory (diffusers ``pytorch_lora_weights.safetensors``, PEFT
     ``adapter_model.safetensors`` + ``adapter_config.json``, or per-component PEFT subfolders), or an
     in-memory state dict (not modified). ``weight_name`` picks the file inside a directory. Pickle
     files (``.bin``, ``.pt``, ``.ckpt``) are refused unless ``allow_pickle=True``. ``component`` prefixes
-    keys that carry no component (PEFT files, a single module's state dict).
+    keys that carry no component (PEFT files, a single module's state dict). ``device`` (e.g. ``"cuda"``)
+    streams the file's tensors straight to that device (see :func:`lora_fast.io.load_file`); None keeps
+    them as zero-copy CPU views.
     """
     if component is not None and (not isinstance(component, str) or not component or "." in component):
         raise LoraFormatError(f"component must be a name such as 'unet' or 'text_encoder', got {component!r}")
     if isinstance(source, Mapping):
-        return _from_state_dict(dict(source), header={}, config=None, component=component, where="<state dict>")
+        sd = dict(source)
+        if device is not None:
+            sd = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in sd.items()}
+        return _from_state_dict(sd, header={}, config=None, component=component, where="<state dict>")
     try:
         path = os.fspath(source)
     except TypeError:
@@ -160,10 +168,11 @@ def read_lora(source, *, weight_name=None, allow_pickle=False, component=None) -
     if isinstance(path, bytes):
         path = os.fsdecode(path)
     if os.path.isdir(path):
-        return _read_directory(path, weight_name=weight_name, allow_pickle=allow_pickle, component=component)
+        return _read_directory(path, weight_name=weight_name, allow_pickle=allow_pickle, component=component,
+                               device=device)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file or directory")
-    return _read_file(path, allow_pickle=allow_pickle, component=component)
+    return _read_file(path, allow_pickle=allow_pickle, component=component, device=device)
 
 
 def write_adapter(adapter: LoraAdapter, path, format: str = "diffusers") -> None:
