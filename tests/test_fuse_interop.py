@@ -10,9 +10,7 @@ Unfuse must restore every bit; diffusers' subtract-to-unfuse is measured for con
 from __future__ import annotations
 
 import copy
-import json
 import math
-import warnings
 from dataclasses import dataclass
 
 import pytest
@@ -193,9 +191,9 @@ def _diffusers_loader(path):
     return load
 
 
-def make_diffusers_file(family: str, directory) -> LoraCase:
+def make_diffusers_file(family: str, directory, seed: int = 0) -> LoraCase:
     """diffusers' own save_lora_weights, with lora_adapter_metadata (alpha != rank, rank/alpha patterns)."""
-    src, truth, sds, cfgs = _inject_all(family)
+    src, truth, sds, cfgs = _inject_all(family, seed)
     kwargs = {}
     for comp in sds:
         kwargs[f"{comp}_lora_layers"] = sds[comp]
@@ -303,7 +301,7 @@ def _case(tmp_path_factory, kind: str, *args) -> LoraCase:
     if key not in _CASES:
         where = tmp_path_factory.mktemp("_".join(str(a) for a in key))
         if kind == "diffusers":
-            _CASES[key] = make_diffusers_file(*args, where)
+            _CASES[key] = make_diffusers_file(*args[:1], where, *args[1:])
         elif kind == "peft":
             _CASES[key] = make_peft_dir(*args, where)
         elif kind == "kohya":
@@ -332,13 +330,21 @@ def _plain_state_dict(model) -> dict:
 
 def _reference(w0: torch.Tensor, t: Truth, factor: float):
     """(float64 W + factor·s·B·A, the delta, a bound on fp32 accumulation error of computing it)."""
+    return _reference_sum(w0, [(t, factor)])
+
+
+def _reference_sum(w0: torch.Tensor, terms):
+    """The same for W + Σ factor_i·s_i·B_i·A_i; the 'delta' is the largest magnitude any partial sum reaches."""
     base = w0.detach().double()
-    prod = (t.up @ t.down).reshape(base.shape)
-    delta = factor * t.scale * prod
-    # rank products, the scale multiply and the add, each in float32
-    acc = (t.rank + 3) * EPS32 * (abs(factor * t.scale) * (t.up.abs() @ t.down.abs())).reshape(base.shape)
-    acc = acc + EPS32 * (base.abs() + delta.abs())
-    return base + delta, delta, acc
+    total, acc, reach = base.clone(), EPS32 * base.abs(), base.abs()
+    rank = sum(t.rank for t, _ in terms)
+    for t, factor in terms:
+        delta = factor * t.scale * (t.up @ t.down).reshape(base.shape)
+        total = total + delta
+        reach = torch.maximum(reach, torch.maximum(delta.abs(), total.abs()))
+        # rank products, the scale multiply and the add, each in float32
+        acc = acc + (rank + 3) * EPS32 * (abs(factor * t.scale) * (t.up.abs() @ t.down.abs())).reshape(base.shape)
+    return total, reach, acc + EPS32 * reach
 
 
 def _assert_matches_reference(w: torch.Tensor, reference, label: str):
@@ -654,3 +660,81 @@ def test_fused_forward_matches_diffusers(tmp_path_factory):
     lora_fast.unfuse_lora(ours)
     with torch.no_grad():
         assert torch.equal(ours.unet(sample, torch.tensor([10, 500]), context).sample, unet_base)
+
+
+# ---------------------------------------------------------------------------------------------
+# beyond the single adapter: weighted composition of two adapters, DoRA
+
+
+def test_two_weighted_adapters_fuse_like_diffusers_set_adapters(tmp_path_factory):
+    """W + λ(w_a s_a B_a A_a + w_b s_b B_b A_b), rounded once; diffusers adds adapter by adapter."""
+    first, second = _case(tmp_path_factory, "diffusers", "sd15"), _case(tmp_path_factory, "diffusers", "sd15", 100)
+    dtype, weights = torch.float16, [1.0, -0.6]
+    base, ours, theirs = _base("sd15", dtype), _pipeline("sd15", dtype), _pipeline("sd15", dtype)
+    for name, case in zip("ab", (first, second)):
+        lora_fast.load_lora_weights(ours, case.path, adapter_name=name)
+        theirs.load_lora_weights(case.path, adapter_name=name)
+    lora_fast.fuse_lora(ours, lora_scale=LORA_SCALE, adapter_names=["a", "b"], adapter_weights=weights)
+    theirs.set_adapters(["a", "b"], adapter_weights=weights)
+    theirs.fuse_lora(lora_scale=LORA_SCALE, adapter_names=["a", "b"])
+    assert set(first.truth) == set(second.truth)
+    eps = torch.finfo(dtype).eps
+    for comp, path in first.truth:
+        label = f"{comp}.{path}.weight"
+        w0 = getattr(base, comp).get_submodule(path).weight
+        w_ours = getattr(ours, comp).get_submodule(path).weight
+        w_theirs = getattr(theirs, comp).get_submodule(path).get_base_layer().weight
+        terms = [(first.truth[(comp, path)], LORA_SCALE * weights[0]),
+                 (second.truth[(comp, path)], LORA_SCALE * weights[1])]
+        reference = _reference_sum(w0, terms)
+        _assert_matches_reference(w_ours, reference, label)
+        # diffusers rounds each delta and each of the two sums
+        _, reach, acc = reference
+        gap = (w_ours.detach().double() - w_theirs.detach().double()).abs()
+        assert (gap <= 3 * eps * (reach + torch.finfo(dtype).tiny) + 2.02 * acc).all(), label
+    before = _snapshot(base)
+    lora_fast.unfuse_lora(ours)
+    _assert_bits(ours, before, "unfuse of two adapters")
+
+
+def _dora_reference(w0: torch.Tensor, t: Truth, magnitude: torch.Tensor, factor: float) -> torch.Tensor:
+    """PEFT's DoRA merge in float64: m / ‖V‖_row · V with V = W + factor·s·B·A."""
+    v = w0.detach().double() + factor * t.scale * (t.up @ t.down).reshape(w0.shape)
+    rows = v.reshape(v.shape[0], -1)
+    return (rows * (magnitude.double().reshape(-1, 1) / rows.norm(dim=1, keepdim=True))).reshape(w0.shape)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dora_unet_fuses_like_diffusers_and_unfuses_exactly(tmp_path, dtype):
+    src = _pipeline("sd15")
+    src.unet.add_adapter(_config("unet", use_dora=True))
+    _randomize(src.unet, 11)
+    magnitudes = {}
+    with torch.no_grad():
+        for path, module in src.unet.named_modules():
+            if isinstance(module, PeftLoraLayer):
+                m = module.lora_magnitude_vector["default"].weight
+                m.copy_((m.abs() * 3 + 0.5).half().float())
+                magnitudes[path] = m.detach().clone()
+    truth = _live_truth("unet", src.unet)
+    type(src).save_lora_weights(str(tmp_path), unet_lora_layers=get_peft_model_state_dict(src.unet),
+                                unet_lora_adapter_metadata=src.unet.peft_config["default"].to_dict())
+
+    base, ours, theirs = _base("sd15", dtype), _pipeline("sd15", dtype), _pipeline("sd15", dtype)
+    lora_fast.load_lora_weights(ours, str(tmp_path))
+    lora_fast.fuse_lora(ours, lora_scale=LORA_SCALE)
+    theirs.load_lora_weights(str(tmp_path))
+    theirs.fuse_lora(lora_scale=LORA_SCALE)
+    eps = torch.finfo(dtype).eps
+    for (_, path), t in truth.items():
+        w0 = base.unet.get_submodule(path).weight
+        ref = _dora_reference(w0, t, magnitudes[path], LORA_SCALE)
+        # a norm and a division in float32 per row, then one rounding to the dtype
+        row_scale = ref.reshape(ref.shape[0], -1).abs().amax(dim=1).reshape(-1, *([1] * (ref.dim() - 1)))
+        w_ours = ours.unet.get_submodule(path).weight.detach().double()
+        w_theirs = theirs.unet.get_submodule(path).get_base_layer().weight.detach().double()
+        assert ((w_ours - ref).abs() <= 0.5 * eps * ref.abs() + 64 * EPS32 * row_scale).all(), path
+        # PEFT rounds V and computes the row norm and factor in the weight dtype: ulps of the row's scale
+        assert ((w_ours - w_theirs).abs() <= 2 * eps * row_scale + 128 * EPS32 * row_scale).all(), path
+    lora_fast.unfuse_lora(ours)
+    _assert_bits(ours, _snapshot(base), "DoRA unfuse")
