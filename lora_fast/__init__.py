@@ -6,6 +6,9 @@ an ``nn.Module``, or a dict ``{component_name: nn.Module}``):
 * I/O: :func:`load_file`, :func:`save_file`, :func:`read_metadata`
 * formats: :func:`read_lora` -> :class:`LoraAdapter`, :func:`save_lora_weights`, ``LoraAdapter.save``
 * model: :func:`load_lora_weights`, :func:`fuse_lora`, :func:`unfuse_lora`, :func:`unload_lora_weights`
+* live (unfused) adapters: :func:`set_adapters`, :func:`get_active_adapters`, :func:`get_list_adapters`,
+  :func:`enable_lora`, :func:`disable_lora`, :func:`delete_adapters`, :func:`set_lora_device`,
+  :func:`prepare_hotswap`
 * errors: :class:`LoraFormatError`, :class:`LoraFusionError` (both ValueError subclasses)
 """
 
@@ -18,8 +21,9 @@ from . import engine as _engine
 __version__ = "0.1.0"
 
 
-def load_lora_weights(target, source, adapter_name=None, *, components=None, fuse=False):
-    """Read a LoRA (any supported format, a path, a directory, a state dict or a LoraAdapter) and register it.
+def load_lora_weights(target, source, adapter_name=None, *, components=None, fuse=False, hotswap=False,
+                      max_rank=None):
+    """Read a LoRA (any supported format, a path, a directory, a state dict or a LoraAdapter) and make it live.
 
     Every LoRA module is first checked to exist in the target with a matching shape; otherwise
     LoraFormatError is raised and nothing changes. Component prefixes (``unet``, ``transformer``,
@@ -28,9 +32,25 @@ def load_lora_weights(target, source, adapter_name=None, *, components=None, fus
     As in diffusers, the new adapter becomes the only active one. ``adapter_name`` defaults to
     ``default_0``, ``default_1``, ... ``fuse=True`` also fuses it (as ``fuse_lora(target,
     adapter_names=[name])``). Returns the adapter name.
+
+    Live (unfused) use: afterwards the target computes y = base(x) + Σ_i w_i·s_i·B_i(A_i(x)) through
+    removable forward hooks (no module is replaced, no state_dict key changes, no PEFT). A target that
+    already holds diffusers/PEFT LoRA layers raises LoraFormatError.
+
+    Hotswap: ``hotswap=True`` with the name of a loaded adapter writes the new weights into that
+    adapter's tensors in place (a torch.compile'd model does not recompile). Choose ``max_rank`` at the
+    first load (or call :func:`prepare_hotswap`) so that later adapters of higher rank fit; an adapter
+    whose rank exceeds it, or that targets modules the loaded one does not, raises LoraFormatError and
+    changes nothing. A fused adapter cannot be hotswapped (LoraFusionError).
     """
     adapter = source if isinstance(source, LoraAdapter) else read_lora(source)
-    name = _engine.bind(target, adapter, adapter_name, components=components)
+    if hotswap:
+        if adapter_name is None:
+            raise LoraFormatError("hotswap=True needs the adapter_name of the loaded adapter to replace")
+        if fuse:
+            raise LoraFormatError("hotswap=True and fuse=True cannot be combined")
+        return _engine.hotswap(target, adapter, adapter_name, components=components)
+    name = _engine.bind(target, adapter, adapter_name, components=components, max_rank=max_rank)
     if fuse:
         try:
             _engine.fuse(target, adapter_names=[name])
@@ -59,13 +79,62 @@ def unfuse_lora(target, components=None):
 
 
 def unload_lora_weights(target):
-    """Drop every adapter. Fused weights stay baked in (and can no longer be unfused), as in diffusers;
-    with nothing fused the model is left bit-identical to before the first load."""
+    """Drop every adapter and remove every hook. Fused weights stay baked in (and can no longer be unfused),
+    as in diffusers; with nothing fused the model is left bit-identical to before the first load."""
     _engine.unload(target)
+
+
+def set_adapters(target, adapter_names, adapter_weights=None):
+    """Make ``adapter_names`` the active live adapters, with weights (diffusers semantics).
+
+    ``adapter_weights``: None (1.0 each), one float for all, a list parallel to the names, where each
+    entry may be a float or a dict per component (``{"unet": 0.5, "text_encoder": 0.2}``; a component
+    left out gets 1.0). Takes O(adapters) time whatever the model size.
+    """
+    _engine.set_adapters(target, adapter_names, adapter_weights)
+
+
+def get_active_adapters(target):
+    """Names of the active adapters (union over components, in load/activation order)."""
+    return _engine.get_active_adapters(target)
+
+
+def get_list_adapters(target):
+    """{component: [adapter names]} for every component holding adapters (key None for a plain module)."""
+    return _engine.get_list_adapters(target)
+
+
+def enable_lora(target):
+    """Turn the live (unfused) LoRA terms back on. Fused adapters are unaffected."""
+    _engine.set_enabled(target, True)
+
+
+def disable_lora(target):
+    """Turn the live (unfused) LoRA terms off, keeping adapters loaded. Fused adapters stay fused."""
+    _engine.set_enabled(target, False)
+
+
+def delete_adapters(target, adapter_names):
+    """Forget adapters and their hooks. A fused adapter raises LoraFusionError until unfused."""
+    _engine.delete(target, adapter_names)
+
+
+def set_lora_device(target, adapter_names, device):
+    """Move these adapters' tensors (nothing else) to ``device``. An adapter not on its module's device is
+    unused until moved back; a fused adapter raises LoraFusionError."""
+    _engine.set_device(target, adapter_names, device)
+
+
+def prepare_hotswap(target, max_rank):
+    """Pad every loaded adapter, and every later load, to rank ``max_rank`` so that hotswapping any adapter
+    of rank <= max_rank keeps tensor shapes (no torch.compile recompilation). Call before compiling."""
+    _engine.prepare_hotswap(target, max_rank)
 
 
 __all__ = [
     "LoraError", "LoraFormatError", "LoraFusionError", "LoraAdapter", "LoraLayer",
     "load_file", "read_metadata", "save_file", "read_lora", "save_lora_weights",
     "load_lora_weights", "fuse_lora", "unfuse_lora", "unload_lora_weights",
+    "set_adapters", "get_active_adapters", "get_list_adapters", "enable_lora", "disable_lora", "delete_adapters",
+    "set_lora_device", "prepare_hotswap",
 ]

@@ -1,7 +1,12 @@
 """Per-component adapter state and fused weight updates.
 
-State lives in a side table keyed (weakly) by each component module, never on the model: the
-module tree, its attributes and its state_dict keys stay exactly as the user built them.
+State lives beside the model, never in it: one removable pre-hook on each component root holds it
+(see component_state); the module tree, its attributes and its state_dict keys stay exactly as the
+user built them.
+
+Live (unfused) adapters: every adapted module carries one removable forward hook (lora_fast.live)
+that reads this state lazily; state changes bump ``version`` and hooks rebuild their plan at their
+next forward, so set_adapters & co cost O(adapters), never O(modules).
 
 Fusing builds one merge job per touched weight: all adapters fused together on that weight become
 one concatenated-rank product (up = [λ·w_i·s_i·B_i], down = [A_i]) so each weight is read and
@@ -13,17 +18,18 @@ kernels' sparse exact-unfuse record, so ``unfuse_lora`` restores weights bit for
 from __future__ import annotations
 
 import math
+import sys
 import warnings
-import weakref
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from .adapter import LoraAdapter, LoraLayer, split_component
+from .adapter import COMPONENTS, LoraAdapter, LoraLayer, split_component
 from .errors import LoraFormatError, LoraFusionError
 from .kernels import merge as merge_kernels
+from .live import CallScaleHooks, EncodePromptScale, ModuleHook, dora_weight, make_slot
 from .targets import is_fan_in_fan_out, resolve_components, resolve_module, weight_matrix
 
 
@@ -57,18 +63,40 @@ class ComponentState:
     weights: dict[str, float] = field(default_factory=dict)
     active: list[str] = field(default_factory=list)
     fused: list[_FusedStep] = field(default_factory=list)
+    # live path
+    weight_t: dict[str, torch.Tensor] = field(default_factory=dict)  # adapter -> 0-d float32 (w of set_adapters)
+    hooks: dict[int, ModuleHook] = field(default_factory=dict)  # id(module) -> its forward hook
+    slot_hooks: dict[str, dict[str, ModuleHook]] = field(default_factory=dict)  # adapter -> path -> hook
+    scale_hooks: Optional[CallScaleHooks] = None
+    enabled: bool = True
+    version: int = 0  # bumped on any change of what runs live; hooks compare it lazily
+    epoch: int = 0  # bumped whenever base weights change (fuse/unfuse): DoRA norm caches depend on them
+    call_scale: float = 1.0
+    scale_stack: list = field(default_factory=list)
+    max_rank: Optional[int] = None
 
     def fused_names(self) -> set[str]:
         return {n for step in self.fused for n in step.names}
 
-
-_STATES: "weakref.WeakKeyDictionary[nn.Module, ComponentState]" = weakref.WeakKeyDictionary()
+    def bump(self) -> None:
+        self.version += 1
 
 
 def component_state(module: nn.Module, create: bool = False) -> Optional[ComponentState]:
-    state = _STATES.get(module)
-    if state is None and create:
-        state = _STATES[module] = ComponentState()
+    """The state of a component, found through the call-scale pre-hook on its root.
+
+    There is no global table: the state is reachable only from the hooks lora_fast put on the
+    component, so removing the hooks forgets it, it dies with the model, and ``copy.deepcopy`` of a
+    model with adapters gives an independent model with independent adapters (like PEFT layers would).
+    """
+    for hook in module._forward_pre_hooks.values():
+        owner = getattr(hook, "__self__", None)
+        if isinstance(owner, CallScaleHooks):
+            return owner.state
+    if not create:
+        return None
+    state = ComponentState()
+    state.scale_hooks = CallScaleHooks(state, module)
     return state
 
 
@@ -173,10 +201,30 @@ def _adapter_names(target) -> set[str]:
     return names
 
 
-def bind(target, adapter: LoraAdapter, adapter_name: Optional[str], components=None) -> str:
-    """Validate every layer against the target, then register the adapter (nothing changes on error)."""
+def check_no_peft_layers(comps: dict) -> None:
+    """A target already holding PEFT LoRA layers would apply both: refuse. (No PEFT import: if peft is not
+    imported, no PEFT layer can exist.)"""
+    if "peft" not in sys.modules:
+        return
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except Exception:  # a broken or partial peft install holds no layers we could see
+        return
+    for comp, root in comps.items():
+        for name, m in root.named_modules():
+            if isinstance(m, BaseTunerLayer):
+                raise LoraFormatError(
+                    f"{_label(comp, name) or type(root).__name__}: the target already holds diffusers/PEFT LoRA layers "
+                    f"({type(m).__name__}); lora_fast would apply its adapters on top of them. Remove them first "
+                    "(diffusers: pipe.unload_lora_weights(); PEFT: model.unload()) or fuse them into the weights"
+                )
+
+
+def bind(target, adapter: LoraAdapter, adapter_name: Optional[str], components=None, max_rank: Optional[int] = None) -> str:
+    """Validate every layer against the target, then register the adapter and its live hooks (nothing changes on error)."""
     comps = resolve_components(target)
     plan = _assign(adapter, comps, components)
+    check_no_peft_layers({c: comps[c] for c in plan})
     existing = _adapter_names(target)
     if adapter_name is None:
         k = len(existing)
@@ -185,48 +233,103 @@ def bind(target, adapter: LoraAdapter, adapter_name: Optional[str], components=N
         adapter_name = f"default_{k}"
     elif adapter_name in existing:
         raise LoraFormatError(f"adapter name {adapter_name!r} is already in use; delete it first or pick another name")
+    if max_rank is not None and (not isinstance(max_rank, int) or max_rank < 1):
+        raise LoraFormatError(f"max_rank must be a positive integer, got {max_rank!r}")
 
     bound: dict[Optional[str], dict[str, BoundLayer]] = {}
     for comp, layers in plan.items():
         root = comps[comp]
+        state = component_state(root)
+        cap = max_rank if max_rank is not None else (state.max_rank if state is not None else None)
         for path, layer in layers.items():
             key = _label(comp, path)
             module = resolve_module(root, path)
             if module is None:
                 raise LoraFormatError(f"{adapter.source or 'adapter'}: {key}: no such module in the target")
             _check_shape(layer, module, key)
+            live_rank = int(layer.mid.shape[0]) if layer.mid is not None else layer.rank
+            if cap is not None and live_rank > cap:
+                raise LoraFormatError(
+                    f"{adapter.source or 'adapter'}: {key}: rank {live_rank} exceeds max_rank {cap} chosen for hotswap"
+                )
             w = module.weight
             dev_layer = layer.to(device=w.device)
             bound.setdefault(comp, {})[path] = BoundLayer(path, module, dev_layer)
 
     for comp, layers in bound.items():
-        state = component_state(comps[comp], create=True)
+        root = comps[comp]
+        state = component_state(root, create=True)
+        if max_rank is not None:
+            state.max_rank = max(max_rank, state.max_rank or 0)
+        weight = torch.ones((), dtype=torch.float32)
+        state.weight_t[adapter_name] = weight
+        by_path = state.slot_hooks[adapter_name] = {}
+        for path, b in layers.items():
+            hook = state.hooks.get(id(b.module))
+            if hook is None:
+                hook = state.hooks[id(b.module)] = ModuleHook(state, path)
+                hook.attach(b.module)
+            hook.slots[adapter_name] = make_slot(b.module, b.layer, weight, state.max_rank)
+            by_path[path] = hook
         state.adapters[adapter_name] = layers
         state.weights[adapter_name] = 1.0
         state.active = [adapter_name]  # as in diffusers: a newly loaded adapter is the only active one
+        state.bump()
+    if any(c and c.startswith("text_encoder") for c in bound):
+        _install_encode_prompt_scale(target)
     return adapter_name
 
 
+# --------------------------------------------------------------------------------------------- pipelines
+
+
+def _text_encoder_states(pipe) -> list[ComponentState]:
+    out = []
+    for name, module in resolve_components(pipe).items():
+        if name and name.startswith("text_encoder"):
+            state = component_state(module)
+            if state is not None:
+                out.append(state)
+    return out
+
+
+def _install_encode_prompt_scale(target) -> None:
+    """diffusers pipelines hand the text-encoder LoRA scale to ``encode_prompt(lora_scale=...)``: observe it."""
+    if isinstance(target, (nn.Module, dict)):
+        return
+    method = getattr(type(target), "encode_prompt", None)
+    if method is None or isinstance(target.__dict__.get("encode_prompt"), EncodePromptScale):
+        return
+    try:
+        import inspect
+
+        if "lora_scale" not in inspect.signature(method).parameters:
+            return
+    except (TypeError, ValueError):
+        return
+    target.__dict__["encode_prompt"] = EncodePromptScale(target, _text_encoder_states)
+
+
+def _remove_encode_prompt_scale(target, force: bool = False) -> None:
+    if isinstance(target, (nn.Module, dict)):
+        return
+    d = getattr(target, "__dict__", {})
+    if isinstance(d.get("encode_prompt"), EncodePromptScale) and (force or not _text_encoder_states(target)):
+        del d["encode_prompt"]
+
+
+def _drop_state(module: nn.Module, state: ComponentState) -> None:
+    """Remove every hook of a component and forget its state."""
+    for hook in state.hooks.values():
+        hook.detach()
+    state.hooks.clear()
+    if state.scale_hooks is not None:
+        state.scale_hooks.detach()
+        state.scale_hooks = None
+    state.bump()
+
+
 # --------------------------------------------------------------------------------------------- fusing
-
-
-def _dora_fuse(weight: torch.Tensor, layer: LoraLayer, factor: float) -> torch.Tensor:
-    """DoRA merge in float32 with one rounding. PEFT axis: m/‖W+fΔ‖_row·(W+fΔ); kohya axis: per input column,
-    blended by the strength as A1111/ComfyUI do: W + f·(W_d − W) with W_d = V·m/‖V‖_col."""
-    w32 = weight.float()
-    delta = layer.delta().reshape(weight.shape).to(w32.device)
-    mag = layer.magnitude.float().to(w32.device)
-    if layer.magnitude_axis == "out":
-        v = w32 + factor * delta
-        rows = v.reshape(v.shape[0], -1)
-        norm = rows.norm(dim=1, keepdim=True)
-        out = rows * (mag.reshape(-1, 1) / norm)
-        return out.reshape(weight.shape).to(weight.dtype)
-    v = w32 + delta
-    dims = [d for d in range(v.dim()) if d != 1]
-    norm = v.norm(dim=dims, keepdim=True) if dims else v.abs()
-    wd = v * (mag.reshape(norm.shape) / norm)
-    return (w32 + factor * (wd - w32)).to(weight.dtype)
 
 
 def _dora_view(weight_param: torch.Tensor, module: nn.Module) -> torch.Tensor:
@@ -316,7 +419,7 @@ def fuse(target, lora_scale: float = 1.0, safe_fusing: bool = False, adapter_nam
         for step, label, module, layer, factor in dora_work:
             w = module.weight.data
             step.backups.append((w, w.clone()))
-            new = _dora_fuse(_dora_view(w, module), layer, factor)
+            new = dora_weight(_dora_view(w, module), layer, factor)
             if safe_fusing and not torch.isfinite(new).all():
                 raise LoraFusionError(f"{label}: fusing gives non-finite weights (NaN/Inf); every weight was left unchanged")
             _dora_view(w, module).copy_(new)
@@ -325,6 +428,8 @@ def fuse(target, lora_scale: float = 1.0, safe_fusing: bool = False, adapter_nam
         raise
     for comp, root, state, step, _ in plans:
         state.fused.append(step)
+        state.epoch += 1
+        state.bump()  # fused adapters stop running live
 
 
 def _merge_job(module: nn.Module, items, step: _FusedStep):
@@ -375,6 +480,9 @@ def _undo(step: _FusedStep) -> None:
 
 def unfuse(target, components=None) -> None:
     for comp, root, state in _states(target, components):
+        if state.fused:
+            state.epoch += 1
+            state.bump()
         while state.fused:
             _undo(state.fused.pop())
 
@@ -385,22 +493,205 @@ def fused_record_bytes(target) -> int:
 
 
 def unload(target, components=None) -> None:
-    """Drop adapters and exact-unfuse records; fused weights stay baked in."""
+    """Drop adapters, hooks and exact-unfuse records; fused weights stay baked in."""
     for comp, module, state in _states(target, components):
-        _STATES.pop(module, None)
+        _drop_state(module, state)
+    _remove_encode_prompt_scale(target, force=components is None)
 
 
 def delete(target, adapter_names: Sequence[str]) -> None:
     """Forget adapters that are not fused."""
-    for comp, module, state in _states(target):
+    if isinstance(adapter_names, str):
+        adapter_names = [adapter_names]
+    states = _states(target)
+    for comp, module, state in states:
         fused = state.fused_names()
         for n in adapter_names:
             if n in fused:
                 raise LoraFusionError(f"adapter {n!r} is fused in {comp or 'module'}; unfuse_lora first")
+    for comp, module, state in states:
         for n in adapter_names:
             state.adapters.pop(n, None)
             state.weights.pop(n, None)
+            state.weight_t.pop(n, None)
+            for hook in state.slot_hooks.pop(n, {}).values():
+                hook.slots.pop(n, None)
+                if not hook.slots:
+                    hook.detach()
+                    state.hooks = {k: h for k, h in state.hooks.items() if h is not hook}
             if n in state.active:
                 state.active.remove(n)
+        state.bump()
         if not state.adapters and not state.fused:
-            _STATES.pop(module, None)
+            _drop_state(module, state)
+    _remove_encode_prompt_scale(target)
+
+
+# --------------------------------------------------------------------------------------------- live control
+
+
+def _as_names(adapter_names) -> list[str]:
+    return [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+
+
+def _require_known(states, names, what: str) -> None:
+    known = set()
+    for _, _, s in states:
+        known.update(s.adapters)
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise LoraFormatError(f"{what}: no adapter named {missing} is loaded (loaded: {sorted(known)})")
+
+
+def set_adapters(target, adapter_names, adapter_weights=None) -> None:
+    """Activate adapters with weights; O(adapters): hooks pick the change up at their next forward."""
+    names = _as_names(adapter_names)
+    states = _states(target)
+    _require_known(states, names, "set_adapters")
+    if isinstance(adapter_weights, dict):
+        comps_known = {c for c, _, _ in states}
+        unknown = sorted(str(k) for k in adapter_weights if k not in comps_known)
+        if unknown:
+            warnings.warn(f"set_adapters: adapter_weights names components {unknown} that hold no adapters; ignored")
+    if not isinstance(adapter_weights, (list, tuple)):
+        adapter_weights = [adapter_weights] * len(names)
+    if len(adapter_weights) != len(names):
+        raise LoraFormatError(f"set_adapters: {len(adapter_weights)} weights for {len(names)} adapter names")
+    for comp, _, state in states:
+        active, weights = [], {}
+        for n, w in zip(names, adapter_weights):
+            if isinstance(w, dict):
+                w = w.get(comp)
+            if isinstance(w, dict):
+                raise LoraFormatError(
+                    f"set_adapters: per-block weights for {comp} ({sorted(w)}) are not supported; give one float per component"
+                )
+            if n in state.adapters:
+                weights[n] = 1.0 if w is None else float(w)
+                if n not in active:
+                    active.append(n)
+        for n, w in weights.items():
+            state.weights[n] = w
+            state.weight_t[n].fill_(w)
+        state.active = active
+        state.bump()
+
+
+def get_active_adapters(target) -> list[str]:
+    out = []
+    for _, _, state in _states(target):
+        out.extend(n for n in state.active if n not in out)
+    return out
+
+
+def get_list_adapters(target) -> dict:
+    return {comp: list(state.adapters) for comp, _, state in _states(target) if state.adapters}
+
+
+def set_enabled(target, enabled: bool) -> None:
+    for _, _, state in _states(target):
+        state.enabled = bool(enabled)
+        state.bump()
+
+
+def set_device(target, adapter_names, device) -> None:
+    """Move adapters' tensors (only those). A slot not on its module's device is unused until moved back."""
+    names = _as_names(adapter_names)
+    states = _states(target)
+    _require_known(states, names, "set_lora_device")
+    for comp, _, state in states:
+        fused = state.fused_names()
+        bad = [n for n in names if n in fused]
+        if bad:
+            raise LoraFusionError(f"set_lora_device: adapters {bad} are fused in {comp or 'module'}; unfuse_lora first")
+    device = torch.device(device)
+    for _, _, state in states:
+        for n in names:
+            if n not in state.adapters:
+                continue
+            for path, b in state.adapters[n].items():
+                b.layer = b.layer.to(device=device)
+            for hook in state.slot_hooks.get(n, {}).values():
+                slot = hook.slots[n]
+                slot.to(device=device)
+                slot.pinned = True
+        state.bump()
+
+
+def prepare_hotswap(target, max_rank: int) -> None:
+    """Pad every loaded adapter (and every later load) to ``max_rank``, so hotswaps keep tensor shapes."""
+    if not isinstance(max_rank, int) or max_rank < 1:
+        raise LoraFormatError(f"max_rank must be a positive integer, got {max_rank!r}")
+    comps = {c: m for c, m in resolve_components(target).items() if c is None or c in COMPONENTS}
+    for comp, root in comps.items():
+        state = component_state(root)
+        if state is None:
+            continue
+        for n, by_path in state.slot_hooks.items():
+            for path, hook in by_path.items():
+                slot = hook.slots[n]
+                if not slot.dense and slot.capacity > max_rank:
+                    raise LoraFormatError(f"prepare_hotswap: {_label(comp, path)} of adapter {n!r} has rank "
+                                          f"{slot.capacity} > max_rank {max_rank}")
+    for comp, root in comps.items():
+        state = component_state(root, create=True)
+        state.max_rank = max_rank
+        for n, by_path in state.slot_hooks.items():
+            for path, hook in by_path.items():
+                slot = hook.slots[n]
+                if slot.dense or slot.capacity == max_rank:
+                    continue
+                b = state.adapters[n].get(path)
+                if b is None:
+                    continue
+                hook.slots[n] = make_slot(b.module, b.layer, state.weight_t[n], max_rank)
+        state.bump()
+
+
+def hotswap(target, adapter: LoraAdapter, adapter_name: str, components=None) -> str:
+    """Replace an adapter's weights in place: same tensors, same shapes, so compiled code keeps running."""
+    comps = resolve_components(target)
+    plan = _assign(adapter, comps, components)
+    holders = {c: component_state(m) for c, m in comps.items()}
+    holders = {c: s for c, s in holders.items() if s is not None and adapter_name in s.adapters}
+    src = adapter.source or "adapter"
+    if not holders:
+        raise LoraFormatError(f"hotswap: no adapter named {adapter_name!r} is loaded; load it first (hotswap=False)")
+    for comp, state in holders.items():
+        if adapter_name in state.fused_names():
+            raise LoraFusionError(f"hotswap: adapter {adapter_name!r} is fused in {comp or 'module'}; unfuse_lora first")
+    writes = []
+    for comp, layers in plan.items():
+        state = holders.get(comp)
+        if state is None:
+            raise LoraFormatError(f"{src}: hotswap into {adapter_name!r}: component {comp!r} is not targeted by the "
+                                  "loaded adapter, so it cannot be swapped in place")
+        root = comps[comp]
+        by_path = state.slot_hooks.get(adapter_name, {})
+        extra = sorted(_label(comp, p) for p in layers if p not in by_path)
+        if extra:
+            shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+            raise LoraFormatError(f"{src}: hotswap into {adapter_name!r}: the new adapter targets modules the loaded "
+                                  f"one does not ({shown}); load it as a new adapter instead")
+        for path, layer in layers.items():
+            key = _label(comp, path)
+            module = resolve_module(root, path)
+            _check_shape(layer, module, key)
+            slot = by_path[path].slots[adapter_name]
+            why = slot.rank_fits(module, layer)
+            if why is not None:
+                raise LoraFormatError(f"{src}: hotswap into {adapter_name!r}: {key}: {why}")
+            writes.append((comp, path, module, layer, slot))
+    new_layers: dict = {c: {} for c in holders}
+    for comp, path, module, layer, slot in writes:
+        dev_layer = layer.to(device=module.weight.device)
+        slot.load(module, dev_layer)
+        new_layers[comp][path] = BoundLayer(path, module, dev_layer)
+    for comp, state in holders.items():
+        written = new_layers[comp]
+        for path, hook in state.slot_hooks[adapter_name].items():
+            if path not in written:
+                hook.slots[adapter_name].clear()
+        state.adapters[adapter_name] = written
+        # no bump: the plan (which slots run) is unchanged, only tensor values are new
+    return adapter_name

@@ -1,0 +1,536 @@
+"""Unfused ("live") LoRA forward without PEFT: forward hooks that add the LoRA terms to a module's output.
+
+Each adapted module gets one removable forward hook (a :class:`ModuleHook`); the hook holds one
+:class:`LiveSlot` per adapter on that module. The module tree, its attributes and its state_dict
+never change. After the base forward the hook adds, for every live adapter i,
+
+    y += λ · w_i · s_i · B_i(A_i(x))
+
+as two small products (shrink to rank r, expand back): B·A is never materialized. λ is the
+per-call scale (diffusers' ``cross_attention_kwargs={"scale": λ}``), w_i the ``set_adapters``
+weight, s_i = alpha/r. w_i and s_i live in 0-d tensors so that changing them (``set_adapters``,
+hotswap) changes data, not code: a ``torch.compile``d model does not recompile.
+
+Which adapters are live is decided lazily: the component state carries a version number that
+``set_adapters``/``enable``/``fuse``/... bump, and a hook rebuilds its plan (the tuple of slots to
+run) at its next forward when the number changed. So switching adapters costs O(adapters), never
+O(modules).
+
+DoRA: magnitude axis "out" (PEFT) uses PEFT's forward formula
+``y = m/‖W + cΔ‖_row · (W x + c·B A x) + b``; the row norms come from three cached vectors
+(‖W_i‖², W_i·(BA)_i, ‖(BA)_i‖²) so a new scale c costs a few vector ops. Axis "in" (kohya
+``dora_scale``) follows the fuse formula W' = W + f·(W_d − W), W_d = V·diag(m/‖V‖_col), V = W + sΔ,
+computed as W(g⊙x) + s·B A(g⊙x) with g = m/‖V‖_col. Rare cases (DoRA on an Embedding or a
+fan_in_fan_out Conv1D, grouped convolutions) fall back to a dense per-forward delta
+(:class:`DenseSlot`), which does materialize the delta.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapter import LoraLayer
+from .targets import is_fan_in_fan_out
+
+#: keyword arguments through which diffusers models receive the per-call LoRA scale
+SCALE_KWARGS = ("cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs")
+
+
+def module_kind(module: nn.Module) -> str:
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, nn.Conv2d):
+        return "conv"
+    return "linear"
+
+
+def needs_dense(module: nn.Module, layer: LoraLayer) -> bool:
+    """Cases the factored forward does not cover: the delta is applied as a dense weight instead."""
+    kind = module_kind(module)
+    if kind == "conv" and module.groups != 1:
+        return True
+    if layer.magnitude is not None and (kind == "embedding" or is_fan_in_fan_out(module)):
+        return True
+    return False
+
+
+def dora_weight(weight: torch.Tensor, layer: LoraLayer, factor: float) -> torch.Tensor:
+    """The DoRA-merged weight in float32 (rounded to weight's dtype). ``weight`` is (out, in, ...).
+
+    PEFT axis ("out"): m/‖W+fΔ‖_row·(W+fΔ). kohya axis ("in"): per input column, blended by the
+    strength as A1111/ComfyUI do: W + f·(W_d − W) with W_d = V·m/‖V‖_col, V = W + Δ (Δ includes s).
+    """
+    w32 = weight.float()
+    delta = layer.delta().reshape(weight.shape).to(w32.device)
+    mag = layer.magnitude.float().to(w32.device)
+    if layer.magnitude_axis == "out":
+        v = w32 + factor * delta
+        rows = v.reshape(v.shape[0], -1)
+        norm = rows.norm(dim=1, keepdim=True)
+        out = rows * (mag.reshape(-1, 1) / norm)
+        return out.reshape(weight.shape).to(weight.dtype)
+    v = w32 + delta
+    dims = [d for d in range(v.dim()) if d != 1]
+    norm = torch.linalg.vector_norm(v, dim=dims, keepdim=True) if dims else v.abs()
+    wd = v * (mag.reshape(norm.shape) / norm)
+    return (w32 + factor * (wd - w32)).to(weight.dtype)
+
+
+def _conv_input(module: nn.Conv2d, x: torch.Tensor):
+    """(input, padding) as the base conv sees them (non-zero padding modes pad explicitly)."""
+    if module.padding_mode != "zeros":
+        return F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode), 0
+    return x, module.padding
+
+
+def _base_no_bias(module: nn.Module, kind: str, x: torch.Tensor) -> torch.Tensor:
+    """W x with the module's own weight and geometry, without bias (DoRA "in" axis)."""
+    if kind == "conv":
+        xin, pad = _conv_input(module, x)
+        return F.conv2d(xin, module.weight, None, module.stride, pad, module.dilation, module.groups)
+    return F.linear(x, module.weight)
+
+
+def _channel_view(v: torch.Tensor, kind: str) -> torch.Tensor:
+    """A per-channel vector shaped to broadcast over the channel dim of an activation."""
+    return v.view(1, -1, 1, 1) if kind == "conv" else v
+
+
+class LiveSlot:
+    """One adapter's factored branch on one module, in the module's dtype and on its device.
+
+    down: linear (R, in) · conv (R, in, kh, kw) · embedding (num, R) (i.e. Aᵀ, ready for F.embedding).
+    up: linear/embedding (out, R) · conv (out, R, 1, 1). R is the capacity (rank padded for hotswap;
+    the padding holds zeros). ``scale`` (s) and ``weight`` (w, shared by the adapter's slots in one
+    component) are 0-d float32 CPU tensors.
+    """
+
+    dense = False
+
+    def __init__(self, module: nn.Module, layer: LoraLayer, weight: torch.Tensor, capacity: Optional[int] = None):
+        self.kind = module_kind(module)
+        self.weight = weight
+        self.scale = torch.tensor(layer.scale, dtype=torch.float32)
+        self.pinned = False  # set_lora_device parked it: it no longer follows the module's device/dtype
+        self.cache_key = None  # what the DoRA caches were computed for
+        w = module.weight
+        down, up = self._live_factors(module, layer, w.device, w.dtype)
+        rank = self._rank_of(down)
+        cap = max(rank, capacity or 0)
+        if cap == rank:  # no padding: keep the factors as they are (views of the file's tensors when possible)
+            self.down, self.up, self.owned = down, up, False
+        else:
+            self.down = torch.zeros(self._padded_shape(down, cap), dtype=down.dtype, device=down.device)
+            self.up = torch.zeros(self._padded_shape(up, cap, up_side=True), dtype=up.dtype, device=up.device)
+            self.owned = True
+            self._write(down, up)
+        self.capacity = cap
+        self.bias = None if layer.bias is None else layer.bias.to(device=w.device, dtype=w.dtype)
+        self.magnitude_axis = layer.magnitude_axis if layer.magnitude is not None else None
+        self.magnitude = None if layer.magnitude is None else layer.magnitude.float().reshape(-1).to(w.device)
+        self._caches = None
+
+    # ---------------------------------------------------------------- layout helpers
+
+    def _rank_of(self, down: torch.Tensor) -> int:
+        return int(down.shape[1] if self.kind == "embedding" else down.shape[0])
+
+    def _padded_shape(self, t: torch.Tensor, cap: int, up_side: bool = False) -> tuple:
+        shape = list(t.shape)
+        if up_side or self.kind == "embedding":
+            shape[1] = cap
+        else:
+            shape[0] = cap
+        return tuple(shape)
+
+    def _live_factors(self, module: nn.Module, layer: LoraLayer, device, dtype):
+        """(down, up) of ``layer`` in this slot's layout, unpadded."""
+        if self.kind == "embedding":
+            down = layer.down.t()
+            up = layer.up.reshape(layer.up.shape[0], -1)
+        elif self.kind == "conv":
+            out_ch, in_ch, kh, kw = module.weight.shape
+            if layer.mid is not None:
+                up2, a = layer.factors()  # Tucker core folded into A (float32)
+                down = a.reshape(a.shape[0], in_ch, kh, kw)
+                up = up2.reshape(out_ch, -1, 1, 1)
+            else:
+                down = layer.down.reshape(layer.down.shape[0], in_ch, kh, kw)
+                up = layer.up.reshape(out_ch, -1, 1, 1)
+        else:
+            down = layer.down.reshape(layer.down.shape[0], -1)
+            up = layer.up.reshape(layer.up.shape[0], -1)
+        return down.to(device=device, dtype=dtype), up.to(device=device, dtype=dtype)
+
+    def _write(self, down: torch.Tensor, up: torch.Tensor) -> None:
+        """Copy unpadded factors into the (owned, padded) buffers; the rest becomes zero."""
+        r = self._rank_of(down)
+        if self.kind == "embedding":
+            self.down[:, :r].copy_(down)
+            self.down[:, r:].zero_()
+        else:
+            self.down[:r].copy_(down)
+            self.down[r:].zero_()
+        self.up[:, :r].copy_(up)
+        self.up[:, r:].zero_()
+
+    # ---------------------------------------------------------------- state changes
+
+    @property
+    def device(self) -> torch.device:
+        return self.down.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.down.dtype
+
+    def rank_fits(self, module: nn.Module, layer: LoraLayer) -> Optional[str]:
+        """None if ``layer`` can be written into this slot in place, else why not."""
+        if needs_dense(module, layer):
+            return "needs the dense fallback path"
+        if (layer.magnitude is None) != (self.magnitude is None):
+            return "DoRA magnitudes present in one adapter and not the other"
+        if layer.magnitude is not None and layer.magnitude_axis != self.magnitude_axis:
+            return "DoRA magnitude axis differs"
+        if layer.bias is not None and self.bias is None:
+            return "the new adapter has a LoRA bias the first did not"
+        r = int(layer.mid.shape[0]) if (layer.mid is not None and self.kind == "conv") else layer.rank
+        if r > self.capacity:
+            return f"rank {r} exceeds the slot's rank {self.capacity} (load the first adapter with max_rank= or call prepare_hotswap)"
+        return None
+
+    def load(self, module: nn.Module, layer: LoraLayer) -> None:
+        """Hotswap: write ``layer`` into the existing buffers (same tensors, new values)."""
+        down, up = self._live_factors(module, layer, self.device, self.dtype)
+        if not self.owned:  # the buffers are the first file's tensors: never write into those
+            self.down = torch.zeros_like(self.down)
+            self.up = torch.zeros_like(self.up)
+            self.owned = True
+        self._write(down, up)
+        self.scale.fill_(layer.scale)
+        if self.bias is not None:
+            if layer.bias is None:
+                self.bias.zero_()
+            else:
+                self.bias.copy_(layer.bias)
+        if self.magnitude is not None:
+            self.magnitude.copy_(layer.magnitude.float().reshape(-1))
+            self.refresh_caches(module, self.cache_key)
+
+    def clear(self) -> None:
+        """Hotswap to an adapter that does not touch this module: contribute exactly zero."""
+        if not self.owned:
+            self.down = torch.zeros_like(self.down)
+            self.up = torch.zeros_like(self.up)
+            self.owned = True
+        else:
+            self.down.zero_()
+            self.up.zero_()
+        if self.bias is not None:
+            self.bias.zero_()
+
+    def to(self, device=None, dtype=None) -> None:
+        def mv(t, float_dtype=dtype):
+            return None if t is None else t.to(device=device, dtype=float_dtype)
+
+        old = self.down
+        self.down, self.up, self.bias = mv(self.down), mv(self.up), mv(self.bias)
+        self.magnitude = mv(self.magnitude, None)
+        self.owned = self.owned or self.down is not old  # a no-op move still holds the file's tensors
+        self.cache_key = None
+        self._caches = None
+
+    # ---------------------------------------------------------------- DoRA caches
+
+    def refresh_caches(self, module: nn.Module, key) -> None:
+        """Norm ingredients from W and the factors, without forming B·A (float32)."""
+        if self.magnitude is None:
+            return
+        w = module.weight.detach()
+        w2 = w.reshape(w.shape[0], -1).float()
+        if self.kind == "embedding":  # not reached: DoRA embeddings use the dense path
+            raise AssertionError("DoRA on an embedding uses DenseSlot")
+        a = self.down.reshape(self.down.shape[0], -1).float()  # (R, in_flat)
+        b = self.up.reshape(self.up.shape[0], -1).float()  # (out, R)
+        if self.magnitude_axis == "out":
+            p = (w2 * w2).sum(dim=1)
+            q = (b * (w2 @ a.t())).sum(dim=1)  # W_i · (BA)_i
+            t = ((b @ (a @ a.t())) * b).sum(dim=1)  # ‖(BA)_i‖²
+            self._caches = (p, q, t)
+        else:
+            s = float(self.scale)
+            p = (w2 * w2).sum(dim=0)
+            q = (a * (b.t() @ w2)).sum(dim=0)  # W_:j · (BA)_:j
+            t = (a * ((b.t() @ b) @ a)).sum(dim=0)  # ‖(BA)_:j‖²
+            col = p + (2.0 * s) * q + (s * s) * t
+            if self.kind == "conv":
+                col = col.reshape(w.shape[1], -1).sum(dim=1)  # norm over out, kh, kw per input channel
+            gain = self.magnitude / col.sqrt()
+            self._caches = (gain.to(self.dtype),)
+        self.cache_key = key
+
+    # ---------------------------------------------------------------- forward
+
+    def _lora(self, module: nn.Module, x: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+        """coef · (B(A x) + bias), in the slot dtype."""
+        kind = self.kind
+        if kind == "conv":
+            xin, pad = _conv_input(module, x)
+            h = F.conv2d(xin, self.down, None, module.stride, pad, module.dilation)
+            d = F.conv2d(h * coef, self.up)
+            if self.bias is not None:
+                d = d + (self.bias * coef).view(1, -1, 1, 1)
+            return d
+        if kind == "embedding":
+            h = F.embedding(x, self.down)
+        else:
+            h = F.linear(x, self.down)
+        return F.linear(h * coef, self.up, None if self.bias is None else self.bias * coef)
+
+    def apply(self, module: nn.Module, x: torch.Tensor, out: torch.Tensor, lam: float) -> torch.Tensor:
+        if x.dtype != self.down.dtype and self.kind != "embedding":
+            x = x.to(self.down.dtype)
+        if self.magnitude is None:
+            coef = self.scale * self.weight
+            if lam != 1.0:
+                coef = coef * lam
+            return out + self._lora(module, x, coef).to(out.dtype)
+        bias = getattr(module, "bias", None)
+        base = out if bias is None else out - _channel_view(bias, self.kind)
+        if self.magnitude_axis == "out":
+            c = self.scale * self.weight
+            if lam != 1.0:
+                c = c * lam
+            p, q, t = self._caches
+            gain = self.magnitude / (p + 2.0 * c * q + c * c * t).sqrt()
+            g = _channel_view(gain.to(out.dtype), self.kind)
+            lora = self._lora(module, x, c.to(x.dtype)).to(out.dtype)
+            return out + (g - 1.0) * base + g * lora
+        (gain,) = self._caches
+        outer = self.weight if lam == 1.0 else self.weight * lam
+        xg = x * _channel_view(gain, self.kind)
+        dora = _base_no_bias(module, self.kind, xg) + self._lora(module, xg, self.scale)
+        return out + (outer * (dora.to(out.dtype) - base))
+
+
+class DenseSlot:
+    """Fallback for what the factored path does not cover: the delta is formed per forward and applied
+    with the module's own functional form (grouped convs, DoRA on embeddings / fan_in_fan_out)."""
+
+    dense = True
+
+    def __init__(self, module: nn.Module, layer: LoraLayer, weight: torch.Tensor, capacity: Optional[int] = None):
+        self.kind = module_kind(module)
+        self.layer = layer.to(device=module.weight.device)
+        self.weight = weight
+        self.pinned = False
+        self.owned = True
+        self.capacity = layer.rank
+        self.magnitude = layer.magnitude
+        self.cache_key = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.layer.down.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layer.down.dtype
+
+    def rank_fits(self, module, layer) -> Optional[str]:
+        return "the dense fallback path cannot be hotswapped"
+
+    def to(self, device=None, dtype=None) -> None:
+        self.layer = self.layer.to(device=device)
+
+    def refresh_caches(self, module, key) -> None:
+        pass
+
+    def apply(self, module: nn.Module, x: torch.Tensor, out: torch.Tensor, lam: float) -> torch.Tensor:
+        factor = float(self.weight) * lam
+        w = module.weight
+        if self.layer.magnitude is not None:
+            w_oi = w.t() if is_fan_in_fan_out(module) else w
+            delta = dora_weight(w_oi, self.layer, factor).float() - w_oi.float()
+            if is_fan_in_fan_out(module):
+                delta = delta.t()
+        else:
+            delta = self.layer.delta().to(w.device) * factor
+        delta = delta.reshape(w.shape).to(w.dtype)
+        if self.kind == "embedding":
+            d = F.embedding(x, delta)
+        elif self.kind == "conv":
+            xin, pad = _conv_input(module, x)
+            d = F.conv2d(xin, delta, None, module.stride, pad, module.dilation, module.groups)
+        elif is_fan_in_fan_out(module):
+            d = x.to(w.dtype) @ delta
+        else:
+            d = F.linear(x.to(w.dtype), delta)
+        if self.layer.bias is not None and self.layer.magnitude is None:
+            b = self.layer.bias.to(device=w.device, dtype=w.dtype) * (self.layer.scale * factor)
+            d = d + _channel_view(b, self.kind)
+        return out + d.to(out.dtype)
+
+
+def make_slot(module: nn.Module, layer: LoraLayer, weight: torch.Tensor, capacity: Optional[int] = None):
+    cls = DenseSlot if needs_dense(module, layer) else LiveSlot
+    return cls(module, layer, weight, capacity)
+
+
+class ModuleHook:
+    """The forward hook of one adapted module: runs the live slots of its component's current plan."""
+
+    def __init__(self, state, path: str):
+        self.state = state  # engine.ComponentState (version, active, enabled, call_scale, ...)
+        self.path = path
+        self.slots: dict = {}  # adapter name -> LiveSlot | DenseSlot
+        self.plan: tuple = ()
+        self.version = -1
+        self.device = None
+        self.dtype = None
+        self.handle = None
+
+    def attach(self, module: nn.Module) -> None:
+        self.handle = module.register_forward_hook(self, with_kwargs=True)
+
+    def detach(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+    @torch.compiler.disable
+    def refresh(self, module: nn.Module) -> None:
+        """Rebuild the plan from the component state (called lazily after any state change)."""
+        state = self.state
+        w = module.weight
+        device, dtype = w.device, w.dtype
+        plan = []
+        if state.enabled:
+            not_live = state.fused_names()
+            for name in state.active:
+                slot = self.slots.get(name)
+                if slot is None or name in not_live:
+                    continue
+                if slot.device != device or (slot.dtype != dtype and not slot.dense):
+                    if slot.pinned:
+                        if slot.device != device:
+                            continue  # parked elsewhere by set_lora_device: unused until moved back
+                    else:  # adapters follow the model (as PEFT layers, which are submodules, do)
+                        slot.to(device=device, dtype=dtype)
+                key = (state.epoch, device, dtype)
+                if slot.magnitude is not None and slot.cache_key != key:
+                    slot.refresh_caches(module, key)
+                plan.append(slot)
+        self.plan = tuple(plan)
+        self.device, self.dtype = device, dtype
+        self.version = state.version
+
+    def __call__(self, module: nn.Module, args, kwargs, output):
+        state = self.state
+        w = module.weight
+        if self.version != state.version or w.device != self.device or w.dtype != self.dtype:
+            self.refresh(module)
+        plan = self.plan
+        if not plan:
+            return None
+        lam = state.call_scale
+        if lam == 0.0:
+            return None
+        x = args[0] if args else next(iter(kwargs.values()))
+        for slot in plan:
+            output = slot.apply(module, x, output, lam)
+        return output
+
+
+def _scale_positions(root: nn.Module) -> dict:
+    """Positional index (in ``args``) of each scale-carrying keyword of root.forward, if it has one."""
+    try:
+        params = list(inspect.signature(root.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    out = {}
+    for i, p in enumerate(params):
+        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            break
+        if p.name in SCALE_KWARGS:
+            out[p.name] = i
+    return out
+
+
+class CallScaleHooks:
+    """Pre/post hooks on a component root: read diffusers' per-call ``{"scale": λ}`` for the duration of the call.
+
+    diffusers' own ``apply_lora_scale`` pops the value and scales PEFT layers only, so nothing else applies it.
+    λ = 0 really turns the LoRA terms off (diffusers resets to 1.0 instead, a bug we don't copy).
+    """
+
+    def __init__(self, state, root: nn.Module):
+        self.state = state
+        self.positions = _scale_positions(root)
+        self.handles = [
+            root.register_forward_pre_hook(self.pre, with_kwargs=True),
+            root.register_forward_hook(self.post, with_kwargs=True, always_call=True),
+        ]
+
+    def _scale(self, args, kwargs) -> Optional[float]:
+        for name in SCALE_KWARGS:
+            value = kwargs.get(name)
+            if value is None and name in self.positions and len(args) > self.positions[name]:
+                value = args[self.positions[name]]
+            if isinstance(value, dict) and "scale" in value:
+                return float(value["scale"])
+        return None
+
+    def pre(self, module, args, kwargs):
+        state = self.state
+        state.scale_stack.append(state.call_scale)
+        lam = self._scale(args, kwargs)
+        if lam is not None:
+            state.call_scale = lam
+        return None
+
+    def post(self, module, args, kwargs, output):
+        state = self.state
+        if state.scale_stack:
+            state.call_scale = state.scale_stack.pop()
+        return None
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+class EncodePromptScale:
+    """Installed as ``pipe.encode_prompt`` while text encoders hold live adapters: diffusers pipelines pass the
+    text-encoder ``lora_scale`` there (and scale PEFT layers only); this applies it to our text-encoder terms."""
+
+    def __init__(self, pipe, states_of):
+        self.pipe = pipe
+        self.states_of = states_of  # fn(pipe) -> text-encoder ComponentStates
+        self.signature = inspect.signature(type(pipe).encode_prompt)
+
+    def __call__(self, *args, **kwargs):
+        pipe = self.pipe
+        original = type(pipe).encode_prompt
+        try:
+            bound = self.signature.bind(pipe, *args, **kwargs)
+            lam = bound.arguments.get("lora_scale")
+        except TypeError:
+            lam = None
+        if lam is None:
+            return original(pipe, *args, **kwargs)
+        states = self.states_of(pipe)
+        saved = [s.call_scale for s in states]
+        for s in states:
+            s.call_scale = float(lam)
+        try:
+            return original(pipe, *args, **kwargs)
+        finally:
+            for s, v in zip(states, saved):
+                s.call_scale = v
