@@ -27,6 +27,21 @@ CASES = {
     "sdxl-linear-r32": ("sdxl", "linear", 32),
     "sd3-attn-r16": ("sd3", "attn", 16),
 }
+#: per model family: the default (targets, rank) of ``lora-fast bench --model``
+MODEL_DEFAULTS = {family: (targets, rank) for family, targets, rank in CASES.values()}
+
+
+def make_case(model: str, targets: Optional[str] = None, rank: Optional[int] = None) -> str:
+    """The case name for a model family with optional targets/rank overrides, e.g. ``sd15-attn-r4``;
+    registered in CASES so run()/run_case() accept it."""
+    default_targets, default_rank = MODEL_DEFAULTS[model]
+    targets = targets or default_targets
+    rank = rank or default_rank
+    if targets not in ("attn", "linear"):
+        raise ValueError(f"targets must be 'attn' or 'linear', got {targets!r}")
+    name = f"{model}-{targets}-r{rank}"
+    CASES.setdefault(name, (model, targets, int(rank)))
+    return name
 
 
 def _median_time(fn: Callable[[], None], repeats: int, warmup: int = 1) -> float:
@@ -134,8 +149,16 @@ def _targeted(components, adapter):
     return out
 
 
+def _synchronizer(device) -> Callable[[], None]:
+    if str(device).startswith("cuda"):
+        return torch.cuda.synchronize
+    return lambda: None
+
+
 def run_case(case: str, dtype_name: str, *, floor: dict, repeats: int = 3, compare_diffusers: bool = True,
-             size: str = "full", drift_sample: int = 64, log: Callable[[str], None] = print) -> CaseResult:
+             size: str = "full", drift_sample: int = 64, log: Callable[[str], None] = print,
+             device: str = "cpu") -> CaseResult:
+    """Time one case (a CASES name) in one dtype on ``device``: lora_fast load/fuse/unfuse, then diffusers'."""
     import lora_fast
 
     from . import engine
@@ -143,12 +166,18 @@ def run_case(case: str, dtype_name: str, *, floor: dict, repeats: int = 3, compa
 
     family, targets, rank = CASES[case]
     dtype = DTYPES[dtype_name]
-    pipe = build_pipeline(family, "tiny" if size == "tiny" else "full", dtype=dtype, device="meta" if size != "tiny" else "cpu")
+    sync = _synchronizer(device)
+    if size == "tiny":
+        pipe = build_pipeline(family, "tiny", dtype=dtype, device="cpu")
+        if device != "cpu":
+            pipe.to(device)
+    else:
+        pipe = build_pipeline(family, "full", dtype=dtype, device="meta")
     comps = {k: v for k, v in pipe.components.items() if isinstance(v, nn.Module) and k != "vae"}
     if size != "tiny":
         for i, m in enumerate(comps.values()):
-            materialize(m, dtype=dtype, seed=i)
-        pipe.vae = materialize(pipe.vae, dtype=dtype)
+            materialize(m, dtype=dtype, seed=i, device=device)
+        pipe.vae = materialize(pipe.vae, dtype=dtype, device=device)
     adapter = make_adapter(comps, targets, rank, dtype=dtype)
     weights = _targeted(comps, adapter)
     n_params = sum(w.numel() for w in weights)
@@ -171,19 +200,23 @@ def run_case(case: str, dtype_name: str, *, floor: dict, repeats: int = 3, compa
         t_load = time.perf_counter() - t0
         lora_fast.fuse_lora(pipe)  # warm-up cycle
         lora_fast.unfuse_lora(pipe)
+        sync()
         fuse_times, unfuse_times = [], []
         for _ in range(repeats):
             t0 = time.perf_counter()
             lora_fast.fuse_lora(pipe)
+            sync()
             fuse_times.append(time.perf_counter() - t0)
             rec = engine.fused_record_bytes(pipe)
             t0 = time.perf_counter()
             lora_fast.unfuse_lora(pipe)
+            sync()
             unfuse_times.append(time.perf_counter() - t0)
         changed = _changed_bits(sample, pristine)
         lora_fast.unload_lora_weights(pipe)
         t0 = time.perf_counter()
         lora_fast.load_lora_weights(pipe, path, adapter_name="bench2", fuse=True)
+        sync()
         t_e2e = time.perf_counter() - t0
         lora_fast.unfuse_lora(pipe)
         lora_fast.unload_lora_weights(pipe)
@@ -195,28 +228,34 @@ def run_case(case: str, dtype_name: str, *, floor: dict, repeats: int = 3, compa
         log(f"  lora_fast  load {t_load:.3f}s  fuse {res.lora_fast['fuse_s'] * 1e3:.1f} ms  unfuse "
             f"{res.lora_fast['unfuse_s'] * 1e3:.1f} ms  load+fuse {t_e2e:.3f}s  record {rec / 2**20:.1f} MiB "
             f"({100 * res.lora_fast['record_fraction_of_weight_bytes']:.1f}% of fused weight bytes)  changed bits {changed}")
-        for w, p in zip(sample, pristine):
-            w.copy_(p)  # defensive: diffusers starts from pristine weights even if the above failed
+        with torch.no_grad():
+            for w, p in zip(sample, pristine):
+                w.copy_(p)  # defensive: diffusers starts from pristine weights even if the above failed
 
         if compare_diffusers:
             gc.collect()
             t0 = time.perf_counter()
             pipe.load_lora_weights(path, adapter_name="bench")
+            sync()
             t_dload = time.perf_counter() - t0
             t0 = time.perf_counter()
             pipe.fuse_lora()
+            sync()
             t_dfuse_first = time.perf_counter() - t0
             t0 = time.perf_counter()
             pipe.unfuse_lora()
+            sync()
             t_dunfuse = [time.perf_counter() - t0]
             d_changed = _changed_bits(sample, pristine)
             t_dfuse = [t_dfuse_first]
             for _ in range(repeats - 1):
                 t0 = time.perf_counter()
                 pipe.fuse_lora()
+                sync()
                 t_dfuse.append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
                 pipe.unfuse_lora()
+                sync()
                 t_dunfuse.append(time.perf_counter() - t0)
             pipe.unload_lora_weights()
             res.diffusers = dict(
@@ -232,17 +271,152 @@ def run_case(case: str, dtype_name: str, *, floor: dict, repeats: int = 3, compa
 
 
 def run(cases=("sd15-attn-r4",), dtypes=("fp32", "fp16", "bf16"), *, repeats: int = 3, compare_diffusers: bool = True,
-        size: str = "full", log: Callable[[str], None] = print) -> dict:
+        size: str = "full", log: Callable[[str], None] = print, device: str = "cpu") -> dict:
     """Run the cases and return a JSON-able report (machine, floor, per-case results)."""
     import platform
 
-    floor = dict(copy_bytes_per_s=measure_copy_bandwidth(), matmul_flops_per_s=measure_matmul_rate())
+    floor_bytes = (64 << 20) if size == "tiny" else (512 << 20)
+    floor_n = 512 if size == "tiny" else 2048
+    floor = dict(copy_bytes_per_s=measure_copy_bandwidth(floor_bytes, device=device),
+                 matmul_flops_per_s=measure_matmul_rate(floor_n, device=device))
     log(f"floor: copy {floor['copy_bytes_per_s'] / 1e9:.1f} GB/s (read+write), fp32 matmul "
         f"{floor['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s, {torch.get_num_threads()} threads")
     results = []
     for case in cases:
         for dt in dtypes:
             results.append(asdict(run_case(case, dt, floor=floor, repeats=repeats, compare_diffusers=compare_diffusers,
-                                           size=size, log=log)))
-    return dict(machine=dict(platform=platform.platform(), processor=platform.processor(), threads=torch.get_num_threads(),
-                             torch=torch.__version__), floor=floor, results=results)
+                                           size=size, log=log, device=device)))
+    machine = dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
+                   cpu_count=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__, device=device)
+    if str(device).startswith("cuda"):
+        machine["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        import diffusers
+
+        machine["diffusers"] = diffusers.__version__
+    except ImportError:
+        pass
+    return dict(machine=machine, size=size, repeats=repeats, floor=floor, results=results)
+
+
+# ------------------------------------------------------------------------------------------------ reporting
+
+
+def _ms(x) -> str:
+    return "-" if x is None else f"{x * 1e3:.1f}"
+
+
+def _ratio(a, b) -> str:
+    return "-" if (a is None or b is None or b == 0) else f"{a / b:.1f}x"
+
+
+def format_table(report: dict) -> str:
+    """The comparison table ``lora-fast bench`` prints: times, ratios to diffusers and to the floor, exactness."""
+    head = ["case", "dtype", "modules", "floor ms", "lora_fast fuse", "unfuse", "diffusers fuse", "unfuse",
+            "fuse vs diffusers", "fuse / floor", "changed after unfuse: lora_fast", "diffusers"]
+    rows = []
+    for r in report["results"]:
+        lf, df = r["lora_fast"], r.get("diffusers") or {}
+        sample = lf.get("sample_elements") or 1
+        d_changed = df.get("changed_elements_after_one_cycle")
+        rows.append([
+            r["case"], r["dtype"], str(r["modules"]), _ms(r["floor_s"]), _ms(lf.get("fuse_s")), _ms(lf.get("unfuse_s")),
+            _ms(df.get("fuse_s")), _ms(df.get("unfuse_s")),
+            (f"{df['fuse_s'] / lf['fuse_s']:.1f}x faster" if df.get("fuse_s") else "-"),
+            _ratio(lf.get("fuse_s"), r["floor_s"]),
+            ("0 (bit-exact)" if lf.get("changed_elements_after_cycles") == 0
+             else f"{100 * lf['changed_elements_after_cycles'] / sample:.2f}%"),
+            "-" if d_changed is None else f"{100 * d_changed / sample:.2f}%",
+        ])
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
+    lines = ["  ".join(h.rjust(w) if i > 1 else h.ljust(w) for i, (h, w) in enumerate(zip(head, widths)))]
+    lines.append("  ".join("-" * w for w in widths))
+    for row in rows:
+        lines.append("  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    m, fl = report["machine"], report["floor"]
+    lines.append("")
+    lines.append(f"times in ms, median of {report.get('repeats', '?')} warm cycles; floor = max(bytes moved / "
+                 f"{fl['copy_bytes_per_s'] / 1e9:.1f} GB/s copy, FLOPs / {fl['matmul_flops_per_s'] / 1e9:.0f} "
+                 f"GFLOP/s matmul) measured in this run")
+    lines.append("changed after unfuse: share of sampled weight elements that differ from the original after "
+                 "fuse+unfuse (lora_fast: after every cycle; diffusers: after one)")
+    lines.append(f"machine: {m.get('processor')}, {m.get('threads')} threads, {m.get('device')}, torch {m.get('torch')}"
+                 + (f", diffusers {m['diffusers']}" if m.get("diffusers") else "")
+                 + (f", {m['gpu']}" if m.get("gpu") else ""))
+    return "\n".join(lines)
+
+
+def write_chart(report: dict, path: str) -> bool:
+    """A PNG bar chart of the report (False when matplotlib is not installed)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    results = report["results"]
+    labels = [f"{r['case']}\n{r['dtype']}" for r in results]
+    series = [
+        ("floor", [r["floor_s"] for r in results], "#999999"),
+        ("lora_fast fuse", [r["lora_fast"].get("fuse_s") for r in results], "#1f77b4"),
+        ("lora_fast unfuse", [r["lora_fast"].get("unfuse_s") for r in results], "#6baed6"),
+        ("diffusers fuse", [(r.get("diffusers") or {}).get("fuse_s") for r in results], "#d62728"),
+        ("diffusers unfuse", [(r.get("diffusers") or {}).get("unfuse_s") for r in results], "#fc9272"),
+    ]
+    series = [s for s in series if any(v is not None for v in s[1])]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(4 + 2.6 * len(results), 4.5),
+                                  gridspec_kw={"width_ratios": [3, 1.4]})
+    width = 0.8 / len(series)
+    for k, (name, values, color) in enumerate(series):
+        xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(results))]
+        ys = [(v or 0) * 1e3 for v in values]
+        bars = ax.bar(xs, ys, width, label=name, color=color)
+        for b, v in zip(bars, values):
+            if v is not None:
+                ax.annotate(f"{v * 1e3:.0f}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
+                            va="bottom", fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("ms (log scale, lower is better)")
+    ax.set_xticks(range(len(results)))
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_title("fuse / unfuse time")
+    ax.legend(fontsize=8)
+    sample = [r["lora_fast"].get("sample_elements") or 1 for r in results]
+    lf_changed = [100 * r["lora_fast"].get("changed_elements_after_cycles", 0) / n for r, n in zip(results, sample)]
+    d_changed = [100 * ((r.get("diffusers") or {}).get("changed_elements_after_one_cycle") or 0) / n
+                 for r, n in zip(results, sample)]
+    xs = range(len(results))
+    ax2.bar([x - 0.2 for x in xs], lf_changed, 0.4, label="lora_fast", color="#1f77b4")
+    ax2.bar([x + 0.2 for x in xs], d_changed, 0.4, label="diffusers", color="#d62728")
+    ax2.set_xticks(list(xs))
+    ax2.set_xticklabels(labels, fontsize=8)
+    ax2.set_ylabel("% of weights changed after fuse+unfuse")
+    ax2.set_title("unfuse exactness")
+    ax2.legend(fontsize=8)
+    m = report["machine"]
+    fig.suptitle(f"lora_fast bench: {m.get('processor')}, {m.get('threads')} threads, {m.get('device')}", fontsize=9)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True
+
+
+def write_report(report: dict, out_dir: str) -> list[str]:
+    """bench.json (+ bench.png when matplotlib is installed) in ``out_dir``; returns the paths written."""
+    import json
+
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "bench.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+    written = [path]
+    png = os.path.join(out_dir, "bench.png")
+    if write_chart(report, png):
+        written.append(png)
+    return written

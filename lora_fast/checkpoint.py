@@ -1,0 +1,707 @@
+"""Baking LoRA adapters into base checkpoints, streaming tensor by tensor (``lora-fast merge``).
+
+A base checkpoint is a single ``.safetensors`` file, a sharded one (``*.safetensors.index.json`` + shards), a
+diffusers/transformers model folder (``config.json`` + weights) or a pipeline folder (``model_index.json`` and one
+subfolder per component). Every weight file is rewritten one tensor at a time: the output header is computed first
+from the input header (names, dtypes, shapes are known), then each tensor is read with ``pread`` into a buffer of
+its own size, fused with the LoRA layers that target it (fp32 accumulation, one rounding, the same merge kernel
+``lora_fast.fuse_lora`` uses) and written out. Memory is therefore about the largest tensor plus the adapters,
+whatever the checkpoint size (the input is not memory-mapped, so its pages never count against this process).
+
+Outputs are atomic: files go to a temporary name in the destination directory and are renamed into place after
+fsync; folders are assembled in a temporary folder that is renamed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional
+
+import torch
+
+from .adapter import COMPONENTS, LoraAdapter, LoraLayer, split_component
+from .errors import LoraFormatError
+from .io import SafetensorsHeader, TensorHeader, read_header
+
+# safetensors' dtype enum order (docs/safetensors.md): the writer sorts data by dtype descending, then by name.
+DTYPE_ORDER = ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ",
+               "F8_E5M2FNUZ", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64")
+_DTYPE_RANK = {name: i for i, name in enumerate(DTYPE_ORDER)}
+_DTYPE_BITS = {"BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8,
+               "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+               "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64}
+#: --dtype names -> safetensors dtype strings
+OUTPUT_DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
+
+
+def _torch_of(st_dtype: str) -> torch.dtype:
+    dt = TensorHeader("", st_dtype, (), (0, 0), 0).torch_dtype
+    if dt is None:
+        raise LoraFormatError(f"dtype {st_dtype} has no torch equivalent")
+    return dt
+
+_CASTABLE = ("F32", "F16", "BF16", "F64")  # floating dtypes --dtype converts; everything else is copied as is
+_MERGEABLE = ("F32", "F16", "BF16")  # weight dtypes the merge kernel rounds to
+
+_COPY_CHUNK = 8 << 20
+
+
+def tensor_nbytes(dtype: str, shape: Iterable[int]) -> int:
+    return math.prod(shape) * _DTYPE_BITS[dtype] // 8
+
+
+# ----------------------------------------------------------------------------------------------- streaming writer
+
+
+class StreamingSafetensorsWriter:
+    """Write a safetensors file whose header is known up front, one tensor's bytes at a time.
+
+    ``entries`` are ``(name, dtype string, shape)``. The header and the data order are the ones ``save_file``
+    (and safetensors) produce: ``__metadata__`` first, tensors by dtype descending then name, compact JSON padded
+    with spaces to a multiple of 8. Call :meth:`write` with each tensor's bytes in :attr:`order`, then
+    :meth:`close`; the file appears at ``path`` only then (temporary file, fsync, rename, fsync of the directory).
+    On an exception inside the ``with`` block the temporary file is removed and ``path`` is left untouched.
+    """
+
+    def __init__(self, path: str, entries, metadata: Optional[dict] = None):
+        self.path = os.fspath(path)
+        entries = [(n, d, tuple(int(x) for x in s)) for n, d, s in entries]
+        names = [n for n, _, _ in entries]
+        if len(set(names)) != len(names):
+            raise LoraFormatError(f"{self.path}: duplicate tensor names")
+        entries.sort(key=lambda e: (-_DTYPE_RANK[e[1]], e[0].encode("utf-8")))
+        header: dict = {}
+        if metadata:
+            header["__metadata__"] = dict(metadata)
+        offset = 0
+        self.order: list[tuple[str, int]] = []
+        for name, dtype, shape in entries:
+            n = tensor_nbytes(dtype, shape)
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+            self.order.append((name, n))
+            offset += n
+        text = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        text += b" " * (-len(text) % 8)
+        self._header = len(text).to_bytes(8, "little") + text
+        self.data_bytes = offset
+        self._next = 0
+        self._file = None
+        self._tmp = None
+
+    def __enter__(self):
+        directory = os.path.dirname(os.path.abspath(self.path))
+        fd, self._tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.tmp.", dir=directory)
+        os.fchmod(fd, 0o666 & ~_umask())
+        self._file = os.fdopen(fd, "wb", buffering=0)
+        self._file.write(self._header)
+        return self
+
+    def write(self, name: str, data) -> None:
+        """Append the bytes of tensor ``name`` (a bytes-like object or a CPU tensor, written raw)."""
+        if self._next >= len(self.order):
+            raise LoraFormatError(f"{self.path}: more tensors written than declared ({name!r})")
+        want, n = self.order[self._next]
+        if name != want:
+            raise LoraFormatError(f"{self.path}: tensor {name!r} written out of order (expected {want!r})")
+        view = _bytes_view(data)
+        if view.nbytes != n:
+            raise LoraFormatError(f"{self.path}: tensor {name!r} has {view.nbytes} bytes, the header says {n}")
+        _write_all(self._file, view)
+        self._next += 1
+
+    def write_stream(self, name: str, n: int, chunks: Iterable) -> None:
+        """Append tensor ``name`` from a sequence of byte chunks (for copies that never hold the whole tensor)."""
+        want, expected = self.order[self._next] if self._next < len(self.order) else (None, None)
+        if name != want or n != expected:
+            raise LoraFormatError(f"{self.path}: tensor {name!r} ({n} bytes) does not match the header order")
+        total = 0
+        for chunk in chunks:
+            view = _bytes_view(chunk)
+            _write_all(self._file, view)
+            total += view.nbytes
+        if total != n:
+            raise LoraFormatError(f"{self.path}: tensor {name!r}: copied {total} bytes, expected {n}")
+        self._next += 1
+
+    def __exit__(self, exc_type, exc, tb):
+        f, self._file = self._file, None
+        try:
+            if exc_type is None:
+                if self._next != len(self.order):
+                    raise LoraFormatError(
+                        f"{self.path}: only {self._next} of {len(self.order)} tensors were written")
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
+                os.replace(self._tmp, self.path)
+                self._tmp = None
+                _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        finally:
+            if f is not None and not f.closed:
+                f.close()
+            if self._tmp is not None:
+                try:
+                    os.unlink(self._tmp)
+                except OSError:
+                    pass
+                self._tmp = None
+        return False
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _bytes_view(data) -> memoryview:
+    if isinstance(data, torch.Tensor):
+        t = data.detach().contiguous()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        if t.numel() == 0:
+            return memoryview(b"")
+        return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return memoryview(data).cast("B")
+
+
+def _write_all(f, view: memoryview) -> None:
+    while view.nbytes:
+        n = f.write(view)
+        view = view[n:]
+
+
+# ----------------------------------------------------------------------------------------------- reading tensors
+
+
+def _read_exact(fd: int, offset: int, out: memoryview, where: str) -> None:
+    done = 0
+    while done < out.nbytes:
+        n = os.preadv(fd, [out[done:]], offset + done)
+        if n <= 0:
+            raise LoraFormatError(f"{where}: file ended early (truncated while being read?)")
+        done += n
+
+
+def read_tensor(fd: int, th: TensorHeader, where: str) -> torch.Tensor:
+    """One tensor read with pread into memory of its own (not a mapping of the file)."""
+    dtype = th.torch_dtype
+    if dtype is None:
+        raise LoraFormatError(f"{where}: tensor {th.name!r} has dtype {th.dtype}, which torch cannot represent")
+    buf = torch.empty(th.nbytes, dtype=torch.uint8)
+    if th.nbytes:
+        _read_exact(fd, th.file_offset, memoryview(buf.numpy()), where)
+    return buf.view(dtype).view(th.shape)
+
+
+def _copy_chunks(fd: int, th: TensorHeader, buf: memoryview, where: str):
+    done = 0
+    while done < th.nbytes:
+        n = min(buf.nbytes, th.nbytes - done)
+        _read_exact(fd, th.file_offset + done, buf[:n], where)
+        yield buf[:n]
+        done += n
+
+
+# ----------------------------------------------------------------------------------------------- base discovery
+
+WEIGHT_SUFFIX = ".safetensors"
+INDEX_SUFFIX = ".safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+# Single-file LDM/SGM checkpoints (A1111/ComfyUI layout) and OpenCLIP's fused attention weights.
+_LDM_PREFIXES = ("model.diffusion_model.", "cond_stage_model.", "conditioner.embedders.", "first_stage_model.")
+_CLASS_COMPONENT = {"UNet2DConditionModel": "unet", "CLIPTextModel": "text_encoder",
+                    "CLIPTextModelWithProjection": "text_encoder_2"}
+
+
+@dataclass
+class WeightGroup:
+    """One weight file, or one sharded checkpoint (index + shards), of one component."""
+
+    component_hint: Optional[str]  # from the folder name / config, None if unknown
+    files: list[str]  # absolute paths of the .safetensors files
+    index: Optional[str] = None  # the *.safetensors.index.json, for a sharded group
+    headers: dict = field(default_factory=dict)  # file -> SafetensorsHeader
+    component: Optional[str] = None  # chosen adapter component
+
+    def names(self) -> dict[str, tuple[str, TensorHeader]]:
+        out = {}
+        for f in self.files:
+            for name, th in self.headers[f].tensors.items():
+                out[name] = (f, th)
+        return out
+
+
+@dataclass
+class BaseCheckpoint:
+    kind: str  # "file", "sharded", "model", "pipeline"
+    path: str
+    groups: list[WeightGroup]
+    skipped_pickles: list[str] = field(default_factory=list)
+
+
+def _component_from_config(folder: str) -> Optional[str]:
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return None
+    cls = cfg.get("_class_name") or (cfg.get("architectures") or [None])[0]
+    if isinstance(cls, str):
+        if cls in _CLASS_COMPONENT:
+            return _CLASS_COMPONENT[cls]
+        if "Transformer" in cls and cls.endswith("Model"):
+            return "transformer"
+    return None
+
+
+def _folder_groups(folder: str, hint: Optional[str]) -> tuple[list[WeightGroup], list[str]]:
+    """Weight groups of one model folder: each index (sharded) and each standalone .safetensors (variants too)."""
+    entries = sorted(os.listdir(folder))
+    groups, in_index = [], set()
+    for name in entries:
+        if name.endswith(INDEX_SUFFIX):
+            index = os.path.join(folder, name)
+            shards = _index_shards(index)
+            in_index.update(shards)
+            groups.append(WeightGroup(hint, [os.path.join(folder, s) for s in shards], index=index))
+    for name in entries:
+        if name.endswith(WEIGHT_SUFFIX) and name not in in_index and os.path.isfile(os.path.join(folder, name)):
+            groups.append(WeightGroup(hint, [os.path.join(folder, name)]))
+    pickles = [os.path.join(folder, n) for n in entries if n.endswith(PICKLE_SUFFIXES)]
+    return groups, pickles
+
+
+def _index_shards(index: str) -> list[str]:
+    try:
+        with open(index, encoding="utf-8") as f:
+            data = json.load(f)
+    except ValueError as e:
+        raise LoraFormatError(f"{index}: not valid JSON ({e})") from None
+    wm = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+        raise LoraFormatError(f"{index}: no weight_map (name -> shard file) in the index")
+    shards = sorted(set(wm.values()))
+    folder = os.path.dirname(index)
+    for s in shards:
+        if os.path.basename(s) != s or not os.path.isfile(os.path.join(folder, s)):
+            raise LoraFormatError(f"{index}: shard {s!r} is missing next to the index")
+    return shards
+
+
+def open_base(path: str) -> BaseCheckpoint:
+    """Classify a base checkpoint and read every weight file's header (no tensor data)."""
+    path = os.path.abspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    parent_hint = os.path.basename(os.path.dirname(path))
+    parent_hint = parent_hint if parent_hint in COMPONENTS else None
+    skipped: list[str] = []
+    if os.path.isfile(path):
+        if path.endswith(INDEX_SUFFIX):
+            kind = "sharded"
+            groups = [WeightGroup(parent_hint or _component_from_config(os.path.dirname(path)),
+                                  [os.path.join(os.path.dirname(path), s) for s in _index_shards(path)], index=path)]
+        elif path.endswith(WEIGHT_SUFFIX):
+            kind = "file"
+            groups = [WeightGroup(parent_hint, [path])]
+        elif path.lower().endswith(PICKLE_SUFFIXES):
+            raise LoraFormatError(f"{path}: merge reads safetensors checkpoints only (pickle files can run code and "
+                                  "cannot be streamed); convert it to .safetensors first")
+        else:
+            raise LoraFormatError(f"{path}: not a .safetensors file, a *.safetensors.index.json or a model folder")
+    elif os.path.isfile(os.path.join(path, "model_index.json")):
+        kind = "pipeline"
+        groups = []
+        for sub in sorted(os.listdir(path)):
+            folder = os.path.join(path, sub)
+            if not os.path.isdir(folder):
+                continue
+            sub_groups, pickles = _folder_groups(folder, sub)
+            groups.extend(sub_groups)
+            if sub in COMPONENTS:
+                skipped.extend(pickles)
+    else:
+        kind = "model"
+        name = os.path.basename(path.rstrip(os.sep))
+        hint = name if name in COMPONENTS else _component_from_config(path)
+        groups, skipped = _folder_groups(path, hint)
+        if not groups:
+            raise LoraFormatError(f"{path}: no .safetensors weights in this folder"
+                                  + (f" (found {[os.path.basename(p) for p in skipped]}: pickle weights are not "
+                                     "merged; convert them to .safetensors)" if skipped else ""))
+    for g in groups:
+        for f in g.files:
+            g.headers[f] = read_header(f)
+    base = BaseCheckpoint(kind, path, groups, skipped)
+    _refuse_ldm(base)
+    return base
+
+
+def _refuse_ldm(base: BaseCheckpoint) -> None:
+    for g in base.groups:
+        for f in g.files:
+            for name in g.headers[f].tensors:
+                if name.startswith(_LDM_PREFIXES) or name.endswith("in_proj_weight"):
+                    raise LoraFormatError(
+                        f"{f}: this is a single-file LDM/SGM checkpoint ({name!r}); merge handles diffusers-named "
+                        "checkpoints only for now. Convert it first (diffusers: Pipeline.from_single_file(...)"
+                        ".save_pretrained(DIR)) and merge into DIR")
+
+
+# ----------------------------------------------------------------------------------------------- planning
+
+
+@dataclass
+class LoraSpec:
+    adapter: LoraAdapter
+    weight: float
+    label: str
+
+
+@dataclass
+class _Target:
+    """What happens to one tensor: additive (layer, factor) items, DoRA items, LoRA-bias items."""
+
+    additive: list = field(default_factory=list)
+    dora: list = field(default_factory=list)
+    bias: list = field(default_factory=list)
+    label: str = ""
+
+
+def _alt_paths(path: str) -> list[str]:
+    if path.startswith("text_model."):
+        return [path, path[len("text_model."):]]
+    return [path, "text_model." + path]
+
+
+def _shape_ok(layer: LoraLayer, shape: tuple) -> bool:
+    if layer.kind == "embedding":
+        return tuple(shape) == layer.weight_shape
+    if layer.kind == "conv" and tuple(layer.weight_shape[2:]) != (1, 1):
+        return tuple(shape) == layer.weight_shape
+    if layer.fan_in_fan_out:
+        return len(shape) == 2 and (shape[1], shape[0]) == (layer.out_features, layer.in_features)
+    if len(shape) not in (2, 4) or (len(shape) == 4 and tuple(shape[2:]) != (1, 1)):
+        return False
+    return (shape[0], math.prod(shape[1:])) == (layer.out_features, layer.in_features)
+
+
+def _layers_by_component(loras: list[LoraSpec], component_override: Optional[str]):
+    """{component or None: [(spec index, path, key, layer)]}"""
+    out: dict = {}
+    for i, spec in enumerate(loras):
+        for key, layer in spec.adapter.layers.items():
+            comp, path = split_component(key)
+            if comp is None and component_override is not None:
+                comp = component_override
+            out.setdefault(comp, []).append((i, path, key, layer))
+    return out
+
+
+def _match_count(group: WeightGroup, items) -> int:
+    names = group.names()
+    n = 0
+    for _, path, _, layer in items:
+        for p in _alt_paths(path):
+            hit = names.get(p + ".weight")
+            if hit is not None:
+                n += _shape_ok(layer, hit[1].shape)
+                break
+    return n
+
+
+@dataclass
+class MergePlan:
+    base: BaseCheckpoint
+    targets: dict  # (file, tensor name) -> _Target
+    merged_modules: int
+    unmatched: list[str]  # adapter keys (with spec label) that matched nothing
+    mismatched: list[str]
+
+
+_NO_LAYERS = "\0"  # a group no adapter component applies to
+
+
+def plan_merge(base: BaseCheckpoint, loras: list[LoraSpec], component: Optional[str] = None) -> MergePlan:
+    """Map every adapter layer to a tensor of the base, from headers only. Raises LoraFormatError on ambiguity.
+
+    Each weight group gets the adapter component whose layers apply to it: a pipeline's subfolder name; for a
+    single model, ``component`` if given, else the only one the adapter has, else the folder name or config class,
+    else the component matching the most weights by name and shape.
+    """
+    by_comp = _layers_by_component(loras, component)
+    if base.kind == "pipeline" and None in by_comp:
+        raise LoraFormatError(f"{loras[0].label}: keys carry no component (a PEFT adapter?); pass --component NAME "
+                              "to say which pipeline component they are for")
+    for g in base.groups:
+        if base.kind == "pipeline":
+            g.component = g.component_hint if g.component_hint in by_comp else _NO_LAYERS
+        elif component is not None:
+            g.component = component
+        elif len(by_comp) == 1:
+            g.component = next(iter(by_comp))
+        elif g.component_hint in by_comp:
+            g.component = g.component_hint
+        else:
+            counts = {c: _match_count(g, items) for c, items in by_comp.items()}
+            best = max(counts.values(), default=0)
+            winners = [c for c, n in counts.items() if n == best and n > 0]
+            if len(winners) > 1:
+                raise LoraFormatError(
+                    f"{base.path}: the adapter's components {winners} all match this checkpoint equally; "
+                    "pass --component NAME to say which one it is")
+            g.component = winners[0] if winners else _NO_LAYERS
+
+    targets: dict = {}
+    matched_keys: set = set()
+    mismatched = []
+    merged_modules = 0
+    for g in base.groups:
+        items = by_comp.get(g.component, [])
+        names = g.names()
+        for spec_i, path, key, layer in items:
+            hit = None
+            for p in _alt_paths(path):
+                hit = names.get(p + ".weight")
+                if hit is not None:
+                    break
+            if hit is None:
+                continue
+            f, th = hit
+            label = f"{loras[spec_i].label}: {key}"
+            if not _shape_ok(layer, th.shape):
+                mismatched.append(f"{key}: LoRA implies weight shape {tuple(layer.weight_shape)}, "
+                                  f"{os.path.basename(f)} has {th.name} {tuple(th.shape)}")
+                continue
+            if th.torch_dtype is None or not th.torch_dtype.is_floating_point or th.dtype == "F4":
+                mismatched.append(f"{key}: {th.name} has dtype {th.dtype}, which cannot be merged into")
+                continue
+            factor = loras[spec_i].weight
+            t = targets.setdefault((f, th.name), _Target(label=f"{g.component or 'model'}.{th.name[:-len('.weight')]}"))
+            if layer.magnitude is not None:
+                t.dora.append((layer, factor))
+            else:
+                t.additive.append((layer, factor))
+                if layer.bias is not None:
+                    bias_name = th.name[: -len(".weight")] + ".bias"
+                    if bias_name not in names:
+                        mismatched.append(f"{key}: the adapter has a LoRA bias but the base has no {bias_name}")
+                        continue
+                    bf, bth = names[bias_name]
+                    targets.setdefault((bf, bias_name), _Target(label=bias_name)).bias.append((layer, factor))
+            matched_keys.add((spec_i, key))
+            merged_modules += 1
+    unmatched = [f"{loras[i].label}: {key}" for i, spec in enumerate(loras) for key in spec.adapter.layers
+                 if (i, key) not in matched_keys]
+    return MergePlan(base, targets, merged_modules, unmatched, mismatched)
+
+
+# ----------------------------------------------------------------------------------------------- merging
+
+
+def _fuse_tensor(tensor: torch.Tensor, target: _Target, in_dtype: str, out_dtype: str) -> torch.Tensor:
+    """The merged tensor in ``out_dtype``: same dtype -> the kernel rounds once into it; otherwise the sum is
+    formed in fp32 (the input upcast exactly when it is narrower) and rounded to the output dtype."""
+    from . import engine
+    from .kernels import merge as merge_kernels
+
+    work_dtype = in_dtype if (in_dtype == out_dtype and in_dtype in _MERGEABLE) else "F32"
+    w = tensor.to(_torch_of(work_dtype)) if tensor.dtype != _torch_of(work_dtype) else tensor
+    if target.additive:
+        # Same construction as the engine's merge job: up = [factor·s_i·B_i], down = [A_i], concatenated.
+        ups, downs = [], []
+        for layer, factor in target.additive:
+            b, a = layer.factors()
+            ups.append(b * (layer.scale * factor))
+            downs.append(a)
+        up = torch.cat(ups, dim=1).contiguous() if len(ups) > 1 else ups[0].contiguous()
+        down = torch.cat(downs, dim=0).contiguous() if len(downs) > 1 else downs[0].contiguous()
+        fan_in_fan_out = target.additive[0][0].fan_in_fan_out
+        w2 = w.t() if fan_in_fan_out else w.view(w.shape[0], -1)
+        merge_kernels.fuse([merge_kernels.MergeJob(weight=w2, up=up, down=down)], record=False)
+    for layer, factor in target.dora:
+        view = w.t() if layer.fan_in_fan_out else w
+        view.copy_(engine._dora_fuse(view, layer, factor))
+    if target.bias:
+        acc = w.float()
+        for layer, factor in target.bias:
+            acc = acc + layer.bias.float() * (layer.scale * factor)
+        w = acc.to(w.dtype)
+    if w.dtype != _torch_of(out_dtype):
+        w = w.to(_torch_of(out_dtype))
+    if not torch.isfinite(w).all():
+        raise LoraFormatError(f"{target.label}: merging gives non-finite weights (NaN/Inf); nothing was written")
+    return w
+
+
+def _out_dtype(st_dtype: str, dtype: Optional[str]) -> str:
+    return dtype if (dtype is not None and st_dtype in _CASTABLE) else st_dtype
+
+
+def _merge_file(src: str, header: SafetensorsHeader, dst: str, plan: MergePlan, dtype: Optional[str],
+                progress: Callable[[int], None]) -> int:
+    """Rewrite one weight file; returns the output's tensor data bytes."""
+    entries = [(n, _out_dtype(th.dtype, dtype), th.shape) for n, th in header.tensors.items()]
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        copy_buf = None
+        with StreamingSafetensorsWriter(dst, entries, header.metadata) as writer:
+            for name, _ in writer.order:
+                th = header.tensors[name]
+                out_dt = _out_dtype(th.dtype, dtype)
+                target = plan.targets.get((src, name))
+                if target is None and out_dt == th.dtype:
+                    if copy_buf is None:
+                        copy_buf = memoryview(bytearray(min(_COPY_CHUNK, max(1, header.file_size))))
+                    writer.write_stream(name, th.nbytes, _copy_chunks(fd, th, copy_buf, src))
+                else:
+                    t = read_tensor(fd, th, src)
+                    if target is not None:
+                        t = _fuse_tensor(t, target, th.dtype, out_dt)
+                    else:
+                        t = t.to(_torch_of(out_dt))
+                    writer.write(name, t)
+                    del t
+                progress(th.nbytes)
+            return writer.data_bytes
+    finally:
+        os.close(fd)
+
+
+def _rewrite_index(src_index: str, dst_index: str, total_size: Optional[int]) -> None:
+    if total_size is None:
+        shutil.copy2(src_index, dst_index)
+        return
+    with open(src_index, encoding="utf-8") as f:
+        data = json.load(f)
+    meta = data.setdefault("metadata", {})
+    if isinstance(meta, dict):
+        meta["total_size"] = total_size
+    tmp = dst_index + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, dst_index)
+
+
+@dataclass
+class MergeResult:
+    output: str
+    merged_modules: int
+    merged_tensors: int
+    files_written: int
+    unmatched: list[str]
+    skipped_pickles: list[str]
+
+
+def _total_bytes(base: BaseCheckpoint) -> int:
+    return sum(th.nbytes for g in base.groups for f in g.files for th in g.headers[f].tensors.values())
+
+
+def merge(base_path: str, loras: list[LoraSpec], out: str, *, dtype: Optional[str] = None,
+          component: Optional[str] = None, allow_unmatched: bool = False, overwrite: bool = False,
+          progress_factory: Optional[Callable[[int], Callable[[int], None]]] = None,
+          log: Callable[[str], None] = lambda s: None) -> MergeResult:
+    """Bake ``loras`` into the checkpoint at ``base_path`` and write it to ``out`` (see the module docstring).
+
+    ``dtype``: "F32"/"F16"/"BF16" to convert floating tensors, None to keep each tensor's dtype. Raises
+    LoraFormatError for mismatched shapes, unmatched adapter keys (unless ``allow_unmatched``), an existing
+    ``out`` (unless ``overwrite``), and bases it cannot handle.
+    """
+    base = open_base(base_path)
+    plan = plan_merge(base, loras, component)
+    if plan.mismatched:
+        more = f" (and {len(plan.mismatched) - 1} more)" if len(plan.mismatched) > 1 else ""
+        raise LoraFormatError(f"{base.path}: the adapter does not fit this base model: {plan.mismatched[0]}{more}")
+    if plan.merged_modules == 0:
+        raise LoraFormatError(f"{base.path}: no adapter module matches any weight of this checkpoint "
+                              f"(first adapter key: {plan.unmatched[0] if plan.unmatched else '-'})")
+    if plan.unmatched and not allow_unmatched:
+        more = f" (and {len(plan.unmatched) - 1} more)" if len(plan.unmatched) > 1 else ""
+        raise LoraFormatError(f"{len(plan.unmatched)} adapter modules match nothing in {base.path}: "
+                              f"{plan.unmatched[0]}{more}; pass --allow-unmatched to merge the rest anyway")
+    out = os.path.abspath(out)
+    if os.path.exists(out) and not overwrite:
+        raise LoraFormatError(f"{out}: already exists; choose another -o or pass --overwrite")
+    progress = (progress_factory or (lambda total: (lambda n: None)))(_total_bytes(base))
+    merged_tensors = len(plan.targets)
+
+    if base.kind == "file":
+        if os.path.isdir(out):
+            raise LoraFormatError(f"{out}: is a directory; a single-file base is written to a file")
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        f = base.groups[0].files[0]
+        _merge_file(f, base.groups[0].headers[f], out, plan, dtype, progress)
+        return MergeResult(out, plan.merged_modules, merged_tensors, 1, plan.unmatched, [])
+
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise LoraFormatError(f"{out}: is a file; a {base.kind} base is written to a directory")
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp.", dir=parent)
+    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it 0700; the result should look like any new folder
+    files_written = 0
+    try:
+        weight_files = {f: g for g in base.groups for f in g.files}
+        index_files = {g.index: g for g in base.groups if g.index}
+        src_root = os.path.dirname(base.path) if base.kind == "sharded" else base.path
+        if base.kind == "sharded":
+            copy_list = [base.path] + list(weight_files)
+        else:
+            copy_list = []
+            for root, dirs, files in os.walk(src_root):
+                dirs.sort()
+                for name in sorted(files):
+                    copy_list.append(os.path.join(root, name))
+        sizes: dict = {}
+        for src in copy_list:
+            rel = os.path.relpath(src, src_root)
+            dst = os.path.join(staging, rel)
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            if src in weight_files:
+                g = weight_files[src]
+                sizes[src] = _merge_file(src, g.headers[src], dst, plan, dtype, progress)
+                files_written += 1
+            elif src in index_files:
+                continue  # written after its shards (total_size)
+            elif src in base.skipped_pickles:
+                log(f"skipped {rel}: pickle weights are not merged (the .safetensors weights are)")
+            else:
+                shutil.copy2(src, dst)
+        for index, g in index_files.items():
+            total = sum(sizes[f] for f in g.files) if dtype is not None else None
+            _rewrite_index(index, os.path.join(staging, os.path.relpath(index, src_root)), total)
+        _fsync_dir(staging)
+        if os.path.exists(out):
+            trash = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old.", dir=parent)
+            os.rename(out, os.path.join(trash, "old"))
+            os.rename(staging, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(staging, out)
+        _fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return MergeResult(out, plan.merged_modules, merged_tensors, files_written, plan.unmatched,
+                       [os.path.relpath(p, src_root) for p in base.skipped_pickles])

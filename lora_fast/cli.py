@@ -1,0 +1,423 @@
+"""The ``lora-fast`` command (also ``python -m lora_fast``): inspect, convert, merge, bench.
+
+User errors (missing files, bad formats, a LoRA that does not fit the base model) print one line to stderr and exit
+with status 2; ``-v`` adds the traceback and details. See docs/cli.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import traceback
+from typing import Optional
+
+PROG = "lora-fast"
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for: reported in one line, exit status 2."""
+
+
+def _user_errors():
+    from .errors import LoraError
+
+    return (UsageError, LoraError, OSError)
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def _path_size(path: str) -> tuple[int, list[str]]:
+    if os.path.isfile(path):
+        return os.path.getsize(path), [path]
+    total, files = 0, []
+    for root, dirs, names in os.walk(path):
+        dirs.sort()
+        for n in sorted(names):
+            p = os.path.join(root, n)
+            total += os.path.getsize(p)
+            files.append(p)
+    return total, files
+
+
+def _read_adapter(path: str, args, component: Optional[str] = None):
+    from . import read_lora
+
+    if not os.path.exists(path):
+        raise UsageError(f"{path}: no such file or directory")
+    return read_lora(path, allow_pickle=getattr(args, "allow_pickle", False), component=component)
+
+
+# --------------------------------------------------------------------------------------------------- inspect
+
+
+def _histogram(values) -> list[list]:
+    counts = collections.Counter(values)
+    return [[k, n] for k, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+
+
+def inspect_adapter(path: str, args=None) -> dict:
+    """Everything ``lora-fast inspect`` reports, as a JSON-able dict."""
+    from .adapter import split_component
+
+    adapter = _read_adapter(path, args, getattr(args, "component", None))
+    layers = adapter.layers
+    size, files = _path_size(path)
+    per_comp = collections.Counter(split_component(k)[0] or "(none)" for k in layers)
+    dtypes = collections.Counter()
+    for layer in layers.values():
+        for t in (layer.down, layer.up):
+            dtypes[str(t.dtype).replace("torch.", "")] += 1
+    params = sum(l.down.numel() + l.up.numel() + (l.mid.numel() if l.mid is not None else 0)
+                 + (l.magnitude.numel() if l.magnitude is not None else 0) + (l.bias.numel() if l.bias is not None else 0)
+                 for l in layers.values())
+    return {
+        "path": os.path.abspath(path),
+        "files": [os.path.relpath(f, path) if os.path.isdir(path) else os.path.basename(f) for f in files],
+        "size_bytes": size,
+        "format": adapter.format,
+        "components": {c: n for c, n in per_comp.items()},
+        "modules": len(layers),
+        "parameters": params,
+        "kinds": dict(collections.Counter(l.kind for l in layers.values())),
+        "ranks": _histogram(l.rank for l in layers.values()),
+        "alphas": _histogram(l.alpha for l in layers.values()),
+        "scales": _histogram(round(l.scale, 6) for l in layers.values()),
+        "dtypes": dict(dtypes),
+        "dora": sum(l.magnitude is not None for l in layers.values()),
+        "conv": sum(l.kind == "conv" for l in layers.values()),
+        "conv_kxk": sum(l.kind == "conv" and tuple(l.weight_shape[2:]) != (1, 1) for l in layers.values()),
+        "tucker": sum(l.mid is not None for l in layers.values()),
+        "rslora": sum(l.use_rslora for l in layers.values()),
+        "lora_bias": sum(l.bias is not None for l in layers.values()),
+        "metadata": dict(adapter.metadata),
+    }
+
+
+def _fmt_hist(hist, unit="modules") -> str:
+    if len(hist) == 1:
+        return f"{hist[0][0]:g}" if isinstance(hist[0][0], float) else str(hist[0][0])
+    parts = [f"{(f'{v:g}' if isinstance(v, float) else v)}: {n}" for v, n in hist]
+    return f"varies ({len(hist)} values; {unit} per value) " + ", ".join(parts)
+
+
+def _cmd_inspect(args) -> int:
+    info = inspect_adapter(args.path, args)
+    if args.json:
+        json.dump(info, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    comps = ", ".join(f"{c} ({n})" for c, n in info["components"].items())
+    kinds = ", ".join(f"{k} {n}" for k, n in info["kinds"].items())
+    rows = [
+        ("path", info["path"]),
+        ("size", f"{_human_bytes(info['size_bytes'])} in {len(info['files'])} file(s)"),
+        ("format", info["format"]),
+        ("components", comps),
+        ("modules", f"{info['modules']} ({kinds}); {info['parameters']:,} parameters"),
+        ("rank", _fmt_hist(info["ranks"])),
+        ("alpha", _fmt_hist(info["alphas"])),
+        ("scale", _fmt_hist(info["scales"])),
+        ("dtypes", ", ".join(f"{d} ({n} tensors)" for d, n in info["dtypes"].items())),
+        ("DoRA", f"{info['dora']} modules" if info["dora"] else "no"),
+        ("conv", (f"{info['conv']} modules ({info['conv_kxk']} k×k, {info['tucker']} Tucker)" if info["conv"] else "no")),
+        ("rsLoRA", f"{info['rslora']} modules" if info["rslora"] else "no"),
+        ("LoRA bias", f"{info['lora_bias']} modules" if info["lora_bias"] else "no"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    md = info["metadata"]
+    if md:
+        print(f"{'metadata':<{width}}  {len(md)} keys")
+        for k in sorted(md):
+            v = md[k].replace("\n", " ")
+            if len(v) > 100 and not args.verbose:
+                v = v[:97] + "..."
+            print(f"  {k}: {v}")
+    else:
+        print(f"{'metadata':<{width}}  none")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------- convert
+
+
+def compare_adapters(a, b) -> list[str]:
+    """Differences between two adapters' effective weights (delta, DoRA magnitude, scaled bias), module by module."""
+    import torch
+
+    problems = []
+    for key in sorted(set(a.layers) | set(b.layers)):
+        la, lb = a.layers.get(key), b.layers.get(key)
+        if la is None or lb is None:
+            problems.append(f"{key}: only in {'the source' if lb is None else 'the converted file'}")
+            continue
+        if la.kind != lb.kind:
+            problems.append(f"{key}: kind {la.kind} became {lb.kind}")
+            continue
+        da, db = la.delta(), lb.delta()
+        if da.shape != db.shape:
+            problems.append(f"{key}: delta shape {tuple(da.shape)} became {tuple(db.shape)}")
+            continue
+        if not torch.equal(da, db):
+            diff = (da - db).abs().max().item()
+            problems.append(f"{key}: delta differs (max abs difference {diff:.3g})")
+        for what in ("magnitude", "bias"):
+            ta, tb = getattr(la, what), getattr(lb, what)
+            if (ta is None) != (tb is None):
+                problems.append(f"{key}: {what} {'lost' if tb is None else 'appeared'}")
+            elif ta is not None:
+                if what == "bias":
+                    ta, tb = ta.float() * la.scale, tb.float() * lb.scale
+                if ta.shape != tb.shape or not torch.equal(ta.float().reshape(-1), tb.float().reshape(-1)):
+                    problems.append(f"{key}: {what} differs")
+        if la.magnitude is not None and la.magnitude_axis != lb.magnitude_axis:
+            problems.append(f"{key}: DoRA axis {la.magnitude_axis} became {lb.magnitude_axis}")
+    return problems
+
+
+def _cmd_convert(args) -> int:
+    src, dst = args.src, args.dst
+    if os.path.exists(dst) and not args.overwrite:
+        raise UsageError(f"{dst}: already exists; choose another destination or pass --overwrite")
+    adapter = _read_adapter(src, args, args.component)
+    adapter.save(dst, format=args.to)
+    comps = adapter.components()
+    back_component = None
+    if args.to == "peft" and len(comps) == 1 and not os.path.isdir(os.path.join(dst, comps[0])):
+        back_component = comps[0]  # a single-component PEFT adapter carries no component in its keys
+    readback_path = dst
+    if args.to == "diffusers" and os.path.isdir(dst):
+        readback_path = os.path.join(dst, "pytorch_lora_weights.safetensors")
+    back = _read_adapter(readback_path, argparse.Namespace(allow_pickle=False), back_component)
+    problems = compare_adapters(adapter, back)
+    n = len(adapter.layers)
+    if problems:
+        print(f"{PROG}: converted {src} ({adapter.format}) -> {dst} ({args.to}), but {len(problems)} of {n} "
+              f"modules do not come back identical:", file=sys.stderr)
+        for p in problems[: None if args.verbose else 10]:
+            print(f"  {p}", file=sys.stderr)
+        if len(problems) > 10 and not args.verbose:
+            print(f"  ... ({len(problems) - 10} more; -v lists them all)", file=sys.stderr)
+        return 1
+    print(f"converted {src} ({adapter.format}, {n} modules) -> {dst} ({args.to}); re-read and checked: "
+          f"every module's delta is identical (bit for bit)")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------- merge
+
+
+def _parse_lora_arg(text: str) -> tuple[str, float]:
+    if os.path.exists(text):
+        return text, 1.0
+    head, sep, tail = text.rpartition(":")
+    if sep and head:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def _progress_factory(enabled: bool):
+    def make(total: int):
+        if not enabled:
+            return lambda n: None
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="merging", file=sys.stderr, leave=False)
+        _progress_factory.bars.append(bar)
+        return bar.update
+    return make
+
+
+_progress_factory.bars = []
+
+
+def _cmd_merge(args) -> int:
+    from . import checkpoint
+
+    specs = []
+    for text in args.lora:
+        path, weight = _parse_lora_arg(text)
+        adapter = _read_adapter(path, args, None)
+        specs.append(checkpoint.LoraSpec(adapter, weight, path))
+    dtype = checkpoint.OUTPUT_DTYPES[args.dtype] if args.dtype else None
+    show_bar = sys.stderr.isatty() and not args.no_progress
+    try:
+        result = checkpoint.merge(
+            args.base, specs, args.output, dtype=dtype, component=args.component,
+            allow_unmatched=args.allow_unmatched, overwrite=args.overwrite,
+            progress_factory=_progress_factory(show_bar),
+            log=lambda s: print(f"{PROG}: {s}", file=sys.stderr))
+    finally:
+        for bar in _progress_factory.bars:
+            bar.close()
+        _progress_factory.bars.clear()
+    weights = ", ".join(f"{os.path.basename(s.label)}×{s.weight:g}" for s in specs)
+    print(f"merged {result.merged_modules} modules ({weights}) into {result.merged_tensors} tensors; "
+          f"wrote {result.files_written} weight file(s) to {result.output}")
+    if result.unmatched:
+        print(f"{PROG}: warning: {len(result.unmatched)} adapter modules matched nothing in the base and were skipped",
+              file=sys.stderr)
+        for u in result.unmatched[: None if args.verbose else 10]:
+            print(f"  {u}", file=sys.stderr)
+        if len(result.unmatched) > 10 and not args.verbose:
+            print(f"  ... ({len(result.unmatched) - 10} more; -v lists them all)", file=sys.stderr)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------- bench
+
+
+def _cmd_bench(args) -> int:
+    from . import bench
+
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        raise UsageError("bench builds diffusers-shaped models: pip install 'lora_fast[diffusers]'") from None
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: no CUDA device is available here")
+    dtypes = []
+    for d in args.dtype or ["fp16", "bf16"]:
+        for part in d.split(","):
+            if part not in bench.DTYPES:
+                raise UsageError(f"--dtype {part!r}: expected fp32, fp16 or bf16")
+            if part not in dtypes:
+                dtypes.append(part)
+    case = bench.make_case(args.model, targets=args.targets, rank=args.rank)
+    compare = args.compare == "diffusers"
+    log = print if args.verbose else (lambda s: print(s, file=sys.stderr))
+    report = bench.run(cases=(case,), dtypes=tuple(dtypes), repeats=args.repeats, compare_diffusers=compare,
+                       size=args.size, device=args.device, log=log)
+    paths = bench.write_report(report, args.out)
+    print()
+    print(bench.format_table(report))
+    print()
+    for p in paths:
+        print(f"wrote {p}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="show details (and the traceback of an error)")
+
+    parser = argparse.ArgumentParser(
+        prog=PROG, parents=[common],
+        description="Inspect, convert, merge and benchmark LoRA adapters for diffusion models (lora_fast).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("inspect", parents=[common], help="describe a LoRA file or directory",
+                       description="Describe a LoRA: format, components, modules, ranks and alphas (a histogram when "
+                                   "they vary), dtypes, DoRA/conv layers, size and metadata.")
+    p.add_argument("path", metavar="FILE_OR_DIR")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--component", help="component for keys that carry none (PEFT files), e.g. unet")
+    p.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt/.ckpt files (unpickling runs code)")
+    p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("convert", parents=[common], help="convert a LoRA to another format, checked exact",
+                       description="Convert a LoRA between formats. The result is re-read and every module's delta "
+                                   "compared with the source's, bit for bit; exit status 1 if any differs.")
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("dst", metavar="DST", help="a .safetensors file (diffusers, kohya) or a directory (peft)")
+    p.add_argument("--to", required=True, choices=["diffusers", "kohya", "peft"])
+    p.add_argument("--component", help="component for keys that carry none (PEFT files), e.g. unet")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt/.ckpt files (unpickling runs code)")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("merge", parents=[common], help="bake LoRAs into a base checkpoint, streaming",
+                       description="Bake one or more LoRAs into a diffusers-named base checkpoint: a .safetensors "
+                                   "file, a sharded checkpoint (*.safetensors.index.json), a model folder or a "
+                                   "pipeline folder. Tensors are streamed one at a time (memory ~ the largest tensor "
+                                   "plus the adapters); the output is written atomically, with the same sharding "
+                                   "and metadata.")
+    p.add_argument("--base", required=True, metavar="MODEL", help="base checkpoint (file, index, or folder)")
+    p.add_argument("--lora", required=True, action="append", metavar="FILE[:WEIGHT]",
+                   help="a LoRA and its strength (default 1.0); repeat for several")
+    p.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="output: a file for a single-file base, a directory otherwise")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"],
+                   help="convert floating-point tensors to this dtype (default: keep each tensor's dtype)")
+    p.add_argument("--component", help="which adapter component the base is (unet, text_encoder, ...), when it "
+                                       "cannot be told from the folder name or config")
+    p.add_argument("--allow-unmatched", action="store_true",
+                   help="merge even if some adapter modules match nothing in the base (they are listed)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (it shows only on a terminal)")
+    p.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt/.ckpt LoRA files (unpickling runs code)")
+    p.set_defaults(func=_cmd_merge)
+
+    p = sub.add_parser("bench", parents=[common], help="fuse/unfuse benchmark vs diffusers and the machine floor",
+                       description="Fuse and unfuse a random LoRA on a built-in full-size model (random weights) with "
+                                   "lora_fast and diffusers, next to the machine's measured floor (memory bandwidth / "
+                                   "matmul rate). Prints a table and writes bench.json and bench.png to --out.")
+    p.add_argument("--model", choices=["sd15", "sdxl", "sd3"], default="sd15",
+                   help="built-in model shape (default sd15: UNet + CLIP text encoder)")
+    p.add_argument("--targets", choices=["attn", "linear"], default=None,
+                   help="attention projections, or every Linear (default: attn for sd15/sd3, linear for sdxl)")
+    p.add_argument("--rank", type=int, default=None, help="LoRA rank (default: 4 sd15, 32 sdxl, 16 sd3)")
+    p.add_argument("--dtype", action="append", metavar="DTYPE",
+                   help="fp32, fp16, bf16; repeat or comma-separate (default fp16,bf16)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--compare", choices=["diffusers", "none"], default="diffusers",
+                   help="also time diffusers' fuse_lora/unfuse_lora (default diffusers)")
+    p.add_argument("--repeats", type=int, default=3, help="timed fuse/unfuse cycles per library (median reported)")
+    p.add_argument("--out", default="bench-out", metavar="DIR", help="where bench.json and bench.png go")
+    p.add_argument("--size", choices=["full", "tiny"], default="full", help=argparse.SUPPRESS)  # tests
+    p.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:  # the earlier name of `bench`
+        argv[0] = "bench"
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.verbose = getattr(args, "verbose", False)
+    if getattr(args, "command", None) == "bench" and args.rank is not None and args.rank < 1:
+        parser.error("--rank must be >= 1")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except _user_errors() as exc:
+        if args.verbose:
+            traceback.print_exc()
+        msg = str(exc) or type(exc).__name__
+        if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in msg:
+            msg = f"{exc.filename}: {exc.strerror or msg}"
+        print(f"{PROG}: error: {msg.splitlines()[0] if not args.verbose else msg}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a bug, not a user error: still one line unless -v
+        if args.verbose:
+            traceback.print_exc()
+        print(f"{PROG}: internal error: {type(exc).__name__}: {exc} (run with -v for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
