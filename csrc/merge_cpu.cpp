@@ -28,6 +28,7 @@
 #include <new>
 #include <memory>
 #include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -59,11 +60,21 @@ struct Job {
     const float* up = nullptr;    // (rows, R) row-major
     const float* down = nullptr;  // (R, cols) row-major
     int64_t R = 0;
-    // unfuse only: records to scatter back after the pass
-    const int64_t* rest_idx = nullptr;
+    int64_t nseg = 1;  // column segments per row (see kSegCols)
+    // unfuse only: the caller's records (layout of JobRecords), scattered back during the pass
+    const void* rest_off = nullptr;  // int32, or int64 when rest_off64
+    bool rest_off64 = false;
+    const uint16_t* rest_col = nullptr;
     const void* rest_val = nullptr;
     int64_t rest_n = 0;
+    int64_t rest_offset(int64_t key) const {
+        return rest_off64 ? static_cast<const int64_t*>(rest_off)[key] : static_cast<const int32_t*>(rest_off)[key];
+    }
 };
+
+// Records name an element by (row, column segment of kSegCols columns, 16-bit column inside the segment), so a
+// record costs 2 bytes of position instead of an 8-byte flat index. Tiles never straddle a segment boundary.
+constexpr int64_t kSegCols = 65536;
 
 struct Options {
     bool negate = false;  // unfuse: W <- rn(W - delta)
@@ -71,39 +82,41 @@ struct Options {
     bool check_finite = false;
 };
 
-// Growable (flat index, original bits) list. No value-initialization and no bounds checks in push(): callers
-// reserve room for a whole row first, so the hot loop writes through raw pointers.
-struct RecList {
-    int64_t* idx = nullptr;
-    uint32_t* val = nullptr;
+// One tile's records as the pass finds them: how many in each of the tile's rows, then per record the column
+// inside the tile's segment and the original bits in the weight's width, rows in order and columns ascending.
+// No value-initialization and no bounds checks when filling: callers reserve room for a whole row first.
+struct TileRecs {
+    uint16_t* col = nullptr;
+    char* val = nullptr;
+    int32_t* row_n = nullptr;  // per tile row
     size_t n = 0, cap = 0;
-    RecList() = default;
-    RecList(const RecList&) = delete;
-    RecList& operator=(const RecList&) = delete;
-    RecList(RecList&& o) noexcept : idx(o.idx), val(o.val), n(o.n), cap(o.cap) { o.idx = nullptr; o.val = nullptr; o.n = o.cap = 0; }
-    ~RecList() { release(); }
+    TileRecs() = default;
+    TileRecs(const TileRecs&) = delete;
+    TileRecs& operator=(const TileRecs&) = delete;
+    ~TileRecs() { release(); }
     void release() {
-        std::free(idx);
+        std::free(col);
         std::free(val);
-        idx = nullptr;
+        std::free(row_n);
+        col = nullptr;
         val = nullptr;
+        row_n = nullptr;
         n = cap = 0;
     }
-    void reserve_more(size_t extra) {
+    void init_rows(int64_t rows) {
+        row_n = static_cast<int32_t*>(std::calloc(static_cast<size_t>(std::max<int64_t>(rows, 1)), sizeof(int32_t)));
+        if (!row_n) throw std::bad_alloc();
+    }
+    void reserve_more(size_t extra, int es) {
         if (n + extra <= cap) return;
         size_t c = std::max(cap * 2, n + extra);
-        auto* ni = static_cast<int64_t*>(std::realloc(idx, c * sizeof(int64_t)));
-        if (!ni) throw std::bad_alloc();
-        idx = ni;
-        auto* nv = static_cast<uint32_t*>(std::realloc(val, c * sizeof(uint32_t)));
+        auto* nc = static_cast<uint16_t*>(std::realloc(col, c * sizeof(uint16_t)));
+        if (!nc) throw std::bad_alloc();
+        col = nc;
+        auto* nv = static_cast<char*>(std::realloc(val, c * static_cast<size_t>(es)));
         if (!nv) throw std::bad_alloc();
         val = nv;
         cap = c;
-    }
-    void push(int64_t i, uint32_t v) {
-        idx[n] = i;
-        val[n] = v;
-        ++n;
     }
 };
 
@@ -442,24 +455,38 @@ struct Tile {
 // Unfuse: scatter the caller's records that fall in this row segment while it is still in cache.
 inline void restore_row(const Job& jb, int64_t row, int64_t c0, int64_t c1) {
     if (jb.rest_n <= 0) return;
-    const int64_t lo_idx = row * jb.cols + c0, hi_idx = row * jb.cols + c1;
-    const int64_t* end = jb.rest_idx + jb.rest_n;
-    const int64_t* it = std::lower_bound(jb.rest_idx, end, lo_idx);  // records are sorted by flat index
+    const int64_t seg = c0 / kSegCols, key = row * jb.nseg + seg;
+    const int64_t lo = jb.rest_offset(key), hi = jb.rest_offset(key + 1);
+    if (lo == hi) return;
+    const uint32_t lo_c = static_cast<uint32_t>(c0 - seg * kSegCols), hi_c = static_cast<uint32_t>(c1 - seg * kSegCols);
+    const uint16_t* end = jb.rest_col + hi;
+    const uint16_t* it = jb.rest_col + lo;
+    if (lo_c > 0) it = std::lower_bound(it, end, lo_c);  // columns ascend within a segment (checked up front)
     const int es = elem_size(jb.dtype);
     const char* vals = static_cast<const char*>(jb.rest_val);
-    char* base = jb.w + row * jb.sr * es;
-    for (; it != end && *it < hi_idx; ++it) {
-        const int64_t q = it - jb.rest_idx, c = *it - row * jb.cols;
-        if (es == 4) std::memcpy(base + c * jb.sc * 4, vals + q * 4, 4);
-        else std::memcpy(base + c * jb.sc * 2, vals + q * 2, 2);
+    char* base = jb.w + (row * jb.sr + seg * kSegCols * jb.sc) * es;
+    for (; it != end && *it < hi_c; ++it) {
+        const int64_t q = it - jb.rest_col;
+        if (es == 4) std::memcpy(base + *it * jb.sc * 4, vals + q * 4, 4);
+        else std::memcpy(base + *it * jb.sc * 2, vals + q * 2, 2);
     }
 }
 
+// Appends one row's staged records to the tile's list. seg_c0: the row segment's first column inside its segment.
 template <int DT>
-inline void flush_row(RecList* rec, const RowRecs& rr, int64_t cnt, int64_t flat0) {
+inline void flush_row(TileRecs* rec, const RowRecs& rr, int64_t cnt, int64_t tile_row, int64_t seg_c0) {
+    rec->row_n[tile_row] = static_cast<int32_t>(cnt);
     if (cnt == 0) return;
-    rec->reserve_more(static_cast<size_t>(cnt));
-    for (int64_t q = 0; q < cnt; ++q) rec->push(flat0 + rr.col[q], load_raw_s<DT>(rr.orig + rr.col[q] * elem_size(DT)));
+    constexpr int es = DT == DT_F32 ? 4 : 2;
+    rec->reserve_more(static_cast<size_t>(cnt), es);
+    uint16_t* c = rec->col + rec->n;
+    char* v = rec->val + rec->n * es;
+    for (int64_t q = 0; q < cnt; ++q) {
+        const int32_t j = rr.col[q];
+        c[q] = static_cast<uint16_t>(seg_c0 + j);
+        std::memcpy(v + q * es, rr.orig + j * es, es);
+    }
+    rec->n += static_cast<size_t>(cnt);
 }
 
 #if LF_X86
@@ -468,7 +495,7 @@ inline void flush_row(RecList* rec, const RowRecs& rr, int64_t cnt, int64_t flat
 // records come out sorted by flat index.
 template <class V, int DT, bool REC>
 __attribute__((always_inline)) inline void run_tile_vec(const Job& jb, const Tile& t, const Options& o, Scratch& s,
-                                                        RecList* rec, bool& nonfinite) {
+                                                        TileRecs* rec, bool& nonfinite) {
     constexpr int MR = V::MR, NR = V::NV * V::W;
     const int64_t R = jb.R, nb = t.c1 - t.c0;
     const int64_t npanel = (nb + NR - 1) / NR, ldo = npanel * NR;
@@ -510,24 +537,24 @@ __attribute__((always_inline)) inline void run_tile_vec(const Job& jb, const Til
                 cnt = epilogue_row_vec<V, DT, REC>(tmp, drow, nb, o, rr, nonfinite, nullptr);
                 for (int64_t j = 0; j < nb; ++j) std::memcpy(wrow + j * jb.sc * es, tmp + j * es, es);
             }
-            if (REC) flush_row<DT>(rec, rr, cnt, row * jb.cols + t.c0);
+            if (REC) flush_row<DT>(rec, rr, cnt, row - t.r0, t.c0 % kSegCols);
             else restore_row(jb, row, t.c0, t.c1);
         }
     }
 }
 
 template <int DT, bool REC>
-LF_T512 __attribute__((flatten)) void run_tile_avx512(const Job& jb, const Tile& t, const Options& o, Scratch& s, RecList* rec, bool& nf) {
+LF_T512 __attribute__((flatten)) void run_tile_avx512(const Job& jb, const Tile& t, const Options& o, Scratch& s, TileRecs* rec, bool& nf) {
     run_tile_vec<Avx512, DT, REC>(jb, t, o, s, rec, nf);
 }
 template <int DT, bool REC>
-LF_T256 __attribute__((flatten)) void run_tile_avx2(const Job& jb, const Tile& t, const Options& o, Scratch& s, RecList* rec, bool& nf) {
+LF_T256 __attribute__((flatten)) void run_tile_avx2(const Job& jb, const Tile& t, const Options& o, Scratch& s, TileRecs* rec, bool& nf) {
     run_tile_vec<Avx2, DT, REC>(jb, t, o, s, rec, nf);
 }
 #endif
 
 template <int DT>
-void run_tile_scalar(const Job& jb, const Tile& t, const Options& o, Scratch& s, RecList* rec, bool& nonfinite) {
+void run_tile_scalar(const Job& jb, const Tile& t, const Options& o, Scratch& s, TileRecs* rec, bool& nonfinite) {
     constexpr int MR = 4;
     const int64_t nb = t.c1 - t.c0;
     const int es = elem_size(DT);
@@ -540,13 +567,13 @@ void run_tile_scalar(const Job& jb, const Tile& t, const Options& o, Scratch& s,
             const int64_t row = r + i;
             char* wrow = jb.w + (row * jb.sr + t.c0 * jb.sc) * es;
             int64_t cnt = epilogue_row_scalar<DT>(wrow, jb.sc, s.dbuf.data() + i * nb, nb, o, rr, nonfinite);
-            if (o.record) flush_row<DT>(rec, rr, cnt, row * jb.cols + t.c0);
+            if (o.record) flush_row<DT>(rec, rr, cnt, row - t.r0, t.c0 % kSegCols);
             else restore_row(jb, row, t.c0, t.c1);
         }
     }
 }
 
-using TileFn = void (*)(const Job&, const Tile&, const Options&, Scratch&, RecList*, bool&);
+using TileFn = void (*)(const Job&, const Tile&, const Options&, Scratch&, TileRecs*, bool&);
 
 TileFn pick_tile_fn(int isa, int dt, bool rec) {
 #if LF_X86
@@ -640,37 +667,121 @@ TileShape tile_shape(int isa, const Job& jb) {
     return {mb, nb};
 }
 
-// A job's final records: sorted flat indices and original bits in the weight's own width (malloc'd; ownership
-// passes to numpy).
+// A job's final records (malloc'd; ownership passes to numpy). Segment key k = row * nseg + column / kSegCols;
+// the records of key k are [off[k], off[k + 1]): columns inside the segment (ascending) and original bits in the
+// weight's own width. off has rows * nseg + 1 entries, int64 when the job has 2^31 elements or more (int32
+// otherwise), and is empty when the job has no record at all.
 struct JobRecords {
-    int64_t* idx = nullptr;
+    void* off = nullptr;
+    bool off64 = false;
+    size_t noff = 0;
+    uint16_t* col = nullptr;
     void* val = nullptr;
     size_t n = 0;
 };
+
+inline bool needs_off64(const Job& jb) { return jb.rows * jb.cols >= (int64_t(1) << 31); }
 
 struct MergeResult {
     std::vector<JobRecords> recs;    // per job
     std::vector<uint8_t> nonfinite;  // per job
 };
 
+// A caller's records must fit their job before anything is written: offsets run from 0 to n without decreasing,
+// and inside each segment the columns ascend strictly and stay inside the weight.
+bool records_fit(const Job& jb, int64_t noff) {
+    const int64_t nkeys = jb.rows * jb.nseg;
+    if (noff != nkeys + 1 || jb.rest_offset(0) != 0 || jb.rest_offset(nkeys) != jb.rest_n) return false;
+    for (int64_t k = 0; k < nkeys; ++k) {
+        const int64_t lo = jb.rest_offset(k), hi = jb.rest_offset(k + 1);
+        if (hi < lo || hi > jb.rest_n) return false;
+        const int64_t width = std::min(kSegCols, jb.cols - (k % jb.nseg) * kSegCols);
+        int64_t prev = -1;
+        for (int64_t q = lo; q < hi; ++q) {
+            const int64_t c = jb.rest_col[q];
+            if (c <= prev || c >= width) return false;
+            prev = c;
+        }
+    }
+    return true;
+}
+
+// Second phase of a fuse, per job: the tiles' lists become the job's records. Counts per segment key first, then
+// each band's tiles are copied left to right, so every segment's columns come out ascending.
+void gather_records(const Job& jb, const std::vector<Tile>& tiles, std::vector<TileRecs>& tile_recs, int64_t t0,
+                    int64_t t1, JobRecords& out) {
+    size_t total = 0;
+    for (int64_t i = t0; i < t1; ++i) total += tile_recs[static_cast<size_t>(i)].n;
+    const int es = elem_size(jb.dtype);
+    out.n = total;
+    out.off64 = needs_off64(jb);
+    if (total == 0) {
+        for (int64_t i = t0; i < t1; ++i) tile_recs[static_cast<size_t>(i)].release();
+        return;
+    }
+    const int64_t nkeys = jb.rows * jb.nseg;
+    std::vector<int64_t> cur(static_cast<size_t>(nkeys + 1), 0);
+    for (int64_t i = t0; i < t1; ++i) {
+        const Tile& t = tiles[static_cast<size_t>(i)];
+        const TileRecs& tr = tile_recs[static_cast<size_t>(i)];
+        const int64_t seg = t.c0 / kSegCols;
+        for (int64_t r = t.r0; r < t.r1; ++r) cur[static_cast<size_t>(r * jb.nseg + seg + 1)] += tr.row_n[r - t.r0];
+    }
+    for (int64_t k = 0; k < nkeys; ++k) cur[static_cast<size_t>(k + 1)] += cur[static_cast<size_t>(k)];
+    out.noff = static_cast<size_t>(nkeys + 1);
+    out.off = std::malloc(out.noff * (out.off64 ? 8 : 4));
+    out.col = static_cast<uint16_t*>(std::malloc(total * sizeof(uint16_t)));
+    out.val = std::malloc(total * static_cast<size_t>(es));
+    if (!out.off || !out.col || !out.val) throw std::bad_alloc();  // the caller frees what was allocated
+    for (size_t k = 0; k < out.noff; ++k) {
+        if (out.off64) static_cast<int64_t*>(out.off)[k] = cur[k];
+        else static_cast<int32_t*>(out.off)[k] = static_cast<int32_t>(cur[k]);
+    }
+    char* val = static_cast<char*>(out.val);
+    for (int64_t i = t0; i < t1; ++i) {  // tiles are band-major, column blocks left to right inside a band
+        const Tile& t = tiles[static_cast<size_t>(i)];
+        TileRecs& tr = tile_recs[static_cast<size_t>(i)];
+        const int64_t seg = t.c0 / kSegCols;
+        size_t p = 0;
+        for (int64_t r = t.r0; r < t.r1; ++r) {
+            const size_t m = static_cast<size_t>(tr.row_n[r - t.r0]);
+            if (m == 0) continue;
+            int64_t& dst = cur[static_cast<size_t>(r * jb.nseg + seg)];
+            std::memcpy(out.col + dst, tr.col + p, m * sizeof(uint16_t));
+            std::memcpy(val + dst * es, tr.val + p * es, m * static_cast<size_t>(es));
+            dst += static_cast<int64_t>(m);
+            p += m;
+        }
+        tr.release();  // free as we go
+    }
+}
+
+void free_records(JobRecords& jr) {
+    std::free(jr.off);
+    std::free(jr.col);
+    std::free(jr.val);
+    jr = JobRecords();
+}
+
 MergeResult merge_run(const std::vector<Job>& jobs, const Options& o, int nthreads, int isa) {
     if (isa == ISA_AUTO || isa > best_isa()) isa = best_isa();
     std::vector<Tile> tiles;
     std::vector<int64_t> job_tile0(jobs.size() + 1, 0);
-    std::vector<int64_t> job_ncb(jobs.size(), 1);
     for (size_t j = 0; j < jobs.size(); ++j) {
         const Job& jb = jobs[j];
         job_tile0[j] = static_cast<int64_t>(tiles.size());
         if (jb.rows <= 0 || jb.cols <= 0) continue;
         TileShape ts = tile_shape(isa, jb);
-        job_ncb[j] = (jb.cols + ts.nb - 1) / ts.nb;
         for (int64_t r = 0; r < jb.rows; r += ts.mb)
-            for (int64_t c = 0; c < jb.cols; c += ts.nb)
-                tiles.push_back({static_cast<int32_t>(j), r, std::min(jb.rows, r + ts.mb), c, std::min(jb.cols, c + ts.nb)});
+            for (int64_t c = 0; c < jb.cols;) {
+                const int64_t ce = std::min({jb.cols, c + ts.nb, (c / kSegCols + 1) * kSegCols});
+                tiles.push_back({static_cast<int32_t>(j), r, std::min(jb.rows, r + ts.mb), c, ce});
+                c = ce;
+            }
     }
     job_tile0[jobs.size()] = static_cast<int64_t>(tiles.size());
 
-    std::vector<RecList> tile_recs(o.record ? tiles.size() : 0);
+    std::vector<TileRecs> tile_recs(o.record ? tiles.size() : 0);
     std::vector<uint8_t> tile_nf(tiles.size(), 0);
     std::vector<Scratch> scratch(static_cast<size_t>(std::max(nthreads, 1)));
     std::vector<TileFn> fns(jobs.size());
@@ -679,7 +790,11 @@ MergeResult merge_run(const std::vector<Job>& jobs, const Options& o, int nthrea
     parallel_for(static_cast<int64_t>(tiles.size()), nthreads, [&](int tid, int64_t i) {
         const Tile& t = tiles[static_cast<size_t>(i)];
         bool nf = false;
-        RecList* rec = o.record ? &tile_recs[static_cast<size_t>(i)] : nullptr;
+        TileRecs* rec = nullptr;
+        if (o.record) {
+            rec = &tile_recs[static_cast<size_t>(i)];
+            rec->init_rows(t.r1 - t.r0);
+        }
         fns[t.job](jobs[t.job], t, o, scratch[static_cast<size_t>(tid)], rec, nf);
         tile_nf[static_cast<size_t>(i)] = nf;
     });
@@ -689,64 +804,34 @@ MergeResult merge_run(const std::vector<Job>& jobs, const Options& o, int nthrea
     res.nonfinite.assign(jobs.size(), 0);
     for (size_t j = 0; j < jobs.size(); ++j)
         for (int64_t i = job_tile0[j]; i < job_tile0[j + 1]; ++i) res.nonfinite[j] |= tile_nf[static_cast<size_t>(i)];
-
-    // Second phase, per job: merge the tiles' sorted record lists into one sorted list (row bands in order; the
-    // column blocks of one band interleave by row, so they are merged).
-    parallel_for(static_cast<int64_t>(jobs.size()), nthreads, [&](int, int64_t jj) {
-        const size_t j = static_cast<size_t>(jj);
-        const Job& jb = jobs[j];
-        if (o.record) {
-            JobRecords& out = res.recs[j];
-            size_t total = 0;
-            for (int64_t i = job_tile0[j]; i < job_tile0[j + 1]; ++i) total += tile_recs[static_cast<size_t>(i)].n;
-            const int es = elem_size(jb.dtype);
-            out.n = total;
-            out.idx = static_cast<int64_t*>(std::malloc(std::max<size_t>(total, 1) * sizeof(int64_t)));
-            out.val = std::malloc(std::max<size_t>(total, 1) * static_cast<size_t>(es));
-            if (!out.idx || !out.val) throw std::bad_alloc();
-            auto* v32 = static_cast<uint32_t*>(out.val);
-            auto* v16 = static_cast<uint16_t*>(out.val);
-            size_t q = 0;
-            auto put = [&](const RecList& rl, size_t p) {
-                out.idx[q] = rl.idx[p];
-                if (es == 4) v32[q] = rl.val[p]; else v16[q] = static_cast<uint16_t>(rl.val[p]);
-                ++q;
-            };
-            const int64_t ncb = job_ncb[j];
-            for (int64_t band0 = job_tile0[j]; band0 < job_tile0[j + 1]; band0 += ncb) {
-                if (ncb == 1) {
-                    const RecList& rl = tile_recs[static_cast<size_t>(band0)];
-                    for (size_t p = 0; p < rl.n; ++p) put(rl, p);
-                } else {
-                    // each column block's list is row-major within the band: emit row by row, blocks left to right
-                    const Tile& t0 = tiles[static_cast<size_t>(band0)];
-                    std::vector<size_t> pos(static_cast<size_t>(ncb), 0);
-                    for (int64_t row = t0.r0; row < t0.r1; ++row) {
-                        const int64_t row_end = (row + 1) * jb.cols;
-                        for (int64_t c = 0; c < ncb; ++c) {
-                            const RecList& rl = tile_recs[static_cast<size_t>(band0 + c)];
-                            size_t& p = pos[static_cast<size_t>(c)];
-                            while (p < rl.n && rl.idx[p] < row_end) put(rl, p++);
-                        }
-                    }
-                }
-                for (int64_t c = 0; c < ncb; ++c) tile_recs[static_cast<size_t>(band0 + c)].release();  // free as we go
-            }
+    if (o.record) {
+        try {
+            parallel_for(static_cast<int64_t>(jobs.size()), nthreads, [&](int, int64_t jj) {
+                const size_t j = static_cast<size_t>(jj);
+                gather_records(jobs[j], tiles, tile_recs, job_tile0[j], job_tile0[j + 1], res.recs[j]);
+            });
+        } catch (...) {
+            for (auto& jr : res.recs) free_records(jr);
+            throw;
         }
-    });
+    }
     return res;
 }
 
 // Hands a malloc'd buffer to numpy without copying; the capsule frees it.
 template <class T>
 py::array owned_array(T* data, size_t n) {
-    if (!data) data = static_cast<T*>(std::malloc(sizeof(T)));  // numpy wants a valid pointer even for size 0
+    if (!data) {
+        data = static_cast<T*>(std::malloc(sizeof(T)));  // numpy wants a valid pointer even for size 0
+        if (!data) throw std::bad_alloc();
+    }
     py::capsule owner(data, [](void* p) { std::free(p); });
     return py::array_t<T>({static_cast<py::ssize_t>(n)}, {static_cast<py::ssize_t>(sizeof(T))}, data, owner);
 }
 
 // jobs: sequence of (w_addr, rows, cols, stride_r, stride_c, dtype, up_addr, down_addr, R).
-// restore (unfuse only): None or a sequence parallel to jobs of (idx_addr, val_addr, n).
+// restore (unfuse only): None or a sequence parallel to jobs of None or
+// (off_addr, off_is_int64, off_len, col_addr, val_addr, n), the layout of JobRecords.
 py::list merge_cpu_py(py::sequence job_specs, bool negate, bool record, bool check_finite, int num_threads, int isa,
                       py::object restore) {
     std::vector<Job> jobs;
@@ -767,8 +852,10 @@ py::list merge_cpu_py(py::sequence job_specs, bool negate, bool record, bool che
         if (jb.dtype < DT_F32 || jb.dtype > DT_BF16) throw std::invalid_argument("merge_cpu: unknown dtype code");
         if (jb.rows < 0 || jb.cols < 0 || jb.R < 1) throw std::invalid_argument("merge_cpu: bad shape or rank");
         if (jb.rows * jb.cols > 0 && (!jb.w || !jb.up || !jb.down)) throw std::invalid_argument("merge_cpu: null pointer");
+        jb.nseg = std::max<int64_t>(1, (jb.cols + kSegCols - 1) / kSegCols);
         jobs.push_back(jb);
     }
+    std::vector<int64_t> noff(jobs.size(), 0);
     if (!restore.is_none()) {
         auto rs = restore.cast<py::sequence>();
         if (py::len(rs) != jobs.size()) throw std::invalid_argument("merge_cpu: restore must parallel jobs");
@@ -776,9 +863,16 @@ py::list merge_cpu_py(py::sequence job_specs, bool negate, bool record, bool che
             py::object item = rs[j];
             if (item.is_none()) continue;
             auto t = item.cast<py::tuple>();
-            jobs[j].rest_idx = reinterpret_cast<const int64_t*>(t[0].cast<uintptr_t>());
-            jobs[j].rest_val = reinterpret_cast<const void*>(t[1].cast<uintptr_t>());
-            jobs[j].rest_n = t[2].cast<int64_t>();
+            if (t.size() != 6) throw std::invalid_argument("merge_cpu: each restore entry is a 6-tuple");
+            Job& jb = jobs[j];
+            jb.rest_off = reinterpret_cast<const void*>(t[0].cast<uintptr_t>());
+            jb.rest_off64 = t[1].cast<bool>();
+            noff[j] = t[2].cast<int64_t>();
+            jb.rest_col = reinterpret_cast<const uint16_t*>(t[3].cast<uintptr_t>());
+            jb.rest_val = reinterpret_cast<const void*>(t[4].cast<uintptr_t>());
+            jb.rest_n = t[5].cast<int64_t>();
+            if (jb.rest_n < 0 || (jb.rest_n > 0 && (!jb.rest_off || !jb.rest_col || !jb.rest_val)))
+                throw std::invalid_argument("merge_cpu: bad restore entry");
         }
     }
     Options o;
@@ -788,19 +882,38 @@ py::list merge_cpu_py(py::sequence job_specs, bool negate, bool record, bool che
     MergeResult res;
     {
         py::gil_scoped_release nogil;
+        std::vector<uint8_t> fits(jobs.size(), 1);
+        parallel_for(static_cast<int64_t>(jobs.size()), std::max(1, num_threads), [&](int, int64_t j) {
+            const Job& jb = jobs[static_cast<size_t>(j)];
+            if (jb.rest_n > 0) fits[static_cast<size_t>(j)] = records_fit(jb, noff[static_cast<size_t>(j)]);
+        });
+        for (size_t j = 0; j < jobs.size(); ++j)
+            if (!fits[j])
+                throw std::invalid_argument("merge_cpu: the record of job " + std::to_string(j) +
+                                            " does not fit its weight (wrong job, or corrupted)");
         res = merge_run(jobs, o, std::max(1, num_threads), isa);
     }
     py::list out;
-    for (size_t j = 0; j < jobs.size(); ++j) {
-        py::object idx = py::none(), val = py::none();
-        if (o.record) {
-            JobRecords& jr = res.recs[j];
-            if (jobs[j].dtype == DT_F32) val = owned_array(static_cast<uint32_t*>(jr.val), jr.n);
-            else val = owned_array(static_cast<uint16_t*>(jr.val), jr.n);
-            idx = owned_array(jr.idx, jr.n);
-            jr = JobRecords();
+    try {
+        for (size_t j = 0; j < jobs.size(); ++j) {
+            py::object off = py::none(), col = py::none(), val = py::none();
+            if (o.record) {
+                JobRecords& jr = res.recs[j];
+                // each buffer is owned by its array as soon as that array exists
+                if (jr.off64) off = owned_array(static_cast<int64_t*>(jr.off), jr.noff);
+                else off = owned_array(static_cast<int32_t*>(jr.off), jr.noff);
+                jr.off = nullptr;
+                col = owned_array(jr.col, jr.n);
+                jr.col = nullptr;
+                if (jobs[j].dtype == DT_F32) val = owned_array(static_cast<uint32_t*>(jr.val), jr.n);
+                else val = owned_array(static_cast<uint16_t*>(jr.val), jr.n);
+                jr.val = nullptr;
+            }
+            out.append(py::make_tuple(off, col, val, static_cast<bool>(res.nonfinite[j])));
         }
-        out.append(py::make_tuple(idx, val, static_cast<bool>(res.nonfinite[j])));
+    } catch (...) {
+        for (auto& jr : res.recs) free_records(jr);
+        throw;
     }
     return out;
 }
@@ -811,7 +924,8 @@ void bind_merge(py::module_& m) {
     m.def("merge_cpu", &merge_cpu_py, py::arg("jobs"), py::arg("negate"), py::arg("record"), py::arg("check_finite"),
           py::arg("num_threads") = 1, py::arg("isa") = 0, py::arg("restore") = py::none(),
           "Fused LoRA merge on CPU: W <- rn(W ± up@down) for a list of jobs. Returns per job "
-          "(record indices int64 | None, record original bits uint16/uint32 | None, non-finite flag).");
+          "(record offsets int32/int64 | None, record columns uint16 | None, record original bits uint16/uint32 | None, "
+          "non-finite flag).");
     m.def("merge_cpu_isa", []() { return std::string(isa_name(best_isa())); },
           "The vector ISA merge_cpu uses by default on this CPU: 'avx512', 'avx2' or 'scalar'.");
     m.attr("MERGE_ISA_SCALAR") = py::int_(static_cast<int>(ISA_SCALAR));

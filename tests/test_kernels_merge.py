@@ -76,8 +76,18 @@ def test_fuse_matches_float64_reference(dtype, rank, shape):
     check_against_reference(w, old, up, down)
     assert flags == [False]
     assert not same_bits(w, old)  # the delta did something
-    idx = records[0].index
-    assert idx.dtype == torch.int64 and bool((idx[1:] > idx[:-1]).all())  # sorted, unique
+    check_record_is_exactly_the_unrecoverable_elements(w, old, up, down, records[0])
+
+
+def check_record_is_exactly_the_unrecoverable_elements(fused, original, up, down, rec):
+    """The record lists, ascending, exactly the elements where rn(W' - delta) is not W, with W's bits."""
+    back = fused.clone()
+    M.unfuse([M.MergeJob(back, up, down)], [None])
+    expected = (bits(back) != bits(original)).reshape(-1).nonzero().reshape(-1)
+    idx = rec.flat_index()
+    assert torch.equal(idx, expected)
+    assert same_bits(rec.value, original.reshape(-1)[idx])
+    assert rec.offsets.dtype == torch.int32 and rec.cols.dtype == torch.int16
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -122,7 +132,8 @@ def test_many_jobs_mixed_dtypes_in_one_call_and_thread_count_does_not_matter():
     for jobs, recs in results[1:]:
         for a, b, ra, rb in zip(jobs, results[0][0], recs, results[0][1]):
             assert same_bits(a.weight, b.weight)
-            assert torch.equal(ra.index, rb.index) and same_bits(ra.value, rb.value)
+            assert torch.equal(ra.offsets, rb.offsets) and torch.equal(ra.cols, rb.cols)
+            assert same_bits(ra.value, rb.value)
     for (w, up, down), job in zip(base, results[0][0]):
         check_against_reference(job.weight, w, up, down)
 
@@ -193,8 +204,8 @@ def test_special_values_and_huge_deltas_restore_bit_exactly(dtype, d_scale):
     frac = len(recs[0]) / w.numel()
     if d_scale > 1:
         assert frac > 0.5
-    # the record holds exactly the elements that a plain subtraction would not give back
-    assert recs[0].nbytes() == len(recs[0]) * (8 + w.element_size())
+    # nbytes is what the record holds: 4-byte offset per row (+1), 2-byte column and the original per record
+    assert recs[0].nbytes() == 4 * (48 + 1) + len(recs[0]) * (2 + w.element_size())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -291,6 +302,93 @@ def test_non_float32_factors_are_converted():
     assert same_bits(a, b)
 
 
+# ------------------------------------------------------------------------------------------- records
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rows_wider_than_a_segment_and_all_backends_give_one_record(dtype):
+    """Columns past 65535 live in a second 16-bit segment; the CPU and torch backends agree on the record."""
+    g = torch.Generator().manual_seed(12)
+    rows, cols = 3, M.SEG_COLS + 4321
+    w, up, down = make(rows, cols, 2, dtype, d_scale=0.3, gen=g)
+    old = w.clone()
+    a, b = w.clone(), w.clone()
+    rec_cpu = M.fuse([M.MergeJob(a, up, down)])[0][0]
+    rec_torch = M.fuse([M.MergeJob(b, up, down)], backend="torch")[0][0]
+    assert same_bits(a, b)
+    assert rec_cpu.offsets.numel() == rows * 2 + 1
+    assert torch.equal(rec_cpu.offsets, rec_torch.offsets) and torch.equal(rec_cpu.cols, rec_torch.cols)
+    assert same_bits(rec_cpu.value, rec_torch.value)
+    idx = rec_cpu.flat_index()
+    assert bool((idx % cols >= M.SEG_COLS).any()) and bool((idx % cols < M.SEG_COLS).any())
+    check_record_is_exactly_the_unrecoverable_elements(a, old, up, down, rec_cpu)
+    round_trip = M.MergeRecord.from_flat(idx, rec_cpu.value, (rows, cols))
+    assert torch.equal(round_trip.offsets, rec_cpu.offsets) and torch.equal(round_trip.cols, rec_cpu.cols)
+    M.unfuse([M.MergeJob(a, up, down)], [rec_cpu])
+    M.unfuse([M.MergeJob(b, up, down)], [rec_cpu], backend="torch")
+    assert same_bits(a, old) and same_bits(b, old)
+
+
+def test_int64_offsets_are_accepted_and_chosen_for_huge_views():
+    g = torch.Generator().manual_seed(13)
+    w, up, down = make(50, 70, 3, torch.float16, d_scale=0.3, gen=g)
+    old = w.clone()
+    rec = M.fuse([M.MergeJob(w, up, down)])[0][0]
+    wide = M.MergeRecord(rec.offsets.to(torch.int64), rec.cols, rec.value, rec.shape)
+    M.unfuse([M.MergeJob(w, up, down)], [wide])
+    assert same_bits(w, old)
+    huge = M.MergeRecord.from_flat(torch.tensor([5, 1 << 31]), torch.zeros(2, dtype=torch.float16), (1 << 16, 1 << 16))
+    assert huge.offsets.dtype == torch.int64 and huge.flat_index().tolist() == [5, 1 << 31]
+
+
+@pytest.mark.parametrize("damage", ["other_job", "unsorted", "column_out_of_range", "offsets", "dtype"])
+def test_a_record_that_does_not_fit_its_job_raises_before_any_write(damage):
+    g = torch.Generator().manual_seed(14)
+    w, up, down = make(30, 40, 3, torch.float16, d_scale=0.3, gen=g)
+    w2, up2, down2 = make(30, 40, 3, torch.float16, d_scale=0.3, gen=g)
+    r = M.fuse([M.MergeJob(w, up, down)])[0][0]
+    r2 = M.fuse([M.MergeJob(w2, up2, down2)])[0][0]
+    cols, offsets, value = r.cols.clone(), r.offsets.clone(), r.value
+    row = int(((offsets[1:] - offsets[:-1]) >= 2).nonzero()[0])  # a row holding two records or more
+    lo = int(offsets[row])
+    if damage == "other_job":
+        offsets, cols, value = r2.offsets, r2.cols, r2.value  # same shape, other positions: unfuse must not care
+    elif damage == "unsorted":
+        cols[lo], cols[lo + 1] = cols[lo + 1].clone(), cols[lo].clone()
+    elif damage == "column_out_of_range":
+        cols[lo + 1] = 40
+    elif damage == "offsets":
+        offsets[row + 1] = offsets[row + 2] + 1
+    else:
+        value = value.to(torch.bfloat16)
+    fused, fused2 = w.clone(), w2.clone()
+    job = M.MergeJob(w, up, down)
+    bad = M.MergeRecord(offsets, cols, value, r.shape)
+    if damage == "other_job":
+        M.unfuse([job], [bad])  # well-formed: it runs, it just does not restore this weight
+        return
+    with pytest.raises(ValueError):
+        M.unfuse([M.MergeJob(w2, up2, down2), job], [r2, bad])
+    assert same_bits(w, fused) and same_bits(w2, fused2)  # nothing was written, not even the well-formed job
+    with pytest.raises(ValueError):
+        M.unfuse([M.MergeJob(w[:, :39], up, down[:, :39])], [r])  # shape mismatch
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_record_memory_for_a_typical_lora_is_a_small_fraction_of_the_weights(dtype):
+    """Deltas of 3% of mean |W| (rank 8, 320x640): the record stays under 25% of the fused weights' bytes."""
+    g = torch.Generator().manual_seed(15)
+    w = (torch.randn(320, 640, generator=g) * 0.02).to(dtype)
+    up, down = torch.randn(320, 8, generator=g), torch.randn(8, 640, generator=g)
+    up *= 0.03 * 0.02 * 0.8 / 8**0.5
+    rec = M.fuse([M.MergeJob(w, up, down)])[0][0]
+    frac = len(rec) / w.numel()
+    assert 0.005 < frac < 0.1
+    weight_bytes = w.numel() * w.element_size()
+    assert rec.nbytes() == 4 * 321 + len(rec) * (2 + w.element_size())
+    assert rec.nbytes() < 0.25 * weight_bytes
+
+
 # ------------------------------------------------------------------------------------------- Triton
 
 TRITON_SCRIPT = textwrap.dedent(
@@ -329,7 +427,7 @@ TRITON_SCRIPT = textwrap.dedent(
             nan = torch.isnan(a.weight.float())
             assert torch.equal(nan, torch.isnan(b.weight.float()))
             assert same(a.weight[~nan], b.weight[~nan]), dtype
-            assert torch.equal(x.index, y.index), dtype
+            assert torch.equal(x.offsets, y.offsets) and torch.equal(x.cols, y.cols), dtype
             assert same(x.value, y.value), dtype
         M.unfuse(tri, rt, backend="triton")
         for j, o in zip(tri, originals):

@@ -7,9 +7,10 @@ Semantics (all backends):
   same inputs they give the same delta bits, whatever the tiling or thread count.
 * ``W' = rn_dtype(fp32(W) + delta)``: the add in fp32, then one rounding to the weight dtype (nearest even).
 * The exact-unfuse record: wherever ``rn_dtype(fp32(W') - delta)`` differs bitwise from the original ``W``, the
-  pair (flat row-major index, original element) is kept. :func:`unfuse` recomputes ``rn(W' - delta)`` with the
-  identical kernel and scatters the records back, which restores every bit (NaN payloads, -0.0, Inf included).
-  Records are sparse: an element needs one only when the fuse moved it across a binade or hit a tie.
+  element's position and original bits are kept (:class:`MergeRecord`). :func:`unfuse` recomputes
+  ``rn(W' - delta)`` with the identical kernel and scatters the records back, which restores every bit (NaN
+  payloads, -0.0, Inf included). Records are sparse: an element needs one only when the fuse moved it across a
+  binade or hit a tie (about 2-6% of the elements for deltas of 3-10% of |W|).
 * The non-finite flag of a job is set when any fused element is NaN or Inf.
 
 Jobs must not overlap in memory (two jobs writing the same weight elements race). ``up`` and ``down`` should be
@@ -41,16 +42,62 @@ class MergeJob:
     down: torch.Tensor  # (R, cols) float32 contiguous
 
 
+SEG_COLS = 1 << 16  # a record's column is stored as 16 bits inside a segment of this many columns
+
+
 @dataclass
 class MergeRecord:
-    index: torch.Tensor  # int64 flat row-major indices into the job's (rows, cols) view, sorted
-    value: torch.Tensor  # original elements at those indices, in the weight dtype
+    """The elements of one job's (rows, cols) view that a rounded subtraction cannot give back.
+
+    Positions are grouped by segment key ``k = row * nseg + col // SEG_COLS`` (``nseg = ceil(cols / SEG_COLS)``,
+    1 for every real layer): the records of key ``k`` are ``offsets[k]:offsets[k + 1]``, with ascending 16-bit
+    columns inside the segment. That is 2 bytes of position per record instead of an 8-byte flat index, plus 4 bytes
+    per row. ``offsets`` is int32 (int64 when the view has 2^31 elements or more) and empty when there is no record.
+    """
+
+    offsets: torch.Tensor  # int32/int64, rows * nseg + 1 entries (or 0 when empty)
+    cols: torch.Tensor  # int16 holding the uint16 column inside the segment
+    value: torch.Tensor  # original elements, in the weight dtype
+    shape: tuple  # (rows, cols) of the job's view
 
     def nbytes(self) -> int:
-        return self.index.numel() * self.index.element_size() + self.value.numel() * self.value.element_size()
+        return sum(t.numel() * t.element_size() for t in (self.offsets, self.cols, self.value))
 
     def __len__(self) -> int:
-        return self.index.numel()
+        return self.value.numel()
+
+    def flat_index(self) -> torch.Tensor:
+        """int64 row-major flat indices into the (rows, cols) view, ascending."""
+        rows, ncols = self.shape
+        dev = self.value.device
+        if len(self) == 0:
+            return torch.empty(0, dtype=torch.int64, device=dev)
+        nseg = max(1, -(-ncols // SEG_COLS))
+        counts = (self.offsets[1:] - self.offsets[:-1]).to(torch.int64)
+        key = torch.repeat_interleave(torch.arange(rows * nseg, device=dev), counts)
+        col = (key % nseg) * SEG_COLS + (self.cols.to(torch.int64) & 0xFFFF)
+        return (key // nseg) * ncols + col
+
+    @classmethod
+    def from_flat(cls, index: torch.Tensor, value: torch.Tensor, shape) -> "MergeRecord":
+        """From ascending int64 flat indices into a (rows, cols) view and the original elements there."""
+        rows, ncols = int(shape[0]), int(shape[1])
+        dev = value.device
+        big = rows * ncols >= 1 << 31
+        off_dtype = torch.int64 if big else torch.int32
+        if index.numel() == 0:
+            return cls(torch.empty(0, dtype=off_dtype, device=dev), torch.empty(0, dtype=torch.int16, device=dev),
+                       value, (rows, ncols))
+        nseg = max(1, -(-ncols // SEG_COLS))
+        index = index.to(torch.int64)
+        row = index // ncols
+        col = index - row * ncols
+        counts = torch.bincount(row * nseg + col // SEG_COLS, minlength=rows * nseg)
+        offsets = torch.zeros(rows * nseg + 1, dtype=torch.int64, device=dev)
+        offsets[1:] = torch.cumsum(counts, 0)
+        c16 = col % SEG_COLS
+        c16 = torch.where(c16 >= 1 << 15, c16 - SEG_COLS, c16).to(torch.int16)
+        return cls(offsets.to(off_dtype), c16, value, (rows, ncols))
 
 
 # --------------------------------------------------------------------------------------------------- public API
@@ -142,8 +189,11 @@ def _prepare(jobs) -> list[MergeJob]:
 
 
 def _check_record(job: MergeJob, rec: MergeRecord) -> None:
-    if rec.index.numel() != rec.value.numel() or rec.value.dtype != job.weight.dtype:
-        raise ValueError("unfuse: record does not match its job (length or dtype)")
+    # attribute checks only: a torch op per job here would be an OpenMP fork/join per job (see _cpu_run)
+    if (not isinstance(rec, MergeRecord) or tuple(rec.shape) != tuple(job.weight.shape)
+            or rec.value.dtype != job.weight.dtype or rec.cols.dtype != torch.int16
+            or rec.offsets.dtype not in (torch.int32, torch.int64) or rec.cols.numel() != rec.value.numel()):
+        raise ValueError("unfuse: record does not match its job (shape, dtype or length)")
 
 
 def _by_backend(jobs, backend):
@@ -168,9 +218,9 @@ def _by_backend(jobs, backend):
 
 
 def _scatter(weight: torch.Tensor, rec: MergeRecord | None) -> None:
-    if rec is None or rec.index.numel() == 0:
+    if rec is None or len(rec) == 0:
         return
-    idx = rec.index.to(device=weight.device, dtype=torch.int64)
+    idx = rec.flat_index().to(weight.device)
     cols = weight.shape[1]
     weight[idx // cols, idx % cols] = rec.value.to(weight.device)
 
@@ -186,36 +236,37 @@ def _cpu_run(jobs, *, negate, record, check_finite, num_threads=None, restore=No
         w = j.weight
         specs.append((w.data_ptr(), w.shape[0], w.shape[1], w.stride(0), w.stride(1), _DTYPE_CODE[w.dtype],
                       j.up.data_ptr(), j.down.data_ptr(), j.up.shape[1]))
-    keep = []  # holds converted record tensors alive during the call
+    # No torch op runs per job on this path: every ATen op on a record-sized tensor is an OpenMP fork/join, and on
+    # a loaded machine each join can wait a scheduler slice for a descheduled peer thread (one such check per job
+    # once made unfuse 10x slower than fuse). The C++ side checks the records against their jobs instead.
+    keep = []  # holds record tensors alive during the call
     rest = None
     if restore is not None:
         rest = []
-        for j, rec in zip(jobs, restore):
-            if rec is None or rec.index.numel() == 0:
+        for rec in restore:
+            if rec is None or len(rec) == 0:
                 rest.append(None)
                 continue
-            idx = rec.index.to(torch.int64).contiguous()
-            val = rec.value.contiguous()
-            if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):  # the kernel expects sorted indices
-                idx, order = torch.sort(idx)
-                val = val[order].contiguous()
-            if idx[0] < 0 or idx[-1] >= j.weight.numel():
-                raise ValueError("unfuse: record index out of range for its job")
-            keep.append((idx, val))
-            rest.append((idx.data_ptr(), val.data_ptr(), idx.numel()))
+            parts = tuple(t if t.is_contiguous() and t.device.type == "cpu" else t.cpu().contiguous()
+                          for t in (rec.offsets, rec.cols, rec.value))
+            keep.append(parts)
+            off, col, val = parts
+            rest.append((off.data_ptr(), off.dtype == torch.int64, off.numel(), col.data_ptr(), val.data_ptr(),
+                         val.numel()))
     nt = num_threads if num_threads is not None else torch.get_num_threads()
     isa = int(os.environ.get("LORA_FAST_MERGE_ISA", "0"))  # tests: 1 scalar, 2 avx2, 3 avx512
     out = _C.merge_cpu(specs, negate, record and not negate, check_finite, max(1, int(nt)), isa, rest)
     del keep
     records, flags = [], []
-    for j, (idx, val, nf) in zip(jobs, out):
+    for j, (off, col, val, nf) in zip(jobs, out):
         flags.append(bool(nf))
-        if idx is None:
+        if off is None:
             records.append(None)
             continue
         bits = _BITS_DTYPE[j.weight.dtype]
         val_t = torch.from_numpy(val.view("int32" if bits == torch.int32 else "int16")).view(j.weight.dtype)
-        records.append(MergeRecord(torch.from_numpy(idx), val_t))
+        records.append(MergeRecord(torch.from_numpy(off), torch.from_numpy(col.view("int16")), val_t,
+                                   tuple(j.weight.shape)))
     return records, flags
 
 
@@ -247,7 +298,7 @@ def _torch_run(jobs, *, negate, record, check_finite):
             bits = _BITS_DTYPE[w.dtype]
             diff = (back.view(bits) != w.contiguous().view(bits)).reshape(-1)
             idx = diff.nonzero().reshape(-1)
-            rec = MergeRecord(idx, w.reshape(-1)[idx].clone() if w.is_contiguous() else w.contiguous().reshape(-1)[idx])
+            rec = MergeRecord.from_flat(idx, w.contiguous().reshape(-1)[idx], w.shape)
         flags.append(bool(check_finite and not torch.isfinite(new).all()))
         w.copy_(new)
         records.append(rec)
@@ -463,10 +514,11 @@ def _triton_group(kernel, jobs, dtype, negate, record, check_finite, frac):
         idx = torch.cat([p[0] for p in pieces[k]])
         val = torch.cat([p[1] for p in pieces[k]])
         idx, order = torch.sort(idx)
-        out.append(MergeRecord(idx, val[order].view(dtype)))
+        out.append(MergeRecord.from_flat(idx, val[order].view(dtype), j.weight.shape))
     return out, flags
 
 
 def _empty_record(job: MergeJob) -> MergeRecord:
     dev = job.weight.device
-    return MergeRecord(torch.empty(0, dtype=torch.int64, device=dev), torch.empty(0, dtype=job.weight.dtype, device=dev))
+    return MergeRecord.from_flat(torch.empty(0, dtype=torch.int64, device=dev),
+                                 torch.empty(0, dtype=job.weight.dtype, device=dev), job.weight.shape)
