@@ -572,9 +572,10 @@ def set_adapters(target, adapter_names, adapter_weights=None) -> None:
                     active.append(n)
         for n, w in weights.items():
             state.weights[n] = w
-            state.weight_t[n].fill_(w)
-        state.active = active
-        state.bump()
+            state.weight_t[n].fill_(w)  # weights are tensor data: new values need no plan change (nor a recompile)
+        if active != state.active:
+            state.active = active
+            state.bump()
 
 
 def get_active_adapters(target) -> list[str]:

@@ -403,9 +403,11 @@ class ModuleHook:
             self.handle.remove()
             self.handle = None
 
-    @torch.compiler.disable
     def refresh(self, module: nn.Module) -> None:
-        """Rebuild the plan from the component state (called lazily after any state change)."""
+        """Rebuild the plan from the component state (called lazily after any state change).
+
+        Plain Python on purpose: under torch.compile dynamo traces it (a disabled function would break the
+        graph into one frame per hook); afterwards the plan is fixed and guarded by the version numbers."""
         state = self.state
         w = module.weight
         device, dtype = w.device, w.dtype
