@@ -377,6 +377,8 @@ def write_chart(report: dict, path: str) -> bool:
                 ax.annotate(f"{v * 1e3:.0f}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
                             va="bottom", fontsize=7)
     ax.set_yscale("log")
+    smallest = min(v for _, values, _ in series for v in values if v)
+    ax.set_ylim(bottom=smallest * 1e3 / 3)
     ax.set_ylabel("ms (log scale, lower is better)")
     ax.set_xticks(range(len(results)))
     ax.set_xticklabels(labels, fontsize=8)
@@ -387,8 +389,11 @@ def write_chart(report: dict, path: str) -> bool:
     d_changed = [100 * ((r.get("diffusers") or {}).get("changed_elements_after_one_cycle") or 0) / n
                  for r, n in zip(results, sample)]
     xs = range(len(results))
-    ax2.bar([x - 0.2 for x in xs], lf_changed, 0.4, label="lora_fast", color="#1f77b4")
-    ax2.bar([x + 0.2 for x in xs], d_changed, 0.4, label="diffusers", color="#d62728")
+    for shift, values, name, color in ((-0.2, lf_changed, "lora_fast", "#1f77b4"), (0.2, d_changed, "diffusers", "#d62728")):
+        bars = ax2.bar([x + shift for x in xs], values, 0.4, label=name, color=color)
+        for b, v in zip(bars, values):
+            ax2.annotate("0 (exact)" if v == 0 and name == "lora_fast" else f"{v:.1f}%",
+                         (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=7)
     ax2.set_xticks(list(xs))
     ax2.set_xticklabels(labels, fontsize=8)
     ax2.set_ylabel("% of weights changed after fuse+unfuse")

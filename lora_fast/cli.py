@@ -293,13 +293,15 @@ def _cmd_bench(args) -> int:
         if not torch.cuda.is_available():
             raise UsageError("--device cuda: no CUDA device is available here")
     dtypes = []
-    for d in args.dtype or ["fp16", "bf16"]:
+    for d in args.dtype or ["fp32", "fp16", "bf16"]:
         for part in d.split(","):
             if part not in bench.DTYPES:
                 raise UsageError(f"--dtype {part!r}: expected fp32, fp16 or bf16")
             if part not in dtypes:
                 dtypes.append(part)
     case = bench.make_case(args.model, targets=args.targets, rank=args.rank)
+    if not args.verbose:
+        _quiet_libraries()
     compare = args.compare == "diffusers"
     log = print if args.verbose else (lambda s: print(s, file=sys.stderr))
     report = bench.run(cases=(case,), dtypes=tuple(dtypes), repeats=args.repeats, compare_diffusers=compare,
@@ -311,6 +313,20 @@ def _cmd_bench(args) -> int:
     for p in paths:
         print(f"wrote {p}")
     return 0
+
+
+def _quiet_libraries() -> None:
+    """diffusers/transformers log config notes and progress bars while the models are built; not useful here."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("diffusers", "transformers"):
+        try:
+            logging_mod = __import__(f"{name}.utils.logging", fromlist=["logging"])
+            logging_mod.set_verbosity_error()
+            logging_mod.disable_progress_bar()
+        except (ImportError, AttributeError):
+            pass
 
 
 # --------------------------------------------------------------------------------------------------- parser
@@ -379,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention projections, or every Linear (default: attn for sd15/sd3, linear for sdxl)")
     p.add_argument("--rank", type=int, default=None, help="LoRA rank (default: 4 sd15, 32 sdxl, 16 sd3)")
     p.add_argument("--dtype", action="append", metavar="DTYPE",
-                   help="fp32, fp16, bf16; repeat or comma-separate (default fp16,bf16)")
+                   help="fp32, fp16, bf16; repeat or comma-separate (default: all three)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--compare", choices=["diffusers", "none"], default="diffusers",
                    help="also time diffusers' fuse_lora/unfuse_lora (default diffusers)")
