@@ -302,6 +302,37 @@ def test_merge_single_file_with_dtype_conversion(tiny, tmp_path):
     assert io.read_metadata(out) == io.read_metadata(te)
 
 
+def test_merge_dora_and_bias_layers_match_in_python_fuse(tiny, tmp_path):
+    te = copy.deepcopy(tiny["comps"]["text_encoder"])
+    g = torch.Generator().manual_seed(5)
+    dora, biased = {}, {}
+    for name, mod in te.named_modules():
+        if not isinstance(mod, torch.nn.Linear):
+            continue
+        out_f, in_f = mod.weight.shape
+        key = f"text_encoder.text_model.{name}"
+        dora[key] = LoraLayer(down=torch.randn(2, in_f, generator=g) * 0.1, up=torch.randn(out_f, 2, generator=g) * 0.1,
+                              alpha=2, magnitude=mod.weight.detach().norm(dim=1) * 1.1)
+        biased[key] = LoraLayer(down=torch.randn(3, in_f, generator=g) * 0.1, up=torch.randn(out_f, 3, generator=g),
+                                alpha=1.5, bias=torch.randn(out_f, generator=g) * 0.1)
+    paths = [tmp_path / "dora.safetensors", tmp_path / "bias.safetensors"]
+    LoraAdapter(dora, "diffusers").save(paths[0])
+    LoraAdapter(biased, "diffusers").save(paths[1])
+    out = tmp_path / "te.safetensors"
+    proc = cli_here("merge", "--base", tiny["pipe"] / "text_encoder" / "model.safetensors",
+                    "--lora", f"{paths[0]}:0.8", "--lora", f"{paths[1]}:0.5", "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    names = [lora_fast.load_lora_weights({"text_encoder": te}, str(p)) for p in paths]
+    lora_fast.fuse_lora({"text_encoder": te}, adapter_names=names, adapter_weights=[0.8, 0.5])
+    merged = io.load_file(out)
+    original = io.load_file(tiny["pipe"] / "text_encoder" / "model.safetensors")
+    changed = 0
+    for name, t in te.state_dict().items():
+        assert _same_bits(merged[name], t), name
+        changed += not _same_bits(original[name], t)
+    assert changed == 2 * len(dora)  # every weight and every bias
+
+
 def test_merge_errors_leave_nothing_behind(tiny, tmp_path):
     from lora_fast.models import build_components
 
