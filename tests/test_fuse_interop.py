@@ -746,8 +746,6 @@ def test_dora_unet_fuses_like_diffusers_and_unfuses_exactly(tmp_path, dtype):
 # pinned bugs found while writing these tests
 
 
-@pytest.mark.xfail(strict=True, reason="write_kohya writes 2-D factors for a k×k conv module that read_kohya (and "
-                                       "diffusers) cannot read back; it should raise LoraFormatError before writing")
 def test_kohya_writer_refuses_what_its_reader_rejects():
     from lora_fast.formats.kohya import read_kohya, write_kohya
 

@@ -503,6 +503,32 @@ def _dora_for_write(layer: LoraLayer, source: str, key: str) -> torch.Tensor:
                           f"kohya form; kohya's dora_scale is per input column (1, {inp}[, 1, 1])")
 
 
+def _factors_for_write(layer: LoraLayer, module: _Module, source: str, key: str):
+    """(down, up) in the form kohya readers expect for the module: 4-D for a Conv2d, 2-D for a Linear.
+
+    A flattened (r, in·kh·kw) down on a k×k conv is the same delta as its (r, in, kh, kw) reshape, so it is
+    reshaped; factors that cannot belong to the module are refused before anything is written.
+    """
+    down, up = layer.down, layer.up
+    if module.kind == "linear":
+        if layer.mid is not None or (down.dim() == 4 and tuple(down.shape[2:]) != (1, 1)):
+            raise LoraFormatError(f"{source}: {key}: conv factors {tuple(down.shape)} do not fit a Linear module")
+        return down, up
+    kernel = tuple(int(d) for d in module.shape[2:])
+    if layer.mid is None and down.dim() == 2:
+        kh, kw = kernel
+        if down.shape[1] % (kh * kw):
+            raise LoraFormatError(f"{source}: {key}: factors {tuple(down.shape)} do not fit a {kh}×{kw} Conv2d")
+        down = down.reshape(down.shape[0], down.shape[1] // (kh * kw), kh, kw)
+    if up.dim() == 2:
+        up = up.reshape(*up.shape, 1, 1)
+    got = tuple(layer.mid.shape[2:]) if layer.mid is not None else tuple(down.shape[2:])
+    if got != kernel:
+        raise LoraFormatError(f"{source}: {key}: factors with a {got[0]}×{got[1]} kernel do not fit a "
+                              f"{kernel[0]}×{kernel[1]} Conv2d")
+    return down, up
+
+
 def write_kohya(adapter: LoraAdapter, *, source: str = "<adapter>") -> dict[str, torch.Tensor]:
     """The adapter as a kohya state dict: kohya's own names, one ``.alpha`` per module.
 
@@ -536,12 +562,7 @@ def write_kohya(adapter: LoraAdapter, *, source: str = "<adapter>") -> dict[str,
         if name in written:
             raise LoraFormatError(f"{source}: {key} and {written[name]} are the same module ({name})")
         written[name] = key
-        down, up = layer.down, layer.up
-        if layer.kind == "conv":
-            if down.dim() == 2:
-                down = down.reshape(*down.shape, 1, 1)
-            if up.dim() == 2:
-                up = up.reshape(*up.shape, 1, 1)
+        down, up = _factors_for_write(layer, module, source, key)
         out[f"{name}.lora_down.weight"] = down.contiguous()
         out[f"{name}.lora_up.weight"] = up.contiguous()
         if layer.mid is not None:
