@@ -66,7 +66,7 @@ def _histogram(values) -> list[list]:
 
 def inspect_adapter(path: str, args=None) -> dict:
     """Everything ``lora-fast inspect`` reports, as a JSON-able dict."""
-    from .adapter import split_component
+    from .adapter import COMPONENTS, split_component
 
     adapter = _read_adapter(path, args, getattr(args, "component", None))
     layers = adapter.layers
@@ -84,7 +84,8 @@ def inspect_adapter(path: str, args=None) -> dict:
         "files": [os.path.relpath(f, path) if os.path.isdir(path) else os.path.basename(f) for f in files],
         "size_bytes": size,
         "format": adapter.format,
-        "components": {c: n for c, n in per_comp.items()},
+        "components": {c: per_comp[c] for c in sorted(per_comp, key=lambda c: (
+            COMPONENTS.index(c) if c in COMPONENTS else len(COMPONENTS), c))},
         "modules": len(layers),
         "parameters": params,
         "kinds": dict(collections.Counter(l.kind for l in layers.values())),
