@@ -201,30 +201,42 @@ def _adapter_names(target) -> set[str]:
     return names
 
 
-def check_no_peft_layers(comps: dict) -> None:
-    """A target already holding PEFT LoRA layers would apply both: refuse. (No PEFT import: if peft is not
-    imported, no PEFT layer can exist.)"""
+def _peft_layer_type():
+    """PEFT's BaseTunerLayer if peft is already imported (no PEFT import: if it is not, no PEFT layer exists)."""
     if "peft" not in sys.modules:
-        return
+        return None
     try:
         from peft.tuners.tuners_utils import BaseTunerLayer
     except Exception:  # a broken or partial peft install holds no layers we could see
-        return
-    for comp, root in comps.items():
-        for name, m in root.named_modules():
-            if isinstance(m, BaseTunerLayer):
-                raise LoraFormatError(
-                    f"{_label(comp, name) or type(root).__name__}: the target already holds diffusers/PEFT LoRA layers "
-                    f"({type(m).__name__}); lora_fast would apply its adapters on top of them. Remove them first "
-                    "(diffusers: pipe.unload_lora_weights(); PEFT: model.unload()) or fuse them into the weights"
-                )
+        return None
+    return BaseTunerLayer
+
+
+def _refuse_peft(where: str, what: str) -> None:
+    raise LoraFormatError(
+        f"{where}: the target already holds diffusers/PEFT LoRA layers ({what}); lora_fast would apply its adapters "
+        "on top of them. Remove them first (diffusers: pipe.unload_lora_weights(); PEFT: model.unload()) or fuse "
+        "them into the weights"
+    )
+
+
+def check_no_peft_root(comp: Optional[str], root: nn.Module) -> None:
+    """Cheap per-component check: diffusers and transformers mark a model that holds PEFT adapters. Layers injected
+    by other means are caught per targeted module in bind (every module a LoRA touches is checked)."""
+    if getattr(root, "_hf_peft_config_loaded", False) or getattr(root, "peft_config", None):
+        _refuse_peft(comp or type(root).__name__, "peft_config is set")
+    peft_layer = _peft_layer_type()
+    if peft_layer is not None and isinstance(root, peft_layer):
+        _refuse_peft(comp or type(root).__name__, type(root).__name__)
 
 
 def bind(target, adapter: LoraAdapter, adapter_name: Optional[str], components=None, max_rank: Optional[int] = None) -> str:
     """Validate every layer against the target, then register the adapter and its live hooks (nothing changes on error)."""
     comps = resolve_components(target)
     plan = _assign(adapter, comps, components)
-    check_no_peft_layers({c: comps[c] for c in plan})
+    for comp in plan:
+        check_no_peft_root(comp, comps[comp])
+    peft_layer = _peft_layer_type()
     existing = _adapter_names(target)
     if adapter_name is None:
         k = len(existing)
@@ -246,6 +258,8 @@ def bind(target, adapter: LoraAdapter, adapter_name: Optional[str], components=N
             module = resolve_module(root, path)
             if module is None:
                 raise LoraFormatError(f"{adapter.source or 'adapter'}: {key}: no such module in the target")
+            if peft_layer is not None and isinstance(module, peft_layer):
+                _refuse_peft(key, type(module).__name__)
             _check_shape(layer, module, key)
             live_rank = int(layer.mid.shape[0]) if layer.mid is not None else layer.rank
             if cap is not None and live_rank > cap:
