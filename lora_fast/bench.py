@@ -286,7 +286,7 @@ def run(cases=("sd15-attn-r4",), dtypes=("fp32", "fp16", "bf16"), *, repeats: in
         for dt in dtypes:
             results.append(asdict(run_case(case, dt, floor=floor, repeats=repeats, compare_diffusers=compare_diffusers,
                                            size=size, log=log, device=device)))
-    machine = dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
+    machine = dict(platform=platform.platform(), processor=_cpu_name(),
                    cpu_count=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__, device=device)
     if str(device).startswith("cuda"):
         machine["gpu"] = torch.cuda.get_device_name(device)
@@ -297,6 +297,19 @@ def run(cases=("sd15-attn-r4",), dtypes=("fp32", "fp16", "bf16"), *, repeats: in
     except ImportError:
         pass
     return dict(machine=machine, size=size, repeats=repeats, floor=floor, results=results)
+
+
+def _cpu_name() -> str:
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 # ------------------------------------------------------------------------------------------------ reporting
