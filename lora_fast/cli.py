@@ -313,6 +313,8 @@ def _cmd_bench(args) -> int:
     print()
     for p in paths:
         print(f"wrote {p}")
+    if not any(p.endswith(".png") for p in paths):
+        print(f"{PROG}: no chart: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
     return 0
 
 
