@@ -163,11 +163,12 @@ def bench_diffusers(n_adapters: int, repeats: int) -> dict:
     """diffusers on the tiny SD1.5 pipeline: load_lora_weights per adapter and set_adapters with all of them."""
     pipe = build_pipeline("sd15", "tiny", seed=0)
     ours = copy.deepcopy(pipe)
+    clean = copy.deepcopy(pipe.unet)  # PEFT replaces pipe's Linear modules as adapters load
     tmp = tempfile.mkdtemp(prefix="bench_live_diffusers_")
     loads_theirs, loads_ours = [], []
     for i in range(n_adapters):
         path = os.path.join(tmp, f"a{i}.safetensors")
-        attention_adapter(pipe.unet, i, prefix="unet.", dtype=torch.float32).save(path, format="diffusers")
+        attention_adapter(clean, i, prefix="unet.", dtype=torch.float32).save(path, format="diffusers")
         t = time.perf_counter()
         pipe.load_lora_weights(path, adapter_name=f"a{i}")
         loads_theirs.append(time.perf_counter() - t)
