@@ -17,12 +17,13 @@ from .adapter import LoraAdapter, LoraLayer
 from .io import load_file, read_metadata, save_file
 from .formats import read_lora, save_lora_weights
 from . import engine as _engine
+from . import fuse_on_load as _fuse_on_load
 
 __version__ = "0.1.0"
 
 
 def load_lora_weights(target, source, adapter_name=None, *, components=None, fuse=False, hotswap=False,
-                      max_rank=None):
+                      max_rank=None, safe_fusing=False):
     """Read a LoRA (any supported format, a path, a directory, a state dict or a LoraAdapter) and make it live.
 
     Every LoRA module is first checked to exist in the target with a matching shape; otherwise
@@ -31,7 +32,13 @@ def load_lora_weights(target, source, adapter_name=None, *, components=None, fus
     un-prefixed keys, or the part of the file named by ``components=`` (e.g. ``["unet"]``).
     As in diffusers, the new adapter becomes the only active one. ``adapter_name`` defaults to
     ``default_0``, ``default_1``, ... ``fuse=True`` also fuses it (as ``fuse_lora(target,
-    adapter_names=[name])``). Returns the adapter name.
+    adapter_names=[name])``, with ``safe_fusing``). Returns the adapter name.
+
+    Fuse-on-load: with ``fuse=True``, a single safetensors file and weights on a CUDA device (or on the CPU with
+    ``LORA_FAST_STREAM_FUSE=1``), the file is streamed to the device and each batch of layers is fused as its
+    factors arrive, so reading overlaps fusing. The result is bit-identical to loading then fusing; any error
+    (a file truncated mid-read, a non-finite result under ``safe_fusing``) leaves every weight bit-identical
+    and no adapter registered.
 
     Live (unfused) use: afterwards the target computes y = base(x) + Σ_i w_i·s_i·B_i(A_i(x)) through
     removable forward hooks (no module is replaced, no state_dict key changes, no PEFT). A target that
@@ -43,6 +50,9 @@ def load_lora_weights(target, source, adapter_name=None, *, components=None, fus
     whose rank exceeds it, or that targets modules the loaded one does not, raises LoraFormatError and
     changes nothing. A fused adapter cannot be hotswapped (LoraFusionError).
     """
+    if fuse and not hotswap and _fuse_on_load.wants_stream(source) and _fuse_on_load.stream_selected(target):
+        return _fuse_on_load.load_and_fuse(target, source, adapter_name, components=components, max_rank=max_rank,
+                                           safe_fusing=safe_fusing)
     adapter = source if isinstance(source, LoraAdapter) else read_lora(source)
     if hotswap:
         if adapter_name is None:
@@ -53,7 +63,7 @@ def load_lora_weights(target, source, adapter_name=None, *, components=None, fus
     name = _engine.bind(target, adapter, adapter_name, components=components, max_rank=max_rank)
     if fuse:
         try:
-            _engine.fuse(target, adapter_names=[name])
+            _engine.fuse(target, adapter_names=[name], safe_fusing=safe_fusing)
         except BaseException:
             _engine.delete(target, [name])
             raise

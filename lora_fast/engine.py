@@ -232,6 +232,16 @@ def check_no_peft_root(comp: Optional[str], root: nn.Module) -> None:
 
 def bind(target, adapter: LoraAdapter, adapter_name: Optional[str], components=None, max_rank: Optional[int] = None) -> str:
     """Validate every layer against the target, then register the adapter and its live hooks (nothing changes on error)."""
+    adapter_name, comps, bound = plan_bind(target, adapter, adapter_name, components, max_rank)
+    register_bound(target, comps, bound, adapter_name, max_rank)
+    return adapter_name
+
+
+def plan_bind(target, adapter: LoraAdapter, adapter_name: Optional[str], components=None,
+              max_rank: Optional[int] = None, move: bool = True):
+    """Validate every layer and pick the adapter name, changing nothing: (name, components, bound layers).
+
+    ``move=False`` keeps each layer's tensors where they are (fuse-on-load streams them to the device itself)."""
     comps = resolve_components(target)
     plan = _assign(adapter, comps, components)
     for comp in plan:
@@ -267,9 +277,13 @@ def bind(target, adapter: LoraAdapter, adapter_name: Optional[str], components=N
                     f"{adapter.source or 'adapter'}: {key}: rank {live_rank} exceeds max_rank {cap} chosen for hotswap"
                 )
             w = module.weight
-            dev_layer = layer.to(device=w.device)
+            dev_layer = layer.to(device=w.device) if move else layer
             bound.setdefault(comp, {})[path] = BoundLayer(path, module, dev_layer)
+    return adapter_name, comps, bound
 
+
+def register_bound(target, comps: dict, bound: dict, adapter_name: str, max_rank: Optional[int] = None) -> None:
+    """Register planned layers (on their modules' devices) with their live hooks; the new adapter becomes active."""
     for comp, layers in bound.items():
         root = comps[comp]
         state = component_state(root, create=True)
@@ -291,7 +305,6 @@ def bind(target, adapter: LoraAdapter, adapter_name: Optional[str], components=N
         state.bump()
     if any(c and c.startswith("text_encoder") for c in bound):
         _install_encode_prompt_scale(target)
-    return adapter_name
 
 
 # --------------------------------------------------------------------------------------------- pipelines
