@@ -19,6 +19,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <cstdio>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -31,6 +33,10 @@
 #include <string>
 #include <thread>
 #include <vector>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 #if defined(__x86_64__) || defined(__i386__)
 #define LF_X86 1
@@ -50,6 +56,18 @@ namespace py = pybind11;
 namespace {
 
 enum : int { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };
+
+// LORA_FAST_MERGE_PROFILE=1 prints the wall time of each phase of a merge_cpu call to stderr.
+struct PhaseTimer {
+    bool on = std::getenv("LORA_FAST_MERGE_PROFILE") != nullptr;
+    std::chrono::steady_clock::time_point t = std::chrono::steady_clock::now();
+    void lap(const char* what) {
+        if (!on) return;
+        auto now = std::chrono::steady_clock::now();
+        std::fprintf(stderr, "merge_cpu %-10s %8.3f ms\n", what, std::chrono::duration<double, std::milli>(now - t).count());
+        t = now;
+    }
+};
 enum : int { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2, ISA_AVX512 = 3 };
 
 struct Job {
@@ -82,42 +100,66 @@ struct Options {
     bool check_finite = false;
 };
 
-// One tile's records as the pass finds them: how many in each of the tile's rows, then per record the column
-// inside the tile's segment and the original bits in the weight's width, rows in order and columns ascending.
-// No value-initialization and no bounds checks when filling: callers reserve room for a whole row first.
+// One tile's records: how many in each of the tile's rows, then per record the column inside the tile's segment
+// and the original bits in the weight's width, rows in order and columns ascending. A tile fills these in its
+// thread's scratch (room for every element of the tile, so no growth and no bounds checks), then they are copied
+// once, exactly sized, into the thread's record arena. No ownership: the memory belongs to the scratch or arena.
 struct TileRecs {
     uint16_t* col = nullptr;
     char* val = nullptr;
     int32_t* row_n = nullptr;  // per tile row
-    size_t n = 0, cap = 0;
-    TileRecs() = default;
-    TileRecs(const TileRecs&) = delete;
-    TileRecs& operator=(const TileRecs&) = delete;
-    ~TileRecs() { release(); }
-    void release() {
-        std::free(col);
-        std::free(val);
-        std::free(row_n);
-        col = nullptr;
-        val = nullptr;
-        row_n = nullptr;
-        n = cap = 0;
+    size_t n = 0;
+};
+
+// Large buffers are 2 MiB aligned and marked for transparent huge pages: a fuse writes its records (about 1 GB at
+// SDXL scale) into fresh memory twice (arena, then the final arrays), and faulting that in 4 KiB pages cost
+// seconds. Freed with std::free.
+void* big_alloc(size_t bytes) {
+    constexpr size_t kHuge = size_t(2) << 20;
+    if (bytes < kHuge) {
+        void* p = std::malloc(std::max<size_t>(bytes, 64));
+        if (!p) throw std::bad_alloc();
+        return p;
     }
-    void init_rows(int64_t rows) {
-        row_n = static_cast<int32_t*>(std::calloc(static_cast<size_t>(std::max<int64_t>(rows, 1)), sizeof(int32_t)));
-        if (!row_n) throw std::bad_alloc();
+    const size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
+    void* p = std::aligned_alloc(kHuge, rounded);
+    if (!p) throw std::bad_alloc();
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    madvise(p, rounded, MADV_HUGEPAGE);  // advisory: failure only means small pages
+#endif
+    return p;
+}
+
+// Per-thread bump allocator for the tiles' records, freed as a whole when the call ends.
+class RecArena {
+public:
+    RecArena() = default;
+    RecArena(const RecArena&) = delete;
+    RecArena& operator=(const RecArena&) = delete;
+    ~RecArena() {
+        for (void* c : chunks_) std::free(c);
     }
-    void reserve_more(size_t extra, int es) {
-        if (n + extra <= cap) return;
-        size_t c = std::max(cap * 2, n + extra);
-        auto* nc = static_cast<uint16_t*>(std::realloc(col, c * sizeof(uint16_t)));
-        if (!nc) throw std::bad_alloc();
-        col = nc;
-        auto* nv = static_cast<char*>(std::realloc(val, c * static_cast<size_t>(es)));
-        if (!nv) throw std::bad_alloc();
-        val = nv;
-        cap = c;
+    char* take(size_t bytes) {  // 8-byte aligned
+        bytes = (bytes + 7) & ~size_t(7);
+        if (bytes > left_) {
+            const size_t size = std::max(bytes, kChunk);
+            chunks_.reserve(chunks_.size() + 1);  // so the push_back below cannot throw and leak the chunk
+            void* c = big_alloc(size);
+            chunks_.push_back(c);
+            cur_ = static_cast<char*>(c);
+            left_ = size;
+        }
+        char* p = cur_;
+        cur_ += bytes;
+        left_ -= bytes;
+        return p;
     }
+
+private:
+    static constexpr size_t kChunk = size_t(32) << 20;
+    std::vector<void*> chunks_;
+    char* cur_ = nullptr;
+    size_t left_ = 0;
 };
 
 inline int elem_size(int dt) { return dt == DT_F32 ? 4 : 2; }
@@ -440,6 +482,15 @@ struct Scratch {
     std::vector<uint32_t> wtmp;  // strided rows are staged here (raw bits, contiguous)
     std::vector<int32_t> rcol;   // one row's records before they get flat indices
     std::vector<uint32_t> rorig;
+    std::vector<uint16_t> tcol;  // a tile's records, before they are copied to the arena
+    std::vector<char> tval;
+    std::vector<int32_t> trow_n;
+    TileRecs stage(size_t rows, size_t bound, int es) {
+        if (tcol.size() < bound) tcol.resize(bound);
+        if (tval.size() < bound * static_cast<size_t>(es)) tval.resize(bound * static_cast<size_t>(es));
+        if (trow_n.size() < rows) trow_n.resize(rows);
+        return {tcol.data(), tval.data(), trow_n.data(), 0};
+    }
     RowRecs row_recs(int64_t nb) {
         rcol.resize(static_cast<size_t>(nb + 64));  // + slack for full-vector compress stores
         rorig.resize(static_cast<size_t>(nb + 64));
@@ -478,7 +529,6 @@ inline void flush_row(TileRecs* rec, const RowRecs& rr, int64_t cnt, int64_t til
     rec->row_n[tile_row] = static_cast<int32_t>(cnt);
     if (cnt == 0) return;
     constexpr int es = DT == DT_F32 ? 4 : 2;
-    rec->reserve_more(static_cast<size_t>(cnt), es);
     uint16_t* c = rec->col + rec->n;
     char* v = rec->val + rec->n * es;
     for (int64_t q = 0; q < cnt; ++q) {
@@ -667,10 +717,10 @@ TileShape tile_shape(int isa, const Job& jb) {
     return {mb, nb};
 }
 
-// A job's final records (malloc'd; ownership passes to numpy). Segment key k = row * nseg + column / kSegCols;
-// the records of key k are [off[k], off[k + 1]): columns inside the segment (ascending) and original bits in the
-// weight's own width. off has rows * nseg + 1 entries, int64 when the job has 2^31 elements or more (int32
-// otherwise), and is empty when the job has no record at all.
+// A job's final records, inside the call's one record buffer (MergeResult::buffer). Segment key
+// k = row * nseg + column / kSegCols; the records of key k are [off[k], off[k + 1]): columns inside the segment
+// (ascending) and original bits in the weight's own width. off has rows * nseg + 1 entries, int64 when the job has
+// 2^31 elements or more (int32 otherwise), and is empty when the job has no record at all.
 struct JobRecords {
     void* off = nullptr;
     bool off64 = false;
@@ -683,8 +733,24 @@ struct JobRecords {
 inline bool needs_off64(const Job& jb) { return jb.rows * jb.cols >= (int64_t(1) << 31); }
 
 struct MergeResult {
-    std::vector<JobRecords> recs;    // per job
+    std::vector<JobRecords> recs;    // per job, pointing into buffer
     std::vector<uint8_t> nonfinite;  // per job
+    void* buffer = nullptr;          // every job's records; ownership passes to numpy
+    MergeResult() = default;
+    MergeResult(const MergeResult&) = delete;
+    MergeResult& operator=(const MergeResult&) = delete;
+    MergeResult(MergeResult&& other) noexcept { *this = std::move(other); }
+    MergeResult& operator=(MergeResult&& other) noexcept {
+        if (this != &other) {
+            std::free(buffer);
+            recs = std::move(other.recs);
+            nonfinite = std::move(other.nonfinite);
+            buffer = other.buffer;
+            other.buffer = nullptr;
+        }
+        return *this;
+    }
+    ~MergeResult() { std::free(buffer); }
 };
 
 // A caller's records must fit their job before anything is written: offsets run from 0 to n without decreasing,
@@ -706,19 +772,12 @@ bool records_fit(const Job& jb, int64_t noff) {
     return true;
 }
 
-// Second phase of a fuse, per job: the tiles' lists become the job's records. Counts per segment key first, then
-// each band's tiles are copied left to right, so every segment's columns come out ascending.
-void gather_records(const Job& jb, const std::vector<Tile>& tiles, std::vector<TileRecs>& tile_recs, int64_t t0,
-                    int64_t t1, JobRecords& out) {
-    size_t total = 0;
-    for (int64_t i = t0; i < t1; ++i) total += tile_recs[static_cast<size_t>(i)].n;
+// Second phase of a fuse, per job: the tiles' records are copied into the job's place in the record buffer
+// (out's pointers and n are set). Counts per segment key first, then each band's tiles are copied left to right, so
+// every segment's columns come out ascending.
+void gather_records(const Job& jb, const std::vector<Tile>& tiles, const std::vector<TileRecs>& tile_recs,
+                    int64_t t0, int64_t t1, JobRecords& out) {
     const int es = elem_size(jb.dtype);
-    out.n = total;
-    out.off64 = needs_off64(jb);
-    if (total == 0) {
-        for (int64_t i = t0; i < t1; ++i) tile_recs[static_cast<size_t>(i)].release();
-        return;
-    }
     const int64_t nkeys = jb.rows * jb.nseg;
     std::vector<int64_t> cur(static_cast<size_t>(nkeys + 1), 0);
     for (int64_t i = t0; i < t1; ++i) {
@@ -728,11 +787,6 @@ void gather_records(const Job& jb, const std::vector<Tile>& tiles, std::vector<T
         for (int64_t r = t.r0; r < t.r1; ++r) cur[static_cast<size_t>(r * jb.nseg + seg + 1)] += tr.row_n[r - t.r0];
     }
     for (int64_t k = 0; k < nkeys; ++k) cur[static_cast<size_t>(k + 1)] += cur[static_cast<size_t>(k)];
-    out.noff = static_cast<size_t>(nkeys + 1);
-    out.off = std::malloc(out.noff * (out.off64 ? 8 : 4));
-    out.col = static_cast<uint16_t*>(std::malloc(total * sizeof(uint16_t)));
-    out.val = std::malloc(total * static_cast<size_t>(es));
-    if (!out.off || !out.col || !out.val) throw std::bad_alloc();  // the caller frees what was allocated
     for (size_t k = 0; k < out.noff; ++k) {
         if (out.off64) static_cast<int64_t*>(out.off)[k] = cur[k];
         else static_cast<int32_t*>(out.off)[k] = static_cast<int32_t>(cur[k]);
@@ -740,7 +794,7 @@ void gather_records(const Job& jb, const std::vector<Tile>& tiles, std::vector<T
     char* val = static_cast<char*>(out.val);
     for (int64_t i = t0; i < t1; ++i) {  // tiles are band-major, column blocks left to right inside a band
         const Tile& t = tiles[static_cast<size_t>(i)];
-        TileRecs& tr = tile_recs[static_cast<size_t>(i)];
+        const TileRecs& tr = tile_recs[static_cast<size_t>(i)];
         const int64_t seg = t.c0 / kSegCols;
         size_t p = 0;
         for (int64_t r = t.r0; r < t.r1; ++r) {
@@ -752,15 +806,39 @@ void gather_records(const Job& jb, const std::vector<Tile>& tiles, std::vector<T
             dst += static_cast<int64_t>(m);
             p += m;
         }
-        tr.release();  // free as we go
     }
 }
 
-void free_records(JobRecords& jr) {
-    std::free(jr.off);
-    std::free(jr.col);
-    std::free(jr.val);
-    jr = JobRecords();
+// Lays every job's records out in one buffer (each array 64-byte aligned); jobs without a record get empty arrays.
+void layout_records(const std::vector<Job>& jobs, const std::vector<TileRecs>& tile_recs,
+                    const std::vector<int64_t>& job_tile0, MergeResult& res) {
+    constexpr size_t kAlign = 64;
+    auto up = [](size_t x) { return (x + kAlign - 1) / kAlign * kAlign; };
+    std::vector<size_t> at(jobs.size() * 3, 0);
+    size_t bytes = 0;
+    for (size_t j = 0; j < jobs.size(); ++j) {
+        const Job& jb = jobs[j];
+        JobRecords& jr = res.recs[j];
+        jr.n = 0;
+        for (int64_t i = job_tile0[j]; i < job_tile0[j + 1]; ++i) jr.n += tile_recs[static_cast<size_t>(i)].n;
+        jr.off64 = needs_off64(jb);
+        if (jr.n == 0) continue;
+        jr.noff = static_cast<size_t>(jb.rows * jb.nseg + 1);
+        at[j * 3] = bytes;
+        bytes = up(bytes + jr.noff * (jr.off64 ? 8 : 4));
+        at[j * 3 + 1] = bytes;
+        bytes = up(bytes + jr.n * sizeof(uint16_t));
+        at[j * 3 + 2] = bytes;
+        bytes = up(bytes + jr.n * static_cast<size_t>(elem_size(jb.dtype)));
+    }
+    res.buffer = big_alloc(bytes);
+    char* base = static_cast<char*>(res.buffer);
+    for (size_t j = 0; j < jobs.size(); ++j) {
+        JobRecords& jr = res.recs[j];
+        jr.off = base + at[j * 3];  // empty arrays still need a valid address
+        jr.col = reinterpret_cast<uint16_t*>(base + at[j * 3 + 1]);
+        jr.val = base + at[j * 3 + 2];
+    }
 }
 
 MergeResult merge_run(const std::vector<Job>& jobs, const Options& o, int nthreads, int isa) {
@@ -782,21 +860,38 @@ MergeResult merge_run(const std::vector<Job>& jobs, const Options& o, int nthrea
     job_tile0[jobs.size()] = static_cast<int64_t>(tiles.size());
 
     std::vector<TileRecs> tile_recs(o.record ? tiles.size() : 0);
+    const int nt = std::max(nthreads, 1);
+    std::unique_ptr<RecArena[]> arenas(o.record ? new RecArena[static_cast<size_t>(nt)] : nullptr);
     std::vector<uint8_t> tile_nf(tiles.size(), 0);
     std::vector<Scratch> scratch(static_cast<size_t>(std::max(nthreads, 1)));
     std::vector<TileFn> fns(jobs.size());
     for (size_t j = 0; j < jobs.size(); ++j) fns[j] = pick_tile_fn(isa, jobs[j].dtype, o.record);
 
+    PhaseTimer timer;
     parallel_for(static_cast<int64_t>(tiles.size()), nthreads, [&](int tid, int64_t i) {
         const Tile& t = tiles[static_cast<size_t>(i)];
         bool nf = false;
-        TileRecs* rec = nullptr;
-        if (o.record) {
-            rec = &tile_recs[static_cast<size_t>(i)];
-            rec->init_rows(t.r1 - t.r0);
+        Scratch& s = scratch[static_cast<size_t>(tid)];
+        if (!o.record) {
+            fns[t.job](jobs[t.job], t, o, s, nullptr, nf);
+            tile_nf[static_cast<size_t>(i)] = nf;
+            return;
         }
-        fns[t.job](jobs[t.job], t, o, scratch[static_cast<size_t>(tid)], rec, nf);
+        const size_t rows = static_cast<size_t>(t.r1 - t.r0);
+        const size_t es = static_cast<size_t>(elem_size(jobs[t.job].dtype));
+        TileRecs stage = s.stage(rows, rows * static_cast<size_t>(t.c1 - t.c0), static_cast<int>(es));
+        fns[t.job](jobs[t.job], t, o, s, &stage, nf);
         tile_nf[static_cast<size_t>(i)] = nf;
+        // one exactly sized copy, while the staged records are still in cache: row counts, values, columns
+        char* p = arenas[static_cast<size_t>(tid)].take(rows * 4 + stage.n * (es + 2));
+        TileRecs& kept = tile_recs[static_cast<size_t>(i)];
+        kept.row_n = reinterpret_cast<int32_t*>(p);
+        kept.val = p + rows * 4;
+        kept.col = reinterpret_cast<uint16_t*>(kept.val + stage.n * es);
+        kept.n = stage.n;
+        std::memcpy(kept.row_n, stage.row_n, rows * 4);
+        std::memcpy(kept.val, stage.val, stage.n * es);
+        std::memcpy(kept.col, stage.col, stage.n * 2);
     });
 
     MergeResult res;
@@ -804,29 +899,23 @@ MergeResult merge_run(const std::vector<Job>& jobs, const Options& o, int nthrea
     res.nonfinite.assign(jobs.size(), 0);
     for (size_t j = 0; j < jobs.size(); ++j)
         for (int64_t i = job_tile0[j]; i < job_tile0[j + 1]; ++i) res.nonfinite[j] |= tile_nf[static_cast<size_t>(i)];
+    timer.lap("tiles");
     if (o.record) {
-        try {
-            parallel_for(static_cast<int64_t>(jobs.size()), nthreads, [&](int, int64_t jj) {
-                const size_t j = static_cast<size_t>(jj);
-                gather_records(jobs[j], tiles, tile_recs, job_tile0[j], job_tile0[j + 1], res.recs[j]);
-            });
-        } catch (...) {
-            for (auto& jr : res.recs) free_records(jr);
-            throw;
-        }
+        layout_records(jobs, tile_recs, job_tile0, res);
+        parallel_for(static_cast<int64_t>(jobs.size()), nthreads, [&](int, int64_t jj) {
+            const size_t j = static_cast<size_t>(jj);
+            if (res.recs[j].n > 0) gather_records(jobs[j], tiles, tile_recs, job_tile0[j], job_tile0[j + 1], res.recs[j]);
+        });
+        timer.lap("gather");
     }
     return res;
 }
 
-// Hands a malloc'd buffer to numpy without copying; the capsule frees it.
+// A numpy view of n T's at data, kept alive by owner (no copy).
 template <class T>
-py::array owned_array(T* data, size_t n) {
-    if (!data) {
-        data = static_cast<T*>(std::malloc(sizeof(T)));  // numpy wants a valid pointer even for size 0
-        if (!data) throw std::bad_alloc();
-    }
-    py::capsule owner(data, [](void* p) { std::free(p); });
-    return py::array_t<T>({static_cast<py::ssize_t>(n)}, {static_cast<py::ssize_t>(sizeof(T))}, data, owner);
+py::array view_array(void* data, size_t n, const py::capsule& owner) {
+    return py::array_t<T>({static_cast<py::ssize_t>(n)}, {static_cast<py::ssize_t>(sizeof(T))}, static_cast<T*>(data),
+                          owner);
 }
 
 // jobs: sequence of (w_addr, rows, cols, stride_r, stride_c, dtype, up_addr, down_addr, R).
@@ -893,28 +982,27 @@ py::list merge_cpu_py(py::sequence job_specs, bool negate, bool record, bool che
                                             " does not fit its weight (wrong job, or corrupted)");
         res = merge_run(jobs, o, std::max(1, num_threads), isa);
     }
+    PhaseTimer timer;
     py::list out;
-    try {
-        for (size_t j = 0; j < jobs.size(); ++j) {
-            py::object off = py::none(), col = py::none(), val = py::none();
-            if (o.record) {
-                JobRecords& jr = res.recs[j];
-                // each buffer is owned by its array as soon as that array exists
-                if (jr.off64) off = owned_array(static_cast<int64_t*>(jr.off), jr.noff);
-                else off = owned_array(static_cast<int32_t*>(jr.off), jr.noff);
-                jr.off = nullptr;
-                col = owned_array(jr.col, jr.n);
-                jr.col = nullptr;
-                if (jobs[j].dtype == DT_F32) val = owned_array(static_cast<uint32_t*>(jr.val), jr.n);
-                else val = owned_array(static_cast<uint16_t*>(jr.val), jr.n);
-                jr.val = nullptr;
-            }
-            out.append(py::make_tuple(off, col, val, static_cast<bool>(res.nonfinite[j])));
-        }
-    } catch (...) {
-        for (auto& jr : res.recs) free_records(jr);
-        throw;
+    // Every array is a view of the one record buffer; the capsule frees it when the last of them goes.
+    py::capsule owner;
+    if (o.record) {
+        owner = py::capsule(res.buffer, [](void* p) { std::free(p); });
+        res.buffer = nullptr;
     }
+    for (size_t j = 0; j < jobs.size(); ++j) {
+        py::object off = py::none(), col = py::none(), val = py::none();
+        if (o.record) {
+            const JobRecords& jr = res.recs[j];
+            if (jr.off64) off = view_array<int64_t>(jr.off, jr.noff, owner);
+            else off = view_array<int32_t>(jr.off, jr.noff, owner);
+            col = view_array<uint16_t>(jr.col, jr.n, owner);
+            if (jobs[j].dtype == DT_F32) val = view_array<uint32_t>(jr.val, jr.n, owner);
+            else val = view_array<uint16_t>(jr.val, jr.n, owner);
+        }
+        out.append(py::make_tuple(off, col, val, static_cast<bool>(res.nonfinite[j])));
+    }
+    timer.lap("to_numpy");
     return out;
 }
 
