@@ -14,23 +14,15 @@
 #include <string>
 #include <vector>
 
+#include "check.hpp"
 #include "safetensors.hpp"
 
 namespace st = lora_fast::safetensors;
 
 namespace {
 
-int g_failures = 0;
-int g_checks = 0;
-
-#define CHECK(cond)                                                                  \
-    do {                                                                             \
-        ++g_checks;                                                                  \
-        if (!(cond)) {                                                               \
-            ++g_failures;                                                            \
-            std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-        }                                                                            \
-    } while (0)
+using lora_fast_test::g_checks;
+using lora_fast_test::g_failures;
 
 using Bytes = std::vector<uint8_t>;
 

@@ -15,6 +15,7 @@
 #include <thread>
 #include <vector>
 
+#include "check.hpp"
 #include "stream_reader.hpp"
 
 namespace st = lora_fast::safetensors;
@@ -22,17 +23,8 @@ namespace ls = lora_fast::stream;
 
 namespace {
 
-int g_failures = 0;
-int g_checks = 0;
-
-#define CHECK(cond)                                                                       \
-    do {                                                                                  \
-        ++g_checks;                                                                       \
-        if (!(cond)) {                                                                    \
-            ++g_failures;                                                                 \
-            std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-        }                                                                                 \
-    } while (0)
+using lora_fast_test::g_checks;
+using lora_fast_test::g_failures;
 
 using Bytes = std::vector<uint8_t>;
 
