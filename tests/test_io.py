@@ -15,49 +15,24 @@ from safetensors.torch import save as st_save
 from safetensors.torch import save_file as st_save_file
 
 from lora_fast import io
+from tensor_bits import EVERY_DTYPE, as_bytes, random_bits
 from lora_fast.errors import LoraFormatError
 
 # ------------------------------------------------------------------------------------------------- helpers
 
-ALL_DTYPES = [
-    torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.bfloat16,
-    torch.float32, torch.float64, torch.complex64, torch.uint16, torch.uint32, torch.uint64,
-    torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz, torch.float8_e8m0fnu,
-    torch.float4_e2m1fn_x2,
-]  # fmt: skip
-
-
-def random_tensor(dtype, shape, seed):
-    """Random bit patterns of `dtype` (NaN payloads included), valid bools."""
-    g = torch.Generator().manual_seed(seed)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    n = 1
-    for d in shape:
-        n *= d
-    if dtype == torch.bool:
-        return torch.randint(0, 2, shape, generator=g).bool()
-    raw = torch.randint(0, 256, (n * itemsize,), dtype=torch.uint8, generator=g)
-    return raw.view(dtype).reshape(shape)
-
-
 def same_bits(a, b):
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
-
-
-def bits(t):
-    t = t.contiguous()
-    return t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(as_bytes(a), as_bytes(b))
 
 
 def mixed_tensors(seed=0):
     out = {}
-    for i, dtype in enumerate(ALL_DTYPES):
+    for i, dtype in enumerate(EVERY_DTYPE):
         name = str(dtype).split(".")[-1]
-        out[f"{name}.matrix"] = random_tensor(dtype, (3, 4), seed + i)
-        out[f"{name}.scalar"] = random_tensor(dtype, (), seed + 100 + i) if dtype != torch.float4_e2m1fn_x2 else (
-            random_tensor(dtype, (1,), seed + 100 + i))
-        out[f"{name}.empty"] = random_tensor(dtype, (0, 5), seed)
-    out["unicode.é.😀"] = random_tensor(torch.float32, (2,), seed + 999)
+        out[f"{name}.matrix"] = random_bits(dtype, (3, 4), seed + i)
+        out[f"{name}.scalar"] = random_bits(dtype, (), seed + 100 + i) if dtype != torch.float4_e2m1fn_x2 else (
+            random_bits(dtype, (1,), seed + 100 + i))
+        out[f"{name}.empty"] = random_bits(dtype, (0, 5), seed)
+    out["unicode.é.😀"] = random_bits(torch.float32, (2,), seed + 999)
     return out
 
 
@@ -510,7 +485,7 @@ def check_load(data, name="<bytes>"):
     start = 8 + header_len
     for k, t in loaded.items():
         begin, end = header[k]["data_offsets"]
-        assert bits(t).numpy().tobytes() == data[start + begin : start + end]
+        assert as_bytes(t).numpy().tobytes() == data[start + begin : start + end]
     theirs = st_load(bytes(data))  # anything we accept, safetensors accepts with the same values
     assert set(theirs) == set(loaded)
     for k in loaded:
@@ -552,7 +527,7 @@ def test_fuzz_save_load_round_trip(names, metadata):
         [v.encode() for v in (metadata or {}).values()]
     except UnicodeEncodeError:
         return  # lone surrogates are rejected on save; covered by test_invalid_save_arguments
-    tensors = {n: random_tensor(dt, (i % 3, 2), i) for i, (n, dt) in enumerate(names.items())}
+    tensors = {n: random_bits(dt, (i % 3, 2), i) for i, (n, dt) in enumerate(names.items())}
     if metadata is not None and len(metadata) > 1:
         expected = None  # safetensors writes several metadata keys in random order
     elif not tensors and metadata == {}:

@@ -14,35 +14,11 @@ import pytest
 import torch
 
 from lora_fast import _C, io
+from tensor_bits import EVERY_DTYPE, as_bytes, random_bits
 from lora_fast.errors import LoraFormatError
 
 CUDA = torch.cuda.is_available()
 cuda_only = pytest.mark.skipif(not CUDA, reason="needs CUDA")
-
-EVERY_DTYPE = [
-    torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.bfloat16,
-    torch.float32, torch.float64, torch.complex64, torch.uint16, torch.uint32, torch.uint64,
-    torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz, torch.float8_e8m0fnu,
-    torch.float4_e2m1fn_x2,
-]  # fmt: skip
-
-
-def random_bits(dtype, shape, seed):
-    """Random bit patterns (NaN payloads included) of dtype; valid bools."""
-    g = torch.Generator().manual_seed(seed)
-    n = 1
-    for d in shape:
-        n *= d
-    if dtype == torch.bool:
-        return torch.randint(0, 2, shape, generator=g).bool()
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return torch.randint(0, 256, (n * itemsize,), dtype=torch.uint8, generator=g).view(dtype).reshape(shape)
-
-
-def as_bytes(t):
-    t = t.detach().to("cpu").contiguous()
-    return t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
-
 
 def assert_same(got: dict, want: dict):
     assert list(got) == list(want)
