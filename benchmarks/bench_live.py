@@ -34,18 +34,15 @@ import torch
 
 import lora_fast
 from lora_fast import LoraAdapter, LoraLayer
+from lora_fast.bench import median_time
 from lora_fast.models import build_pipeline, build_unet, materialize
 
 ATTN = ("to_q", "to_k", "to_v", "to_out.0")
 
 
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def _timed(fn, repeats: int) -> float:
+    """Median of cold-to-warm repeats: set_adapters/load costs are measured from the first call on."""
+    return median_time(fn, repeats, warmup=0)
 
 
 def attention_adapter(unet, seed: int, rank: int = 4, dtype=torch.float16, device="cpu", prefix="") -> LoraAdapter:
@@ -74,7 +71,7 @@ def bench_set_adapters(n_adapters: int, repeats: int) -> dict:
         names = [f"a{i}" for i in range(n_adapters)]
         weights = [0.5 + 0.01 * i for i in range(n_adapters)]
         lora_fast.set_adapters(unet, names, weights)
-        t_all = median_time(lambda: lora_fast.set_adapters(unet, names, weights), repeats)
+        t_all = _timed(lambda: lora_fast.set_adapters(unet, names, weights), repeats)
         flip = [names[:1], names]
         k = [0]
 
@@ -82,7 +79,7 @@ def bench_set_adapters(n_adapters: int, repeats: int) -> dict:
             k[0] ^= 1
             lora_fast.set_adapters(unet, flip[k[0]])
 
-        t_switch = median_time(switch, repeats)
+        t_switch = _timed(switch, repeats)
         modules = len(lora_fast.engine.component_state(unet).hooks)
         out[label] = {"params": params, "adapted_modules": modules, "adapters": n_adapters,
                       "set_adapters_all_ms": t_all * 1e3, "set_adapters_switch_ms": t_switch * 1e3}
@@ -107,7 +104,7 @@ def bench_loads(n_adapters: int, repeats: int, full: bool) -> dict:
     file_mb = os.path.getsize(paths[0]) / 1e6
     reads, loads = [], []
     for i, path in enumerate(paths):
-        reads.append(median_time(lambda: lora_fast.read_lora(path), repeats))
+        reads.append(_timed(lambda: lora_fast.read_lora(path), repeats))
         t = time.perf_counter()
         lora_fast.load_lora_weights(unet, path, adapter_name=f"a{i}", components=["unet"])
         loads.append(time.perf_counter() - t)
@@ -143,13 +140,13 @@ def bench_forward(repeats: int, full: bool) -> dict:
                 unet(*args)
 
         run()
-        t_base = median_time(run, reps)
+        t_base = _timed(run, reps)
         lora_fast.load_lora_weights(unet, attention_adapter(unet, 0, rank=4, dtype=torch.float32), adapter_name="a")
         run()
-        t_live = median_time(run, reps)
+        t_live = _timed(run, reps)
         lora_fast.fuse_lora(unet)
         run()
-        t_fused = median_time(run, reps)
+        t_fused = _timed(run, reps)
         lora_fast.unfuse_lora(unet)
         lora_fast.unload_lora_weights(unet)
         res[size] = {"base_ms": t_base * 1e3, "live_ms": t_live * 1e3, "fused_ms": t_fused * 1e3,
@@ -177,8 +174,8 @@ def bench_diffusers(n_adapters: int, repeats: int) -> dict:
         loads_ours.append(time.perf_counter() - t)
     names = [f"a{i}" for i in range(n_adapters)]
     weights = [0.5] * n_adapters
-    t_theirs = median_time(lambda: pipe.set_adapters(names, weights), max(3, repeats // 10))
-    t_ours = median_time(lambda: lora_fast.set_adapters(ours, names, weights), repeats)
+    t_theirs = _timed(lambda: pipe.set_adapters(names, weights), max(3, repeats // 10))
+    t_ours = _timed(lambda: lora_fast.set_adapters(ours, names, weights), repeats)
     res = {"adapters": n_adapters, "diffusers_set_adapters_ms": t_theirs * 1e3, "ours_set_adapters_ms": t_ours * 1e3,
            "diffusers_first_load_ms": loads_theirs[0] * 1e3, "diffusers_last_load_ms": loads_theirs[-1] * 1e3,
            "ours_first_load_ms": loads_ours[0] * 1e3, "ours_last_load_ms": loads_ours[-1] * 1e3}

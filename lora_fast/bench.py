@@ -44,7 +44,8 @@ def make_case(model: str, targets: Optional[str] = None, rank: Optional[int] = N
     return name
 
 
-def _median_time(fn: Callable[[], None], repeats: int, warmup: int = 1) -> float:
+def median_time(fn: Callable[[], None], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
     for _ in range(warmup):
         fn()
     times = []
@@ -65,7 +66,7 @@ def measure_copy_bandwidth(nbytes: int = 512 << 20, device="cpu", repeats: int =
         dst.copy_(src)
         sync()
 
-    t = _median_time(run, repeats)
+    t = median_time(run, repeats)
     return 2 * nbytes / t
 
 
@@ -81,7 +82,7 @@ def measure_matmul_rate(n: int = 2048, device="cpu", repeats: int = 5) -> float:
             torch.mm(a, b)
             sync()
 
-        t = _median_time(run, repeats)
+        t = median_time(run, repeats)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
     return 2 * n**3 / t
