@@ -1,0 +1,424 @@
+"""Segmented LoRA shrink/expand: a different adapter for each group of rows, all adapters in one launch.
+
+For one LoRA layer with base output ``out = base(x)`` (x: ``(M, K)``, out: ``(M, N)``, rows = tokens of all
+samples, flattened), G adapter groups ``g`` with factors ``A_g`` (down, ``(r_g, K)``) and ``B_g`` (up,
+``(N, r_g)``), and a :class:`RowMap` listing which rows use which group with which weight, the two operations are
+
+* shrink:  ``h[e, :r_g] = x[row_e] · A_g^T``                              (fp32, one row of h per map entry)
+* expand:  ``out[row_e] = rn(out[row_e] + λ · scale_g · coef_e · h[e] · B_g^T)``   (fp32 sum, one rounding)
+
+where entry ``e`` of segment ``s`` has group ``g = seg_group[s]``. Ranks may differ between groups (the launch
+pads to the largest rank, in registers only). A group whose factors are absent for this layer (``None``: the
+adapter does not touch this module) has rank 0 and contributes nothing. Rows that no entry names (samples that
+use the base model only) are left untouched.
+
+Segments are grouped into *passes*: the segments of one pass never name the same row, so one expand launch can
+update them all without races. A sample that mixes k adapters has its rows in k passes (pass p holds the p-th
+adapter of its mixture); with one adapter per sample there is exactly one pass, i.e. one shrink and one expand
+launch per layer whatever the number of adapters.
+
+Backends: ``"triton"`` (the default for CUDA tensors; runs on CPU tensors under ``TRITON_INTERPRET=1``) and
+``"torch"`` (the default elsewhere): the same semantics as a loop over segments with gathered rows, fp32
+products, and one rounding per pass. ``LORA_FAST_SEGMENTED_BACKEND`` overrides the default.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+__all__ = ["RowMap", "AdapterGroups", "build_row_map", "lora_shrink", "lora_expand", "segmented_lora"]
+
+_BACKENDS = ("triton", "torch")
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+@dataclass(eq=False)
+class RowMap:
+    """Which rows of a flattened activation use which adapter group, with which weight.
+
+    rows:       int64 ``(E,)``: the activation row of each entry; the entries of segment ``s`` are
+                ``rows[seg_start[s]:seg_start[s + 1]]`` (ascending inside a segment).
+    coef:       float32 ``(E,)``: the entry's weight (the sample's weight for that adapter; 1.0 for a plain name).
+    seg_start:  int32 ``(S + 1,)``: entry offsets of the segments.
+    seg_group:  int32 ``(S,)``: the adapter group of each segment.
+    passes:     host list of ``(first_segment, end_segment)``: segments of one pass name disjoint rows.
+    Host copies (``seg_start_host``, ``seg_group_host``, ``pass_max_rows``) size the launch grids without
+    a device sync. ``samples``/``sample_coef``: per segment, the batch samples (host ints) and their weights,
+    for callers that work per sample rather than per row.
+    """
+
+    rows: torch.Tensor
+    coef: torch.Tensor
+    seg_start: torch.Tensor
+    seg_group: torch.Tensor
+    passes: list
+    seg_start_host: list
+    seg_group_host: list
+    pass_max_rows: list
+    samples: list = field(default_factory=list)
+    sample_coef: list = field(default_factory=list)
+
+    @property
+    def num_entries(self) -> int:
+        return self.seg_start_host[-1]
+
+    @property
+    def max_rows(self) -> int:
+        return max(self.pass_max_rows, default=0)
+
+
+def build_row_map(entries: Sequence[Sequence[tuple]], batch: int, rows_per_sample: int,
+                  device: torch.device | str = "cpu") -> RowMap:
+    """The row map of a batch of ``batch`` samples, each ``rows_per_sample`` contiguous rows of the activation.
+
+    ``entries[i]`` is the list of ``(group, weight)`` pairs of per-sample entry ``i`` (empty: base model only);
+    sample ``j`` uses ``entries[j % len(entries)]`` (the classifier-free-guidance layout: a batch of k·n samples
+    is k blocks of the n entries). Pairs with weight 0 are dropped. ``batch`` must be a multiple of
+    ``len(entries)`` (checked by the caller, which knows which layer to name).
+    """
+    n = len(entries)
+    if n == 0 or batch % n:
+        raise ValueError(f"batch {batch} is not a multiple of the {n} per-sample entries")
+    t = int(rows_per_sample)
+    n_pass = max((len(e) for e in entries), default=0)
+    seg_group, samples, weights, passes = [], [], [], []
+    for p in range(n_pass):
+        by_group: dict[int, tuple[list, list]] = {}
+        for j in range(batch):
+            e = entries[j % n]
+            if p < len(e):
+                g, w = e[p]
+                if w == 0.0:
+                    continue
+                s, ws = by_group.setdefault(int(g), ([], []))
+                s.append(j)
+                ws.append(float(w))
+        first = len(seg_group)
+        for g in sorted(by_group):
+            seg_group.append(g)
+            samples.append(by_group[g][0])
+            weights.append(by_group[g][1])
+        if len(seg_group) > first:
+            passes.append((first, len(seg_group)))
+    starts = [0]
+    for s in samples:
+        starts.append(starts[-1] + len(s) * t)
+    pass_max = [max((starts[i + 1] - starts[i] for i in range(a, b)), default=0) for a, b in passes]
+    if samples:
+        samp = torch.tensor([j for s in samples for j in s], dtype=torch.int64)
+        w = torch.tensor([x for ws in weights for x in ws], dtype=torch.float32)
+        rows = (samp[:, None] * t + torch.arange(t, dtype=torch.int64)[None, :]).reshape(-1)
+        coef = w.repeat_interleave(t)
+    else:
+        rows = torch.empty(0, dtype=torch.int64)
+        coef = torch.empty(0, dtype=torch.float32)
+    return RowMap(
+        rows=rows.to(device), coef=coef.to(device),
+        seg_start=torch.tensor(starts, dtype=torch.int32, device=device),
+        seg_group=torch.tensor(seg_group, dtype=torch.int32, device=device),
+        passes=passes, seg_start_host=starts, seg_group_host=seg_group, pass_max_rows=pass_max,
+        samples=samples, sample_coef=weights,
+    )
+
+
+@dataclass(eq=False)
+class AdapterGroups:
+    """The factors of the adapter groups of one layer, in the activation's dtype and on its device.
+
+    downs[g]: ``(r_g, K)`` contiguous (A_g) or None; ups[g]: ``(N, r_g)`` contiguous (B_g) or None.
+    scale: float32 ``(G,)`` on the device: the per-group multiplier (alpha/r, and any set_adapters weight).
+    table: int64 ``(G, 3)`` on the device: (A_g address, B_g address, r_g) for the Triton kernels, 0 rank for
+    absent groups. The tensors above are kept referenced here, so the addresses stay valid.
+    """
+
+    downs: list
+    ups: list
+    scale: torch.Tensor
+    ranks: list
+    table: torch.Tensor
+    in_features: int
+    out_features: int
+    dtype: torch.dtype
+    _f32: Optional[list] = None  # fp32 copies for the torch backend (built once, on first use)
+
+    @property
+    def max_rank(self) -> int:
+        return max(self.ranks, default=0)
+
+    def fp32_factors(self, g: int):
+        if self._f32 is None:
+            self._f32 = [None if d is None else (d.float(), u.float()) for d, u in zip(self.downs, self.ups)]
+        return self._f32[g]
+
+
+def make_groups(downs: Sequence[Optional[torch.Tensor]], ups: Sequence[Optional[torch.Tensor]],
+                scales: Sequence[float], device=None) -> AdapterGroups:
+    """Validate and pack the factors of one layer's groups (see :class:`AdapterGroups`)."""
+    if not (len(downs) == len(ups) == len(scales)):
+        raise ValueError("downs, ups and scales must have one entry per group")
+    present = [(d, u) for d, u in zip(downs, ups) if d is not None]
+    if not present:
+        raise ValueError("no group has factors")
+    d0, u0 = present[0]
+    k, n, dtype = d0.shape[1], u0.shape[0], d0.dtype
+    device = d0.device if device is None else torch.device(device)
+    dl, ul, ranks, rows = [], [], [], []
+    for g, (d, u) in enumerate(zip(downs, ups)):
+        if (d is None) != (u is None):
+            raise ValueError(f"group {g}: down and up must both be given or both be None")
+        if d is None:
+            dl.append(None)
+            ul.append(None)
+            ranks.append(0)
+            rows.append([0, 0, 0])
+            continue
+        r = d.shape[0]
+        if d.dim() != 2 or u.dim() != 2 or d.shape[1] != k or u.shape != (n, r):
+            raise ValueError(f"group {g}: down {tuple(d.shape)} / up {tuple(u.shape)} do not fit ({n}, r)·(r, {k})")
+        if d.dtype != dtype or u.dtype != dtype or d.device != device or u.device != device:
+            raise ValueError(f"group {g}: factors must share dtype {dtype} and device {device}")
+        d, u = d.contiguous(), u.contiguous()
+        dl.append(d)
+        ul.append(u)
+        ranks.append(int(r))
+        rows.append([d.data_ptr(), u.data_ptr(), int(r)])
+    table = torch.tensor(rows, dtype=torch.int64).to(device)
+    scale = torch.tensor([float(s) for s in scales], dtype=torch.float32).to(device)
+    return AdapterGroups(dl, ul, scale, ranks, table, int(k), int(n), dtype)
+
+
+def _backend(t: torch.Tensor, backend: Optional[str]) -> str:
+    be = backend or os.environ.get("LORA_FAST_SEGMENTED_BACKEND") or ("triton" if t.is_cuda else "torch")
+    if be not in _BACKENDS:
+        raise ValueError(f"unknown segmented LoRA backend {be!r} (one of {_BACKENDS})")
+    return be
+
+
+def _check(x: torch.Tensor, groups: AdapterGroups, rows: RowMap) -> None:
+    if x.dim() != 2 or x.shape[1] != groups.in_features:
+        raise ValueError(f"x must be (M, {groups.in_features}), got {tuple(x.shape)}")
+    if x.dtype != groups.dtype:
+        raise ValueError(f"x is {x.dtype}, the factors are {groups.dtype}")
+    if rows.seg_group_host and max(rows.seg_group_host) >= len(groups.ranks):
+        raise ValueError(f"the row map names group {max(rows.seg_group_host)}, only {len(groups.ranks)} exist")
+
+
+def lora_shrink(x: torch.Tensor, groups: AdapterGroups, rows: RowMap, backend: Optional[str] = None) -> torch.Tensor:
+    """``h`` (float32, ``(E, max(16, max rank))``): row e holds ``x[rows[e]] · A_g^T`` in its first r_g columns.
+
+    Columns past a group's rank, and the rows of absent groups, are unspecified (expand never reads them).
+    x: ``(M, K)`` with unit column stride, in the factors' dtype.
+    """
+    _check(x, groups, rows)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    width = max(16, _next_pow2(groups.max_rank))
+    h = torch.empty((rows.num_entries, width), dtype=torch.float32, device=x.device)
+    if rows.num_entries == 0 or groups.max_rank == 0:
+        return h
+    if _backend(x, backend) == "triton":
+        _triton_shrink(x, h, groups, rows)
+    else:
+        for s, g in enumerate(rows.seg_group_host):
+            r = groups.ranks[g]
+            if r == 0:
+                continue
+            a, b = rows.seg_start_host[s], rows.seg_start_host[s + 1]
+            down, _ = groups.fp32_factors(g)
+            xs = x.index_select(0, rows.rows[a:b]).float()
+            h[a:b, :r] = xs @ down.t()
+    return h
+
+
+def lora_expand(out: torch.Tensor, h: torch.Tensor, groups: AdapterGroups, rows: RowMap, lam: float = 1.0,
+                backend: Optional[str] = None, passes: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """In place: ``out[row_e] = rn(out[row_e] + lam · scale_g · coef_e · h[e, :r_g] · B_g^T)`` for every entry.
+
+    out: ``(M, N)`` with unit column stride (modified in place and returned); h: from :func:`lora_shrink`;
+    ``passes``: indices into ``rows.passes`` to run (default all, in order; one launch each).
+    """
+    if out.dim() != 2 or out.shape[1] != groups.out_features or out.stride(1) != 1:
+        raise ValueError(f"out must be (M, {groups.out_features}) with unit column stride, got {tuple(out.shape)}")
+    todo = range(len(rows.passes)) if passes is None else passes
+    if groups.max_rank == 0:
+        return out
+    if _backend(out, backend) == "triton":
+        for p in todo:
+            _triton_expand(out, h, groups, rows, p, float(lam))
+        return out
+    scale = groups.scale.tolist()
+    for p in todo:
+        first, end = rows.passes[p]
+        for s in range(first, end):
+            g = rows.seg_group_host[s]
+            r = groups.ranks[g]
+            if r == 0:
+                continue
+            a, b = rows.seg_start_host[s], rows.seg_start_host[s + 1]
+            _, up = groups.fp32_factors(g)
+            idx = rows.rows[a:b]
+            d = (h[a:b, :r] * (rows.coef[a:b] * (lam * scale[g]))[:, None]) @ up.t()
+            out.index_copy_(0, idx, (out.index_select(0, idx).float() + d).to(out.dtype))
+    return out
+
+
+def segmented_lora(x: torch.Tensor, out: torch.Tensor, groups: AdapterGroups, rows: RowMap, lam: float = 1.0,
+                   backend: Optional[str] = None) -> torch.Tensor:
+    """Shrink then expand every pass: ``out`` (modified in place) gains each row's LoRA terms."""
+    h = lora_shrink(x, groups, rows, backend)
+    return lora_expand(out, h, groups, rows, lam, backend)
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, int(v) - 1).bit_length()
+
+
+# --------------------------------------------------------------------------------------------------- Triton
+#
+# Grids: shrink (row blocks of the longest segment, segments); expand (row blocks of the longest segment of the
+# pass, column blocks, segments of the pass). A program whose row block starts past its segment's end, or whose
+# group has rank 0, returns at once. Factor addresses and ranks come from the int64 group table; the row index of
+# each entry is gathered, so segments may hold any rows. Products accumulate in fp32: exact fp32 ("ieee") for
+# fp32 layers, 16-bit tensor-core inputs with fp32 accumulation in shrink and TF32 in expand (h stays fp32, so
+# no fp16 overflow) for fp16/bf16 layers. The expand epilogue adds in fp32 and rounds once to nearest even (bf16
+# by integer ops on the bits, which the interpreter and compiled code agree on).
+
+_KERNELS = None
+SHRINK_BLOCK_M, SHRINK_BLOCK_K = 32, 32
+EXPAND_BLOCK_M, EXPAND_BLOCK_N = 32, 64
+
+
+def _kernels():
+    global _KERNELS, _ptr  # a jit function calls other jit functions through module globals
+    if _KERNELS is not None:
+        return _KERNELS
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _ptr(addr, DT: tl.constexpr):
+        if DT == 0:
+            p = addr.to(tl.pointer_type(tl.float32))
+        elif DT == 1:
+            p = addr.to(tl.pointer_type(tl.float16))
+        else:
+            p = addr.to(tl.pointer_type(tl.bfloat16))
+        return p
+
+    @triton.jit
+    def _shrink(x_ptr, h_ptr, table_ptr, rows_ptr, seg_start_ptr, seg_group_ptr, K, stride_xm, stride_hm,
+                DT: tl.constexpr, DOT16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                BLOCK_R: tl.constexpr):
+        pid_m = tl.program_id(0)
+        s = tl.program_id(1)
+        start = tl.load(seg_start_ptr + s)
+        end = tl.load(seg_start_ptr + s + 1)
+        g = tl.load(seg_group_ptr + s).to(tl.int64)
+        rank = tl.load(table_ptr + g * 3 + 2)
+        e0 = start + pid_m * BLOCK_M
+        if (e0 < end) & (rank > 0):
+            a_ptr = _ptr(tl.load(table_ptr + g * 3), DT)
+            offs_e = e0 + tl.arange(0, BLOCK_M)
+            me = offs_e < end
+            rows = tl.load(rows_ptr + offs_e, mask=me, other=0)
+            offs_r = tl.arange(0, BLOCK_R)
+            mr = offs_r < rank
+            offs_k = tl.arange(0, BLOCK_K)
+            acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + offs_k
+                mk = kk < K
+                xt = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :], mask=me[:, None] & mk[None, :], other=0.0)
+                at = tl.load(a_ptr + offs_r[None, :].to(tl.int64) * K + kk[:, None], mask=mk[:, None] & mr[None, :],
+                             other=0.0)
+                if DT == 0:
+                    acc = tl.dot(xt, at, acc, input_precision="ieee")
+                elif DOT16:
+                    acc = tl.dot(xt, at, acc)
+                else:
+                    acc = tl.dot(xt.to(tl.float32), at.to(tl.float32), acc, input_precision="ieee")
+            hp = h_ptr + offs_e[:, None].to(tl.int64) * stride_hm + offs_r[None, :]
+            tl.store(hp, acc, mask=me[:, None] & mr[None, :])
+
+    @triton.jit
+    def _expand(h_ptr, out_ptr, table_ptr, scale_ptr, coef_ptr, rows_ptr, seg_start_ptr, seg_group_ptr, seg_base,
+                N, stride_hm, stride_om, lam,
+                DT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        s = seg_base + tl.program_id(2)
+        start = tl.load(seg_start_ptr + s)
+        end = tl.load(seg_start_ptr + s + 1)
+        g = tl.load(seg_group_ptr + s).to(tl.int64)
+        rank = tl.load(table_ptr + g * 3 + 2)
+        e0 = start + pid_m * BLOCK_M
+        if (e0 < end) & (rank > 0):
+            b_ptr = _ptr(tl.load(table_ptr + g * 3 + 1), DT)
+            offs_e = e0 + tl.arange(0, BLOCK_M)
+            me = offs_e < end
+            rows = tl.load(rows_ptr + offs_e, mask=me, other=0)
+            offs_r = tl.arange(0, BLOCK_R)
+            mr = offs_r < rank
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            mn = offs_n < N
+            ht = tl.load(h_ptr + offs_e[:, None].to(tl.int64) * stride_hm + offs_r[None, :],
+                         mask=me[:, None] & mr[None, :], other=0.0)
+            bt = tl.load(b_ptr + offs_n[None, :].to(tl.int64) * rank + offs_r[:, None], mask=mr[:, None] & mn[None, :],
+                         other=0.0).to(tl.float32)
+            if DT == 0:
+                d = tl.dot(ht, bt, input_precision="ieee")
+            else:
+                d = tl.dot(ht, bt, input_precision="tf32")
+            c = tl.load(coef_ptr + offs_e, mask=me, other=0.0) * (tl.load(scale_ptr + g) * lam)
+            op = out_ptr + rows[:, None] * stride_om + offs_n[None, :]
+            mo = me[:, None] & mn[None, :]
+            if DT == 2:  # out is passed as its int16 bits: exact decode, add, round to nearest even by integer ops
+                bits = tl.load(op, mask=mo, other=0)
+                o = ((bits.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+                y = o + d * c[:, None]
+                b = y.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+                hi = b >> 16
+                rb = (b + 0x7FFF + (hi & 1)) >> 16
+                tl.store(op, tl.where(y != y, hi | 0x40, rb).to(tl.int16), mask=mo)
+            else:
+                o = tl.load(op, mask=mo, other=0.0).to(tl.float32)
+                y = o + d * c[:, None]
+                if DT == 1:
+                    tl.store(op, y.to(tl.float16, fp_downcast_rounding="rtne"), mask=mo)
+                else:
+                    tl.store(op, y, mask=mo)
+
+    _KERNELS = (_shrink, _expand)
+    return _KERNELS
+
+
+def _triton_shrink(x: torch.Tensor, h: torch.Tensor, groups: AdapterGroups, rows: RowMap) -> None:
+    shrink, _ = _kernels()
+    n_seg = len(rows.seg_group_host)
+    grid = (triton_cdiv(rows.max_rows, SHRINK_BLOCK_M), n_seg)
+    shrink[grid](x, h, groups.table, rows.rows, rows.seg_start, rows.seg_group, x.shape[1], x.stride(0), h.stride(0),
+                 DT=_DTYPE_CODE[x.dtype], DOT16=not _interpreted(), BLOCK_M=SHRINK_BLOCK_M, BLOCK_K=SHRINK_BLOCK_K, BLOCK_R=h.shape[1])
+
+
+def _triton_expand(out: torch.Tensor, h: torch.Tensor, groups: AdapterGroups, rows: RowMap, p: int, lam: float) -> None:
+    _, expand = _kernels()
+    first, end = rows.passes[p]
+    grid = (triton_cdiv(rows.pass_max_rows[p], EXPAND_BLOCK_M), triton_cdiv(out.shape[1], EXPAND_BLOCK_N), end - first)
+    target = out.view(torch.int16) if out.dtype == torch.bfloat16 else out
+    expand[grid](h, target, groups.table, groups.scale, rows.coef, rows.rows, rows.seg_start, rows.seg_group, first,
+                 out.shape[1], h.stride(0), out.stride(0), lam,
+                 DT=_DTYPE_CODE[groups.dtype], BLOCK_M=EXPAND_BLOCK_M, BLOCK_N=EXPAND_BLOCK_N, BLOCK_R=h.shape[1])
+
+
+def _interpreted() -> bool:
+    # Triton 3.9's interpreter computes tl.dot on bf16 tiles wrongly, so there the bf16 shrink upcasts its tiles
+    # to fp32 (the fp16 path still runs the 16-bit dot); compiled kernels use the 16-bit tensor-core dot.
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return max(1, -(-int(a) // int(b)))
