@@ -9,8 +9,11 @@ an ``nn.Module``, or a dict ``{component_name: nn.Module}``):
 * live (unfused) adapters: :func:`set_adapters`, :func:`get_active_adapters`, :func:`get_list_adapters`,
   :func:`enable_lora`, :func:`disable_lora`, :func:`delete_adapters`, :func:`set_lora_device`,
   :func:`prepare_hotswap`
+* serving: :func:`per_sample_adapters` (a different adapter, or mix, for each sample of one batch)
 * errors: :class:`LoraFormatError`, :class:`LoraFusionError` (both ValueError subclasses)
 """
+
+import contextlib
 
 from .errors import LoraError, LoraFormatError, LoraFusionError
 from .adapter import LoraAdapter, LoraLayer
@@ -18,6 +21,7 @@ from .io import load_file, read_metadata, save_file
 from .formats import read_lora, save_lora_weights
 from . import engine as _engine
 from . import fuse_on_load as _fuse_on_load
+from . import per_sample as _per_sample
 
 __version__ = "0.1.0"
 
@@ -141,10 +145,42 @@ def prepare_hotswap(target, max_rank):
     _engine.prepare_hotswap(target, max_rank)
 
 
+@contextlib.contextmanager
+def per_sample_adapters(target, adapters, *, components=None):
+    """Run each sample of a batch with its own adapter (or mix of adapters) in one forward pass.
+
+    ``adapters`` has one entry per sample (per image): an adapter name, a dict ``{adapter name: weight}`` to mix
+    adapters for that sample, or None for the base model alone. Inside the ``with`` block, an adapted layer whose
+    batch is k times ``len(adapters)`` uses entry ``j mod len(adapters)`` for sample j: with classifier-free
+    guidance (uncond samples, then cond samples) both halves of image i use entry i. A layer batch that is not a
+    multiple raises LoraFormatError (a ValueError) naming the component and layer. ``components`` (e.g.
+    ``["unet"]``) limits per-sample adapters to those components; the others keep their ``set_adapters``
+    selection. The per-call scale (``cross_attention_kwargs={"scale": s}``) still applies; ``set_adapters``
+    weights do not (each entry carries its own weights, 1.0 for a plain name).
+
+    Each sample's output matches running that sample alone after ``set_adapters`` with its entry. Linear layers use
+    the segmented shrink/expand kernels (Triton on CUDA: one launch each for all adapters of the batch, rows
+    grouped by adapter); other layers (convs, embeddings, DoRA, LoRA biases) and autograd run each adapter's live
+    forward on its samples. Adapters must be loaded unfused: a fused adapter in a selected component raises
+    LoraFusionError, and so does ``fuse_lora`` inside the block. Unknown adapter names raise LoraFormatError.
+    Leaving the block restores the previous adapter selection exactly.
+
+    Example::
+
+        with lora_fast.per_sample_adapters(pipe, ["pixel", "ink", None, {"pixel": 0.5, "ink": 0.5}]):
+            images = pipe(["a cat"] * 4, generator=[torch.Generator().manual_seed(i) for i in range(4)]).images
+    """
+    installed = _per_sample.activate(target, adapters, components)
+    try:
+        yield
+    finally:
+        _per_sample.deactivate(installed)
+
+
 __all__ = [
     "LoraError", "LoraFormatError", "LoraFusionError", "LoraAdapter", "LoraLayer",
     "load_file", "read_metadata", "save_file", "read_lora", "save_lora_weights",
     "load_lora_weights", "fuse_lora", "unfuse_lora", "unload_lora_weights",
     "set_adapters", "get_active_adapters", "get_list_adapters", "enable_lora", "disable_lora", "delete_adapters",
-    "set_lora_device", "prepare_hotswap",
+    "set_lora_device", "prepare_hotswap", "per_sample_adapters",
 ]

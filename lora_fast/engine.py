@@ -74,6 +74,8 @@ class ComponentState:
     call_scale: float = 1.0
     scale_stack: list = field(default_factory=list)
     max_rank: Optional[int] = None
+    per_sample: Optional[object] = None  # lora_fast.per_sample.PerSampleSpec while per_sample_adapters is active
+    swaps: int = 0  # bumped by hotswap: tensors may have been replaced (per-sample kernel tables hold addresses)
 
     def fused_names(self) -> set[str]:
         return {n for step in self.fused for n in step.names}
@@ -363,9 +365,16 @@ def _dora_view(weight_param: torch.Tensor, module: nn.Module) -> torch.Tensor:
     return weight_param.t() if is_fan_in_fan_out(module) else weight_param
 
 
+def refuse_during_per_sample(states, what: str) -> None:
+    busy = [comp or "module" for comp, _, s in states if s.per_sample is not None]
+    if busy:
+        raise LoraFusionError(f"{what}: per_sample_adapters is active on {busy}; fuse after leaving it")
+
+
 def fuse(target, lora_scale: float = 1.0, safe_fusing: bool = False, adapter_names=None, components=None,
          adapter_weights=None) -> None:
     states = _states(target, components)
+    refuse_during_per_sample(states, "fuse_lora")
     if adapter_names is not None and isinstance(adapter_names, str):
         adapter_names = [adapter_names]
     if adapter_weights is not None:
@@ -722,4 +731,5 @@ def hotswap(target, adapter: LoraAdapter, adapter_name: str, components=None) ->
                 hook.slots[adapter_name].clear()
         state.adapters[adapter_name] = written
         # no bump: the plan (which slots run) is unchanged, only tensor values are new
+        state.swaps += 1
     return adapter_name

@@ -130,6 +130,7 @@ def load_and_fuse(target, path, adapter_name=None, *, components=None, max_rank=
     ``load_lora_weights(target, path, adapter_name)`` followed by ``fuse_lora(target, adapter_names=[name])``.
     On any error every weight is left bit-identical and no adapter is registered."""
     path = os.fsdecode(os.fspath(path))
+    engine.refuse_during_per_sample(engine._states(target, components), "load_lora_weights(fuse=True)")
     adapter, header, base, _views = _read_with_views(path)
     name, comps, bound = engine.plan_bind(target, adapter, adapter_name, components, max_rank, move=False)
     if any(b.layer.magnitude is not None or b.layer.bias is not None for layers in bound.values() for b in layers.values()):

@@ -292,18 +292,21 @@ class LiveSlot:
             h = F.linear(x, self.down)
         return F.linear(h * coef, self.up, None if self.bias is None else self.bias * coef)
 
-    def apply(self, module: nn.Module, x: torch.Tensor, out: torch.Tensor, lam: float) -> torch.Tensor:
+    def apply(self, module: nn.Module, x: torch.Tensor, out: torch.Tensor, lam: float, weight=None) -> torch.Tensor:
+        """out + this adapter's terms; ``weight`` (a float) replaces the set_adapters weight (per-sample use)."""
+        if weight is None:
+            weight = self.weight
         if x.dtype != self.down.dtype and self.kind != "embedding":
             x = x.to(self.down.dtype)
         if self.magnitude is None:
-            coef = self.scale * self.weight
+            coef = self.scale * weight
             if lam != 1.0:
                 coef = coef * lam
             return out + self._lora(module, x, coef).to(out.dtype)
         bias = getattr(module, "bias", None)
         base = out if bias is None else out - _channel_view(bias, self.kind)
         if self.magnitude_axis == "out":
-            c = self.scale * self.weight
+            c = self.scale * weight
             if lam != 1.0:
                 c = c * lam
             p, q, t = self._caches
@@ -312,7 +315,7 @@ class LiveSlot:
             lora = self._lora(module, x, c.to(x.dtype)).to(out.dtype)
             return out + (g - 1.0) * base + g * lora
         (gain,) = self._caches
-        outer = self.weight if lam == 1.0 else self.weight * lam
+        outer = weight if lam == 1.0 else weight * lam
         xg = x * _channel_view(gain, self.kind)
         dora = _base_no_bias(module, self.kind, xg) + self._lora(module, xg, self.scale)
         return out + (outer * (dora.to(out.dtype) - base))
@@ -351,8 +354,8 @@ class DenseSlot:
     def refresh_caches(self, module, key) -> None:
         pass
 
-    def apply(self, module: nn.Module, x: torch.Tensor, out: torch.Tensor, lam: float) -> torch.Tensor:
-        factor = float(self.weight) * lam
+    def apply(self, module: nn.Module, x: torch.Tensor, out: torch.Tensor, lam: float, weight=None) -> torch.Tensor:
+        factor = float(self.weight if weight is None else weight) * lam
         w = module.weight
         if self.layer.magnitude is not None:
             w_oi = w.t() if is_fan_in_fan_out(module) else w
@@ -394,6 +397,7 @@ class ModuleHook:
         self.device = None
         self.dtype = None
         self.handle = None
+        self.per_sample_cache = None  # lora_fast.per_sample: (spec, key, plan)
 
     def attach(self, module: nn.Module) -> None:
         self.handle = module.register_forward_hook(self, with_kwargs=True)
@@ -418,22 +422,31 @@ class ModuleHook:
                 slot = self.slots.get(name)
                 if slot is None or name in not_live:
                     continue
-                if slot.device != device or (slot.dtype != dtype and not slot.dense):
-                    if slot.pinned:
-                        if slot.device != device:
-                            continue  # parked elsewhere by set_lora_device: unused until moved back
-                    else:  # adapters follow the model (as PEFT layers, which are submodules, do)
-                        slot.to(device=device, dtype=dtype)
-                key = (state.epoch, device, dtype)
-                if slot.magnitude is not None and slot.cache_key != key:
-                    slot.refresh_caches(module, key)
-                plan.append(slot)
+                if self.ready(slot, module):
+                    plan.append(slot)
         self.plan = tuple(plan)
         self.device, self.dtype = device, dtype
         self.version = state.version
 
+    def ready(self, slot, module: nn.Module) -> bool:
+        """Bring a slot to the module's device/dtype and its DoRA caches up to date; False if it is parked."""
+        w = module.weight
+        device, dtype = w.device, w.dtype
+        if slot.device != device or (slot.dtype != dtype and not slot.dense):
+            if slot.pinned:
+                if slot.device != device:
+                    return False  # parked elsewhere by set_lora_device: unused until moved back
+            else:  # adapters follow the model (as PEFT layers, which are submodules, do)
+                slot.to(device=device, dtype=dtype)
+        key = (self.state.epoch, device, dtype)
+        if slot.magnitude is not None and slot.cache_key != key:
+            slot.refresh_caches(module, key)
+        return True
+
     def __call__(self, module: nn.Module, args, kwargs, output):
         state = self.state
+        if state.per_sample is not None:  # inside lora_fast.per_sample_adapters: one adapter mix per sample
+            return state.per_sample.forward(self, module, args, kwargs, output)
         w = module.weight
         if self.version != state.version or w.device != self.device or w.dtype != self.dtype:
             self.refresh(module)
