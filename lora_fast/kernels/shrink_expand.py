@@ -160,6 +160,11 @@ def make_groups(downs: Sequence[Optional[torch.Tensor]], ups: Sequence[Optional[
     """Validate and pack the factors of one layer's groups (see :class:`AdapterGroups`)."""
     if not (len(downs) == len(ups) == len(scales)):
         raise ValueError("downs, ups and scales must have one entry per group")
+    for g, (d, u) in enumerate(zip(downs, ups)):
+        if (d is None) != (u is None):
+            raise ValueError(f"group {g}: down and up must both be given or both be None")
+        if d is not None and (d.dim() != 2 or u.dim() != 2):
+            raise ValueError(f"group {g}: down {tuple(d.shape)} and up {tuple(u.shape)} must be 2-D")
     present = [(d, u) for d, u in zip(downs, ups) if d is not None]
     if not present:
         raise ValueError("no group has factors")
@@ -168,8 +173,6 @@ def make_groups(downs: Sequence[Optional[torch.Tensor]], ups: Sequence[Optional[
     device = d0.device if device is None else torch.device(device)
     dl, ul, ranks, rows = [], [], [], []
     for g, (d, u) in enumerate(zip(downs, ups)):
-        if (d is None) != (u is None):
-            raise ValueError(f"group {g}: down and up must both be given or both be None")
         if d is None:
             dl.append(None)
             ul.append(None)
@@ -177,7 +180,7 @@ def make_groups(downs: Sequence[Optional[torch.Tensor]], ups: Sequence[Optional[
             rows.append([0, 0, 0])
             continue
         r = d.shape[0]
-        if d.dim() != 2 or u.dim() != 2 or d.shape[1] != k or u.shape != (n, r):
+        if d.shape[1] != k or u.shape != (n, r):
             raise ValueError(f"group {g}: down {tuple(d.shape)} / up {tuple(u.shape)} do not fit ({n}, r)·(r, {k})")
         if d.dtype != dtype or u.dtype != dtype or d.device != device or u.device != device:
             raise ValueError(f"group {g}: factors must share dtype {dtype} and device {device}")
@@ -243,6 +246,8 @@ def lora_expand(out: torch.Tensor, h: torch.Tensor, groups: AdapterGroups, rows:
     """
     if out.dim() != 2 or out.shape[1] != groups.out_features or out.stride(1) != 1:
         raise ValueError(f"out must be (M, {groups.out_features}) with unit column stride, got {tuple(out.shape)}")
+    if out.dtype != groups.dtype:
+        raise ValueError(f"out is {out.dtype}, the factors are {groups.dtype}")
     todo = range(len(rows.passes)) if passes is None else passes
     if groups.max_rank == 0:
         return out
@@ -401,7 +406,7 @@ def _triton_shrink(x: torch.Tensor, h: torch.Tensor, groups: AdapterGroups, rows
     n_seg = len(rows.seg_group_host)
     grid = (triton_cdiv(rows.max_rows, SHRINK_BLOCK_M), n_seg)
     shrink[grid](x, h, groups.table, rows.rows, rows.seg_start, rows.seg_group, x.shape[1], x.stride(0), h.stride(0),
-                 DT=_DTYPE_CODE[x.dtype], DOT16=not _interpreted(), BLOCK_M=SHRINK_BLOCK_M, BLOCK_K=SHRINK_BLOCK_K, BLOCK_R=h.shape[1])
+                 DT=_DTYPE_CODE[x.dtype], DOT16=x.dtype == torch.float16 or not _interpreted(), BLOCK_M=SHRINK_BLOCK_M, BLOCK_K=SHRINK_BLOCK_K, BLOCK_R=h.shape[1])
 
 
 def _triton_expand(out: torch.Tensor, h: torch.Tensor, groups: AdapterGroups, rows: RowMap, p: int, lam: float) -> None:
@@ -415,8 +420,8 @@ def _triton_expand(out: torch.Tensor, h: torch.Tensor, groups: AdapterGroups, ro
 
 
 def _interpreted() -> bool:
-    # Triton 3.9's interpreter computes tl.dot on bf16 tiles wrongly, so there the bf16 shrink upcasts its tiles
-    # to fp32 (the fp16 path still runs the 16-bit dot); compiled kernels use the 16-bit tensor-core dot.
+    # Triton 3.9's interpreter computes tl.dot on bf16 tiles wrongly, so there the bf16 shrink upcasts its tiles to
+    # fp32 (the fp16 shrink keeps the 16-bit dot); compiled kernels use the 16-bit tensor-core dot, fp32 accumulation.
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
