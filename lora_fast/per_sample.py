@@ -128,7 +128,9 @@ class PerSampleSpec:
             if batch % n:
                 raise LoraFormatError(
                     f"per_sample_adapters: {_label(self.component, path)} (component {self.component or 'module'}) "
-                    f"runs a batch of {batch}, which is not a multiple of the {n} per-sample entries")
+                    f"runs a batch of {batch}, which is not a multiple of the {n} per-sample entries (a component "
+                    "that sees one input for several images, e.g. a text encoder given one prompt, can be left on "
+                    "set_adapters with components=[...])")
             rm = self.row_maps[key] = build_row_map(self.entries, batch, rows_per_sample, device)
         return rm
 
