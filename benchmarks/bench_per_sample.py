@@ -16,7 +16,8 @@ to_q/to_k/to_v/to_out.0 of every attention, loaded unfused with lora_fast.load_l
 
 The issue's targets (stated for a GPU): (b) <= 1.3x (a) and (c) / (b) >= 4x. Correctness is checked once:
 sample i of (b) against the batch-1 run of (c) with adapter i, as max |diff| / max |ref| over the whole output.
-Times are medians of ``--repeats`` runs after ``--warmup`` untimed runs (lora_fast.bench.median_time).
+Times are medians over ``--repeats`` rounds after ``--warmup`` untimed rounds; each round runs every case once,
+interleaved, so load changes on a shared machine hit all cases alike.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -104,7 +106,7 @@ def run(args) -> dict:
     for i, name in enumerate(names):
         lora_fast.load_lora_weights(unet, attention_adapter(unet, i, args.rank, dtype, device), adapter_name=name)
     n_modules = sum(1 for n, m in unet.named_modules() if n.endswith(ATTN) and isinstance(m, torch.nn.Linear))
-    latents, t, text = inputs(unet, args.batch, args.latent, dtype, device)
+    latents, timestep, text = inputs(unet, args.batch, args.latent, dtype, device)
     print(f"built {args.size} SD1.5 UNet ({sum(p.numel() for p in unet.parameters()) / 1e6:.0f} M params) and "
           f"{len(names)} adapters (rank {args.rank}, {n_modules} modules) in {time.perf_counter() - t0:.1f} s",
           file=sys.stderr)
@@ -114,35 +116,44 @@ def run(args) -> dict:
     def step(key, lat, txt):
         def fn():
             with torch.inference_mode():
-                outs[key] = unet(lat, t, txt).sample
+                outs[key] = unet(lat, timestep, txt).sample
             sync()
         return fn
-
-    def timed(label, fn):
-        t = median_time(fn, args.repeats, warmup=args.warmup)
-        print(f"  {label}: {t * 1e3:.1f} ms", file=sys.stderr)
-        return t
-
-    times = {}
-    lora_fast.disable_lora(unet)
-    times["base"] = timed("(a) base", step("base", latents, text))
-    lora_fast.enable_lora(unet)
 
     def per_sample():
         with lora_fast.per_sample_adapters(unet, names):
             step("per_sample", latents, text)()
-
-    times["per_sample"] = timed("(b) per-sample", per_sample)
 
     def sequential():
         for i, name in enumerate(names):
             lora_fast.set_adapters(unet, [name])
             step(("alone", i), latents[i:i + 1], text[i:i + 1])()
 
-    times["sequential"] = timed("(c) sequential", sequential)
+    def with_selection(fn, select):
+        def run():
+            select()
+            fn()
+        return run
 
-    lora_fast.set_adapters(unet, [names[0]])
-    times["one_adapter"] = timed("(d) one adapter", step("one", latents, text))
+    cases = {
+        "base": with_selection(step("base", latents, text), lambda: lora_fast.disable_lora(unet)),
+        "per_sample": with_selection(per_sample, lambda: lora_fast.enable_lora(unet)),
+        "sequential": with_selection(sequential, lambda: lora_fast.enable_lora(unet)),
+        "one_adapter": with_selection(step("one", latents, text), lambda: lora_fast.set_adapters(unet, [names[0]])),
+    }
+    # Rounds interleave the cases (one timed call each per round), so a load change on a shared machine hits
+    # every case alike instead of whichever case happened to run then; the figure is the median over rounds.
+    rounds = {k: [] for k in cases}
+    for r in range(args.warmup + args.repeats):
+        for key, fn in cases.items():
+            elapsed = median_time(fn, 1, warmup=0)
+            if r >= args.warmup:
+                rounds[key].append(elapsed)
+        print(f"  round {r}{' (warmup)' if r < args.warmup else ''}: "
+              + ", ".join(f"{k} {v[-1] * 1e3:.0f} ms" if r >= args.warmup else k for k, v in rounds.items()),
+              file=sys.stderr)
+    lora_fast.enable_lora(unet)
+    times = {k: statistics.median(v) for k, v in rounds.items()}
 
     # Sample i of (b) against sample i run alone with adapter i (the last run of (c)); how far apart the adapters
     # put the outputs says the check is not vacuous.
@@ -156,6 +167,7 @@ def run(args) -> dict:
         "batch": args.batch, "latent": args.latent, "rank": args.rank, "adapted_modules": n_modules,
         "repeats": args.repeats, "warmup": args.warmup,
         "times_ms": {k: v * 1e3 for k, v in times.items()},
+        "rounds_ms": {k: [t * 1e3 for t in v] for k, v in rounds.items()},
         "ratios": {"per_sample_over_base": times["per_sample"] / times["base"],
                    "sequential_over_per_sample": times["sequential"] / times["per_sample"],
                    "one_adapter_over_base": times["one_adapter"] / times["base"]},
