@@ -15,7 +15,10 @@ to_q/to_k/to_v/to_out.0 of every attention, loaded unfused with lora_fast.load_l
   (d) one adapter: batch B, one adapter for every sample (set_adapters, the plain live path), for context
 
 The issue's targets (stated for a GPU): (b) <= 1.3x (a) and (c) / (b) >= 4x. Correctness is checked once:
-sample i of (b) against the batch-1 run of (c) with adapter i, as max |diff| / max |ref| over the whole output.
+sample i of (b) against the batch-1 run of (c) with adapter i, as max |diff| / max |ref| over the whole output
+(fp32: <= 1e-4; on CUDA at most twice the base model's own batch-B vs batch-1 difference if that is larger).
+fp16/bf16 runs also keep an fp32 copy of the model (same rounded weights and factors): per-sample's error against
+it must be within 1.5x of the plain single-adapter live path's error.
 Times are medians over ``--repeats`` rounds after ``--warmup`` untimed rounds; each round runs every case once,
 interleaved, so load changes on a shared machine hit all cases alike.
 """
@@ -23,6 +26,7 @@ interleaved, so load changes on a shared machine hit all cases alike.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -40,9 +44,11 @@ from lora_fast.bench import DTYPES, _cpu_name, median_time
 from lora_fast.models import build_unet, materialize
 
 ATTN = ("to_q", "to_k", "to_v", "to_out.0")
-#: max |per-sample - alone| / max |alone| accepted per dtype. fp32 is the issue's bound; the 16-bit bounds are loose
-#: because a batch-8 and a batch-1 base forward may already round differently in 16-bit convolutions.
-TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 1e-1}
+#: fp32: max |per-sample - alone| / max |alone| accepted (the issue's bound). 16-bit layers are checked against an
+#: fp32 copy of the model instead (see run()): per-sample may be at most this factor less accurate than the plain
+#: single-adapter live path of the same dtype.
+FP32_TOLERANCE = 1e-4
+LOW_PRECISION_FACTOR = 1.5
 
 
 def attention_adapter(unet, seed: int, rank: int, dtype, device) -> LoraAdapter:
@@ -102,9 +108,14 @@ def run(args) -> dict:
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     t0 = time.perf_counter()
     unet = build(args.size, dtype, device)
+    # 16-bit runs are checked against an fp32 copy with the same (rounded) weights and adapter factors.
+    ref_unet = copy.deepcopy(unet).float() if dtype != torch.float32 else None
     names = [f"a{i}" for i in range(args.batch)]
     for i, name in enumerate(names):
-        lora_fast.load_lora_weights(unet, attention_adapter(unet, i, args.rank, dtype, device), adapter_name=name)
+        adapter = attention_adapter(unet, i, args.rank, dtype, device)
+        lora_fast.load_lora_weights(unet, adapter, adapter_name=name)
+        if ref_unet is not None:
+            lora_fast.load_lora_weights(ref_unet, adapter.to(dtype=torch.float32), adapter_name=name)
     n_modules = sum(1 for n, m in unet.named_modules() if n.endswith(ATTN) and isinstance(m, torch.nn.Linear))
     latents, timestep, text = inputs(unet, args.batch, args.latent, dtype, device)
     print(f"built {args.size} SD1.5 UNet ({sum(p.numel() for p in unet.parameters()) / 1e6:.0f} M params) and "
@@ -159,9 +170,33 @@ def run(args) -> dict:
     # put the outputs says the check is not vacuous.
     errs = [rel_err(outs["per_sample"][i:i + 1], outs[("alone", i)]) for i in range(args.batch)]
     spread = min(rel_err(outs["base"][i:i + 1], outs[("alone", i)]) for i in range(args.batch))
-    tol = TOLERANCE[args.dtype]
-    check = {"max_rel_err": max(errs), "per_sample_rel_err": errs, "tolerance": tol, "ok": max(errs) <= tol,
-             "min_rel_diff_adapter_vs_base": spread}
+    check = {"max_rel_err": max(errs), "per_sample_rel_err": errs, "min_rel_diff_adapter_vs_base": spread}
+    if ref_unet is None:
+        bound = FP32_TOLERANCE
+        if not device.startswith("cpu"):
+            # On CUDA (TF32 convolutions, algorithms chosen per batch size) a batch-B and a batch-1 run of the base
+            # model differ already; per-sample cannot be closer to "alone" than that, so allow twice that noise.
+            lora_fast.disable_lora(unet)
+            for i in range(args.batch):
+                step(("base_alone", i), latents[i:i + 1], text[i:i + 1])()
+            lora_fast.enable_lora(unet)
+            check["base_batch_noise"] = max(rel_err(outs["base"][i:i + 1], outs[("base_alone", i)])
+                                            for i in range(args.batch))
+            bound = max(bound, 2 * check["base_batch_noise"])
+        check.update(kind="per-sample vs alone", bound=bound, ok=check["max_rel_err"] <= bound)
+    else:
+        # Both 16-bit paths against the fp32 model run alone with adapter i: per-sample (fp32 LoRA terms, one
+        # rounding) must be about as accurate as the plain live path.
+        ref = []
+        with torch.inference_mode():
+            for i, name in enumerate(names):
+                lora_fast.set_adapters(ref_unet, [name])
+                ref.append(ref_unet(latents[i:i + 1].float(), timestep, text[i:i + 1].float()).sample)
+        err_ps = max(rel_err(outs["per_sample"][i:i + 1], ref[i]) for i in range(args.batch))
+        err_alone = max(rel_err(outs[("alone", i)], ref[i]) for i in range(args.batch))
+        bound = LOW_PRECISION_FACTOR * err_alone
+        check.update(kind=f"vs fp32 model: per-sample {err_ps:.2e}, single-adapter live path {err_alone:.2e}",
+                     per_sample_vs_fp32=err_ps, alone_vs_fp32=err_alone, bound=bound, ok=err_ps <= bound)
     return {
         "machine": machine_info(device), "device": device, "size": args.size, "dtype": args.dtype,
         "batch": args.batch, "latent": args.latent, "rank": args.rank, "adapted_modules": n_modules,
@@ -193,9 +228,10 @@ def markdown(r: dict) -> str:
         "",
         f"(b)/(a) = {ra['per_sample_over_base']:.2f}x (GPU target <= 1.3x); "
         f"(c)/(b) = {ra['sequential_over_per_sample']:.2f}x (GPU target >= 4x)",
-        f"check: max over samples of max|(b)_i - alone_i| / max|alone_i| = {c['max_rel_err']:.2e} "
-        f"(tolerance {c['tolerance']:.0e}: {'ok' if c['ok'] else 'FAILED'}); adapters move the output by >= "
-        f"{c['min_rel_diff_adapter_vs_base']:.2e} of its max vs the base model",
+        f"check: max over samples of max|(b)_i - alone_i| / max|alone_i| = {c['max_rel_err']:.2e}; "
+        f"{c['kind']} (bound {c['bound']:.1e}: {'ok' if c['ok'] else 'FAILED'}"
+        + (f"; base model batch {b} vs batch 1 differ by {c['base_batch_noise']:.2e}" if "base_batch_noise" in c else "")
+        + f"); adapters move the output by >= {c['min_rel_diff_adapter_vs_base']:.2e} of its max vs the base model",
     ]
     return "\n".join(lines)
 
