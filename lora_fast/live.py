@@ -292,6 +292,11 @@ class LiveSlot:
             h = F.linear(x, self.down)
         return F.linear(h * coef, self.up, None if self.bias is None else self.bias * coef)
 
+    def _in_place(self, out: torch.Tensor) -> bool:
+        """A plain linear LoRA may accumulate into the layer's fresh output when autograd does not need it."""
+        return (self.kind == "linear" and self.bias is None and out.dtype == self.down.dtype and out.dim() >= 1
+                and out.is_contiguous() and not (torch.is_grad_enabled() and out.requires_grad))
+
     def apply(self, module: nn.Module, x: torch.Tensor, out: torch.Tensor, lam: float, weight=None) -> torch.Tensor:
         """out + this adapter's terms; ``weight`` (a float) replaces the set_adapters weight (per-sample use)."""
         if weight is None:
@@ -302,6 +307,11 @@ class LiveSlot:
             coef = self.scale * weight
             if lam != 1.0:
                 coef = coef * lam
+            if self._in_place(out):
+                # out += (coef·A x) Bᵀ as one accumulating matmul into the output: no output-sized temporaries
+                h = F.linear(x, self.down) * coef
+                out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), self.up.t())
+                return out
             return out + self._lora(module, x, coef).to(out.dtype)
         bias = getattr(module, "bias", None)
         base = out if bias is None else out - _channel_view(bias, self.kind)
