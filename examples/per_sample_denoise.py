@@ -12,7 +12,7 @@ takes the per-adapter fallback path. The batch uses
 inside one ``with lora_fast.per_sample_adapters(pipe, entries):`` block (text encoder and UNet; the UNet sees
 the classifier-free-guidance batch of 8 = uncond block + cond block, entry j mod 4). Then each image is
 generated alone after ``set_adapters`` with its entry (``disable_lora`` for None), with the same seed, and
-compared: max |batched - alone| / max |alone| must be <= 1e-4 (fp32).
+compared: max |batched - alone| / max |alone| must be <= 1e-5 (fp32).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from lora_fast.models import build_pipeline
 UNET_ATTN = ("to_q", "to_k", "to_v", "to_out.0")
 TE_ATTN = ("q_proj", "k_proj", "v_proj", "out_proj")
 ENTRIES = ["ink", "pixel", None, {"clay": 0.6, "neon": 0.4}]
-TOLERANCE = 1e-4
+TOLERANCE = 1e-5  # the fp32 tolerance of the per-sample tests (issue 7)
 TOKENS = 77
 
 
