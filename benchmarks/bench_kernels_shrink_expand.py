@@ -8,7 +8,7 @@ different adapters of rank r, one per image), the table gives the median time of
 
 * base: the layer's own matmul (``F.linear``, cuBLAS/oneDNN),
 * per-sample: ``segmented_lora`` (one shrink + one expand for all B adapters) on top of the base output,
-* one adapter: the plain live path for one adapter on the whole batch (two ``F.linear``), for comparison,
+* one adapter (naive): base + B(A x) for one adapter on the whole batch in plain torch (three ``F.linear``),
 
 and per-sample / base, the overhead a per-sample step pays on that layer. No diffusers needed.
 """
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
                else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print(f"# segmented shrink/expand: {args.device} ({machine}), {args.dtype}, backend {backend}, "
           f"{args.batch} adapters r{args.rank}, batch {2 * args.batch} (CFG)")
-    print("| layer | rows x K -> N | base | per-sample (base + LoRA) | x base | one adapter (live) | x base | L2 err |")
+    print("| layer | rows x K -> N | base | per-sample (base + LoRA) | x base | one adapter, naive torch | x base | L2 err |")
     print("|---|---|---|---|---|---|---|---|")
     results = []
     for name, tokens, k, n in SHAPES:
