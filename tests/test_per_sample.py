@@ -311,6 +311,38 @@ def test_tiny_sd15_unet_cfg_batch_matches_single_adapter_runs(sd15):
     lora_fast.enable_lora(unet)
 
 
+@torch.no_grad()
+def test_tiny_sd3_transformer_joint_attention_with_per_call_scale():
+    pytest.importorskip("diffusers")
+    from lora_fast.models import build_sd3_transformer
+
+    tr = build_sd3_transformer("tiny")
+    g = torch.Generator().manual_seed(5)
+    for i, n in enumerate("abc"):  # every Linear of the attention and feed-forward blocks (context branch included)
+        layers = {}
+        for name, mod in tr.named_modules():
+            if isinstance(mod, nn.Linear) and ("attn" in name or ".ff" in name):
+                layers[name] = LoraLayer(down=torch.randn(4, mod.in_features, generator=g) * 0.05,
+                                         up=torch.randn(mod.out_features, 4, generator=g) * 0.05, kind="linear",
+                                         alpha=4.0)
+        lora_fast.load_lora_weights(tr, LoraAdapter(layers, "diffusers"), n)
+    entries = ["a", {"b": 0.7, "c": 0.3}, None]
+    cfg = tr.config
+    batch = 2 * len(entries)
+    hs = torch.randn(batch, cfg.in_channels, 16, 16, generator=g)
+    enc = torch.randn(batch, 7, cfg.joint_attention_dim, generator=g)
+    pooled = torch.randn(batch, cfg.pooled_projection_dim, generator=g)
+    t = torch.full((batch,), 10.0)
+    kwargs = {"joint_attention_kwargs": {"scale": 0.8}}
+    with lora_fast.per_sample_adapters(tr, entries):
+        out = tr(hs, enc, pooled, t, **kwargs).sample
+    for j in range(batch):
+        select(tr, entries[j % len(entries)])
+        ref = tr(hs[j:j + 1], enc[j:j + 1], pooled[j:j + 1], t[j:j + 1], **kwargs).sample
+        assert rel_max(out[j:j + 1], ref) <= 1e-5, j
+    lora_fast.enable_lora(tr)
+
+
 TRITON_SCRIPT = textwrap.dedent(
     """
     import os, sys
