@@ -314,7 +314,7 @@ EXPAND_BLOCK_M, EXPAND_BLOCK_N = 32, 64
 
 
 def _kernels():
-    global _KERNELS, _ptr  # a jit function calls other jit functions through module globals
+    global _KERNELS, _ptr, _block  # a jit function calls other jit functions through module globals
     if _KERNELS is not None:
         return _KERNELS
     import triton
@@ -331,16 +331,18 @@ def _kernels():
         return p
 
     @triton.jit
-    def _shrink(x_ptr, h_ptr, table_ptr, rows_ptr, seg_start_ptr, seg_group_ptr, K, stride_xm, stride_hm,
-                DT: tl.constexpr, DOT16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                BLOCK_R: tl.constexpr):
-        pid_m = tl.program_id(0)
-        s = tl.program_id(1)
-        start = tl.load(seg_start_ptr + s)
+    def _block(seg_start_ptr, seg_group_ptr, table_ptr, s, pid_m, BLOCK_M: tl.constexpr):
+        # a program's first entry, its segment's end, the segment's group and that group's rank
         end = tl.load(seg_start_ptr + s + 1)
         g = tl.load(seg_group_ptr + s).to(tl.int64)
         rank = tl.load(table_ptr + g * 3 + 2)
-        e0 = start + pid_m * BLOCK_M
+        return tl.load(seg_start_ptr + s) + pid_m * BLOCK_M, end, g, rank
+
+    @triton.jit
+    def _shrink(x_ptr, h_ptr, table_ptr, rows_ptr, seg_start_ptr, seg_group_ptr, K, stride_xm, stride_hm,
+                DT: tl.constexpr, DOT16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                BLOCK_R: tl.constexpr):
+        e0, end, g, rank = _block(seg_start_ptr, seg_group_ptr, table_ptr, tl.program_id(1), tl.program_id(0), BLOCK_M)
         if (e0 < end) & (rank > 0):
             a_ptr = _ptr(tl.load(table_ptr + g * 3), DT)
             offs_e = e0 + tl.arange(0, BLOCK_M)
@@ -369,14 +371,9 @@ def _kernels():
     def _expand(h_ptr, out_ptr, table_ptr, scale_ptr, coef_ptr, rows_ptr, seg_start_ptr, seg_group_ptr, seg_base,
                 N, stride_hm, stride_om, lam,
                 DT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-        pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
-        s = seg_base + tl.program_id(2)
-        start = tl.load(seg_start_ptr + s)
-        end = tl.load(seg_start_ptr + s + 1)
-        g = tl.load(seg_group_ptr + s).to(tl.int64)
-        rank = tl.load(table_ptr + g * 3 + 2)
-        e0 = start + pid_m * BLOCK_M
+        e0, end, g, rank = _block(seg_start_ptr, seg_group_ptr, table_ptr, seg_base + tl.program_id(2), tl.program_id(0),
+                                  BLOCK_M)
         if (e0 < end) & (rank > 0):
             b_ptr = _ptr(tl.load(table_ptr + g * 3 + 1), DT)
             offs_e = e0 + tl.arange(0, BLOCK_M)
