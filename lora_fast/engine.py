@@ -75,6 +75,7 @@ class ComponentState:
     scale_stack: list = field(default_factory=list)
     max_rank: Optional[int] = None
     per_sample: Optional[object] = None  # lora_fast.per_sample.PerSampleSpec while per_sample_adapters is active
+    per_sample_on: bool = False  # per_sample is not None; a plain bool so torch.compile guards on two values only
     swaps: int = 0  # bumped by hotswap: tensors may have been replaced (per-sample kernel tables hold addresses)
 
     def fused_names(self) -> set[str]:

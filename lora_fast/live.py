@@ -455,8 +455,8 @@ class ModuleHook:
 
     def __call__(self, module: nn.Module, args, kwargs, output):
         state = self.state
-        if state.per_sample is not None:  # inside lora_fast.per_sample_adapters: one adapter mix per sample
-            return state.per_sample.forward(self, module, args, kwargs, output)
+        if state.per_sample_on:  # inside lora_fast.per_sample_adapters: one adapter mix per sample
+            return _per_sample_forward(self, module, args, kwargs, output)
         w = module.weight
         if self.version != state.version or w.device != self.device or w.dtype != self.dtype:
             self.refresh(module)
@@ -470,6 +470,13 @@ class ModuleHook:
         for slot in plan:
             output = slot.apply(module, x, output, lam)
         return output
+
+
+@torch.compiler.disable
+def _per_sample_forward(hook: ModuleHook, module: nn.Module, args, kwargs, output):
+    # Run eagerly under torch.compile: the per-sample path keeps row-map caches and launches Triton kernels with
+    # address tables, and each block installs a new spec object; tracing it would recompile per block.
+    return hook.state.per_sample.forward(hook, module, args, kwargs, output)
 
 
 def _scale_positions(root: nn.Module) -> dict:

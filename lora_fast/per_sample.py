@@ -93,17 +93,17 @@ def activate(target, adapters, components=None) -> list:
     group = {n: g for g, n in enumerate(names)}
     by_group = [[(group[n], w) for n, w in entry] for entry in entries]
     installed = []
-    for comp, s in states:
+    for comp, s in states:  # no version bump: the ordinary plans stay valid (and compiled graphs keep their guards)
         installed.append((s, s.per_sample))
         s.per_sample = PerSampleSpec(comp, names, by_group)
-        s.bump()
+        s.per_sample_on = True
     return installed
 
 
 def deactivate(installed: list) -> None:
     for state, previous in reversed(installed):
         state.per_sample = previous
-        state.bump()
+        state.per_sample_on = previous is not None
 
 
 def _fast(slot) -> bool:

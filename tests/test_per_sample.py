@@ -268,6 +268,47 @@ def test_hotswap_inside_the_block_uses_the_new_weights():
         assert rel_max(o, r) <= 1e-5
 
 
+class CountingBackend:
+    """A torch.compile backend that counts the graphs it compiles (each recompilation is one more)."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return gm.forward
+
+
+@torch.no_grad()
+def test_blocks_under_torch_compile_run_eagerly_and_never_recompile():
+    """The per-sample branch is excluded from tracing and entering a block flips one bool, so once a compiled model
+    has run each mode, further blocks (with any entries) and plain calls compile nothing new."""
+    torch._dynamo.reset()
+    m = toy_with_adapters()
+    args = toy_inputs(10)
+    other = ["c", "a"]
+    expected = {"main": alone(m, ENTRIES, args), "other": alone(m, other, args)}  # eager; changes the selection
+    lora_fast.set_adapters(m, ["c"])
+    backend = CountingBackend()
+    compiled = torch.compile(m, backend=backend)
+    plain = compiled(*args)
+    compiled(*args)  # the first call's lazy plan build may cost one extra graph
+    with lora_fast.per_sample_adapters(m, ENTRIES):
+        compiled(*args)
+    compiled(*args)  # back in plain mode once: the hook frames compiled standalone get their plain variant
+    warm = backend.graphs
+    for key, entries in (("main", ENTRIES), ("other", other), ("main", ENTRIES)):
+        with lora_fast.per_sample_adapters(m, entries):
+            outs = compiled(*args)
+        for o, r in zip(outs, expected[key]):
+            assert rel_max(o, r) <= 1e-5
+        again = compiled(*args)
+        for a, b in zip(plain, again):
+            assert torch.equal(a, b)
+    assert backend.graphs == warm, f"recompiled {backend.graphs - warm} times"
+    torch._dynamo.reset()
+
+
 # --------------------------------------------------------------------------------------------- real models
 
 
