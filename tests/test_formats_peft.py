@@ -9,6 +9,8 @@ import os
 import pytest
 import torch
 
+import lora_fast
+
 pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from safetensors.torch import load_file as st_load, save_file as st_save  # noqa: E402
@@ -156,6 +158,38 @@ def test_multi_component_peft_directory_round_trip(tmp_path):
         assert torch.equal(back.layers[k].delta(), layer.delta())
     only = read_lora(tmp_path, component="unet")
     assert set(only.layers) == {"unet.down_blocks.0.attentions.0.proj_in"}
+
+
+@torch.no_grad()
+def test_written_text_encoder_peft_dir_loads_into_this_transformers_clip(tmp_path):
+    """PEFT matches saved keys against the live module tree: the text-encoder subfolder must name modules as the
+    installed CLIPTextModel does (transformers 5 has no text_model level), or PEFT silently loads nothing."""
+    from lora_fast.models import build_text_encoder
+
+    te, ours = build_text_encoder("sd15"), build_text_encoder("sd15")
+    g = torch.Generator().manual_seed(6)
+    layers = {}
+    for name, m in te.named_modules():
+        if name.endswith(("q_proj", "v_proj")):
+            key = "text_encoder." + ("" if name.startswith("text_model.") else "text_model.") + name
+            layers[key] = LoraLayer(torch.randn(4, m.in_features, generator=g) * 0.1,
+                                    torch.randn(m.out_features, 4, generator=g) * 0.1, 4.0)
+    layers["unet.down_blocks.0.attentions.0.proj_in"] = LoraLayer(torch.randn(2, 8, 1, 1, generator=g),
+                                                                  torch.randn(8, 2, 1, 1, generator=g), 1.0, kind="conv")
+    adapter = LoraAdapter(layers=layers, format="diffusers")
+    adapter.save(tmp_path, format="peft")
+    keys = set(st_load(str(tmp_path / "text_encoder" / "adapter_model.safetensors")))
+    level = hasattr(te, "text_model")
+    assert all(k.startswith("base_model.model.text_model." if level else "base_model.model.encoder.") for k in keys)
+    ids = torch.randint(0, te.config.vocab_size, (2, 7), generator=g)
+    base = te(ids)[0]
+    peft_out = PeftModel.from_pretrained(te, str(tmp_path / "text_encoder"))(ids)[0]
+    lora_fast.load_lora_weights({"text_encoder": ours}, adapter, components=["text_encoder"])
+    live = ours(ids)[0]
+    assert (peft_out - base).abs().max() > 1e-2  # PEFT really applied the adapter
+    assert (peft_out - live).abs().max() <= 1e-5 * live.abs().max()
+    back = read_lora(tmp_path)  # and our reader still gives the diffusers paths back
+    assert set(back.layers) == set(layers)
 
 
 def test_component_prefix_and_text_model_normalization(tmp_path):

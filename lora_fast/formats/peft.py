@@ -19,6 +19,7 @@ adapter name that live-model state dicts carry and saved files do not)::
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import math
 import os
@@ -529,7 +530,7 @@ def write_peft(adapter: LoraAdapter, directory) -> None:
     groups: dict[Optional[str], dict[str, LoraLayer]] = {}
     for key, layer in adapter.layers.items():
         comp, path = split_component(key)
-        groups.setdefault(comp, {})[path] = layer
+        groups.setdefault(comp, {})[_peft_module_path(comp, path)] = layer
     if None in groups and len(groups) > 1:
         bare = next(iter(groups[None]))
         raise LoraFormatError(
@@ -551,6 +552,31 @@ def write_peft(adapter: LoraAdapter, directory) -> None:
         os.makedirs(target, exist_ok=True)
         io.save_file(tensors, os.path.join(target, PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
         _write_text_atomic(os.path.join(target, PEFT_CONFIG_NAME), json.dumps(config, indent=2, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=1)
+def clip_text_model_level() -> bool:
+    """Whether the installed transformers' CLIPTextModel nests its modules under ``text_model`` (before 5.0).
+
+    PEFT matches saved keys against the live module tree, so a PEFT directory for a text encoder must name modules
+    the way the CLIPTextModel it will be loaded into does. Without transformers, keep the long-standing layout."""
+    try:
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        config = CLIPTextConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                num_attention_heads=1, max_position_embeddings=4, bos_token_id=0, eos_token_id=1,
+                                pad_token_id=1)
+        return hasattr(CLIPTextModel(config), "text_model")
+    except Exception:
+        return True
+
+
+def _peft_module_path(comp: Optional[str], path: str) -> str:
+    """A module path as PEFT names it in this environment (text-encoder paths follow clip_text_model_level)."""
+    if (comp in TEXT_COMPONENTS and path.startswith("text_model.")
+            and path[len("text_model."):].startswith(_CLIP_INNER_HEADS) and not clip_text_model_level()):
+        return path[len("text_model."):]
+    return path
 
 
 def _write_text_atomic(path: str, text: str) -> None:
