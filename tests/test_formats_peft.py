@@ -271,3 +271,17 @@ def test_mixed_dora_cannot_be_written_as_one_config(tmp_path):
     with pytest.raises(LoraFormatError, match="'b'.*DoRA"):
         LoraAdapter(layers, "kohya").save(tmp_path / "p", format="peft")
     assert not (tmp_path / "p").exists()
+
+
+def test_peft_adapters_saved_under_their_names_are_found(tiny_mixed, tmp_path):
+    """save_pretrained puts an adapter not named "default" in a subfolder named after it."""
+    model = get_peft_model(tiny_mixed, LoraConfig(r=2, target_modules=["lin"]), adapter_name="style")
+    model.save_pretrained(str(tmp_path))
+    assert (tmp_path / "style" / "adapter_model.safetensors").is_file()
+    assert list(read_lora(tmp_path).layers) == ["lin"]
+    model.add_adapter("ink", LoraConfig(r=3, target_modules=["lin"]))
+    model.save_pretrained(str(tmp_path))
+    with pytest.raises(LoraFormatError, match=r"several PEFT adapters in subfolders \['ink', 'style'\]"):
+        read_lora(tmp_path)
+    assert read_lora(tmp_path, weight_name="ink/adapter_model.safetensors").layers["lin"].rank == 3
+    assert read_lora(tmp_path / "style").layers["lin"].rank == 2

@@ -133,6 +133,17 @@ def _read_directory(directory: str, *, weight_name, allow_pickle: bool, componen
     candidates = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
     if len(candidates) == 1:
         return _read_file(os.path.join(directory, candidates[0]), allow_pickle=allow_pickle, component=component, device=device)
+    # PEFT's save_pretrained puts an adapter not named "default" in a subfolder named after it.
+    named = sorted(d for d in os.listdir(directory)
+                   if os.path.isfile(os.path.join(directory, d, PEFT_WEIGHTS_NAME))
+                   and os.path.isfile(os.path.join(directory, d, PEFT_CONFIG_NAME)))
+    if len(named) == 1 and not candidates:
+        return _read_file(os.path.join(directory, named[0], PEFT_WEIGHTS_NAME), allow_pickle=allow_pickle,
+                          component=component, device=device)
+    if named:
+        raise LoraFormatError(
+            f"{directory}: holds several PEFT adapters in subfolders {named}; pass one subfolder "
+            f"(e.g. {os.path.join(directory, named[0])!r}) or weight_name='{named[0]}/{PEFT_WEIGHTS_NAME}'")
     raise LoraFormatError(
         f"{directory}: no LoRA weights found (looked for {LORA_WEIGHT_NAME_SAFE}, {PEFT_WEIGHTS_NAME} + "
         f"{PEFT_CONFIG_NAME}, per-component PEFT subfolders, or a single .safetensors file"
