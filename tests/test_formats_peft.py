@@ -278,7 +278,7 @@ def test_peft_adapters_saved_under_their_names_are_found(tiny_mixed, tmp_path):
     model = get_peft_model(tiny_mixed, LoraConfig(r=2, target_modules=["lin"]), adapter_name="style")
     model.save_pretrained(str(tmp_path))
     assert (tmp_path / "style" / "adapter_model.safetensors").is_file()
-    assert list(read_lora(tmp_path).layers) == ["lin"]
+    assert sorted(read_lora(tmp_path).layers) == ["block.lin", "lin"]
     model.add_adapter("ink", LoraConfig(r=3, target_modules=["lin"]))
     model.save_pretrained(str(tmp_path))
     with pytest.raises(LoraFormatError, match=r"several PEFT adapters in subfolders \['ink', 'style'\]"):
