@@ -14,6 +14,7 @@ an ``nn.Module``, or a dict ``{component_name: nn.Module}``):
 """
 
 import contextlib
+import os
 
 from .errors import LoraError, LoraFormatError, LoraFusionError
 from .adapter import LoraAdapter, LoraLayer
@@ -27,7 +28,7 @@ __version__ = "0.1.0"
 
 
 def load_lora_weights(target, source, adapter_name=None, *, components=None, fuse=False, hotswap=False,
-                      max_rank=None, safe_fusing=False):
+                      max_rank=None, safe_fusing=False, weight_name=None):
     """Read a LoRA (any supported format, a path, a directory, a state dict or a LoraAdapter) and make it live.
 
     Every LoRA module is first checked to exist in the target with a matching shape; otherwise
@@ -53,7 +54,11 @@ def load_lora_weights(target, source, adapter_name=None, *, components=None, fus
     first load (or call :func:`prepare_hotswap`) so that later adapters of higher rank fit; an adapter
     whose rank exceeds it, or that targets modules the loaded one does not, raises LoraFormatError and
     changes nothing. A fused adapter cannot be hotswapped (LoraFusionError).
+
+    ``weight_name`` (as in diffusers) picks a file inside a directory ``source``.
     """
+    if weight_name is not None and not isinstance(source, (LoraAdapter, dict)):
+        source = os.path.join(os.fspath(source), weight_name)
     if fuse and not hotswap and _fuse_on_load.wants_stream(source) and _fuse_on_load.stream_selected(target):
         return _fuse_on_load.load_and_fuse(target, source, adapter_name, components=components, max_rank=max_rank,
                                            safe_fusing=safe_fusing)

@@ -225,3 +225,18 @@ def test_adapter_name_collision_is_an_error():
     with pytest.raises(LoraFormatError, match="already in use"):
         lora_fast.load_lora_weights(model, random_adapter(gen), adapter_name="x")
     assert lora_fast.load_lora_weights(model, random_adapter(gen)) == "default_1"
+
+
+def test_load_lora_weights_takes_diffusers_weight_name(tmp_path):
+    m = torch.nn.Sequential(torch.nn.Linear(6, 5))
+    g = torch.Generator().manual_seed(2)
+    for name in ("a", "b"):
+        LoraAdapter({"0": LoraLayer(torch.randn(2, 6, generator=g), torch.randn(5, 2, generator=g), 2.0)},
+                    "diffusers").save(tmp_path / f"{name}.safetensors")
+    with pytest.raises(LoraFormatError, match="pass weight_name"):
+        lora_fast.load_lora_weights(m, tmp_path, "x")
+    x = torch.randn(3, 6, generator=g)
+    lora_fast.load_lora_weights(m, tmp_path, "b", weight_name="b.safetensors")
+    layer = lora_fast.read_lora(tmp_path / "b.safetensors").layers["0"]
+    expected = torch.nn.functional.linear(x, m[0].weight + layer.delta(), m[0].bias)
+    assert torch.allclose(m(x), expected, atol=1e-6)
