@@ -102,8 +102,10 @@ struct Options {
 
 // One tile's records: how many in each of the tile's rows, then per record the column inside the tile's segment
 // and the original bits in the weight's width, rows in order and columns ascending. A tile fills these in its
-// thread's scratch (room for every element of the tile, so no growth and no bounds checks), then they are copied
-// once, exactly sized, into the thread's record arena. No ownership: the memory belongs to the scratch or arena.
+// thread's scratch (room for every element of the tile, so no growth and no bounds checks). The direct path
+// (run_job_direct) merges them into their job's final order at once; the gather path copies them, exactly sized,
+// into the thread's record arena and gather_records puts them in order after all tiles ran. No ownership: the
+// memory belongs to the scratch or arena.
 struct TileRecs {
     uint16_t* col = nullptr;
     char* val = nullptr;
@@ -112,8 +114,7 @@ struct TileRecs {
 };
 
 // Large buffers are 2 MiB aligned and marked for transparent huge pages: a fuse writes its records (about 1 GB at
-// SDXL scale) into fresh memory twice (arena, then the final arrays), and faulting that in 4 KiB pages cost
-// seconds. Freed with std::free.
+// SDXL scale) into fresh memory, and faulting that in 4 KiB pages cost seconds. Freed with std::free.
 void* big_alloc(size_t bytes) {
     constexpr size_t kHuge = size_t(2) << 20;
     if (bytes < kHuge) {
@@ -130,7 +131,8 @@ void* big_alloc(size_t bytes) {
     return p;
 }
 
-// Per-thread bump allocator for the tiles' records, freed as a whole when the call ends.
+// Per-thread bump allocator for records: freed as a whole when the call ends (gather path), or handed to the result
+// (direct path, where it holds the final arrays).
 class RecArena {
 public:
     RecArena() = default;
@@ -138,6 +140,14 @@ public:
     RecArena& operator=(const RecArena&) = delete;
     ~RecArena() {
         for (void* c : chunks_) std::free(c);
+    }
+    // Hands the chunks to the caller (who frees them with std::free); the arena is empty afterwards.
+    void release_into(std::vector<void*>& out) {
+        out.reserve(out.size() + chunks_.size());
+        out.insert(out.end(), chunks_.begin(), chunks_.end());
+        chunks_.clear();
+        cur_ = nullptr;
+        left_ = 0;
     }
     char* take(size_t bytes) {  // 8-byte aligned
         bytes = (bytes + 7) & ~size_t(7);
@@ -733,24 +743,28 @@ struct JobRecords {
 inline bool needs_off64(const Job& jb) { return jb.rows * jb.cols >= (int64_t(1) << 31); }
 
 struct MergeResult {
-    std::vector<JobRecords> recs;    // per job, pointing into buffer
+    std::vector<JobRecords> recs;    // per job, pointing into buffers
     std::vector<uint8_t> nonfinite;  // per job
-    void* buffer = nullptr;          // every job's records; ownership passes to numpy
+    std::vector<void*> buffers;      // every job's records (std::free); ownership passes to numpy
     MergeResult() = default;
     MergeResult(const MergeResult&) = delete;
     MergeResult& operator=(const MergeResult&) = delete;
     MergeResult(MergeResult&& other) noexcept { *this = std::move(other); }
     MergeResult& operator=(MergeResult&& other) noexcept {
         if (this != &other) {
-            std::free(buffer);
+            free_buffers();
             recs = std::move(other.recs);
             nonfinite = std::move(other.nonfinite);
-            buffer = other.buffer;
-            other.buffer = nullptr;
+            buffers = std::move(other.buffers);
+            other.buffers.clear();
         }
         return *this;
     }
-    ~MergeResult() { std::free(buffer); }
+    ~MergeResult() { free_buffers(); }
+    void free_buffers() {
+        for (void* b : buffers) std::free(b);
+        buffers.clear();
+    }
 };
 
 // A caller's records must fit their job before anything is written: offsets run from 0 to n without decreasing,
@@ -772,7 +786,7 @@ bool records_fit(const Job& jb, int64_t noff) {
     return true;
 }
 
-// Second phase of a fuse, per job: the tiles' records are copied into the job's place in the record buffer
+// Gather path, second phase of a fuse, per job: the tiles' records are copied into the job's place in the record buffer
 // (out's pointers and n are set). Counts per segment key first, then each band's tiles are copied left to right, so
 // every segment's columns come out ascending.
 void gather_records(const Job& jb, const std::vector<Tile>& tiles, const std::vector<TileRecs>& tile_recs,
@@ -831,14 +845,109 @@ void layout_records(const std::vector<Job>& jobs, const std::vector<TileRecs>& t
         at[j * 3 + 2] = bytes;
         bytes = up(bytes + jr.n * static_cast<size_t>(elem_size(jb.dtype)));
     }
-    res.buffer = big_alloc(bytes);
-    char* base = static_cast<char*>(res.buffer);
+    res.buffers.reserve(1);  // so the push_back cannot throw and leak the buffer
+    char* base = static_cast<char*>(big_alloc(bytes));
+    res.buffers.push_back(base);
     for (size_t j = 0; j < jobs.size(); ++j) {
         JobRecords& jr = res.recs[j];
         jr.off = base + at[j * 3];  // empty arrays still need a valid address
         jr.col = reinterpret_cast<uint16_t*>(base + at[j * 3 + 1]);
         jr.val = base + at[j * 3 + 2];
     }
+}
+
+// Per-thread buffers of the direct record path, reused across jobs.
+struct DirectStage {
+    std::vector<uint16_t> bcol;  // one band's tiles' records, tile after tile
+    std::vector<char> bval;
+    std::vector<int32_t> brow_n;
+    std::vector<TileRecs> btiles;
+    std::vector<uint16_t> jcol;  // the job's records so far, in final order
+    std::vector<char> jval;
+    std::vector<int64_t> key_n;  // records per segment key, then offsets
+    template <class T>
+    static T* room(std::vector<T>& v, size_t need) {
+        if (v.size() < need) v.resize(std::max(need, v.size() * 2));
+        return v.data();
+    }
+};
+
+// Direct record path: one thread runs all of a job's tiles, band by band, and merges each band's records row by row
+// into the job's final order while they are still in cache; at the end of the job they are copied once, exactly
+// sized, into the thread's arena, which the result keeps (no second pass over every record in fresh memory).
+void run_job_direct(const Job& jb, const Tile* tiles, int64_t ntiles, TileFn fn, const Options& o, Scratch& s,
+                    DirectStage& ds, RecArena& arena, JobRecords& out, bool& nonfinite) {
+    const size_t es = static_cast<size_t>(elem_size(jb.dtype));
+    const int64_t nkeys = jb.rows * jb.nseg;
+    ds.key_n.assign(static_cast<size_t>(nkeys + 1), 0);
+    size_t jn = 0;
+    for (int64_t i = 0; i < ntiles;) {
+        int64_t k = i;
+        while (k < ntiles && tiles[k].r0 == tiles[i].r0) ++k;  // tiles are band-major, column blocks left to right
+        const int64_t r0 = tiles[i].r0, rows = tiles[i].r1 - r0, nbt = k - i;
+        const size_t bound = static_cast<size_t>(rows * jb.cols);
+        uint16_t* bcol = DirectStage::room(ds.bcol, bound);
+        char* bval = DirectStage::room(ds.bval, bound * es);
+        int32_t* brow = DirectStage::room(ds.brow_n, static_cast<size_t>(rows * nbt));
+        TileRecs* bt = DirectStage::room(ds.btiles, static_cast<size_t>(nbt));
+        size_t pos = 0;
+        for (int64_t t = 0; t < nbt; ++t) {
+            bt[t] = {bcol + pos, bval + pos * es, brow + t * rows, 0};
+            bool nf = false;
+            fn(jb, tiles[i + t], o, s, &bt[t], nf);
+            nonfinite |= nf;
+            pos += bt[t].n;
+        }
+        uint16_t* jcol = DirectStage::room(ds.jcol, jn + pos);
+        char* jval = DirectStage::room(ds.jval, (jn + pos) * es);
+        for (int64_t t = 0; t < nbt; ++t) bt[t].n = 0;  // reused as each tile's read cursor
+        for (int64_t r = 0; r < rows; ++r)
+            for (int64_t t = 0; t < nbt; ++t) {
+                TileRecs& tr = bt[t];
+                const size_t m = static_cast<size_t>(tr.row_n[r]);
+                if (m == 0) continue;
+                std::memcpy(jcol + jn, tr.col + tr.n, m * sizeof(uint16_t));
+                std::memcpy(jval + jn * es, tr.val + tr.n * es, m * es);
+                ds.key_n[static_cast<size_t>((r0 + r) * jb.nseg + tiles[i + t].c0 / kSegCols + 1)] += static_cast<int64_t>(m);
+                tr.n += m;
+                jn += m;
+            }
+        i = k;
+    }
+    out.n = jn;
+    out.off64 = needs_off64(jb);
+    out.noff = jn == 0 ? 0 : static_cast<size_t>(nkeys + 1);
+    const size_t off_bytes = out.noff * (out.off64 ? 8 : 4);
+    char* p = arena.take(std::max<size_t>(8, off_bytes + 8 + jn * 2 + 8 + jn * es));
+    out.off = p;
+    out.col = reinterpret_cast<uint16_t*>(p + ((off_bytes + 7) & ~size_t(7)));
+    out.val = reinterpret_cast<char*>(out.col) + ((jn * 2 + 7) & ~size_t(7));
+    if (jn == 0) return;
+    int64_t acc = 0;
+    for (size_t q = 0; q < out.noff; ++q) {
+        acc += ds.key_n[q];
+        if (out.off64) static_cast<int64_t*>(out.off)[q] = acc;
+        else static_cast<int32_t*>(out.off)[q] = static_cast<int32_t>(acc);
+    }
+    std::memcpy(out.col, ds.jcol.data(), jn * 2);
+    std::memcpy(out.val, ds.jval.data(), jn * es);
+}
+
+// The direct path keeps each job on one thread, so it is used when jobs are small enough to balance the threads
+// (largest first): one thread, or no job above a quarter of a thread's share. LORA_FAST_MERGE_RECORDS=direct or
+// =gather forces a path (tests).
+bool use_direct_records(const std::vector<Job>& jobs, int nthreads) {
+    if (const char* e = std::getenv("LORA_FAST_MERGE_RECORDS")) {
+        if (std::strcmp(e, "direct") == 0) return true;
+        if (std::strcmp(e, "gather") == 0) return false;
+    }
+    if (nthreads <= 1) return true;
+    int64_t total = 0, biggest = 0;
+    for (const Job& jb : jobs) {
+        total += jb.rows * jb.cols;
+        biggest = std::max(biggest, jb.rows * jb.cols);
+    }
+    return biggest * 4 * nthreads <= total;
 }
 
 MergeResult merge_run(const std::vector<Job>& jobs, const Options& o, int nthreads, int isa) {
@@ -858,6 +967,34 @@ MergeResult merge_run(const std::vector<Job>& jobs, const Options& o, int nthrea
             }
     }
     job_tile0[jobs.size()] = static_cast<int64_t>(tiles.size());
+
+    if (o.record && use_direct_records(jobs, nthreads)) {
+        const int nt = std::max(nthreads, 1);
+        std::vector<size_t> order(jobs.size());
+        for (size_t j = 0; j < order.size(); ++j) order[j] = j;
+        std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+            return jobs[a].rows * jobs[a].cols > jobs[b].rows * jobs[b].cols;
+        });
+        std::unique_ptr<RecArena[]> arenas(new RecArena[static_cast<size_t>(nt)]);
+        std::vector<Scratch> scratch(static_cast<size_t>(nt));
+        std::vector<DirectStage> stages(static_cast<size_t>(nt));
+        MergeResult res;
+        res.recs.resize(jobs.size());
+        res.nonfinite.assign(jobs.size(), 0);
+        PhaseTimer timer;
+        parallel_for(static_cast<int64_t>(jobs.size()), nt, [&](int tid, int64_t q) {
+            const size_t j = order[static_cast<size_t>(q)];
+            const Job& jb = jobs[j];
+            bool nf = false;
+            run_job_direct(jb, tiles.data() + job_tile0[j], job_tile0[j + 1] - job_tile0[j],
+                           pick_tile_fn(isa, jb.dtype, true), o, scratch[static_cast<size_t>(tid)],
+                           stages[static_cast<size_t>(tid)], arenas[static_cast<size_t>(tid)], res.recs[j], nf);
+            res.nonfinite[j] = nf;
+        });
+        for (int t = 0; t < nt; ++t) arenas[static_cast<size_t>(t)].release_into(res.buffers);
+        timer.lap("direct");
+        return res;
+    }
 
     std::vector<TileRecs> tile_recs(o.record ? tiles.size() : 0);
     const int nt = std::max(nthreads, 1);
@@ -984,11 +1121,16 @@ py::list merge_cpu_py(py::sequence job_specs, bool negate, bool record, bool che
     }
     PhaseTimer timer;
     py::list out;
-    // Every array is a view of the one record buffer; the capsule frees it when the last of them goes.
+    // Every array is a view of the call's record buffers; the capsule frees them when the last array goes.
     py::capsule owner;
     if (o.record) {
-        owner = py::capsule(res.buffer, [](void* p) { std::free(p); });
-        res.buffer = nullptr;
+        std::unique_ptr<std::vector<void*>> held(new std::vector<void*>());
+        owner = py::capsule(held.get(), [](void* p) {
+            auto* v = static_cast<std::vector<void*>*>(p);
+            for (void* b : *v) std::free(b);
+            delete v;
+        });
+        held.release()->swap(res.buffers);
     }
     for (size_t j = 0; j < jobs.size(); ++j) {
         py::object off = py::none(), col = py::none(), val = py::none();
