@@ -5,7 +5,8 @@
 //  * delta[i][j] = fma chain over k = 0..R-1 starting from +0: acc = fma(up[i][k], down[k][j], acc).
 //    Every element uses that same chain whatever the tiling, vector width or thread count.
 //  * W' = rn_dtype(fp32(W) + delta): the add is done in fp32 and the sum is rounded once to the weight dtype
-//    (nearest even; bf16 by integer ops, NaN stays NaN). This is what torch's (W.float() + delta).to(dtype) does.
+//    (nearest even; bf16 by integer ops, or by vcvtneps2bf16 with a fix-up for denormals where the CPU has
+//    AVX512_BF16; NaN stays NaN). This is what torch's (W.float() + delta).to(dtype) does.
 //    (For fp16/bf16 the fp32 add itself can round, so in about 2^-13 of elements the result may differ by one
 //    dtype ulp from the infinitely precise rn(W + delta); making that exact cost ~25% of the epilogue.)
 //  * The record keeps (flat index, original bits) wherever rn(W' - delta) differs bitwise from W, so
@@ -424,6 +425,31 @@ template <> struct Ep<Avx2, DT_BF16> {
     }
 };
 
+// bf16 on AVX-512 CPUs with AVX512_BF16: the weight's own 16-bit lanes, rounded by vcvtneps2bf16. That instruction
+// rounds to nearest even and quiets NaN exactly as the integer ops above, except that it flushes denormal inputs to
+// zero; vectors holding one take the integer path for those lanes, so the bits are those of every other path.
+// LORA_FAST_MERGE_NO_BF16=1 keeps bf16 on the integer path (tests, comparisons).
+#define LF_T512BF __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c,avx2,bmi,bmi2,popcnt")))
+struct Avx512Bf16 : Avx512 {};
+template <> struct Ep<Avx512Bf16, DT_BF16> {
+    using Raw = __m256i;
+    LF_T512BF static inline Raw load(const char* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+    LF_T512BF static inline void store(char* p, Raw v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+    LF_T512BF static inline __m512 decode(Raw v) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)); }
+    LF_T512BF static inline Raw encode(__m512 s) {
+        Raw r = reinterpret_cast<Raw>(_mm512_cvtneps_pbh(s));
+        const __mmask16 den = _mm512_fpclass_ps_mask(s, 0x20);
+        if (__builtin_expect(den != 0, 0))
+            r = _mm256_mask_mov_epi16(r, den, _mm512_cvtepi32_epi16(Ep<Avx512, DT_BF16>::encode(s)));
+        return r;
+    }
+    LF_T512BF static inline uint32_t differ(Raw a, Raw b) { return _mm256_cmpneq_epi16_mask(a, b); }
+    LF_T512BF static inline uint32_t nonfinite(Raw h) {
+        const __m256i e = _mm256_set1_epi16(0x7F80);
+        return _mm256_cmpeq_epi16_mask(_mm256_and_si256(h, e), e);
+    }
+};
+
 // rn_dtype(x ± d): the fp32 sum, rounded once to the weight dtype (as add_round_s; x - d is exactly x + (-d)).
 template <class V, int DT, bool SUB>
 __attribute__((always_inline)) inline typename Ep<V, DT>::Raw add_round(const typename V::F& x, const typename V::F& d) {
@@ -607,6 +633,10 @@ template <int DT, bool REC>
 LF_T512 __attribute__((flatten)) void run_tile_avx512(const Job& jb, const Tile& t, const Options& o, Scratch& s, TileRecs* rec, bool& nf) {
     run_tile_vec<Avx512, DT, REC>(jb, t, o, s, rec, nf);
 }
+template <bool REC>
+LF_T512BF __attribute__((flatten)) void run_tile_avx512bf16(const Job& jb, const Tile& t, const Options& o, Scratch& s, TileRecs* rec, bool& nf) {
+    run_tile_vec<Avx512Bf16, DT_BF16, REC>(jb, t, o, s, rec, nf);
+}
 template <int DT, bool REC>
 LF_T256 __attribute__((flatten)) void run_tile_avx2(const Job& jb, const Tile& t, const Options& o, Scratch& s, TileRecs* rec, bool& nf) {
     run_tile_vec<Avx2, DT, REC>(jb, t, o, s, rec, nf);
@@ -635,11 +665,23 @@ void run_tile_scalar(const Job& jb, const Tile& t, const Options& o, Scratch& s,
 
 using TileFn = void (*)(const Job&, const Tile&, const Options&, Scratch&, TileRecs*, bool&);
 
+#if LF_X86
+bool has_avx512bf16() {
+    static const bool yes = [] {
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx512bf16") != 0;
+    }();
+    return yes;
+}
+#endif
+
 TileFn pick_tile_fn(int isa, int dt, bool rec) {
 #if LF_X86
     if (isa == ISA_AVX512) {
         if (dt == DT_F32) return rec ? run_tile_avx512<DT_F32, true> : run_tile_avx512<DT_F32, false>;
         if (dt == DT_F16) return rec ? run_tile_avx512<DT_F16, true> : run_tile_avx512<DT_F16, false>;
+        if (has_avx512bf16() && !std::getenv("LORA_FAST_MERGE_NO_BF16"))
+            return rec ? run_tile_avx512bf16<true> : run_tile_avx512bf16<false>;
         return rec ? run_tile_avx512<DT_BF16, true> : run_tile_avx512<DT_BF16, false>;
     }
     if (isa == ISA_AVX2) {
@@ -786,8 +828,8 @@ bool records_fit(const Job& jb, int64_t noff) {
     return true;
 }
 
-// Gather path, second phase of a fuse, per job: the tiles' records are copied into the job's place in the record buffer
-// (out's pointers and n are set). Counts per segment key first, then each band's tiles are copied left to right, so
+// Gather path, second phase of a fuse, per job: the tiles' records are copied into the job's place in the record
+// buffer (out's pointers and n are set). Counts per segment key first, then each band's tiles are copied left to right, so
 // every segment's columns come out ascending.
 void gather_records(const Job& jb, const std::vector<Tile>& tiles, const std::vector<TileRecs>& tile_recs,
                     int64_t t0, int64_t t1, JobRecords& out) {
