@@ -272,6 +272,40 @@ def test_isa_paths_agree_bit_for_bit(monkeypatch):
             assert same_bits(w[~nan], outs[0][0][~nan]), dtype
 
 
+def test_record_paths_and_native_bf16_rounding_agree_bit_for_bit(monkeypatch):
+    """Records written in final order per job (direct) or gathered after parallel tiles, and bf16 rounded by the
+    native instruction or by integer ops: the same weights, records and flags, for one and two threads."""
+    g = torch.Generator().manual_seed(12)
+    for dtype in DTYPES:
+        shapes = [(37, 83, 5), (300, 70, 3), (1, 129, 2), (64, 64, 7)]
+        originals, factors = [], []
+        for rows, cols, rank in shapes:
+            originals.append(special_values(dtype, rows * cols, g).view(rows, cols))
+            factors.append((torch.randn(rows, rank, generator=g) * 0.2, torch.randn(rank, cols, generator=g) * 0.2))
+        outs = []
+        for records in ("direct", "gather"):
+            for no_bf16 in (False, True):
+                for threads in (1, 2):
+                    monkeypatch.setenv("LORA_FAST_MERGE_RECORDS", records)
+                    if no_bf16:
+                        monkeypatch.setenv("LORA_FAST_MERGE_NO_BF16", "1")
+                    else:
+                        monkeypatch.delenv("LORA_FAST_MERGE_NO_BF16", raising=False)
+                    ws = [w.clone() for w in originals]
+                    jobs = [M.MergeJob(w, up, down) for w, (up, down) in zip(ws, factors)]
+                    recs, flags = M.fuse(jobs, check_finite=True, num_threads=threads)
+                    outs.append(([w.clone() for w in ws], recs, flags))
+                    M.unfuse(jobs, recs, num_threads=threads)
+                    assert all(same_bits(w, o) for w, o in zip(ws, originals)), (dtype, records, no_bf16, threads)
+        ref_ws, ref_recs, ref_flags = outs[0]
+        for ws, recs, flags in outs[1:]:
+            assert flags == ref_flags
+            for w, rw, r, rr in zip(ws, ref_ws, recs, ref_recs):
+                assert same_bits(w, rw), dtype
+                assert torch.equal(r.offsets, rr.offsets) and torch.equal(r.cols, rr.cols), dtype
+                assert same_bits(r.value, rr.value), dtype
+
+
 def test_torch_backend_is_exact_too():
     g = torch.Generator().manual_seed(9)
     for dtype in DTYPES:
