@@ -43,6 +43,7 @@ def main(argv=None) -> int:
             failures += 1
 
     py = sys.executable
+    os.environ["LORA_FAST_TRITON_FALLBACK"] = "0"  # a kernel that fails to compile must fail the suite, not fall back
     step("environment", [py, "-c", "import torch, subprocess; print(torch.__version__, torch.version.cuda, "
                          "torch.cuda.get_device_name()); import triton; print('triton', triton.__version__); "
                          "print(subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, "

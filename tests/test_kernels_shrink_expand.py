@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from dataclasses import dataclass
 
 import pytest
@@ -547,3 +548,34 @@ def test_triton_kernels_interpreted_match_reference_and_torch_backend_for_all_dt
     env.pop("LORA_FAST_SEGMENTED_BACKEND", None)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0 and "TRITON-OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_default_triton_choice_falls_back_to_torch_once_when_kernels_cannot_compile(monkeypatch):
+    """Compile/launch errors happen before a kernel runs: the default choice warns once and the torch backend takes
+    over with the same result; a backend asked for by name, or LORA_FAST_TRITON_FALLBACK=0, raises instead."""
+
+    def broken(*args):
+        raise RuntimeError("no compiler for this GPU")
+
+    monkeypatch.setattr(S, "_triton_shrink", broken)
+    monkeypatch.setattr(S, "_triton_expand", broken)
+    monkeypatch.setattr(S, "_triton_failure", None)
+    real_backend = S._backend
+    monkeypatch.setattr(S, "_backend", lambda t, b: "triton" if b is None else real_backend(t, b))
+    monkeypatch.delenv("LORA_FAST_SEGMENTED_BACKEND", raising=False)
+    g = torch.Generator().manual_seed(0)
+    x, out = torch.randn(6, 8, generator=g), torch.randn(6, 5, generator=g)
+    groups = S.make_groups([torch.randn(2, 8, generator=g)], [torch.randn(5, 2, generator=g)], [0.5])
+    rows = S.build_row_map([[(0, 1.0)], []], 6, 1)
+    monkeypatch.setenv("LORA_FAST_TRITON_FALLBACK", "0")
+    with pytest.raises(RuntimeError, match="no compiler"):
+        S.segmented_lora(x, out.clone(), groups, rows)
+    monkeypatch.delenv("LORA_FAST_TRITON_FALLBACK")
+    with pytest.warns(RuntimeWarning, match="no compiler"):
+        got = S.segmented_lora(x, out.clone(), groups, rows)
+    assert torch.equal(got, S.segmented_lora(x, out.clone(), groups, rows, backend="torch"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        S.segmented_lora(x, out.clone(), groups, rows)
+    with pytest.raises(RuntimeError, match="no compiler"):
+        S.segmented_lora(x, out.clone(), groups, rows, backend="triton")

@@ -426,7 +426,8 @@ def test_triton_kernels_drive_per_sample_adapters_under_the_interpreter():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @torch.no_grad()
-def test_compiled_triton_kernels_match_the_per_sample_loop_on_gpu(dtype):
+def test_compiled_triton_kernels_match_the_per_sample_loop_on_gpu(dtype, monkeypatch):
+    monkeypatch.setenv("LORA_FAST_TRITON_FALLBACK", "0")  # the compiled kernels themselves, no torch fallback
     m = toy_with_adapters(dtype).cuda()
     args = [a.cuda() for a in toy_inputs(10, dtype=dtype)]
     with lora_fast.per_sample_adapters(m, ENTRIES):

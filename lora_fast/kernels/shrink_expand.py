@@ -19,12 +19,15 @@ launch per layer whatever the number of adapters.
 
 Backends: ``"triton"`` (the default for CUDA tensors; runs on CPU tensors under ``TRITON_INTERPRET=1``) and
 ``"torch"`` (the default elsewhere): the same semantics as a loop over the runs of consecutive rows of each
-segment (views, no gathers), fp32 products, and one rounding per pass. ``LORA_FAST_SEGMENTED_BACKEND`` overrides the default.
+segment (views, no gathers), fp32 products, and one rounding per pass. ``LORA_FAST_SEGMENTED_BACKEND`` overrides
+the default. If the default Triton kernels fail to compile or launch (they raise before running), one warning is
+given and the torch backend takes over for the rest of the process (``LORA_FAST_TRITON_FALLBACK=0``: raise).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -208,6 +211,34 @@ def make_groups(downs: Sequence[Optional[torch.Tensor]], ups: Sequence[Optional[
     return AdapterGroups(dl, ul, scale, ranks, table, int(k), int(n), dtype)
 
 
+_triton_failure: Optional[str] = None  # why the Triton kernels could not be compiled/launched here, once seen
+
+
+def _explicit(backend: Optional[str]) -> bool:
+    return backend is not None or bool(os.environ.get("LORA_FAST_SEGMENTED_BACKEND"))
+
+
+def _launch(explicit: bool, fn, *args) -> bool:
+    """Run a Triton launcher; False (after one warning) if the kernels cannot be compiled or launched here.
+
+    A compile or launch error is raised before the kernel runs, so nothing was written and the torch backend can
+    take over with the same semantics. Only for the default choice: a backend asked for by name (argument or
+    LORA_FAST_SEGMENTED_BACKEND) raises, and so does everything with LORA_FAST_TRITON_FALLBACK=0 (GPU tests)."""
+    global _triton_failure
+    if _triton_failure is not None and not explicit:
+        return False
+    try:
+        fn(*args)
+        return True
+    except Exception as e:  # noqa: BLE001 - any compile/launch failure
+        if explicit or os.environ.get("LORA_FAST_TRITON_FALLBACK", "1") == "0":
+            raise
+        _triton_failure = f"{type(e).__name__}: {e}"
+        warnings.warn(f"lora_fast: the segmented Triton kernels failed ({_triton_failure[:300]}); "
+                      "using the torch backend from now on", RuntimeWarning, stacklevel=3)
+        return False
+
+
 def _backend(t: torch.Tensor, backend: Optional[str]) -> str:
     be = backend or os.environ.get("LORA_FAST_SEGMENTED_BACKEND") or ("triton" if t.is_cuda else "torch")
     if be not in _BACKENDS:
@@ -237,8 +268,8 @@ def lora_shrink(x: torch.Tensor, groups: AdapterGroups, rows: RowMap, backend: O
     h = torch.empty((rows.num_entries, width), dtype=torch.float32, device=x.device)
     if rows.num_entries == 0 or groups.max_rank == 0:
         return h
-    if _backend(x, backend) == "triton":
-        _triton_shrink(x, h, groups, rows)
+    if _backend(x, backend) == "triton" and _launch(_explicit(backend), _triton_shrink, x, h, groups, rows):
+        pass
     else:
         for s, g in enumerate(rows.seg_group_host):
             r = groups.ranks[g]
@@ -265,9 +296,12 @@ def lora_expand(out: torch.Tensor, h: torch.Tensor, groups: AdapterGroups, rows:
     if groups.max_rank == 0:
         return out
     if _backend(out, backend) == "triton":
-        for p in todo:
-            _triton_expand(out, h, groups, rows, p, float(lam))
-        return out
+        todo = list(todo)
+        if not todo or _launch(_explicit(backend), _triton_expand, out, h, groups, rows, todo[0], float(lam)):
+            for p in todo[1:]:
+                _triton_expand(out, h, groups, rows, p, float(lam))
+            return out
+        # the first launch failed before running: the torch backend below does every pass
     scale = groups.scale.tolist()
     for p in todo:
         first, end = rows.passes[p]
