@@ -14,6 +14,7 @@ import lora_fast
 from lora_fast import LoraAdapter, LoraFormatError, LoraFusionError, LoraLayer
 from lora_fast.engine import component_state
 
+from test_hotswap import CountingBackend
 from test_live import random_adapter, toy
 
 ENTRIES = ["a", None, {"b": 0.5, "c": 1.5}, "c", {"a": -1.0}]
@@ -266,17 +267,6 @@ def test_hotswap_inside_the_block_uses_the_new_weights():
     refs = alone(m, ENTRIES, args)
     for o, r in zip(outs, refs):
         assert rel_max(o, r) <= 1e-5
-
-
-class CountingBackend:
-    """A torch.compile backend that counts the graphs it compiles (each recompilation is one more)."""
-
-    def __init__(self):
-        self.graphs = 0
-
-    def __call__(self, gm, example_inputs):
-        self.graphs += 1
-        return gm.forward
 
 
 @torch.no_grad()
