@@ -17,6 +17,7 @@ kernels' sparse exact-unfuse record, so ``unfuse_lora`` restores weights bit for
 
 from __future__ import annotations
 
+import collections
 import math
 import sys
 import warnings
@@ -76,13 +77,19 @@ class ComponentState:
     max_rank: Optional[int] = None
     per_sample: Optional[object] = None  # lora_fast.per_sample.PerSampleSpec while per_sample_adapters is active
     per_sample_on: bool = False  # per_sample is not None; a plain bool so torch.compile guards on two values only
+    per_sample_rows: collections.OrderedDict = field(default_factory=collections.OrderedDict)  # row-map LRU
     swaps: int = 0  # bumped by hotswap: tensors may have been replaced (per-sample kernel tables hold addresses)
+    slot_epoch: int = 0  # bumped with version except for selection-only changes (see bump)
 
     def fused_names(self) -> set[str]:
         return {n for step in self.fused for n in step.names}
 
-    def bump(self) -> None:
+    def bump(self, slots: bool = True) -> None:
+        """A change of what runs live; ``slots=False`` when only the selection changed (set_adapters, enable/disable),
+        not the adapters' tensors: per-sample plans (keyed on ``slot_epoch``) then stay valid."""
         self.version += 1
+        if slots:
+            self.slot_epoch += 1
 
 
 def component_state(module: nn.Module, create: bool = False) -> Optional[ComponentState]:
@@ -612,7 +619,7 @@ def set_adapters(target, adapter_names, adapter_weights=None) -> None:
             state.weight_t[n].fill_(w)  # weights are tensor data: new values need no plan change (nor a recompile)
         if active != state.active:
             state.active = active
-            state.bump()
+            state.bump(slots=False)
 
 
 def get_active_adapters(target) -> list[str]:
@@ -629,7 +636,7 @@ def get_list_adapters(target) -> dict:
 def set_enabled(target, enabled: bool) -> None:
     for _, _, state in _states(target):
         state.enabled = bool(enabled)
-        state.bump()
+        state.bump(slots=False)
 
 
 def set_device(target, adapter_names, device) -> None:

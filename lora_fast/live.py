@@ -407,7 +407,7 @@ class ModuleHook:
         self.device = None
         self.dtype = None
         self.handle = None
-        self.per_sample_cache = None  # lora_fast.per_sample: (spec, key, plan)
+        self.per_sample_cache = None  # lora_fast.per_sample: (key, plan)
 
     def attach(self, module: nn.Module) -> None:
         self.handle = module.register_forward_hook(self, with_kwargs=True)

@@ -27,7 +27,7 @@ from torch import nn
 
 from .engine import _label, _states
 from .errors import LoraFormatError, LoraFusionError
-from .kernels.shrink_expand import RowMap, build_row_map, lora_expand, lora_shrink, make_groups
+from .kernels.shrink_expand import RowMap, build_row_map, lora_expand, lora_shrink, make_groups, segmented_lora
 from .targets import resolve_components
 
 
@@ -90,12 +90,15 @@ def activate(target, adapters, components=None) -> list:
         if fused:
             raise LoraFusionError(f"per_sample_adapters: adapters {fused} are fused into {comp or 'the module'}; "
                                   "per-sample adapters run on unfused base weights: call unfuse_lora first")
-    group = {n: g for g, n in enumerate(names)}
-    by_group = [[(group[n], w) for n, w in entry] for entry in entries]
     installed = []
     for comp, s in states:  # no version bump: the ordinary plans stay valid (and compiled graphs keep their guards)
+        # Groups are every adapter of the component in a fixed order, so the per-layer kernel tables built for one
+        # block serve every later block; an entry's adapters missing from this component contribute nothing here.
+        comp_names = tuple(sorted(s.adapters))
+        group = {n: g for g, n in enumerate(comp_names)}
+        by_group = tuple(tuple((group[n], w) for n, w in entry if n in group) for entry in entries)
         installed.append((s, s.per_sample))
-        s.per_sample = PerSampleSpec(comp, names, by_group)
+        s.per_sample = PerSampleSpec(comp, comp_names, by_group, s)
         s.per_sample_on = True
     return installed
 
@@ -111,19 +114,26 @@ def _fast(slot) -> bool:
     return (not slot.dense and slot.kind == "linear" and slot.magnitude is None and slot.bias is None)
 
 
-class PerSampleSpec:
-    """The per-sample entries of one component and the row maps built from them (cached per batch shape)."""
+ROW_MAPS_KEPT = 16  # row maps kept per component (one per entries x batch shape x device), least recent dropped
 
-    def __init__(self, component: Optional[str], names: list[str], entries: list[list[tuple[int, float]]]):
+
+class PerSampleSpec:
+    """The per-sample entries of one component; row maps are cached on the component state (bounded), so a block
+    that repeats earlier entries (every denoising step of a request, or the next request with the same mix) reuses
+    them and the per-layer data derived from them."""
+
+    def __init__(self, component: Optional[str], names: tuple, entries: tuple, state):
         self.component = component
-        self.names = names  # group index -> adapter name
-        self.entries = entries  # per entry: [(group, weight)]
-        self.row_maps: dict[tuple, RowMap] = {}
+        self.names = names  # group index -> adapter name (every adapter of the component, sorted)
+        self.entries = entries  # per entry: ((group, weight), ...)
+        self.cache = state.per_sample_rows  # OrderedDict shared by the component's blocks
 
     def row_map(self, batch: int, rows_per_sample: int, device: torch.device, path: str) -> RowMap:
-        key = (batch, rows_per_sample, device)
-        rm = self.row_maps.get(key)
-        if rm is None:
+        key = (self.names, self.entries, batch, rows_per_sample, device)
+        rm = self.cache.get(key)
+        if rm is not None:
+            self.cache.move_to_end(key)
+        else:
             n = len(self.entries)
             if batch % n:
                 raise LoraFormatError(
@@ -131,18 +141,21 @@ class PerSampleSpec:
                     f"runs a batch of {batch}, which is not a multiple of the {n} per-sample entries (a component "
                     "that sees one input for several images, e.g. a text encoder given one prompt, can be left on "
                     "set_adapters with components=[...])")
-            rm = self.row_maps[key] = build_row_map(self.entries, batch, rows_per_sample, device)
+            rm = self.cache[key] = build_row_map(self.entries, batch, rows_per_sample, device)
+            while len(self.cache) > ROW_MAPS_KEPT:
+                self.cache.popitem(last=False)
         return rm
 
     def _plan(self, hook, module: nn.Module):
         """(AdapterGroups of the kernel-path groups or None, {group: slot} of the rest), or None if no group
-        touches this module. Cached on the hook until adapters change, are hotswapped or move."""
+        touches this module. Cached on the hook until adapters are loaded, deleted, hotswapped or moved (not when
+        set_adapters/enable/disable change the selection)."""
         state = hook.state
         w = module.weight
-        key = (state.version, state.swaps, w.device, w.dtype)
+        key = (self.names, state.slot_epoch, state.swaps, w.device, w.dtype)
         cached = hook.per_sample_cache
-        if cached is not None and cached[0] is self and cached[1] == key:
-            return cached[2]
+        if cached is not None and cached[0] == key:
+            return cached[1]
         slots = []
         for name in self.names:
             slot = hook.slots.get(name)
@@ -157,7 +170,7 @@ class PerSampleSpec:
                                      [0.0 if s is None else float(s.scale) for s in fast])
             generic = {g: s for g, s in enumerate(slots) if s is not None and fast[g] is None}
             plan = (groups, generic, slots)
-        hook.per_sample_cache = (self, key, plan)
+        hook.per_sample_cache = (key, plan)
         return plan
 
     def forward(self, hook, module: nn.Module, args, kwargs, out):
@@ -184,6 +197,9 @@ class PerSampleSpec:
             x2 = x.reshape(-1, groups.in_features)
             if not out.is_contiguous():
                 out = out.contiguous()
+            if not generic:  # every group on the kernel path: one call (the torch backend may batch the samples)
+                segmented_lora(x2, out.view(-1, groups.out_features), groups, rm, lam)
+                return out
             h = lora_shrink(x2, groups, rm)
         for p, (first, end) in enumerate(rm.passes):
             if use_kernel:

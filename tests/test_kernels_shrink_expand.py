@@ -488,13 +488,14 @@ TRITON_SCRIPT = textwrap.dedent(
     import test_kernels_shrink_expand as T
     from lora_fast.kernels import shrink_expand as S
 
-    def backends_agree(tri, tor, dtype, n_passes, what):
+    def backends_agree(tri, tor, out, dtype, n_passes, what):
         if dtype == torch.float32:
             worst = ((tri.double() - tor.double()).abs().amax(1) / tor.double().abs().amax(1).clamp_min(1e-300)).max()
             assert worst <= 2e-6, (what, worst.item())
         else:
-            # each pass rounds once; the two fp32 sums differ by far less than an ulp, so at most one ulp per pass
-            bound = n_passes * torch.maximum(T.ulp(tri), T.ulp(tor))
+            # each pass rounds once, so at most one ulp per pass apart, plus what the two fp32 sums (summed in
+            # different orders) may differ by where the LoRA term cancels the base value: a few fp32 ulps of |out|
+            bound = n_passes * torch.maximum(T.ulp(tri), T.ulp(tor)).double() + 2.0 ** -20 * out.double().abs()
             assert bool(((tri.double() - tor.double()).abs() <= bound).all()), what
 
     gen = torch.Generator().manual_seed(77)
@@ -507,7 +508,7 @@ TRITON_SCRIPT = textwrap.dedent(
             # run_case: reference tolerance + base-only rows bit-identical, for each backend
             x, out, tri, groups, rows = T.run_case(case, dtype, seed, "triton")
             _, _, tor, _, _ = T.run_case(case, dtype, seed, "torch")
-            backends_agree(tri, tor, dtype, len(rows.passes), (name, dtype))
+            backends_agree(tri, tor, out, dtype, len(rows.passes), (name, dtype))
             if rows.num_entries and groups.max_rank:
                 ht = S.lora_shrink(x, groups, rows, backend="triton")
                 hc = S.lora_shrink(x, groups, rows, backend="torch")

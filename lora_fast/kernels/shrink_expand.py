@@ -26,6 +26,7 @@ given and the torch backend takes over for the rest of the process (``LORA_FAST_
 
 from __future__ import annotations
 
+import collections
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -67,6 +68,10 @@ class RowMap:
     samples: list = field(default_factory=list)
     sample_coef: list = field(default_factory=list)
     runs: list = field(default_factory=list)
+    batch: int = 0
+    rows_per_sample: int = 0
+    pass_groups: list = field(default_factory=list)  # per pass: each sample's group (-1: none in this pass)
+    pass_weights: list = field(default_factory=list)  # per pass: each sample's weight (0.0 where none)
 
     @property
     def num_entries(self) -> int:
@@ -114,6 +119,14 @@ def build_row_map(entries: Sequence[Sequence[tuple]], batch: int, rows_per_sampl
     for s in samples:
         starts.append(starts[-1] + len(s) * t)
     pass_max = [max((starts[i + 1] - starts[i] for i in range(a, b)), default=0) for a, b in passes]
+    pass_groups, pass_weights = [], []
+    for first, end in passes:
+        gs, ws_ = [-1] * batch, [0.0] * batch
+        for seg in range(first, end):
+            for j, w in zip(samples[seg], weights[seg]):
+                gs[j], ws_[j] = seg_group[seg], w
+        pass_groups.append(gs)
+        pass_weights.append(ws_)
     runs = []
     for seg, (s, ws) in enumerate(zip(samples, weights)):
         seg_runs, e = [], starts[seg]
@@ -138,7 +151,8 @@ def build_row_map(entries: Sequence[Sequence[tuple]], batch: int, rows_per_sampl
         seg_start=torch.tensor(starts, dtype=torch.int32, device=device),
         seg_group=torch.tensor(seg_group, dtype=torch.int32, device=device),
         passes=passes, seg_start_host=starts, seg_group_host=seg_group, pass_max_rows=pass_max,
-        samples=samples, sample_coef=weights, runs=runs,
+        samples=samples, sample_coef=weights, runs=runs, batch=batch, rows_per_sample=t,
+        pass_groups=pass_groups, pass_weights=pass_weights,
     )
 
 
@@ -160,16 +174,46 @@ class AdapterGroups:
     in_features: int
     out_features: int
     dtype: torch.dtype
-    _f32: Optional[list] = None  # fp32 copies for the torch backend (built once, on first use)
+    _f32: dict = field(default_factory=dict)  # group -> fp32 factors for the torch backend (made on first use)
+    _per_sample: "collections.OrderedDict" = field(default_factory=lambda: collections.OrderedDict())  # torch batched path
 
     @property
     def max_rank(self) -> int:
         return max(self.ranks, default=0)
 
+    def per_sample_factors(self, rows: "RowMap", p: int):
+        """For pass ``p`` of ``rows`` (every sample has a group): fp32 ``(B, K, R)`` A_gᵀ and ``(B, R, N)`` B_gᵀ per
+        sample, zero-padded to the pass's largest rank, and ``(B, 1, 1)`` weight · scale. Cached per row map and
+        pass (the few most recent)."""
+        key = (id(rows), p)
+        hit = self._per_sample.get(key)
+        if hit is not None and hit[0] is rows:
+            self._per_sample.move_to_end(key)
+            return hit[1:]
+        gs = rows.pass_groups[p]
+        dev, b = self.scale.device, len(gs)
+        r = max(self.ranks[g] for g in set(gs))
+        downs_t = torch.zeros((b, self.in_features, r), dtype=torch.float32, device=dev)
+        ups_t = torch.zeros((b, r, self.out_features), dtype=torch.float32, device=dev)
+        for g in sorted(set(gs)):
+            d, u = self.fp32_factors(g)
+            idx = torch.tensor([j for j, x in enumerate(gs) if x == g], dtype=torch.int64, device=dev)
+            downs_t[idx, :, :d.shape[0]] = d.t()
+            ups_t[idx, :u.shape[1], :] = u.t()
+        idx = torch.tensor(gs, dtype=torch.int64, device=dev)
+        coef = torch.tensor(rows.pass_weights[p], dtype=torch.float32, device=dev) * self.scale[idx]
+        out = (downs_t, ups_t, coef.view(-1, 1, 1))
+        self._per_sample[key] = (rows,) + out
+        while len(self._per_sample) > 8:
+            self._per_sample.popitem(last=False)
+        return out
+
     def fp32_factors(self, g: int):
-        if self._f32 is None:
-            self._f32 = [None if d is None else (d.float(), u.float()) for d, u in zip(self.downs, self.ups)]
-        return self._f32[g]
+        """(A_g, B_g) in fp32 (the factors themselves when they are fp32; copies made once otherwise)."""
+        hit = self._f32.get(g)
+        if hit is None:
+            hit = self._f32[g] = (self.downs[g].float(), self.ups[g].float())
+        return hit
 
 
 def make_groups(downs: Sequence[Optional[torch.Tensor]], ups: Sequence[Optional[torch.Tensor]],
@@ -323,9 +367,39 @@ def lora_expand(out: torch.Tensor, h: torch.Tensor, groups: AdapterGroups, rows:
 
 def segmented_lora(x: torch.Tensor, out: torch.Tensor, groups: AdapterGroups, rows: RowMap, lam: float = 1.0,
                    backend: Optional[str] = None) -> torch.Tensor:
-    """Shrink then expand every pass: ``out`` (modified in place) gains each row's LoRA terms."""
-    h = lora_shrink(x, groups, rows, backend)
-    return lora_expand(out, h, groups, rows, lam, backend)
+    """Shrink then expand every pass: ``out`` (modified in place) gains each row's LoRA terms.
+
+    The torch backend takes a pass in which every sample has a group with factors as one batched product over the
+    samples (factors gathered per sample from rank-padded stacks: a few ops per layer however many adapters);
+    other passes, and the Triton backend, go through :func:`lora_shrink` / :func:`lora_expand`."""
+    if _backend(out, backend) == "triton":
+        h = lora_shrink(x, groups, rows, backend)
+        return lora_expand(out, h, groups, rows, lam, backend)
+    _check(x, groups, rows)
+    h = None
+    for p in range(len(rows.passes)):
+        if not _batched_pass(x, out, groups, rows, p, lam):
+            if h is None:
+                h = lora_shrink(x, groups, rows, "torch")
+            lora_expand(out, h, groups, rows, lam, "torch", passes=[p])
+    return out
+
+
+def _batched_pass(x: torch.Tensor, out: torch.Tensor, groups: AdapterGroups, rows: RowMap, p: int, lam: float) -> bool:
+    gs = rows.pass_groups[p]
+    b, t = rows.batch, rows.rows_per_sample
+    if (not gs or x.shape[0] != b * t or out.shape[0] != b * t or out.stride(1) != 1 or out.dtype != groups.dtype
+            or any(g < 0 or groups.ranks[g] == 0 for g in gs)):
+        return False  # a sample without a term must keep its rows untouched
+    downs_t, ups_t, coef = groups.per_sample_factors(rows, p)
+    h = torch.bmm(x.reshape(b, t, -1).float(), downs_t)
+    h.mul_(coef if lam == 1.0 else coef * lam)
+    dst = out.view(b, t, -1) if out.is_contiguous() else None
+    if dst is not None and out.dtype == torch.float32:
+        dst.baddbmm_(h, ups_t)
+    else:  # fp32 sum, one rounding
+        out.copy_(torch.baddbmm(out.reshape(b, t, -1).float(), h, ups_t).reshape(out.shape))
+    return True
 
 
 def _next_pow2(v: int) -> int:
