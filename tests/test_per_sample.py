@@ -270,6 +270,38 @@ def test_hotswap_inside_the_block_uses_the_new_weights():
 
 
 @torch.no_grad()
+def test_later_blocks_reuse_the_per_layer_kernel_data(monkeypatch):
+    """A server enters a block per request: the per-layer kernel tables are built once, and set_adapters /
+    enable / disable between blocks (selection-only changes) do not throw them away; loading an adapter does."""
+    import lora_fast.per_sample as P
+
+    built = []
+    real = P.make_groups
+    monkeypatch.setattr(P, "make_groups", lambda *a, **k: built.append(1) or real(*a, **k))
+    m = toy_with_adapters(modules=("q", "k"))
+    args = toy_inputs(6)
+    with lora_fast.per_sample_adapters(m, ["a", "b", "c"]):
+        first = m(*args)
+    assert len(built) == 2  # q and k
+    lora_fast.set_adapters(m, ["b"])
+    lora_fast.disable_lora(m)
+    lora_fast.enable_lora(m)
+    with lora_fast.per_sample_adapters(m, ["c", None, {"a": 0.5, "b": 0.5}]):
+        m(*args)
+    with lora_fast.per_sample_adapters(m, ["a", "b", "c"]):
+        again = m(*args)
+    assert len(built) == 2
+    for x, y in zip(first, again):
+        assert torch.equal(x, y)
+    lora_fast.load_lora_weights(m, random_adapter(40, rank=3, scale=0.1, modules=("q",)), "d")
+    with lora_fast.per_sample_adapters(m, ["a", "d"]):
+        out = m(*args)
+    assert len(built) == 4
+    for o, r in zip(out, alone(m, ["a", "d"], args)):
+        assert rel_max(o, r) <= 1e-5
+
+
+@torch.no_grad()
 def test_blocks_under_torch_compile_run_eagerly_and_never_recompile():
     """The per-sample branch is excluded from tracing and entering a block flips one bool, so once a compiled model
     has run each mode, further blocks (with any entries) and plain calls compile nothing new."""
