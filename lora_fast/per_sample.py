@@ -217,11 +217,12 @@ def _apply_to_samples(slot, module: nn.Module, x: torch.Tensor, out: torch.Tenso
     by_weight: dict[float, list[int]] = {}
     for j, w in zip(samples, weights):
         by_weight.setdefault(w, []).append(j)
+    in_place = not (torch.is_grad_enabled() and out.requires_grad)  # else out-of-place, so autograd sees it
     for w, js in by_weight.items():
         if len(js) == out.shape[0]:  # the whole batch: no gather
             out = slot.apply(module, x, out, lam, weight=w)
             continue
         idx = torch.tensor(js, dtype=torch.int64, device=out.device)
-        part = slot.apply(module, x.index_select(0, idx), out.index_select(0, idx), lam, weight=w)
-        out = out.index_copy(0, idx, part.to(out.dtype))
+        part = slot.apply(module, x.index_select(0, idx), out.index_select(0, idx), lam, weight=w).to(out.dtype)
+        out = out.index_copy_(0, idx, part) if in_place else out.index_copy(0, idx, part)
     return out
