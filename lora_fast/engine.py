@@ -22,7 +22,7 @@ import math
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence
 
 import torch
 from torch import nn

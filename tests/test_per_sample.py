@@ -1,6 +1,5 @@
 """per_sample_adapters: every sample of one batch runs its own adapter (or mix), as if run alone."""
 
-import copy
 import os
 import subprocess
 import sys
