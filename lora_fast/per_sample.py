@@ -27,7 +27,8 @@ from torch import nn
 
 from .engine import _label, _states
 from .errors import LoraFormatError, LoraFusionError
-from .kernels.shrink_expand import RowMap, build_row_map, lora_expand, lora_shrink, make_groups, segmented_lora
+from .kernels.shrink_expand import (RowMap, build_row_map, channels_first_lora, lora_expand, lora_shrink,
+                                     make_groups, segmented_lora)
 from .targets import resolve_components
 
 
@@ -109,9 +110,18 @@ def deactivate(installed: list) -> None:
         state.per_sample_on = previous is not None
 
 
-def _fast(slot) -> bool:
-    """Slots the segmented kernels take: a plain factored LoRA on a linear layer (Conv1D included)."""
-    return (not slot.dense and slot.kind == "linear" and slot.magnitude is None and slot.bias is None)
+def _pointwise(module: nn.Module) -> bool:
+    """A 1x1 convolution that is a per-pixel linear map (stride 1, no padding, one group)."""
+    return (isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1) and tuple(module.stride) == (1, 1)
+            and module.padding in ((0, 0), "valid") and module.groups == 1)
+
+
+def _fast(slot, module: nn.Module) -> bool:
+    """Slots the batched paths take: a plain factored LoRA on a linear layer (Conv1D included; the segmented
+    kernels) or on a 1x1 convolution (channels-first batched products)."""
+    if slot.dense or slot.magnitude is not None or slot.bias is not None:
+        return False
+    return slot.kind == "linear" or (slot.kind == "conv" and _pointwise(module))
 
 
 ROW_MAPS_KEPT = 16  # row maps kept per component (one per entries x batch shape x device), least recent dropped
@@ -162,11 +172,11 @@ class PerSampleSpec:
             slots.append(slot if slot is not None and hook.ready(slot, module) else None)
         plan = None
         if any(s is not None for s in slots):
-            fast = [s if s is not None and _fast(s) else None for s in slots]
+            fast = [s if s is not None and _fast(s, module) else None for s in slots]
             groups = None
-            if any(s is not None for s in fast):
-                groups = make_groups([None if s is None else s.down for s in fast],
-                                     [None if s is None else s.up for s in fast],
+            if any(s is not None for s in fast):  # 2-D factors: a 1x1 conv's (R, C, 1, 1) / (N, R, 1, 1) as views
+                groups = make_groups([None if s is None else s.down.reshape(s.down.shape[0], -1) for s in fast],
+                                     [None if s is None else s.up.reshape(s.up.shape[0], -1) for s in fast],
                                      [0.0 if s is None else float(s.scale) for s in fast])
             generic = {g: s for g, s in enumerate(slots) if s is not None and fast[g] is None}
             plan = (groups, generic, slots)
@@ -186,9 +196,19 @@ class PerSampleSpec:
         groups, generic, slots = plan
         x = args[0] if args else next(iter(kwargs.values()))
         batch = x.shape[0] if x.dim() >= 2 else 1  # a 1-D input is one unbatched sample
+        no_grad = not (torch.is_grad_enabled() and (x.requires_grad or out.requires_grad))
+        if isinstance(module, nn.Conv2d):
+            if (groups is not None and not generic and no_grad and x.dim() == 4 and out.dim() == 4
+                    and x.dtype == out.dtype == groups.dtype):
+                rm = self.row_map(batch, 1, x.device, hook.path)
+                if not out.is_contiguous():
+                    out = out.contiguous()
+                channels_first_lora(x.reshape(batch, x.shape[1], -1), out.view(batch, out.shape[1], -1), groups, rm,
+                                    lam)
+                return out
+            groups = None  # anything else on a conv: each adapter's own forward
         use_kernel = (groups is not None and x.dtype == out.dtype == groups.dtype and x.shape[-1] == groups.in_features
-                      and out.shape[-1] == groups.out_features
-                      and not (torch.is_grad_enabled() and (x.requires_grad or out.requires_grad)))
+                      and out.shape[-1] == groups.out_features and no_grad)
         if not use_kernel:  # every group takes the per-adapter path
             generic = {g: s for g, s in enumerate(slots) if s is not None}
         rows_per_sample = x.numel() // max(1, batch * x.shape[-1]) if use_kernel else 1

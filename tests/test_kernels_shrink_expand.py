@@ -580,3 +580,38 @@ def test_default_triton_choice_falls_back_to_torch_once_when_kernels_cannot_comp
         S.segmented_lora(x, out.clone(), groups, rows)
     with pytest.raises(RuntimeError, match="no compiler"):
         S.segmented_lora(x, out.clone(), groups, rows, backend="triton")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_channels_first_lora_matches_the_per_sample_reference(dtype):
+    """1x1 convolutions: the same terms on (B, K, P) activations, pixels as the rows of each sample; batched passes
+    (every sample has a term) and runs (base-only samples, partial mixes) both, untouched samples bit-identical."""
+    gen = torch.Generator().manual_seed(31)
+    cases = list(named_cases().values()) + [random_case(gen, max_batch=24, max_rps=5, max_kn=60) for _ in range(15)]
+    cases.append(Case(k=12, n=9, ranks=[3, 16, 5], scales=[0.5, 1.0, 2.0], entries=[[(0, 1.0)], [(1, 0.5)], [(2, 1.0)]],
+                      reps=2, rows_per_sample=7, lam=0.5))  # every sample covered: the batched pass
+    for i, case in enumerate(cases):
+        x, out, downs, ups = make_tensors(case, dtype, torch.Generator().manual_seed(900 + i))
+        ref = reference(case, x, out, downs, ups)
+        b, t = case.batch, case.rows_per_sample
+        groups = S.make_groups(downs, ups, case.scales)
+        rows = S.build_row_map(case.entries, b, 1)
+        x_cf = x.view(b, t, case.k).transpose(1, 2).contiguous()
+        out_cf = out.view(b, t, case.n).transpose(1, 2).contiguous()
+        got_cf = out_cf.clone()
+        assert S.channels_first_lora(x_cf, got_cf, groups, rows, lam=case.lam) is got_cf
+        got = got_cf.transpose(1, 2).reshape(case.m, case.n)
+        assert_matches_reference(got, ref, dtype, f"channels-first {dtype} {case}")
+        keep = untouched_rows(case, downs)
+        if keep.numel():
+            assert same_bits(got[keep], out[keep]), case
+
+
+def test_channels_first_lora_rejects_mismatched_shapes():
+    g = torch.Generator().manual_seed(1)
+    groups = S.make_groups([torch.randn(2, 6, generator=g)], [torch.randn(5, 2, generator=g)], [1.0])
+    rows = S.build_row_map([[(0, 1.0)]], 3, 1)
+    with pytest.raises(ValueError, match="must be"):
+        S.channels_first_lora(torch.randn(3, 7, 4), torch.randn(3, 5, 4), groups, rows)
+    with pytest.raises(ValueError, match="rows_per_sample=1"):
+        S.channels_first_lora(torch.randn(3, 6, 4), torch.randn(3, 5, 4), groups, S.build_row_map([[(0, 1.0)]], 3, 4))

@@ -83,6 +83,18 @@ def test_every_sample_matches_its_single_adapter_run_fp32():
         assert not torch.equal(o[0], b[0])
 
 
+@torch.no_grad()
+def test_every_sample_covered_takes_the_batched_paths_and_matches():
+    """No base-only sample: linear layers and the 1x1 conv run one batched product over the samples per pass."""
+    m = toy_with_adapters()
+    entries = ["c", "a", "b"]
+    args = toy_inputs(6)
+    with lora_fast.per_sample_adapters(m, entries):
+        outs = m(*args)
+    for o, r in zip(outs, alone(m, entries, args)):
+        assert rel_max(o, r) <= 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @torch.no_grad()
 def test_16bit_layers_within_punica_tolerance_of_fp32_lora_terms(dtype):

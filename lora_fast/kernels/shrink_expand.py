@@ -34,7 +34,8 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["RowMap", "AdapterGroups", "build_row_map", "lora_shrink", "lora_expand", "segmented_lora"]
+__all__ = ["RowMap", "AdapterGroups", "build_row_map", "lora_shrink", "lora_expand", "segmented_lora",
+           "channels_first_lora"]
 
 _BACKENDS = ("triton", "torch")
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -400,6 +401,45 @@ def _batched_pass(x: torch.Tensor, out: torch.Tensor, groups: AdapterGroups, row
     else:  # fp32 sum, one rounding
         out.copy_(torch.baddbmm(out.reshape(b, t, -1).float(), h, ups_t).reshape(out.shape))
     return True
+
+
+def channels_first_lora(x: torch.Tensor, out: torch.Tensor, groups: AdapterGroups, rows: RowMap,
+                        lam: float = 1.0) -> torch.Tensor:
+    """The same terms for channels-first activations (a 1x1 convolution): x ``(B, K, P)``, out ``(B, N, P)``
+    (modified in place), sample j using its row-map entries (a map built with ``rows_per_sample=1``). Torch ops on
+    any device: a pass where every sample has a term is two batched products over the samples, other passes loop
+    over runs of samples; fp32 sums, one rounding per pass."""
+    if x.dim() != 3 or x.shape[1] != groups.in_features or out.shape[:2] != (x.shape[0], groups.out_features):
+        raise ValueError(f"x must be (B, {groups.in_features}, P) and out (B, {groups.out_features}, P), "
+                         f"got {tuple(x.shape)} and {tuple(out.shape)}")
+    if x.shape[0] != rows.batch or rows.rows_per_sample != 1:
+        raise ValueError("channels_first_lora needs a row map of the batch with rows_per_sample=1")
+    scale = groups.scale.tolist()
+    for p in range(len(rows.passes)):
+        gs = rows.pass_groups[p]
+        if gs and all(g >= 0 and groups.ranks[g] for g in gs):
+            downs_t, ups_t, coef = groups.per_sample_factors(rows, p)
+            h = torch.bmm(downs_t.transpose(1, 2), x.float())  # (B, R, P)
+            h.mul_(coef if lam == 1.0 else coef * lam)
+            if out.dtype == torch.float32:
+                out.baddbmm_(ups_t.transpose(1, 2), h)
+            else:
+                out.copy_(torch.baddbmm(out.float(), ups_t.transpose(1, 2), h))
+            continue
+        first, end = rows.passes[p]
+        for s in range(first, end):
+            g = rows.seg_group_host[s]
+            if groups.ranks[g] == 0:
+                continue
+            down, up = groups.fp32_factors(g)
+            for _, j, n, w in rows.runs[s]:  # one row per sample: runs are runs of samples
+                delta = torch.matmul(up, torch.matmul(down, x[j:j + n].float()))
+                dst = out[j:j + n]
+                if dst.dtype == torch.float32:
+                    dst.add_(delta, alpha=lam * scale[g] * w)
+                else:
+                    dst.copy_(dst.float().add_(delta, alpha=lam * scale[g] * w))
+    return out
 
 
 def _next_pow2(v: int) -> int:
