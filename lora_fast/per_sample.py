@@ -8,7 +8,8 @@ while it is installed. For every adapted module, sample ``j`` of the module's ba
 Linear layers (plain LoRA, inputs and outputs in the layer's dtype, nothing requiring grad) go through the
 segmented shrink/expand kernels (lora_fast.kernels.shrink_expand): one shrink and one expand launch per layer
 for all adapters of the batch, with the activation's rows grouped by adapter through a row map (attention
-flattens samples into tokens, so the map is per row, derived from the sample index). Everything else (convs,
+flattens samples into tokens, so the map is per row, derived from the sample index). 1x1 convolutions run the
+same terms as batched products over the samples of their channels-first activations. Everything else (k x k convs,
 embeddings, DoRA, LoRA biases, autograd) runs the adapter's own live forward on the gathered samples of each
 adapter: the same result as a sample run alone, at one small batch per adapter.
 
