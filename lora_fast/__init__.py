@@ -165,7 +165,7 @@ def per_sample_adapters(target, adapters, *, components=None):
 
     Each sample's output matches running that sample alone after ``set_adapters`` with its entry. Linear layers use
     the segmented shrink/expand kernels (Triton on CUDA: one launch each for all adapters of the batch, rows
-    grouped by adapter), 1x1 convolutions batched products over the samples; other layers (k x k convs,
+    grouped by adapter), convolutions batched products over the samples; other layers (grouped convs,
     embeddings, DoRA, LoRA biases) and autograd run each adapter's live forward on its samples. Adapters must be loaded unfused: a fused adapter in a selected component raises
     LoraFusionError, and so does ``fuse_lora`` inside the block. Unknown adapter names raise LoraFormatError.
     Leaving the block restores the previous adapter selection exactly.

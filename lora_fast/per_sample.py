@@ -8,8 +8,8 @@ while it is installed. For every adapted module, sample ``j`` of the module's ba
 Linear layers (plain LoRA, inputs and outputs in the layer's dtype, nothing requiring grad) go through the
 segmented shrink/expand kernels (lora_fast.kernels.shrink_expand): one shrink and one expand launch per layer
 for all adapters of the batch, with the activation's rows grouped by adapter through a row map (attention
-flattens samples into tokens, so the map is per row, derived from the sample index). 1x1 convolutions run the
-same terms as batched products over the samples of their channels-first activations. Everything else (k x k convs,
+flattens samples into tokens, so the map is per row, derived from the sample index). Convolutions run the same
+terms as batched products over the samples of their channels-first activations. Everything else (grouped convs,
 embeddings, DoRA, LoRA biases, autograd) runs the adapter's own live forward on the gathered samples of each
 adapter: the same result as a sample run alone, at one small batch per adapter.
 
@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .engine import _label, _states
+from .live import _conv_input
 from .errors import LoraFormatError, LoraFusionError
 from .kernels.shrink_expand import (RowMap, build_row_map, channels_first_lora, lora_expand, lora_shrink,
                                      make_groups, segmented_lora)
@@ -119,10 +120,22 @@ def _pointwise(module: nn.Module) -> bool:
 
 def _fast(slot, module: nn.Module) -> bool:
     """Slots the batched paths take: a plain factored LoRA on a linear layer (Conv1D included; the segmented
-    kernels) or on a 1x1 convolution (channels-first batched products)."""
+    kernels) or on a convolution with one group (channels-first batched products)."""
     if slot.dense or slot.magnitude is not None or slot.bias is not None:
         return False
-    return slot.kind == "linear" or (slot.kind == "conv" and _pointwise(module))
+    return slot.kind == "linear" or (slot.kind == "conv" and module.groups == 1)
+
+
+def _conv_terms(module: nn.Conv2d, x: torch.Tensor, out: torch.Tensor, groups, rm, lam: float) -> None:
+    """Per-sample terms of a convolution's LoRA into ``out`` (contiguous, in place)."""
+    b = x.shape[0]
+    if _pointwise(module):
+        channels_first_lora(x.reshape(b, x.shape[1], -1), out.view(b, out.shape[1], -1), groups, rm, lam)
+        return
+    xin, pad = _conv_input(module, x)  # non-zero padding modes pad explicitly, as the base conv does
+    geometry = {"kernel_size": tuple(module.kernel_size), "stride": module.stride, "padding": pad,
+                "dilation": module.dilation}
+    channels_first_lora(xin, out, groups, rm, lam, conv=geometry)
 
 
 ROW_MAPS_KEPT = 16  # row maps kept per component (one per entries x batch shape x device), least recent dropped
@@ -204,8 +217,7 @@ class PerSampleSpec:
                 rm = self.row_map(batch, 1, x.device, hook.path)
                 if not out.is_contiguous():
                     out = out.contiguous()
-                channels_first_lora(x.reshape(batch, x.shape[1], -1), out.view(batch, out.shape[1], -1), groups, rm,
-                                    lam)
+                _conv_terms(module, x, out, groups, rm, lam)
                 return out
             groups = None  # anything else on a conv: each adapter's own forward
         use_kernel = (groups is not None and x.dtype == out.dtype == groups.dtype and x.shape[-1] == groups.in_features

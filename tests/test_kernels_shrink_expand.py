@@ -611,7 +611,42 @@ def test_channels_first_lora_rejects_mismatched_shapes():
     g = torch.Generator().manual_seed(1)
     groups = S.make_groups([torch.randn(2, 6, generator=g)], [torch.randn(5, 2, generator=g)], [1.0])
     rows = S.build_row_map([[(0, 1.0)]], 3, 1)
-    with pytest.raises(ValueError, match="must be"):
+    with pytest.raises(ValueError, match="do not fit"):
         S.channels_first_lora(torch.randn(3, 7, 4), torch.randn(3, 5, 4), groups, rows)
+    with pytest.raises(ValueError, match="do not fit"):  # C·kh·kw = 2·1·2 = 4, the factors take 6
+        S.channels_first_lora(torch.randn(3, 2, 4, 4), torch.randn(3, 5, 4, 3), groups, rows,
+                              conv={"kernel_size": (1, 2), "stride": 1, "padding": 0, "dilation": 1})
     with pytest.raises(ValueError, match="rows_per_sample=1"):
         S.channels_first_lora(torch.randn(3, 6, 4), torch.randn(3, 5, 4), groups, S.build_row_map([[(0, 1.0)]], 3, 4))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("geometry", [((3, 3), 1, 1, 1), ((3, 3), 2, 1, 1), ((3, 1), 1, (2, 0), 2)],
+                         ids=["3x3", "3x3-stride2", "3x1-dilated"])
+def test_channels_first_lora_convolution_matches_per_sample_conv2d(dtype, geometry):
+    kernel_size, stride, padding, dilation = geometry
+    kh, kw = kernel_size
+    gen = torch.Generator().manual_seed(41)
+    c, n, ranks = 5, 7, [2, 4, 3]
+    downs = [(torch.randn(r, c, kh, kw, generator=gen) / (c * kh * kw) ** 0.5).to(dtype) for r in ranks]
+    ups = [(torch.randn(n, r, generator=gen) / r ** 0.5).to(dtype) for r in ranks]
+    scales = [0.5, 1.0, 2.0]
+    conv = {"kernel_size": kernel_size, "stride": stride, "padding": padding, "dilation": dilation}
+    groups = S.make_groups([d.reshape(d.shape[0], -1) for d in downs], ups, scales)
+    for entries in ([[(0, 1.0)], [(1, 0.5)], [(2, 1.0)]],  # every sample covered: the batched pass
+                    [[(0, 1.0), (2, -0.5)], [], [(1, 2.0)]]):  # a base-only sample and a partial mix: runs
+        b = 2 * len(entries)
+        x = torch.randn(b, c, 9, 8, generator=gen).to(dtype)
+        h_out, w_out = torch.nn.functional.conv2d(x[:1].float(), downs[0].float(), None, stride, padding, dilation).shape[2:]
+        out = torch.randn(b, n, h_out, w_out, generator=gen).to(dtype)
+        ref = out.double().clone()
+        for j in range(b):
+            for g, w in entries[j % len(entries)]:
+                h = torch.nn.functional.conv2d(x[j:j + 1].double(), downs[g].double(), None, stride, padding, dilation)
+                ref[j] += scales[g] * w * 0.75 * torch.einsum("nr,rhw->nhw", ups[g].double(), h[0])
+        got = out.clone()
+        S.channels_first_lora(x, got, groups, S.build_row_map(entries, b, 1), lam=0.75, conv=conv)
+        assert_matches_reference(got.reshape(b, -1), ref.reshape(b, -1), dtype, f"{geometry} {entries}")
+        base_only = [j for j in range(b) if not entries[j % len(entries)]]
+        for j in base_only:
+            assert same_bits(got[j], out[j])

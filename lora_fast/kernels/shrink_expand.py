@@ -404,27 +404,48 @@ def _batched_pass(x: torch.Tensor, out: torch.Tensor, groups: AdapterGroups, row
 
 
 def channels_first_lora(x: torch.Tensor, out: torch.Tensor, groups: AdapterGroups, rows: RowMap,
-                        lam: float = 1.0) -> torch.Tensor:
-    """The same terms for channels-first activations (a 1x1 convolution): x ``(B, K, P)``, out ``(B, N, P)``
-    (modified in place), sample j using its row-map entries (a map built with ``rows_per_sample=1``). Torch ops on
-    any device: a pass where every sample has a term is two batched products over the samples, other passes loop
-    over runs of samples; fp32 sums, one rounding per pass."""
-    if x.dim() != 3 or x.shape[1] != groups.in_features or out.shape[:2] != (x.shape[0], groups.out_features):
-        raise ValueError(f"x must be (B, {groups.in_features}, P) and out (B, {groups.out_features}, P), "
-                         f"got {tuple(x.shape)} and {tuple(out.shape)}")
-    if x.shape[0] != rows.batch or rows.rows_per_sample != 1:
+                        lam: float = 1.0, conv: Optional[dict] = None) -> torch.Tensor:
+    """The same terms for channels-first activations, sample j using its row-map entries (a map built with
+    ``rows_per_sample=1``); ``out`` is modified in place. Torch ops on any device; fp32 sums, one rounding per pass.
+
+    Without ``conv`` (a 1x1 convolution): x ``(B, K, P)``, out ``(B, N, P)``. With ``conv`` (a k x k convolution,
+    ``{"kernel_size", "stride", "padding", "dilation"}`` as ``F.conv2d`` takes them; the groups' down factors are the
+    filters flattened to ``(r, C·kh·kw)``): x ``(B, C, H, W)``, out ``(B, N, H', W')``. A pass where every sample has
+    a term is one batched shrink over the samples (``bmm``, or one convolution with the samples as groups) and one
+    batched expand (``baddbmm_``); other passes loop over runs of samples."""
+    b = x.shape[0]
+    if conv is None:
+        ok = x.dim() == 3 and x.shape[1] == groups.in_features
+    else:
+        kh, kw = conv["kernel_size"]
+        ok = x.dim() == 4 and x.shape[1] * kh * kw == groups.in_features and out.dim() == 4
+    if not ok or out.shape[:2] != (b, groups.out_features):
+        raise ValueError(f"x {tuple(x.shape)} and out {tuple(out.shape)} do not fit factors "
+                         f"({groups.out_features}, r)·(r, {groups.in_features})" + (f" of a {conv} convolution" if conv else ""))
+    if b != rows.batch or rows.rows_per_sample != 1:
         raise ValueError("channels_first_lora needs a row map of the batch with rows_per_sample=1")
+    out3 = out.view(b, groups.out_features, -1)
+
+    def shrink(xs, filters):  # xs (n, C, ...) fp32, filters (n·r, K): per-sample filters, in sample order
+        n = xs.shape[0]
+        if conv is None:
+            return torch.bmm(filters.view(n, -1, groups.in_features), xs)
+        f = filters.reshape(-1, xs.shape[1], kh, kw)
+        h = torch.nn.functional.conv2d(xs.reshape(1, -1, *xs.shape[2:]), f, None, conv["stride"], conv["padding"],
+                                       conv["dilation"], groups=n)
+        return h.view(n, f.shape[0] // n, -1)
+
     scale = groups.scale.tolist()
     for p in range(len(rows.passes)):
         gs = rows.pass_groups[p]
         if gs and all(g >= 0 and groups.ranks[g] for g in gs):
             downs_t, ups_t, coef = groups.per_sample_factors(rows, p)
-            h = torch.bmm(downs_t.transpose(1, 2), x.float())  # (B, R, P)
+            h = shrink(x.float(), downs_t.transpose(1, 2).reshape(-1, groups.in_features))  # (B, R, P')
             h.mul_(coef if lam == 1.0 else coef * lam)
             if out.dtype == torch.float32:
-                out.baddbmm_(ups_t.transpose(1, 2), h)
+                out3.baddbmm_(ups_t.transpose(1, 2), h)
             else:
-                out.copy_(torch.baddbmm(out.float(), ups_t.transpose(1, 2), h))
+                out3.copy_(torch.baddbmm(out3.float(), ups_t.transpose(1, 2), h))
             continue
         first, end = rows.passes[p]
         for s in range(first, end):
@@ -433,8 +454,8 @@ def channels_first_lora(x: torch.Tensor, out: torch.Tensor, groups: AdapterGroup
                 continue
             down, up = groups.fp32_factors(g)
             for _, j, n, w in rows.runs[s]:  # one row per sample: runs are runs of samples
-                delta = torch.matmul(up, torch.matmul(down, x[j:j + n].float()))
-                dst = out[j:j + n]
+                delta = torch.matmul(up, shrink(x[j:j + n].float(), down.repeat(n, 1)))
+                dst = out3[j:j + n]
                 if dst.dtype == torch.float32:
                     dst.add_(delta, alpha=lam * scale[g] * w)
                 else:
