@@ -393,14 +393,27 @@ def _batched_pass(x: torch.Tensor, out: torch.Tensor, groups: AdapterGroups, row
             or any(g < 0 or groups.ranks[g] == 0 for g in gs)):
         return False  # a sample without a term must keep its rows untouched
     downs_t, ups_t, coef = groups.per_sample_factors(rows, p)
-    h = torch.bmm(x.reshape(b, t, -1).float(), downs_t)
-    h.mul_(coef if lam == 1.0 else coef * lam)
-    dst = out.view(b, t, -1) if out.is_contiguous() else None
-    if dst is not None and out.dtype == torch.float32:
-        dst.baddbmm_(h, ups_t)
-    else:  # fp32 sum, one rounding
-        out.copy_(torch.baddbmm(out.reshape(b, t, -1).float(), h, ups_t).reshape(out.shape))
+    if lam != 1.0:
+        coef = coef * lam
+    x3 = x.reshape(b, t, -1)
+    if out.dtype == torch.float32 and out.is_contiguous():  # accumulate in place: no output-sized temporaries
+        out.view(b, t, -1).baddbmm_(torch.bmm(x3, downs_t).mul_(coef), ups_t)
+        return True
+    # fp32 sum, one rounding, a few samples at a time so the fp32 copies stay cache-sized
+    step = _samples_per_chunk(t * max(x.shape[1], out.shape[1]))
+    out3 = out.view(b, t, -1)
+    for j in range(0, b, step):
+        k = slice(j, j + step)
+        h = torch.bmm(x3[k].float(), downs_t[k]).mul_(coef[k])
+        out3[k] = torch.baddbmm(out3[k].float(), h, ups_t[k])
     return True
+
+
+_CHUNK_BYTES = 4 << 20  # fp32 temporaries per chunk of samples in the 16-bit batched paths
+
+
+def _samples_per_chunk(floats_per_sample: int) -> int:
+    return max(1, _CHUNK_BYTES // max(1, 4 * floats_per_sample))
 
 
 def channels_first_lora(x: torch.Tensor, out: torch.Tensor, groups: AdapterGroups, rows: RowMap,
@@ -440,12 +453,17 @@ def channels_first_lora(x: torch.Tensor, out: torch.Tensor, groups: AdapterGroup
         gs = rows.pass_groups[p]
         if gs and all(g >= 0 and groups.ranks[g] for g in gs):
             downs_t, ups_t, coef = groups.per_sample_factors(rows, p)
-            h = shrink(x.float(), downs_t.transpose(1, 2).reshape(-1, groups.in_features))  # (B, R, P')
-            h.mul_(coef if lam == 1.0 else coef * lam)
-            if out.dtype == torch.float32:
-                out3.baddbmm_(ups_t.transpose(1, 2), h)
-            else:
-                out3.copy_(torch.baddbmm(out3.float(), ups_t.transpose(1, 2), h))
+            if lam != 1.0:
+                coef = coef * lam
+            filters = downs_t.transpose(1, 2)  # (B, R, K): each sample's down factor
+            step = b if out.dtype == torch.float32 else _samples_per_chunk(out3.shape[2] * groups.out_features)
+            for j in range(0, b, step):  # 16-bit: a few samples at a time, fp32 copies stay cache-sized
+                k = slice(j, j + step)
+                h = shrink(x[k].float(), filters[k].reshape(-1, groups.in_features)).mul_(coef[k])  # (n, R, P')
+                if out.dtype == torch.float32:
+                    out3[k].baddbmm_(ups_t[k].transpose(1, 2), h)
+                else:
+                    out3[k] = torch.baddbmm(out3[k].float(), ups_t[k].transpose(1, 2), h)
             continue
         first, end = rows.passes[p]
         for s in range(first, end):
