@@ -188,7 +188,7 @@ class PerSampleSpec:
         if any(s is not None for s in slots):
             fast = [s if s is not None and _fast(s, module) else None for s in slots]
             groups = None
-            if any(s is not None for s in fast):  # 2-D factors: a 1x1 conv's (R, C, 1, 1) / (N, R, 1, 1) as views
+            if any(s is not None for s in fast):  # 2-D views of the factors: a conv's (R, C, kh, kw) -> (R, C·kh·kw)
                 groups = make_groups([None if s is None else s.down.reshape(s.down.shape[0], -1) for s in fast],
                                      [None if s is None else s.up.reshape(s.up.shape[0], -1) for s in fast],
                                      [0.0 if s is None else float(s.scale) for s in fast])
