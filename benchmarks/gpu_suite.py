@@ -5,8 +5,11 @@
 Steps, each logged to <out>/gpu_suite.log and skipped (with the reason) when its requirements are missing:
 1. environment: GPU name, driver, torch/triton versions, the commit;
 2. build the C++ extension in place if it is not importable (needs pybind11 on that machine);
-3. the CUDA tests (``pytest -m cuda``) and the Triton kernel tests with compiled kernels;
-4. benchmarks: segmented shrink/expand at SD1.5 layer shapes (fp16, bf16, fp32), then, if diffusers is
+3. the CUDA tests (``pytest -m cuda``: every test marked ``cuda``, see tests/conftest.py) and the Triton kernel tests;
+4. whole-model checks (benchmarks/gpu_checks.py): an SDXL-shaped UNet fused and unfused on the GPU in fp16 and bf16
+   (rank 32 on every transformer linear): exact unfuse, fused values against float64, the same bits as the CPU
+   kernel; ``load_file(device="cuda")`` against safetensors' on a 2 GB file;
+5. benchmarks: segmented shrink/expand at SD1.5 layer shapes (fp16, bf16, fp32), then, if diffusers is
    importable, the per-sample UNet step (fp16) and the fuse benchmark on CUDA.
 JSON results land in <out>; copy the figures, device and commit into benchmarks/RESULTS.md.
 """
@@ -51,7 +54,9 @@ def main(argv=None) -> int:
     step("nvidia-smi", ["nvidia-smi"])
     if importlib.util.find_spec("lora_fast._C") is None:
         step("build the extension", [py, "setup.py", "build_ext", "--inplace"])
-    step("CUDA tests", [py, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests"])
+    step("CUDA tests", [py, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "-rs",
+                        "--junitxml", os.path.join(args.out, "cuda_tests.xml"), "tests"], timeout=300)
+    step("whole-model checks", [py, "benchmarks/gpu_checks.py", "--out", args.out], timeout=300)
     step("kernel tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels_shrink_expand.py",
                           "tests/test_kernels_merge.py"])
     for dt in ("fp16", "bf16", "fp32"):

@@ -14,6 +14,17 @@ import torch
 from lora_fast.models import build_components
 
 
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.cuda`` is the one way a test says it needs a GPU: it is skipped without one, and
+    ``pytest -m cuda`` on a GPU machine selects every such test (the GPU suite runs exactly that)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (marked cuda)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def _sd15_template():
     pytest.importorskip("diffusers")

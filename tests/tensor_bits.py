@@ -2,12 +2,14 @@
 
 import torch
 
-EVERY_DTYPE = [
+# dtypes newer than the oldest supported torch are left out where that torch lacks them
+F4 = getattr(torch, "float4_e2m1fn_x2", None)
+EVERY_DTYPE = [d for d in (
     torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.bfloat16,
     torch.float32, torch.float64, torch.complex64, torch.uint16, torch.uint32, torch.uint64,
-    torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz, torch.float8_e8m0fnu,
-    torch.float4_e2m1fn_x2,
-]  # fmt: skip
+    torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz,
+    getattr(torch, "float8_e8m0fnu", None), F4,
+) if d is not None]  # fmt: skip
 
 
 def random_bits(dtype, shape, seed):
