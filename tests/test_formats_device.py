@@ -35,7 +35,7 @@ def test_read_lora_device_cpu_file_and_state_dict(tmp_path):
         assert torch.equal(layer.up, from_sd.layers[k].up) and from_sd.layers[k].alpha == layer.rank
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_read_lora_device_cuda(tmp_path):
     ad = _adapter()
     path = tmp_path / "pytorch_lora_weights.safetensors"

@@ -15,7 +15,7 @@ from safetensors.torch import save as st_save
 from safetensors.torch import save_file as st_save_file
 
 from lora_fast import io
-from tensor_bits import EVERY_DTYPE, as_bytes, random_bits
+from tensor_bits import EVERY_DTYPE, F4, as_bytes, random_bits
 from lora_fast.errors import LoraFormatError
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -29,7 +29,7 @@ def mixed_tensors(seed=0):
     for i, dtype in enumerate(EVERY_DTYPE):
         name = str(dtype).split(".")[-1]
         out[f"{name}.matrix"] = random_bits(dtype, (3, 4), seed + i)
-        out[f"{name}.scalar"] = random_bits(dtype, (), seed + 100 + i) if dtype != torch.float4_e2m1fn_x2 else (
+        out[f"{name}.scalar"] = random_bits(dtype, (), seed + 100 + i) if dtype != F4 else (
             random_bits(dtype, (1,), seed + 100 + i))
         out[f"{name}.empty"] = random_bits(dtype, (0, 5), seed)
     out["unicode.é.😀"] = random_bits(torch.float32, (2,), seed + 999)

@@ -456,7 +456,6 @@ def test_triton_kernels_drive_per_sample_adapters_under_the_interpreter():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @torch.no_grad()
 def test_compiled_triton_kernels_match_the_per_sample_loop_on_gpu(dtype, monkeypatch):
