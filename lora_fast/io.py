@@ -373,14 +373,21 @@ class TensorStream:
                 self.close(_failed=True)
                 raise
             if not more:
-                self.close()
+                self.close(_drained=True)
         if self._ready:
             return self._ready.popleft()
         raise StopIteration
 
-    def close(self, *, _failed: bool = False) -> None:
-        """Stop the reader threads, wait for copies in flight and free the ring. Idempotent."""
+    def close(self, *, _failed: bool = False, _drained: bool = False) -> None:
+        """Stop the reader threads, wait for copies in flight and free the ring. Idempotent.
+
+        Tensors not yet yielded are dropped. Every tensor of a stream is a view into one destination allocation
+        on the device, so a tensor the caller still holds keeps that whole allocation alive (clone it to keep
+        one tensor alone).
+        """
         if self._closed:
+            if not _drained:
+                self._ready.clear()
             return
         self._closed = True
         try:
@@ -397,7 +404,7 @@ class TensorStream:
             self._copier = None
             self._dest = None
             self._reader = None
-            if _failed:
+            if not _drained:  # the end of the data keeps its last tensors for the iterator to hand out
                 self._ready.clear()
 
 

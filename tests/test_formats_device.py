@@ -19,7 +19,10 @@ def _check_same(a, b, device):
     for k in a.layers:
         assert b.layers[k].down.device.type == torch.device(device).type
         assert torch.equal(a.layers[k].down, b.layers[k].down.cpu())
-        assert torch.equal(a.layers[k].delta(), b.layers[k].delta().cpu())
+        if torch.device(device).type == "cpu":
+            assert torch.equal(a.layers[k].delta(), b.layers[k].delta())
+        else:  # another BLAS (cuBLAS) sums the rank-r products in its own order: equal up to fp32 rounding
+            torch.testing.assert_close(b.layers[k].delta().cpu(), a.layers[k].delta(), rtol=1e-6, atol=1e-7)
         assert a.layers[k].alpha == b.layers[k].alpha
 
 

@@ -295,6 +295,26 @@ def test_abandoning_a_stream_stops_the_threads_and_frees_the_ring(tmp_path, how)
     assert torch.equal(as_bytes(tensor), as_bytes(tensors[name]))
 
 
+def test_closing_early_drops_the_unyielded_tensors_and_releases_the_destination(tmp_path):
+    """Every tensor is a view into one destination allocation: after an early close() the stream yields nothing
+    more and keeps no reference to it, so it lives only as long as the caller's own tensors."""
+    import weakref
+
+    tensors = {f"t{i}": random_bits(torch.float16, (256,), i) for i in range(32)}
+    path = tmp_path / "f.safetensors"
+    io.save_file(tensors, path)
+    stream = io.stream_tensors(path, "cpu", ring_bytes=1 << 14, chunk_bytes=1 << 12)
+    name, first = next(stream)
+    assert torch.equal(as_bytes(first), as_bytes(tensors[name]))
+    dest = weakref.ref(first._base)
+    stream.close()
+    assert list(stream) == []
+    assert dest() is not None  # the caller's view still holds it
+    del first
+    gc.collect()
+    assert dest() is None, "the closed stream still holds the destination allocation"
+
+
 def test_stream_never_holds_more_than_its_ring(tmp_path):
     tensors = {f"t{i}": random_bits(torch.int32, (1000,), i) for i in range(50)}
     path = tmp_path / "f.safetensors"
