@@ -560,7 +560,9 @@ def test_default_triton_choice_falls_back_to_torch_once_when_kernels_cannot_comp
 
     monkeypatch.setattr(S, "_triton_shrink", broken)
     monkeypatch.setattr(S, "_triton_expand", broken)
-    monkeypatch.setattr(S, "_triton_failure", None)
+    from lora_fast.kernels import probe as P
+
+    monkeypatch.setattr(P, "_cache", {})  # no verdict yet (restored afterwards)
     real_backend = S._backend
     monkeypatch.setattr(S, "_backend", lambda t, b: "triton" if b is None else real_backend(t, b))
     monkeypatch.delenv("LORA_FAST_SEGMENTED_BACKEND", raising=False)

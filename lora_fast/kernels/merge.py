@@ -18,7 +18,9 @@ float32 and contiguous (other dtypes are converted, which costs a copy).
 
 Backends: CPU tensors go to the C++ kernel (``lora_fast._C.merge_cpu``), CUDA tensors to the Triton kernel. Pass
 ``backend="triton"`` (or set ``LORA_FAST_MERGE_BACKEND=triton``) to run the Triton kernel on CPU tensors under
-``TRITON_INTERPRET=1``; ``backend="torch"`` is a plain-torch implementation for other devices.
+``TRITON_INTERPRET=1``; ``backend="torch"`` is a plain-torch implementation for other devices. The Triton kernel is
+checked against the CPU kernel on its first use per (device, dtype) (probe.py); on a failure the default choice
+warns once and uses the torch backend for that device and dtype (docs/fuse.md).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import os
 from dataclasses import dataclass
 
 import torch
+
+from . import probe as _probe
 
 __all__ = ["MergeJob", "MergeRecord", "fuse", "unfuse"]
 
@@ -201,20 +205,26 @@ def _by_backend(jobs, backend):
     if backend is not None and backend not in _BACKENDS:
         raise ValueError(f"unknown merge backend {backend!r}; expected one of {_BACKENDS}")
     groups: dict[str, list[int]] = {}
+    checked: dict = {}
     for i, job in enumerate(jobs):
         dev = job.weight.device.type
-        if backend is not None:
-            be = backend
-        elif dev == "cpu":
-            be = "cpu"
-        elif dev == "cuda":
-            be = "triton"
-        else:
-            be = "torch"
+        be = backend if backend is not None else _DEFAULT.get(dev, "torch")
         if be == "cpu" and dev != "cpu":
             raise ValueError(f"merge backend 'cpu' cannot run on {dev} tensors")
+        if be == "triton":
+            # first use on this (device, dtype): the kernel is checked against the CPU kernel (probe.py); a failure
+            # means the torch backend for it from then on, or an error for a backend asked for by name
+            key = (job.weight.device, job.weight.dtype)
+            ok = checked.get(key)
+            if ok is None:
+                ok = checked[key] = _probe.usable("merge", key[0], key[1], strict=backend is not None)
+            if not ok:
+                be = "torch"
         groups.setdefault(be, []).append(i)
     return groups
+
+
+_DEFAULT = {"cpu": "cpu", "cuda": "triton"}  # backend by device type when none is named (others: "torch")
 
 
 def _scatter(weight: torch.Tensor, rec: MergeRecord | None) -> None:
@@ -429,6 +439,8 @@ def _triton_kernel():
 
 
 def _triton_run(jobs, *, negate, record, check_finite, capacity=None):
+    if _probe._faults and _probe._fault("merge") == "wrong":  # test hook (probe._set_fault)
+        jobs = [MergeJob(j.weight, j.up + 0.25, j.down) for j in jobs]
     kernel = _triton_kernel()
     record = record and not negate
     frac = 1.0 / 32 if capacity is None else float(capacity)

@@ -20,8 +20,10 @@ launch per layer whatever the number of adapters.
 Backends: ``"triton"`` (the default for CUDA tensors; runs on CPU tensors under ``TRITON_INTERPRET=1``) and
 ``"torch"`` (the default elsewhere): the same semantics as a loop over the runs of consecutive rows of each
 segment (views, no gathers), fp32 products, and one rounding per pass. ``LORA_FAST_SEGMENTED_BACKEND`` overrides
-the default. If the default Triton kernels fail to compile or launch (they raise before running), one warning is
-given and the torch backend takes over for the rest of the process (``LORA_FAST_TRITON_FALLBACK=0``: raise).
+the default. The first use of the Triton kernels on a (device, dtype) checks them against the torch backend on a
+small case (probe.py). If they fail that check, or fail to compile or launch (they raise before running), the
+default choice warns once and the torch backend takes over for that device and dtype for the rest of the process
+(``LORA_FAST_TRITON_FALLBACK=0``: raise).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
+
+from . import probe as _probe
 
 __all__ = ["RowMap", "AdapterGroups", "build_row_map", "lora_shrink", "lora_expand", "segmented_lora",
            "channels_first_lora"]
@@ -256,32 +260,26 @@ def make_groups(downs: Sequence[Optional[torch.Tensor]], ups: Sequence[Optional[
     return AdapterGroups(dl, ul, scale, ranks, table, int(k), int(n), dtype)
 
 
-_triton_failure: Optional[str] = None  # why the Triton kernels could not be compiled/launched here, once seen
-
-
 def _explicit(backend: Optional[str]) -> bool:
     return backend is not None or bool(os.environ.get("LORA_FAST_SEGMENTED_BACKEND"))
 
 
 def _launch(explicit: bool, fn, *args) -> bool:
-    """Run a Triton launcher; False (after one warning) if the kernels cannot be compiled or launched here.
+    """Run a Triton launcher (its first argument is x or out); False if the torch backend must do the work instead.
 
-    A compile or launch error is raised before the kernel runs, so nothing was written and the torch backend can
-    take over with the same semantics. Only for the default choice: a backend asked for by name (argument or
-    LORA_FAST_SEGMENTED_BACKEND) raises, and so does everything with LORA_FAST_TRITON_FALLBACK=0 (GPU tests)."""
-    global _triton_failure
-    if _triton_failure is not None and not explicit:
+    The first use on a (device, dtype) runs the probe (probe.py: the kernels against the torch backend on a small
+    awkward case). A failed probe, or a compile/launch error here (raised before the kernel runs, so nothing was
+    written), gives one warning per (device, dtype) and the torch backend from then on, with the same semantics.
+    Only for the default choice: a backend asked for by name (argument or LORA_FAST_SEGMENTED_BACKEND) raises, and
+    so does everything with LORA_FAST_TRITON_FALLBACK=0 (GPU tests)."""
+    t = args[0]
+    if not _probe.usable("segmented", t.device, t.dtype, strict=explicit):
         return False
     try:
         fn(*args)
         return True
     except Exception as e:  # noqa: BLE001 - any compile/launch failure
-        if explicit or os.environ.get("LORA_FAST_TRITON_FALLBACK", "1") == "0":
-            raise
-        _triton_failure = f"{type(e).__name__}: {e}"
-        warnings.warn(f"lora_fast: the segmented Triton kernels failed ({_triton_failure[:300]}); "
-                      "using the torch backend from now on", RuntimeWarning, stacklevel=3)
-        return False
+        return _probe.launch_failed("segmented", t.device, t.dtype, e, strict=explicit)
 
 
 def _backend(t: torch.Tensor, backend: Optional[str]) -> str:
@@ -602,6 +600,8 @@ def _kernels():
 
 
 def _triton_shrink(x: torch.Tensor, h: torch.Tensor, groups: AdapterGroups, rows: RowMap) -> None:
+    if _probe._faults:
+        _probe._fault("segmented")  # test hook (probe._set_fault): raises for a forced launch failure
     shrink, _ = _kernels()
     n_seg = len(rows.seg_group_host)
     grid = (triton_cdiv(rows.max_rows, SHRINK_BLOCK_M), n_seg)
@@ -610,6 +610,8 @@ def _triton_shrink(x: torch.Tensor, h: torch.Tensor, groups: AdapterGroups, rows
 
 
 def _triton_expand(out: torch.Tensor, h: torch.Tensor, groups: AdapterGroups, rows: RowMap, p: int, lam: float) -> None:
+    if _probe._faults and _probe._fault("segmented") == "wrong":  # test hook (probe._set_fault)
+        lam = lam * 1.5 + 0.25
     _, expand = _kernels()
     first, end = rows.passes[p]
     grid = (triton_cdiv(rows.pass_max_rows[p], EXPAND_BLOCK_M), triton_cdiv(out.shape[1], EXPAND_BLOCK_N), end - first)
