@@ -14,6 +14,7 @@ an ``nn.Module``, or a dict ``{component_name: nn.Module}``):
 """
 
 import contextlib
+import numbers
 import os
 
 from .errors import LoraError, LoraFormatError, LoraFusionError
@@ -28,7 +29,7 @@ __version__ = "0.1.0"
 
 
 def load_lora_weights(target, source, adapter_name=None, *, components=None, fuse=False, hotswap=False,
-                      max_rank=None, safe_fusing=False, weight_name=None):
+                      max_rank=None, safe_fusing=False, weight_name=None, lora_scale=1.0):
     """Read a LoRA (any supported format, a path, a directory, a state dict or a LoraAdapter) and make it live.
 
     Every LoRA module is first checked to exist in the target with a matching shape; otherwise
@@ -36,8 +37,15 @@ def load_lora_weights(target, source, adapter_name=None, *, components=None, fus
     ``text_encoder``, ``text_encoder_2``) map to the pipeline's components; a plain module takes
     un-prefixed keys, or the part of the file named by ``components=`` (e.g. ``["unet"]``).
     As in diffusers, the new adapter becomes the only active one. ``adapter_name`` defaults to
-    ``default_0``, ``default_1``, ... ``fuse=True`` also fuses it (as ``fuse_lora(target,
-    adapter_names=[name])``, with ``safe_fusing``). Returns the adapter name.
+    ``default_0``, ``default_1``, ... ``fuse=True`` also fuses it (as ``fuse_lora(target, lora_scale=lora_scale,
+    adapter_names=[name])``, with ``safe_fusing``), bit for bit, on every path. Returns the adapter name.
+
+    ``lora_scale`` (only with ``fuse=True``) is the strength the adapter is baked in with: a number, or a dict
+    ``{component: number}`` (``{"unet": 0.8, "text_encoder": 0.5}``; a component left out gets 1.0). As with
+    :func:`fuse_lora` it is not sticky: after :func:`unfuse_lora` the adapter runs live at weight 1.0. Without
+    ``fuse=True`` any value other than 1.0 raises LoraFusionError before anything is read (diffusers has no load-time
+    scale; for a live adapter use ``set_adapters(target, name, weight)`` or the per-call
+    ``cross_attention_kwargs={"scale": ...}``).
 
     Fuse-on-load: with ``fuse=True``, a single safetensors file and weights on a CUDA device (or on the CPU with
     ``LORA_FAST_STREAM_FUSE=1``), the file is streamed to the device and each batch of layers is fused as its
@@ -57,11 +65,18 @@ def load_lora_weights(target, source, adapter_name=None, *, components=None, fus
 
     ``weight_name`` (as in diffusers) picks a file inside a directory ``source``.
     """
+    if not fuse and not (isinstance(lora_scale, numbers.Real) and not isinstance(lora_scale, bool)
+                         and lora_scale == 1.0):
+        raise LoraFusionError(
+            f"load_lora_weights: lora_scale={lora_scale!r} is the strength of a fused load and needs fuse=True; "
+            "nothing was loaded. For a live adapter use lora_fast.set_adapters(target, name, weight) or pass "
+            "cross_attention_kwargs={'scale': ...} per call"
+        )
     if weight_name is not None and not isinstance(source, (LoraAdapter, dict)):
         source = os.path.join(os.fspath(source), weight_name)
     if fuse and not hotswap and _fuse_on_load.wants_stream(source) and _fuse_on_load.stream_selected(target):
         return _fuse_on_load.load_and_fuse(target, source, adapter_name, components=components, max_rank=max_rank,
-                                           safe_fusing=safe_fusing)
+                                           safe_fusing=safe_fusing, lora_scale=lora_scale)
     adapter = source if isinstance(source, LoraAdapter) else read_lora(source)
     if hotswap:
         if adapter_name is None:
@@ -69,10 +84,12 @@ def load_lora_weights(target, source, adapter_name=None, *, components=None, fus
         if fuse:
             raise LoraFormatError("hotswap=True and fuse=True cannot be combined")
         return _engine.hotswap(target, adapter, adapter_name, components=components)
+    if fuse:  # a bad lora_scale raises before the adapter is registered
+        _engine.component_scales(lora_scale, _engine.resolve_components(target))
     name = _engine.bind(target, adapter, adapter_name, components=components, max_rank=max_rank)
     if fuse:
         try:
-            _engine.fuse(target, adapter_names=[name], safe_fusing=safe_fusing)
+            _engine.fuse(target, lora_scale=lora_scale, adapter_names=[name], safe_fusing=safe_fusing)
         except BaseException:
             _engine.delete(target, [name])
             raise
@@ -81,6 +98,8 @@ def load_lora_weights(target, source, adapter_name=None, *, components=None, fus
 
 def fuse_lora(target, lora_scale=1.0, safe_fusing=False, adapter_names=None, components=None, adapter_weights=None):
     """Fuse adapters into the base weights: W <- round(W + lora_scale · Σ_i w_i · s_i · B_i A_i).
+
+    ``lora_scale`` is a number, or a dict ``{component: number}`` (a component left out gets 1.0).
 
     fp32 accumulation, one rounding to W's dtype, each weight read and written once. ``adapter_names``
     None means the active adapters; ``adapter_weights`` is a list parallel to ``adapter_names`` (None:

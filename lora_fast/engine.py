@@ -110,8 +110,15 @@ def component_state(module: nn.Module, create: bool = False) -> Optional[Compone
     return state
 
 
-def _states(target, components: Optional[Iterable[str]] = None) -> list[tuple[Optional[str], nn.Module, ComponentState]]:
+def _states(target, components: Optional[Iterable[str]] = None,
+            check: bool = True) -> list[tuple[Optional[str], nn.Module, ComponentState]]:
+    """(component, root, state) of every component holding lora_fast state (within ``components`` if given).
+
+    ``check`` (every call that acts on the target; only the read-only queries pass False) first refuses a target
+    on which diffusers/PEFT LoRA layers were loaded after lora_fast's (:func:`check_one_library`)."""
     comps = resolve_components(target)
+    if check:
+        check_one_library(comps)
     wanted = None if components is None else set(components)
     out = []
     for name, module in comps.items():
@@ -206,7 +213,7 @@ def _assign(adapter: LoraAdapter, comps: dict, components: Optional[Sequence[str
 
 def _adapter_names(target) -> set[str]:
     names = set()
-    for _, _, state in _states(target):
+    for _, _, state in _states(target, check=False):
         names.update(state.adapters)
     return names
 
@@ -230,14 +237,50 @@ def _refuse_peft(where: str, what: str) -> None:
     )
 
 
+def _peft_marker(root: nn.Module) -> Optional[str]:
+    """Why ``root`` holds diffusers/PEFT LoRA layers, or None. Cheap: diffusers, transformers and PEFT's
+    ``inject_adapter_in_model`` all set ``peft_config`` on the model they inject into (and diffusers'
+    ``unload_lora_weights`` / ``delete_adapters`` of the last adapter remove it again)."""
+    if getattr(root, "_hf_peft_config_loaded", False) or getattr(root, "peft_config", None):
+        return "peft_config is set"
+    peft_layer = _peft_layer_type()
+    if peft_layer is not None and isinstance(root, peft_layer):
+        return type(root).__name__
+    return None
+
+
 def check_no_peft_root(comp: Optional[str], root: nn.Module) -> None:
     """Cheap per-component check: diffusers and transformers mark a model that holds PEFT adapters. Layers injected
     by other means are caught per targeted module in bind (every module a LoRA touches is checked)."""
-    if getattr(root, "_hf_peft_config_loaded", False) or getattr(root, "peft_config", None):
-        _refuse_peft(comp or type(root).__name__, "peft_config is set")
-    peft_layer = _peft_layer_type()
-    if peft_layer is not None and isinstance(root, peft_layer):
-        _refuse_peft(comp or type(root).__name__, type(root).__name__)
+    why = _peft_marker(root)
+    if why is not None:
+        _refuse_peft(comp or type(root).__name__, why)
+
+
+def check_one_library(comps: dict) -> None:
+    """Refuse a target that holds lora_fast adapters and, since they were loaded, got diffusers/PEFT LoRA layers too
+    (diffusers' ``pipe.load_lora_weights`` does not look for lora_fast's hooks). Both would apply to the same
+    layers, and fusing, unfusing or unloading either library's adapters would leave the other's in an unknown state,
+    so nothing is changed until the diffusers/PEFT adapters are removed. Costs one attribute look-up per component."""
+    ours = {}
+    for comp, root in comps.items():
+        state = component_state(root)
+        if state is not None:
+            ours[comp] = state
+    if not ours:
+        return
+    theirs = [(comp, why) for comp, root in comps.items() if (why := _peft_marker(root)) is not None]
+    if not theirs:
+        return
+    names = sorted({n for s in ours.values() for n in s.adapters} | {n for s in ours.values() for n in s.fused_names()})
+    where = ", ".join(f"{c or type(comps[c]).__name__} ({why})" for c, why in theirs)
+    raise LoraFormatError(
+        f"diffusers/PEFT LoRA layers were loaded into {where} after lora_fast loaded adapters {names} (e.g. by "
+        "diffusers' pipe.load_lora_weights); both would apply to the same layers, so lora_fast changed nothing. Use "
+        "one library per pipeline: remove the diffusers/PEFT adapters (diffusers: pipe.unload_lora_weights() or "
+        "pipe.delete_adapters([...]); PEFT: model.unload()) and lora_fast's adapters work again as before. To move "
+        "to diffusers instead, remove them, call lora_fast.unload_lora_weights(pipe), then load with diffusers"
+    )
 
 
 def bind(target, adapter: LoraAdapter, adapter_name: Optional[str], components=None, max_rank: Optional[int] = None) -> str:
@@ -253,8 +296,9 @@ def plan_bind(target, adapter: LoraAdapter, adapter_name: Optional[str], compone
 
     ``move=False`` keeps each layer's tensors where they are (fuse-on-load streams them to the device itself)."""
     comps = resolve_components(target)
+    check_one_library(comps)
     plan = _assign(adapter, comps, components)
-    for comp in plan:
+    for comp in comps:  # one library per pipeline: any component holding PEFT layers refuses the load
         check_no_peft_root(comp, comps[comp])
     peft_layer = _peft_layer_type()
     existing = _adapter_names(target)
@@ -379,10 +423,36 @@ def refuse_during_per_sample(states, what: str) -> None:
         raise LoraFusionError(f"{what}: per_sample_adapters is active on {busy}; fuse after leaving it")
 
 
+def _real(value, what: str) -> float:
+    """float(value) for a number (numpy and 1-element tensors included); LoraFusionError for anything else."""
+    if not isinstance(value, (bool, str, bytes)):
+        try:
+            return float(value)
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    raise LoraFusionError(f"{what} must be a number, got {value!r}")
+
+
+def component_scales(lora_scale, comps) -> dict:
+    """{component: float} from ``lora_scale``: one number for every component, or a dict ``{component: number}``
+    (a component left out gets 1.0, as with set_adapters' per-component weights). Raises LoraFusionError on anything
+    else, or on a dict naming a component the target does not have."""
+    if isinstance(lora_scale, dict):
+        unknown = sorted(str(k) for k in lora_scale if k not in comps)
+        if unknown:
+            raise LoraFusionError(f"lora_scale names components {unknown} that the target does not have "
+                                  f"(it has {sorted(str(c) for c in comps)})")
+        values = {k: _real(v, f"lora_scale[{k!r}]") for k, v in lora_scale.items()}
+        return {c: values.get(c, 1.0) for c in comps}
+    value = _real(lora_scale, "lora_scale")
+    return {c: value for c in comps}
+
+
 def fuse(target, lora_scale: float = 1.0, safe_fusing: bool = False, adapter_names=None, components=None,
          adapter_weights=None) -> None:
     states = _states(target, components)
     refuse_during_per_sample(states, "fuse_lora")
+    scales = component_scales(lora_scale, resolve_components(target))
     if adapter_names is not None and isinstance(adapter_names, str):
         adapter_names = [adapter_names]
     if adapter_weights is not None:
@@ -420,7 +490,7 @@ def fuse(target, lora_scale: float = 1.0, safe_fusing: bool = False, adapter_nam
         for n in todo:
             for path, b in state.adapters[n].items():
                 entry = per_module.setdefault(id(b.module), (_label(comp, path), b.module, []))
-                entry[2].append((b.layer, float(lora_scale) * weights[n]))
+                entry[2].append((b.layer, scales[comp] * weights[n]))
         plans.append((comp, root, state, _FusedStep(names=todo), list(per_module.values())))
     if not plans:
         return
@@ -533,7 +603,7 @@ def unfuse(target, components=None) -> None:
 
 def fused_record_bytes(target) -> int:
     """Bytes held to make unfuse exact (sparse records plus DoRA/bias backups)."""
-    return sum(step.nbytes() for _, _, s in _states(target) for step in s.fused)
+    return sum(step.nbytes() for _, _, s in _states(target, check=False) for step in s.fused)
 
 
 def unload(target, components=None) -> None:
@@ -624,13 +694,13 @@ def set_adapters(target, adapter_names, adapter_weights=None) -> None:
 
 def get_active_adapters(target) -> list[str]:
     out = []
-    for _, _, state in _states(target):
+    for _, _, state in _states(target, check=False):
         out.extend(n for n in state.active if n not in out)
     return out
 
 
 def get_list_adapters(target) -> dict:
-    return {comp: list(state.adapters) for comp, _, state in _states(target) if state.adapters}
+    return {comp: list(state.adapters) for comp, _, state in _states(target, check=False) if state.adapters}
 
 
 def set_enabled(target, enabled: bool) -> None:
@@ -667,7 +737,9 @@ def prepare_hotswap(target, max_rank: int) -> None:
     """Pad every loaded adapter (and every later load) to ``max_rank``, so hotswaps keep tensor shapes."""
     if not isinstance(max_rank, int) or max_rank < 1:
         raise LoraFormatError(f"max_rank must be a positive integer, got {max_rank!r}")
-    comps = {c: m for c, m in resolve_components(target).items() if c is None or c in COMPONENTS}
+    all_comps = resolve_components(target)
+    check_one_library(all_comps)
+    comps = {c: m for c, m in all_comps.items() if c is None or c in COMPONENTS}
     for comp, root in comps.items():
         state = component_state(root)
         if state is None:
@@ -696,6 +768,7 @@ def prepare_hotswap(target, max_rank: int) -> None:
 def hotswap(target, adapter: LoraAdapter, adapter_name: str, components=None) -> str:
     """Replace an adapter's weights in place: same tensors, same shapes, so compiled code keeps running."""
     comps = resolve_components(target)
+    check_one_library(comps)
     plan = _assign(adapter, comps, components)
     holders = {c: component_state(m) for c, m in comps.items()}
     holders = {c: s for c, s in holders.items() if s is not None and adapter_name in s.adapters}

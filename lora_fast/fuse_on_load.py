@@ -124,21 +124,24 @@ def _device_layer(layer: LoraLayer, where: dict, arrived: dict, device: torch.de
 
 
 def load_and_fuse(target, path, adapter_name=None, *, components=None, max_rank=None, safe_fusing=False,
-                  ring_bytes=None, chunk_bytes=None, threads=None, batch_bytes: int = BATCH_WEIGHT_BYTES) -> str:
+                  ring_bytes=None, chunk_bytes=None, threads=None, batch_bytes: int = BATCH_WEIGHT_BYTES,
+                  lora_scale=1.0) -> str:
     """Read the LoRA file at ``path``, register it as ``adapter_name`` and fuse it, streaming its factors to the
     weights' device and fusing layer batches as they arrive. Same result, bit for bit, as
-    ``load_lora_weights(target, path, adapter_name)`` followed by ``fuse_lora(target, adapter_names=[name])``.
+    ``load_lora_weights(target, path, adapter_name)`` followed by ``fuse_lora(target, lora_scale=lora_scale,
+    adapter_names=[name])`` (``lora_scale``: a number, or ``{component: number}`` with 1.0 for the others).
     On any error every weight is left bit-identical and no adapter is registered."""
     path = os.fsdecode(os.fspath(path))
     engine.refuse_during_per_sample(engine._states(target, components), "load_lora_weights(fuse=True)")
     adapter, header, base, _views = _read_with_views(path)
     name, comps, bound = engine.plan_bind(target, adapter, adapter_name, components, max_rank, move=False)
+    scales = engine.component_scales(lora_scale, comps)  # each layer's factor, as fuse_lora forms it (x 1.0 weight)
     if any(b.layer.magnitude is not None or b.layer.bias is not None for layers in bound.values() for b in layers.values()):
         # DoRA or LoRA biases: not streamed (they need the whole weight or a backup); the plain path is exact.
         engine.register_bound(target, comps, {c: {p: engine.BoundLayer(p, b.module, b.layer.to(device=b.module.weight.device))
                                                   for p, b in ls.items()} for c, ls in bound.items()}, name, max_rank)
         try:
-            engine.fuse(target, safe_fusing=safe_fusing, adapter_names=[name])
+            engine.fuse(target, lora_scale=lora_scale, safe_fusing=safe_fusing, adapter_names=[name])
         except BaseException:
             engine.delete(target, [name])
             raise
@@ -175,7 +178,7 @@ def load_and_fuse(target, path, adapter_name=None, *, components=None, max_rank=
             module = item.bound.module
             dev = device_layers[(item.comp, item.path)]
             step = steps[item.comp]
-            jobs.append(engine._merge_job(module, [(dev, 1.0)], step))
+            jobs.append(engine._merge_job(module, [(dev, scales[item.comp] * 1.0)], step))
             owners.append(step)
             labels.append(engine._label(item.comp, item.path))
         records, nonfinite = merge_kernels.fuse(jobs, record=True, check_finite=safe_fusing)

@@ -14,7 +14,11 @@ hotswap) changes data, not code: a ``torch.compile``d model does not recompile.
 Which adapters are live is decided lazily: the component state carries a version number that
 ``set_adapters``/``enable``/``fuse``/... bump, and a hook rebuilds its plan (the tuple of slots to
 run) at its next forward when the number changed. So switching adapters costs O(adapters), never
-O(modules).
+O(modules). Under torch.compile the traced hook builds its plan from the state without writing that cache, so
+the graph guards only on values that stay put: after the first compiled call, further calls and hotswaps compile
+nothing new (a set_adapters that changes which adapters run does recompile, once per selection). Slots follow a
+model moved to another device/dtype after the load at its next forward; under torch.compile that move happens
+during the first trace and costs one more compile, so move the model before loading adapters.
 
 DoRA: magnitude axis "out" (PEFT) uses PEFT's forward formula
 ``y = m/‖W + cΔ‖_row · (W x + c·B A x) + b``; the row norms come from three cached vectors
@@ -417,14 +421,13 @@ class ModuleHook:
             self.handle.remove()
             self.handle = None
 
-    def refresh(self, module: nn.Module) -> None:
-        """Rebuild the plan from the component state (called lazily after any state change).
+    def build_plan(self, module: nn.Module) -> tuple:
+        """The slots to run, from the component state, without touching this hook's cache.
 
         Plain Python on purpose: under torch.compile dynamo traces it (a disabled function would break the
-        graph into one frame per hook); afterwards the plan is fixed and guarded by the version numbers."""
+        graph into one frame per hook) and guards on what it reads (enabled, the active names, the fused names,
+        the slots' devices), all of which stay put across calls and hotswaps."""
         state = self.state
-        w = module.weight
-        device, dtype = w.device, w.dtype
         plan = []
         if state.enabled:
             not_live = state.fused_names()
@@ -434,9 +437,14 @@ class ModuleHook:
                     continue
                 if self.ready(slot, module):
                     plan.append(slot)
-        self.plan = tuple(plan)
-        self.device, self.dtype = device, dtype
-        self.version = state.version
+        return tuple(plan)
+
+    def refresh(self, module: nn.Module) -> None:
+        """Rebuild the cached plan (eager calls, lazily after any state change)."""
+        w = module.weight
+        self.plan = self.build_plan(module)
+        self.device, self.dtype = w.device, w.dtype
+        self.version = self.state.version
 
     def ready(self, slot, module: nn.Module) -> bool:
         """Bring a slot to the module's device/dtype and its DoRA caches up to date; False if it is parked."""
@@ -457,10 +465,16 @@ class ModuleHook:
         state = self.state
         if state.per_sample_on:  # inside lora_fast.per_sample_adapters: one adapter mix per sample
             return _per_sample_forward(self, module, args, kwargs, output)
-        w = module.weight
-        if self.version != state.version or w.device != self.device or w.dtype != self.dtype:
-            self.refresh(module)
-        plan = self.plan
+        if torch.compiler.is_compiling():
+            # Traced: build the plan from the state and leave the eager cache alone. Writing the cache here (its
+            # version goes from -1, or a stale number, to the current one) would make the graph's own guard on that
+            # number fail at the next call: every compiled model would compile twice.
+            plan = self.build_plan(module)
+        else:
+            w = module.weight
+            if self.version != state.version or w.device != self.device or w.dtype != self.dtype:
+                self.refresh(module)
+            plan = self.plan
         if not plan:
             return None
         lam = state.call_scale

@@ -16,10 +16,27 @@ from .adapter import COMPONENTS
 from .errors import LoraFormatError
 
 
+def unwrap_module(module: nn.Module) -> nn.Module:
+    """The module a wrapper runs: ``torch.compile``'s OptimizedModule (and wrappers built like it) keeps it in
+    ``_orig_mod``, DataParallel / DistributedDataParallel in ``module``. Adapters live on that module (the
+    wrapper shares its parameters and calls its hooks), so every target is resolved through the wrappers."""
+    for _ in range(16):  # wrappers of wrappers (a compiled DDP model): a few levels at most
+        inner = getattr(module, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            inner = module.module if isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else None
+        if not isinstance(inner, nn.Module) or inner is module:
+            return module
+        module = inner
+    return module
+
+
 def resolve_components(target) -> dict[Optional[str], nn.Module]:
-    """{component: module} for a diffusers pipeline, a dict of modules, or a plain module (key None)."""
+    """{component: module} for a diffusers pipeline, a dict of modules, or a plain module (key None).
+
+    Compiled and similarly wrapped modules (``pipe.unet = torch.compile(pipe.unet)``) resolve to the module they
+    wrap (:func:`unwrap_module`)."""
     if isinstance(target, nn.Module):
-        return {None: target}
+        return {None: unwrap_module(target)}
     if isinstance(target, dict):
         items = target.items()
     else:
@@ -28,7 +45,7 @@ def resolve_components(target) -> dict[Optional[str], nn.Module]:
             items = comps.items()
         else:  # a pipeline-like object without .components: look for the usual attribute names
             items = ((name, getattr(target, name, None)) for name in COMPONENTS)
-    out = {name: mod for name, mod in items if isinstance(mod, nn.Module)}
+    out = {name: unwrap_module(mod) for name, mod in items if isinstance(mod, nn.Module)}
     if not out:
         raise LoraFormatError(f"target {type(target).__name__} holds no torch modules to apply a LoRA to")
     return out

@@ -155,6 +155,95 @@ def test_default_batches_and_ring(tmp_path):
     _assert_bits_equal(_weights(pipe), _weights(ref))
 
 
+# ----------------------------------------------------------------------------------------- lora_scale
+
+
+def _fused_with(dtype, path, how, scale, monkeypatch):
+    """A fresh pipeline with ``path`` loaded as "a" and fused at ``scale``, by one of the routes."""
+    pipe = _pipeline(dtype)
+    monkeypatch.delenv("LORA_FAST_STREAM_FUSE", raising=False)
+    if how == "load_then_fuse":
+        lora_fast.load_lora_weights(pipe, path, "a")
+        lora_fast.fuse_lora(pipe, lora_scale=scale, adapter_names=["a"])
+    elif how == "streamed":  # tiny ring and batches: many fuse calls
+        _streamed(pipe, path, batch_bytes=1 << 14, lora_scale=scale)
+    elif how == "public_streamed":
+        monkeypatch.setenv("LORA_FAST_STREAM_FUSE", "1")
+        lora_fast.load_lora_weights(pipe, path, "a", fuse=True, lora_scale=scale)
+    else:  # the plain path: read, bind, fuse
+        assert not fuse_on_load.stream_selected(pipe)
+        lora_fast.load_lora_weights(pipe, path, "a", fuse=True, lora_scale=scale)
+    monkeypatch.delenv("LORA_FAST_STREAM_FUSE", raising=False)
+    return pipe
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale", [0.8, -1.7, {"unet": 0.8, "text_encoder": -0.5}, {"text_encoder": 0.3}])
+def test_fuse_on_load_lora_scale_equals_load_then_fuse_lora_with_it(tmp_path, monkeypatch, dtype, scale):
+    base = _base(dtype)
+    path = _save(_adapter(base, dtype, seed=8), tmp_path, "diffusers")
+    original = _weights(base)
+    expected = _weights(_fused_with(dtype, path, "load_then_fuse", scale, monkeypatch))
+    at_one = _weights(_fused_with(dtype, path, "load_then_fuse", 1.0, monkeypatch))
+    for comp in ("unet", "text_encoder"):  # the scale really reaches every component it names
+        want = scale.get(comp, 1.0) if isinstance(scale, dict) else scale
+        differs = any(not torch.equal(expected[k], at_one[k]) for k in expected if k.startswith(comp + "."))
+        assert differs == (want != 1.0), comp
+    for how in ("streamed", "public_streamed", "plain"):
+        pipe = _fused_with(dtype, path, how, scale, monkeypatch)
+        _assert_bits_equal(_weights(pipe), expected)
+        lora_fast.unfuse_lora(pipe)
+        _assert_bits_equal(_weights(pipe), original)
+        assert component_state(pipe.unet).weights["a"] == 1.0  # not sticky: the live adapter runs at 1.0
+    if isinstance(scale, dict):  # per-component scales are set_adapters' per-component weights, fused
+        ref = _pipeline(dtype)
+        lora_fast.load_lora_weights(ref, path, "a")
+        lora_fast.set_adapters(ref, "a", scale)
+        lora_fast.fuse_lora(ref)
+        _assert_bits_equal(_weights(ref), expected)
+
+
+def test_fuse_on_load_lora_scale_with_lora_biases_takes_the_plain_route(tmp_path, monkeypatch):
+    """Layers with a LoRA bias make the streaming entry fall back to load + fuse: the scale must go along."""
+    base = _base(torch.float32)
+    full = _adapter(base, torch.float32, seed=9)
+    # a file with one lora_B bias gives every layer one (zeros elsewhere): keep the layers whose modules have a bias
+    adapter = LoraAdapter({k: l for k, l in full.layers.items()
+                           if getattr(base, k.split(".")[0]).get_submodule(k.split(".", 1)[1]).bias is not None},
+                          format="diffusers")
+    key = next(k for k, l in adapter.layers.items() if l.kind == "linear" and k.startswith("unet."))
+    layer = adapter.layers[key]
+    layer.bias = torch.randn(layer.up.shape[0], generator=torch.Generator().manual_seed(0))
+    path = _save(adapter, tmp_path, "diffusers")
+    expected = _weights(_fused_with(torch.float32, path, "load_then_fuse", 0.6, monkeypatch))
+    pipe = _fused_with(torch.float32, path, "streamed", 0.6, monkeypatch)
+    _assert_bits_equal(_weights(pipe), expected)
+    lora_fast.unfuse_lora(pipe)
+    _assert_bits_equal(_weights(pipe), _weights(base))
+
+
+@pytest.mark.parametrize("stream", ["0", "1"])
+def test_lora_scale_needs_fuse_and_a_bad_scale_changes_nothing(tmp_path, monkeypatch, stream):
+    base = _base(torch.float32)
+    path = _save(_adapter(base, torch.float32, seed=10), tmp_path, "diffusers")
+    monkeypatch.setenv("LORA_FAST_STREAM_FUSE", stream)
+    pipe = _pipeline()
+    before = _weights(pipe)
+    for kw in ({"lora_scale": 0.8}, {"lora_scale": {"unet": 0.8}}, {"lora_scale": 0.5, "hotswap": True}):
+        with pytest.raises(LoraFusionError, match="needs fuse=True"):
+            lora_fast.load_lora_weights(pipe, path, "a", **kw)
+    for bad, match in (("0.8", "must be a number"), ({"unet": None}, "must be a number"),
+                       ({"unet": 0.5, "unnet": 1.0}, "unnet")):
+        with pytest.raises(LoraFusionError, match=match):
+            lora_fast.load_lora_weights(pipe, path, "a", fuse=True, lora_scale=bad)
+    _assert_bits_equal(_weights(pipe), before)
+    assert lora_fast.get_list_adapters(pipe) == {}
+    assert _stream_idle(), _C.stream_counters()
+    assert lora_fast.load_lora_weights(pipe, path, "a", lora_scale=1.0) == "a"  # the default is fine unfused
+    assert lora_fast.get_list_adapters(pipe) == {"unet": ["a"], "text_encoder": ["a"]}
+    _assert_bits_equal(_weights(pipe), before)
+
+
 # ----------------------------------------------------------------------------------------- failures
 
 

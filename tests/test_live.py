@@ -355,3 +355,48 @@ def test_loading_allocates_nothing_for_matching_dtypes():
     slot_q = state.slot_hooks["default_0"]["q"].slots["default_0"]
     assert slot_q.down.data_ptr() == a.layers["q"].down.data_ptr()
     assert slot_q.up.data_ptr() == a.layers["q"].up.data_ptr()
+
+
+@pytest.mark.parametrize("wrap", ["compile", "data_parallel", "compile_of_data_parallel"])
+def test_wrapped_modules_are_seen_through_by_every_call(wrap):
+    """torch.compile's OptimizedModule (``_orig_mod``) and DataParallel (``module``) resolve to the module they wrap:
+    as a target, inside a {component: module} dict, for every call. The wrapper itself is never called here."""
+    model = toy()
+    args = inputs()
+    base = model(*args)
+    make = {"compile": torch.compile, "data_parallel": nn.DataParallel,
+            "compile_of_data_parallel": lambda m: torch.compile(nn.DataParallel(m))}[wrap]
+    wrapped = make(model)
+    assert wrapped is not model
+    a, b, c = random_adapter(1, rank=2), random_adapter(2, rank=3, modules=("q", "pw")), random_adapter(3, rank=4)
+    lora_fast.load_lora_weights(wrapped, a, adapter_name="a", max_rank=4)
+    lora_fast.load_lora_weights({"unet": wrapped}, b, adapter_name="b", components=["unet"])
+    assert component_state(model) is not None and component_state(wrapped) is None
+    assert lora_fast.get_list_adapters(wrapped) == {None: ["a", "b"]}
+    assert lora_fast.get_list_adapters({"unet": wrapped}) == {"unet": ["a", "b"]}
+    lora_fast.set_adapters(wrapped, ["a", "b"], [0.5, 2.0])
+    assert lora_fast.get_active_adapters(wrapped) == ["a", "b"]
+    assert_close(model(*args), reference(toy(), [(a, 0.5), (b, 2.0)], *args))
+    lora_fast.disable_lora(wrapped)
+    assert all(torch.equal(o, r) for o, r in zip(model(*args), base))
+    lora_fast.enable_lora(wrapped)
+    lora_fast.load_lora_weights(wrapped, c, adapter_name="a", hotswap=True)
+    assert_close(model(*args), reference(toy(), [(c, 0.5), (b, 2.0)], *args))
+    lora_fast.prepare_hotswap({"unet": wrapped}, max_rank=6)
+    assert component_state(model).max_rank == 6
+    lora_fast.set_lora_device(wrapped, ["b"], "cpu")
+    with lora_fast.per_sample_adapters(wrapped, ["b"]):
+        assert_close(model(*args), reference(toy(), [(b, 1.0)], *args))
+    live = model(*args)
+    before = snapshot(model)
+    lora_fast.fuse_lora(wrapped, adapter_names=["a"], lora_scale=2.0)  # x its weight 0.5: fused at 1.0
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert_close(model(*args), reference(toy(), [(c, 1.0), (b, 2.0)], *args), tol=2e-5)
+    lora_fast.unfuse_lora({"unet": wrapped})
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(o, r) for o, r in zip(model(*args), live))
+    lora_fast.delete_adapters(wrapped, "b")
+    assert lora_fast.get_list_adapters(wrapped) == {None: ["a"]}
+    lora_fast.unload_lora_weights(wrapped)
+    assert component_state(model) is None
+    assert all(torch.equal(o, r) for o, r in zip(model(*args), base))

@@ -277,3 +277,113 @@ def test_pipeline_with_peft_layers_is_refused(files):
     for comp in _components(family):
         assert component_state(getattr(pipe, comp)) is None
     _close(_forward(pipe, family), before, "refused load changes nothing", rtol=0, atol=0)
+
+
+def _lora_fast_state(pipe, family):
+    """What lora_fast holds on each component, and every parameter's bits (base weights and PEFT's alike)."""
+    out = {}
+    for comp in _components(family):
+        root = getattr(pipe, comp)
+        s = component_state(root)
+        hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in root.modules())
+        out[comp] = (None if s is None else (sorted(s.adapters), list(s.active), dict(s.weights), len(s.fused),
+                                             s.version, s.max_rank, s.enabled), hooks,
+                     {k: p.detach().clone() for k, p in root.named_parameters()})
+    return out
+
+
+def _same_state(a, b) -> bool:
+    return all(a[c][:2] == b[c][:2] and a[c][2].keys() == b[c][2].keys()
+               and all(torch.equal(a[c][2][k], b[c][2][k]) for k in a[c][2]) for c in a)
+
+
+@pytest.mark.parametrize("recover", ["unload_lora_weights", "delete_adapters"])
+def test_diffusers_loading_on_top_of_lora_fast_is_refused_by_every_next_call(files, monkeypatch, recover):
+    """diffusers' pipe.load_lora_weights cannot see lora_fast's hooks; lora_fast's next call refuses the pipeline
+    (naming the way back), changes nothing, and works exactly as before once diffusers' adapters are gone."""
+    family = "sd15"
+    path, other = files(family, 0), files(family, 100)
+    base, pipe = _base(family), _fresh(family)
+    base_out = _forward(base, family)
+    lora_fast.load_lora_weights(pipe, path, adapter_name="a")
+    lora_fast.load_lora_weights(pipe, other, adapter_name="b")
+    lora_fast.set_adapters(pipe, ["a", "b"], [0.7, 1.0])
+    lora_fast.fuse_lora(pipe, adapter_names=["b"])  # one adapter fused, one live
+    ours = _forward(pipe, family)
+
+    pipe.load_lora_weights(path, adapter_name="theirs")  # diffusers injects PEFT layers around our hooked modules
+    assert getattr(pipe.unet, "peft_config", None)
+    before = _lora_fast_state(pipe, family)
+
+    def per_sample():
+        with lora_fast.per_sample_adapters(pipe, ["a"]):
+            pass
+
+    def streamed_fuse_on_load():
+        monkeypatch.setenv("LORA_FAST_STREAM_FUSE", "1")
+        try:
+            lora_fast.load_lora_weights(pipe, other, adapter_name="c", fuse=True)
+        finally:
+            monkeypatch.delenv("LORA_FAST_STREAM_FUSE")
+
+    calls = {
+        "fuse_lora": lambda: lora_fast.fuse_lora(pipe),
+        "unfuse_lora": lambda: lora_fast.unfuse_lora(pipe),
+        "unfuse_lora(components)": lambda: lora_fast.unfuse_lora(pipe, components=["unet"]),
+        "unload_lora_weights": lambda: lora_fast.unload_lora_weights(pipe),
+        "load_lora_weights": lambda: lora_fast.load_lora_weights(pipe, other, adapter_name="c"),
+        "load_lora_weights(fuse)": lambda: lora_fast.load_lora_weights(pipe, other, adapter_name="c", fuse=True),
+        "streamed fuse-on-load": streamed_fuse_on_load,
+        "hotswap": lambda: lora_fast.load_lora_weights(pipe, other, adapter_name="a", hotswap=True),
+        "set_adapters": lambda: lora_fast.set_adapters(pipe, "a", 0.2),
+        "disable_lora": lambda: lora_fast.disable_lora(pipe),
+        "enable_lora": lambda: lora_fast.enable_lora(pipe),
+        "delete_adapters": lambda: lora_fast.delete_adapters(pipe, "a"),
+        "set_lora_device": lambda: lora_fast.set_lora_device(pipe, ["a"], "cpu"),
+        "prepare_hotswap": lambda: lora_fast.prepare_hotswap(pipe, 8),
+        "per_sample_adapters": per_sample,
+    }
+    for what, call in calls.items():
+        with pytest.raises(LoraFormatError, match=r"diffusers/PEFT LoRA layers were loaded into .*unet") as info:
+            call()
+        message = str(info.value)
+        assert "lora_fast changed nothing" in message and "pipe.unload_lora_weights()" in message, what
+        assert _same_state(_lora_fast_state(pipe, family), before), f"{what} changed something"
+    # read-only queries still answer
+    assert lora_fast.get_list_adapters(pipe) == {c: ["a", "b"] for c in _components(family)}
+    assert lora_fast.get_active_adapters(pipe) == ["a", "b"]
+
+    if recover == "unload_lora_weights":
+        pipe.unload_lora_weights()
+    else:
+        pipe.delete_adapters("theirs")
+    _close(_forward(pipe, family), ours, "after diffusers' adapters are removed: as before", rtol=0, atol=0)
+    lora_fast.unfuse_lora(pipe)
+    for comp in _components(family):  # (diffusers' delete_adapters may leave empty PEFT wrappers: base_layer keys)
+        got = {k.replace(".base_layer.", "."): v for k, v in getattr(pipe, comp).state_dict().items()}
+        for k, v in getattr(base, comp).state_dict().items():
+            assert torch.equal(got[k], v), f"{comp}.{k} not restored exactly"
+    lora_fast.unload_lora_weights(pipe)
+    _close(_forward(pipe, family), base_out, "after unload: the base model", rtol=0, atol=0)
+
+
+def test_peft_on_another_component_is_one_library_per_pipeline_too(files):
+    family = "sd15"
+    path = files(family, 0)
+    pipe = _fresh(family)
+    lora_fast.load_lora_weights(pipe, path, adapter_name="a", components=["unet"])
+    pipe.text_encoder.add_adapter(LoraConfig(target_modules=["q_proj"], r=2))
+    with pytest.raises(LoraFormatError, match="text_encoder"):
+        lora_fast.fuse_lora(pipe)
+    with pytest.raises(LoraFormatError, match="text_encoder"):
+        lora_fast.load_lora_weights(pipe, path, adapter_name="b", components=["unet"])
+    assert component_state(pipe.unet).fused == [] and list(component_state(pipe.unet).adapters) == ["a"]
+    # the UNet alone (a target without the text encoder) is lora_fast's only: it works
+    lora_fast.fuse_lora(pipe.unet)
+    lora_fast.unfuse_lora(pipe.unet)
+    # a fresh pipeline whose text encoder holds PEFT layers refuses a UNet-only load as well
+    fresh = _fresh(family)
+    fresh.text_encoder.add_adapter(LoraConfig(target_modules=["q_proj"], r=2))
+    with pytest.raises(LoraFormatError, match="PEFT"):
+        lora_fast.load_lora_weights(fresh, path, components=["unet"])
+    assert component_state(fresh.unet) is None
