@@ -68,8 +68,8 @@ def load_lora_weights(target, source, adapter_name=None, *, components=None, fus
     if not fuse and not (isinstance(lora_scale, numbers.Real) and not isinstance(lora_scale, bool)
                          and lora_scale == 1.0):
         raise LoraFusionError(
-            f"load_lora_weights: lora_scale={lora_scale!r} is the strength of a fused load and needs fuse=True; "
-            "nothing was loaded. For a live adapter use lora_fast.set_adapters(target, name, weight) or pass "
+            f"load_lora_weights: lora_scale={lora_scale!r} is the strength of a fused load and needs fuse=True "
+            "(a hotswap never fuses); nothing was loaded. For a live adapter use lora_fast.set_adapters(target, name, weight) or pass "
             "cross_attention_kwargs={'scale': ...} per call"
         )
     if weight_name is not None and not isinstance(source, (LoraAdapter, dict)):

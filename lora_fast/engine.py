@@ -739,6 +739,8 @@ def prepare_hotswap(target, max_rank: int) -> None:
         raise LoraFormatError(f"max_rank must be a positive integer, got {max_rank!r}")
     all_comps = resolve_components(target)
     check_one_library(all_comps)
+    for comp, root in all_comps.items():  # it prepares later loads, which a PEFT-holding pipeline refuses
+        check_no_peft_root(comp, root)
     comps = {c: m for c, m in all_comps.items() if c is None or c in COMPONENTS}
     for comp, root in comps.items():
         state = component_state(root)

@@ -386,4 +386,6 @@ def test_peft_on_another_component_is_one_library_per_pipeline_too(files):
     fresh.text_encoder.add_adapter(LoraConfig(target_modules=["q_proj"], r=2))
     with pytest.raises(LoraFormatError, match="PEFT"):
         lora_fast.load_lora_weights(fresh, path, components=["unet"])
+    with pytest.raises(LoraFormatError, match="PEFT"):
+        lora_fast.prepare_hotswap(fresh, 8)
     assert component_state(fresh.unet) is None
