@@ -12,6 +12,7 @@ import textwrap
 import warnings
 
 import pytest
+from triton_support import exact_fma_interpreter
 import torch
 
 from lora_fast.kernels import merge as M
@@ -308,6 +309,7 @@ def run_interpreted(script, marker):
     assert proc.returncode == 0 and marker in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
+@exact_fma_interpreter
 def test_correct_kernels_pass_the_probe_silently_and_serve_the_calls():
     """Interpreted: for every dtype the probe passes without a warning, the kernels then serve the default calls
     (same bits and records as the CPU kernel, exact unfuse), and the probe runs once per (kernel, device, dtype)."""
