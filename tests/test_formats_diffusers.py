@@ -286,6 +286,18 @@ def test_save_lora_weights_semantics(tmp_path):
         save_lora_weights(tmp_path / "file", unet_lora_layers=unet)
 
 
+def test_save_lora_weights_sees_through_a_compiled_module(tmp_path):
+    """``unet_lora_layers=torch.compile(m)`` writes the module's own keys, not ``_orig_mod.``-prefixed ones."""
+    module = torch.nn.Module()
+    module.a = torch.nn.Module()
+    module.a.lora_A = torch.nn.Linear(4, 2, bias=False)
+    module.a.lora_B = torch.nn.Linear(2, 3, bias=False)
+    save_lora_weights(tmp_path, unet_lora_layers=torch.compile(module))
+    with safe_open(str(tmp_path / "pytorch_lora_weights.safetensors"), "pt") as f:
+        assert set(f.keys()) == {"unet.a.lora_A.weight", "unet.a.lora_B.weight"}
+        assert torch.equal(f.get_tensor("unet.a.lora_B.weight"), module.a.lora_B.weight.detach())
+
+
 # ---------------------------------------------------------------------------------------------
 # LoraAdapter.save(format="diffusers") loads in diffusers with exact per-module scales
 

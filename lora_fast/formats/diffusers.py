@@ -151,7 +151,9 @@ def _peft_to_diffusers_key(key: str) -> str:
 
 def _layer_state_dict(layers, name: str) -> dict[str, torch.Tensor]:
     if isinstance(layers, torch.nn.Module):
-        layers = layers.state_dict()
+        from ..targets import unwrap_module
+
+        layers = unwrap_module(layers).state_dict()  # a compiled module's keys carry "_orig_mod."; its module's do not
     if not isinstance(layers, dict):
         raise LoraFormatError(f"{name} must be a dict of tensors or a torch.nn.Module, got {type(layers).__name__}")
     out = {}
