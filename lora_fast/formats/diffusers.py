@@ -210,7 +210,7 @@ def save_lora_weights(
     state_dict: dict = {}
     adapter_metadata: dict = {}
     for name, layers, meta in components:
-        if not layers:  # diffusers skips None and empty dicts alike
+        if layers is None or isinstance(layers, dict) and not layers:  # diffusers skips None and empty dicts alike
             continue
         for key, value in _layer_state_dict(layers, f"{name}_lora_layers").items():
             state_dict[f"{name}.{key}"] = value
