@@ -37,6 +37,7 @@
 
 #ifdef __linux__
 #include <sys/mman.h>
+#include <unistd.h>
 #endif
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -132,6 +133,30 @@ void* big_alloc(size_t bytes) {
     return p;
 }
 
+// The bytes big_alloc(bytes) really allocated when it took the huge-page path (2 MiB or more), else 0.
+size_t big_alloc_size(size_t bytes) {
+    constexpr size_t kHuge = size_t(2) << 20;
+    return bytes < kHuge ? 0 : (bytes + kHuge - 1) / kHuge * kHuge;
+}
+
+// Hands the whole pages of [p + used, p + size) back to the system. A record buffer kept by the caller ends in a
+// partly used huge page (up to 2 MiB resident per buffer, i.e. per thread, beyond the records); dropping the pages
+// past the last record splits that huge page and keeps only what holds records. The range stays mapped (reads give
+// zeros) and is never touched again; it goes when the buffer is freed. Only for big_alloc'd buffers of 2 MiB or
+// more, with size as big_alloc_size gives it or smaller (a malloc'd buffer passes 0: nothing happens).
+void release_tail(void* p, size_t used, size_t size) {
+#if defined(__linux__) && defined(MADV_DONTNEED)
+    constexpr size_t kHuge = size_t(2) << 20;
+    if (size < kHuge) return;
+    static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+    const uintptr_t base = reinterpret_cast<uintptr_t>(p);
+    const uintptr_t lo = (base + used + page - 1) / page * page, hi = (base + size) / page * page;
+    if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);  // advisory: failure keeps the pages
+#else
+    (void)p, (void)used, (void)size;
+#endif
+}
+
 // Per-thread bump allocator for records: freed as a whole when the call ends (gather path), or handed to the result
 // (direct path, where it holds the final arrays).
 class RecArena {
@@ -142,8 +167,10 @@ public:
     ~RecArena() {
         for (void* c : chunks_) std::free(c);
     }
-    // Hands the chunks to the caller (who frees them with std::free); the arena is empty afterwards.
+    // Hands the chunks to the caller (who frees them with std::free); the arena is empty afterwards. The pages past
+    // the last record are given back first (release_tail).
     void release_into(std::vector<void*>& out) {
+        if (!chunks_.empty()) release_tail(chunks_.back(), size_ - left_, size_);
         out.reserve(out.size() + chunks_.size());
         out.insert(out.end(), chunks_.begin(), chunks_.end());
         chunks_.clear();
@@ -156,9 +183,10 @@ public:
             const size_t size = std::max(bytes, kChunk);
             chunks_.reserve(chunks_.size() + 1);  // so the push_back below cannot throw and leak the chunk
             void* c = big_alloc(size);
+            if (!chunks_.empty()) release_tail(chunks_.back(), size_ - left_, size_);  // nothing more goes there
             chunks_.push_back(c);
             cur_ = static_cast<char*>(c);
-            left_ = size;
+            left_ = size_ = size;
         }
         char* p = cur_;
         cur_ += bytes;
@@ -171,6 +199,7 @@ private:
     std::vector<void*> chunks_;
     char* cur_ = nullptr;
     size_t left_ = 0;
+    size_t size_ = 0;  // of the last chunk
 };
 
 inline int elem_size(int dt) { return dt == DT_F32 ? 4 : 2; }
@@ -788,6 +817,7 @@ struct MergeResult {
     std::vector<JobRecords> recs;    // per job, pointing into buffers
     std::vector<uint8_t> nonfinite;  // per job
     std::vector<void*> buffers;      // every job's records (std::free); ownership passes to numpy
+    size_t used = 0;                 // gather path: bytes used in its one buffer
     MergeResult() = default;
     MergeResult(const MergeResult&) = delete;
     MergeResult& operator=(const MergeResult&) = delete;
@@ -798,6 +828,7 @@ struct MergeResult {
             recs = std::move(other.recs);
             nonfinite = std::move(other.nonfinite);
             buffers = std::move(other.buffers);
+            used = other.used;
             other.buffers.clear();
         }
         return *this;
@@ -890,6 +921,7 @@ void layout_records(const std::vector<Job>& jobs, const std::vector<TileRecs>& t
     res.buffers.reserve(1);  // so the push_back cannot throw and leak the buffer
     char* base = static_cast<char*>(big_alloc(bytes));
     res.buffers.push_back(base);
+    res.used = bytes;
     for (size_t j = 0; j < jobs.size(); ++j) {
         JobRecords& jr = res.recs[j];
         jr.off = base + at[j * 3];  // empty arrays still need a valid address
@@ -1085,6 +1117,7 @@ MergeResult merge_run(const std::vector<Job>& jobs, const Options& o, int nthrea
             const size_t j = static_cast<size_t>(jj);
             if (res.recs[j].n > 0) gather_records(jobs[j], tiles, tile_recs, job_tile0[j], job_tile0[j + 1], res.recs[j]);
         });
+        release_tail(res.buffers[0], res.used, big_alloc_size(res.used));
         timer.lap("gather");
     }
     return res;

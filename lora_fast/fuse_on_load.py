@@ -228,7 +228,11 @@ def load_and_fuse(target, path, adapter_name=None, *, components=None, max_rank=
             batch, batch_weight = [], 0
         for comp, layers in bound.items():
             for p, b in layers.items():
-                b.layer = device_layers[(comp, p)]
+                # a CPU layer keeps the file's own views, the tensors load_lora_weights registers: the live matmuls
+                # then get the same operands at the same addresses (a BLAS may sum in another order at another
+                # alignment: MKL does on AMD CPUs), and the stream's copy is freed
+                if device_layers[(comp, p)].down.device.type != "cpu":
+                    b.layer = device_layers[(comp, p)]
         engine.register_bound(target, comps, bound, name, max_rank)
     except BaseException:
         for step in reversed(list(steps.values())):

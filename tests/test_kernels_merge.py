@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import pytest
+from triton_support import exact_fma_interpreter
 import torch
 
 from lora_fast.kernels import merge as M
@@ -312,6 +313,20 @@ def test_torch_backend_is_exact_too():
         fuse_unfuse_exact([M.MergeJob(*make(17, 19, 3, dtype, gen=g))], backend="torch")
 
 
+def test_torch_backend_reproduces_the_fma_chain_where_a_float64_sum_would_round_twice():
+    """delta = fma(a, b, 1 + 2^-23) with a·b = 2^-24 (1 - 2^-46): the exact sum lies just below the fp32 midpoint
+    1 + 2^-23 + 2^-24, so one rounding gives 1 + 2^-23; a float64 sum rounds onto the midpoint first and then to
+    even (1 + 2^-22). Both backends must give the single rounding, and the mirrored case above the midpoint."""
+    one_ulp, a = 1 + 2.0**-23, 1 + 2.0**-23
+    for b, want in ((2.0**-24 * (1 - 2.0**-23), one_ulp), (2.0**-24 * (1 + 2.0**-23), 1 + 2.0**-22)):
+        up = torch.tensor([[one_ulp, a], [-one_ulp, -a]])
+        down = torch.tensor([[1.0], [b]])
+        for backend in ("cpu", "torch"):
+            w = torch.zeros(2, 1)
+            M.fuse([M.MergeJob(w, up, down)], backend=backend)
+            assert w[:, 0].tolist() == [want, -want], (backend, b)
+
+
 def test_bad_jobs_raise_value_error():
     w = torch.zeros(4, 5)
     with pytest.raises(ValueError):
@@ -423,6 +438,46 @@ def test_record_memory_for_a_typical_lora_is_a_small_fraction_of_the_weights(dty
     assert rec.nbytes() < 0.25 * weight_bytes
 
 
+KEPT_SCRIPT = textwrap.dedent(
+    """
+    import gc, os, sys, torch
+    from lora_fast.kernels import merge as M
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    g = torch.Generator().manual_seed(0)
+    jobs = [M.MergeJob((torch.randn(1024, 1024, generator=g) * 0.02).to(torch.bfloat16),
+                       torch.randn(1024, 4, generator=g) * 0.02, torch.randn(4, 1024, generator=g) * 0.3)
+            for _ in range(16)]
+    worst = 0
+    gc.disable()
+    for i in range(6):
+        before = rss()
+        recs, _ = M.fuse(jobs, num_threads=4)
+        excess = rss() - before - sum(r.nbytes() for r in recs)
+        if i >= 2:  # warm
+            worst = max(worst, excess)
+        M.unfuse(jobs, recs, num_threads=4)
+        del recs
+    print("EXCESS", worst)
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+@pytest.mark.parametrize("path", ["direct", "gather"])
+def test_a_warm_fuse_keeps_no_more_resident_memory_than_its_records(path):
+    """16 bf16 jobs of 1024², records ~15 MiB, 4 threads: the resident set grows by the records and at most 512 KiB
+    more (the huge page each record buffer ends in used to stay resident whole: up to 2 MiB per thread)."""
+    env = dict(os.environ, LORA_FAST_MERGE_RECORDS=path)
+    proc = subprocess.run([sys.executable, "-c", KEPT_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("EXCESS ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert int(lines[-1].split()[1]) <= 512 << 10, lines[-1]
+
+
 # ------------------------------------------------------------------------------------------- Triton
 
 TRITON_SCRIPT = textwrap.dedent(
@@ -475,6 +530,7 @@ TRITON_SCRIPT = textwrap.dedent(
 )
 
 
+@exact_fma_interpreter
 def test_triton_kernel_interpreted_matches_cpu_kernel_and_restores():
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")

@@ -283,16 +283,63 @@ def _cpu_run(jobs, *, negate, record, check_finite, num_threads=None, restore=No
 # ----------------------------------------------------------------------------------------------- plain torch
 
 
+_F64_DEVICES = ("cpu", "cuda")  # devices with float64, where the torch backend reproduces the kernels' chain
+_CHAIN_ELEMS = 1 << 16  # delta elements per block of the float64 chain (its temporaries stay cache-sized)
+
+
 def _torch_delta(job: MergeJob) -> torch.Tensor:
-    # exact fp32 products (no TF32) so fuse and unfuse see the same delta on this device
-    if job.up.device.type == "cuda":
-        prev = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-        try:
-            return job.up @ job.down
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = prev
-    return job.up @ job.down
+    """``up @ down`` as the kernels compute it: per element one fp32 FMA chain over k from +0 (see the module
+    docstring), bit for bit on every CPU and GPU. A BLAS matmul is not used: its summation order is its own and
+    changes with the CPU (MKL takes other code paths on AMD than on Intel), the library version, the thread count
+    and the operands' memory alignment. On a device without float64 (MPS) the delta is a plain matmul, which
+    does not reproduce the kernels' bits."""
+    up, down = job.up, job.down
+    if up.device.type not in _F64_DEVICES:
+        return up @ down
+    rows, cols = up.shape[0], down.shape[1]
+    out = torch.empty((rows, cols), dtype=torch.float32, device=up.device)
+    step = max(1, _CHAIN_ELEMS // max(1, cols))
+    down64 = down.double()
+    for r0 in range(0, rows, step):
+        out[r0:r0 + step] = _fma_chain(up[r0:r0 + step].double(), down64)
+    return out
+
+
+def _fma_chain(up64: torch.Tensor, down64: torch.Tensor) -> torch.Tensor:
+    """fp32 ``acc = fma(up[:, k], down[k, :], acc)`` for k = 0..R-1 from +0, each step rounded once, with
+    elementwise float64 ops (no FMA instruction needed, none of torch's kernels can change the result):
+
+    * the product of two fp32 values is exact in float64 (48 significant bits, exponents far inside its range);
+    * ``s = rn64(p + acc)`` and its exact error ``e`` (TwoSum: ``p + acc = s + e``);
+    * ``s`` rounded to odd (truncated towards zero, last bit set when ``e != 0``) and then to fp32 gives the
+      correctly rounded ``rn32(p + acc)``: rounding to odd with 29 spare bits makes the second rounding exact,
+      including fp32 subnormals and overflow. Non-finite sums are rounded as they are (NaN payloads unspecified).
+    """
+    acc = torch.zeros((up64.shape[0], down64.shape[1]), dtype=torch.float32, device=up64.device)
+    for k in range(up64.shape[1]):
+        p = up64[:, k:k + 1] * down64[k:k + 1, :]
+        s = p + acc  # float64 (acc is promoted exactly)
+        bv = s - p
+        e = (p - (s - bv)) + (acc - bv)
+        inexact = e.abs() > 0  # False where s is not finite (e is NaN there)
+        towards_zero = (e * s) < 0  # |p + acc| < |s|: truncation is one step below |s| (e·s cannot underflow)
+        bits = (s.view(torch.int64) - towards_zero.to(torch.int64)) | inexact
+        acc = bits.view(torch.float64).to(torch.float32)
+    return acc
+
+
+def _round_to(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 -> dtype, nearest even, as the kernels round (NaN keeps its sign and top payload bits, quieted;
+    torch's own conversion of a NaN differs between its CPU code paths)."""
+    if dtype == torch.float32:
+        return s
+    r = s.to(dtype)
+    b = s.view(torch.int32)
+    if dtype == torch.bfloat16:
+        nan_bits = ((b >> 16) & 0xFFFF) | 0x40
+    else:
+        nan_bits = ((b >> 16) & 0x8000) | 0x7E00 | ((b >> 13) & 0x3FF)
+    return torch.where(torch.isnan(s), nan_bits.to(torch.int16).view(dtype), r)
 
 
 def _torch_run(jobs, *, negate, record, check_finite):
@@ -301,10 +348,10 @@ def _torch_run(jobs, *, negate, record, check_finite):
         w = j.weight
         delta = _torch_delta(j)
         x = w.float()
-        new = (x - delta if negate else x + delta).to(w.dtype)
+        new = _round_to(x - delta if negate else x + delta, w.dtype)
         rec = None
         if record:
-            back = (new.float() - delta).to(w.dtype)
+            back = _round_to(new.float() - delta, w.dtype)
             bits = _BITS_DTYPE[w.dtype]
             diff = (back.view(bits) != w.contiguous().view(bits)).reshape(-1)
             idx = diff.nonzero().reshape(-1)

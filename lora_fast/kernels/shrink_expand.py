@@ -217,7 +217,7 @@ class AdapterGroups:
         """(A_g, B_g) in fp32 (the factors themselves when they are fp32; copies made once otherwise)."""
         hit = self._f32.get(g)
         if hit is None:
-            hit = self._f32[g] = (self.downs[g].float(), self.ups[g].float())
+            hit = self._f32[g] = (_canonical32(self.downs[g].float()), _canonical32(self.ups[g].float()))
         return hit
 
 
@@ -314,6 +314,7 @@ def lora_shrink(x: torch.Tensor, groups: AdapterGroups, rows: RowMap, backend: O
     if _backend(x, backend) == "triton" and _launch(_explicit(backend), _triton_shrink, x, h, groups, rows):
         pass
     else:
+        x = _canonical32(x)
         for s, g in enumerate(rows.seg_group_host):
             r = groups.ranks[g]
             if r == 0:
@@ -345,6 +346,8 @@ def lora_expand(out: torch.Tensor, h: torch.Tensor, groups: AdapterGroups, rows:
                 _triton_expand(out, h, groups, rows, p, float(lam))
             return out
         # the first launch failed before running: the torch backend below does every pass
+    if not _is_canonical32(out):
+        return _staged(out, lambda o: lora_expand(o, h, groups, rows, lam, "torch", passes=todo))
     scale = groups.scale.tolist()
     for p in todo:
         first, end = rows.passes[p]
@@ -375,6 +378,9 @@ def segmented_lora(x: torch.Tensor, out: torch.Tensor, groups: AdapterGroups, ro
         h = lora_shrink(x, groups, rows, backend)
         return lora_expand(out, h, groups, rows, lam, backend)
     _check(x, groups, rows)
+    if not _is_canonical32(out):
+        return _staged(out, lambda o: segmented_lora(x, o, groups, rows, lam, "torch"))
+    x = _canonical32(x)
     h = None
     for p in range(len(rows.passes)):
         if not _batched_pass(x, out, groups, rows, p, lam):
@@ -435,6 +441,9 @@ def channels_first_lora(x: torch.Tensor, out: torch.Tensor, groups: AdapterGroup
                          f"({groups.out_features}, r)·(r, {groups.in_features})" + (f" of a {conv} convolution" if conv else ""))
     if b != rows.batch or rows.rows_per_sample != 1:
         raise ValueError("channels_first_lora needs a row map of the batch with rows_per_sample=1")
+    if not _is_canonical32(out):
+        return _staged(out, lambda o: channels_first_lora(x, o, groups, rows, lam, conv))
+    x = _canonical32(x)
     out3 = out.view(b, groups.out_features, -1)
 
     def shrink(xs, filters):  # xs (n, C, ...) fp32, filters (n·r, K): per-sample filters, in sample order
@@ -477,6 +486,27 @@ def channels_first_lora(x: torch.Tensor, out: torch.Tensor, groups: AdapterGroup
                 else:
                     dst.copy_(dst.float().add_(delta, alpha=lam * scale[g] * w))
     return out
+
+
+# fp32 operands reach torch's BLAS as they are (the 16-bit paths work on fresh fp32 copies), and a BLAS may sum in
+# an order that depends on the operands' strides and memory alignment (MKL does on AMD CPUs). So that a view gives
+# the bits a fresh tensor gives, the torch backend hands it only contiguous, 64-byte aligned fp32 tensors: views are
+# copied (x, factors) or staged (out); a fresh activation or output is used as it is.
+_ALIGN = 64
+
+
+def _is_canonical32(t: torch.Tensor) -> bool:
+    return t.dtype != torch.float32 or (t.is_contiguous() and t.data_ptr() % _ALIGN == 0)
+
+
+def _canonical32(t: torch.Tensor) -> torch.Tensor:
+    return t if _is_canonical32(t) else t.clone(memory_format=torch.contiguous_format)
+
+
+def _staged(out: torch.Tensor, run) -> torch.Tensor:
+    staged = out.clone(memory_format=torch.contiguous_format)
+    run(staged)
+    return out.copy_(staged)
 
 
 def _next_pow2(v: int) -> int:
