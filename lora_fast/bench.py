@@ -2,8 +2,14 @@
 
 The floor of a fuse is max(bytes moved / measured copy bandwidth, FLOPs / measured fp32 matmul
 rate): every targeted weight is read and written once and the factors read once; the low-rank
-product costs 2·r FLOPs per weight element. Times are medians of warm repeats.
-Needs the ``diffusers`` extra for the models and the comparison.
+product costs 2·r FLOPs per weight element.
+
+Each library is timed the same way on the same pipeline: the first fuse and unfuse after loading (one
+sample each: they include one-time costs such as allocator growth and page faults, which a user pays once
+per loaded adapter), then ``warmup`` untimed cycles, then the median of ``repeats`` timed cycles (what
+every later fuse/unfuse costs). The headline ratio is the warm medians' ratio; the first calls are
+reported beside it, never mixed into the median. Needs the ``diffusers`` extra for the models and the
+comparison.
 """
 
 from __future__ import annotations
@@ -20,6 +26,10 @@ import torch
 from torch import nn
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+#: default timed cycles per library and untimed warm-up cycles before them (see docs/cli.md, "bench")
+REPEATS = 11
+WARMUP = 2
 
 #: name -> (model family, targets, rank)
 CASES = {
@@ -156,15 +166,72 @@ def _synchronizer(device) -> Callable[[], None]:
     return lambda: None
 
 
-def run_case(case: str, dtype_name: str, *, floor: dict, repeats: int = 3, compare_diffusers: bool = True,
-             size: str = "full", drift_sample: int = 64, log: Callable[[str], None] = print,
-             device: str = "cpu") -> CaseResult:
-    """Time one case (a CASES name) in one dtype on ``device``: lora_fast load/fuse/unfuse, then diffusers'."""
+def _timed(fn: Callable[[], None], sync: Callable[[], None]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def _summary(times: list) -> dict:
+    """median and quartiles of a list of seconds (quartiles equal the median for fewer than 2 samples)."""
+    med = statistics.median(times)
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else (med, med, med)
+    return dict(median=med, q1=q1, q3=q3)
+
+
+def time_cycles(fuse: Callable[[], None], unfuse: Callable[[], None], *, repeats: int, warmup: int,
+                sync: Callable[[], None] = lambda: None, after_first_fuse: Optional[Callable[[], None]] = None,
+                after_first_cycle: Optional[Callable[[], None]] = None) -> dict:
+    """Time one library's fuse/unfuse the way the report presents it.
+
+    The first fuse and unfuse (after loading) are timed alone: they carry one-time costs. Then ``warmup`` untimed
+    cycles, then ``repeats`` timed cycles whose medians are the warm figures. The garbage collector is off while
+    timing (as in timeit). ``after_first_fuse`` / ``after_first_cycle`` run untimed (e.g. to measure a record or
+    count changed bits)."""
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        first_fuse = _timed(fuse, sync)
+        if after_first_fuse is not None:
+            after_first_fuse()
+        first_unfuse = _timed(unfuse, sync)
+        if after_first_cycle is not None:
+            after_first_cycle()
+        for _ in range(warmup):
+            fuse()
+            unfuse()
+        sync()
+        fuse_times, unfuse_times = [], []
+        for _ in range(repeats):
+            fuse_times.append(_timed(fuse, sync))
+            unfuse_times.append(_timed(unfuse, sync))
+    finally:
+        if was_enabled:
+            gc.enable()
+    f, u = _summary(fuse_times), _summary(unfuse_times)
+    return dict(
+        first_fuse_s=first_fuse, first_unfuse_s=first_unfuse,
+        fuse_s=f["median"], unfuse_s=u["median"],
+        fuse_quartiles_s=[f["q1"], f["q3"]], unfuse_quartiles_s=[u["q1"], u["q3"]],
+        fuse_times_s=fuse_times, unfuse_times_s=unfuse_times, warmup_cycles=warmup,
+    )
+
+
+def run_case(case: str, dtype_name: str, *, floor: dict, repeats: int = REPEATS, warmup: int = WARMUP,
+             compare_diffusers: bool = True, size: str = "full", drift_sample: int = 64,
+             log: Callable[[str], None] = print, device: str = "cpu") -> CaseResult:
+    """Time one case (a CASES name) in one dtype on ``device``: lora_fast load/fuse/unfuse, then diffusers'.
+
+    Both libraries get the same protocol (see :func:`time_cycles`) on the same freshly built pipeline."""
     import lora_fast
 
     from . import engine
     from .models import build_pipeline, materialize
 
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
     family, targets, rank = CASES[case]
     dtype = DTYPES[dtype_name]
     sync = _synchronizer(device)
@@ -189,106 +256,109 @@ def run_case(case: str, dtype_name: str, *, floor: dict, repeats: int = 3, compa
     res = CaseResult(case, dtype_name, len(adapter.layers), n_params, floor_s)
     log(f"[{case} {dtype_name}] {len(adapter.layers)} modules, {n_params / 1e6:.0f} M params, floor {floor_s * 1e3:.1f} ms")
 
+    def fmt(d: dict) -> str:
+        return (f"first fuse {d['first_fuse_s'] * 1e3:.1f} ms, unfuse {d['first_unfuse_s'] * 1e3:.1f} ms; warm median "
+                f"fuse {d['fuse_s'] * 1e3:.1f} ms, unfuse {d['unfuse_s'] * 1e3:.1f} ms")
+
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "pytorch_lora_weights.safetensors")
         adapter.save(path, format="diffusers")
         sample = weights[:drift_sample]
         pristine = [w.detach().clone() for w in sample]
 
-        # lora_fast: load (file -> registered), fuse, unfuse, load+fuse end to end
-        t0 = time.perf_counter()
-        lora_fast.load_lora_weights(pipe, path, adapter_name="bench")
-        t_load = time.perf_counter() - t0
-        lora_fast.fuse_lora(pipe)  # warm-up cycle
-        lora_fast.unfuse_lora(pipe)
-        sync()
-        fuse_times, unfuse_times = [], []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            lora_fast.fuse_lora(pipe)
-            sync()
-            fuse_times.append(time.perf_counter() - t0)
-            rec = engine.fused_record_bytes(pipe)
-            t0 = time.perf_counter()
-            lora_fast.unfuse_lora(pipe)
-            sync()
-            unfuse_times.append(time.perf_counter() - t0)
+        # lora_fast: load (file -> registered), first fuse/unfuse, warm cycles; then fuse-on-load end to end
+        gc.collect()
+        t_load = _timed(lambda: lora_fast.load_lora_weights(pipe, path, adapter_name="bench"), sync)
+        rec = []
+        lf = time_cycles(lambda: lora_fast.fuse_lora(pipe), lambda: lora_fast.unfuse_lora(pipe), repeats=repeats,
+                         warmup=warmup, sync=sync, after_first_fuse=lambda: rec.append(engine.fused_record_bytes(pipe)))
         changed = _changed_bits(sample, pristine)
         lora_fast.unload_lora_weights(pipe)
-        t0 = time.perf_counter()
-        lora_fast.load_lora_weights(pipe, path, adapter_name="bench2", fuse=True)
-        sync()
-        t_e2e = time.perf_counter() - t0
+        t_e2e = _timed(lambda: lora_fast.load_lora_weights(pipe, path, adapter_name="bench2", fuse=True), sync)
         lora_fast.unfuse_lora(pipe)
         lora_fast.unload_lora_weights(pipe)
         res.lora_fast = dict(
-            load_s=t_load, fuse_s=statistics.median(fuse_times), unfuse_s=statistics.median(unfuse_times),
-            load_fuse_s=t_e2e, record_bytes=rec, record_fraction_of_weight_bytes=rec / (n_params * elt),
+            load_s=t_load, **lf, load_fuse_s=t_load + lf["first_fuse_s"], fuse_on_load_s=t_e2e,
+            record_bytes=rec[0], record_fraction_of_weight_bytes=rec[0] / (n_params * elt),
             changed_elements_after_cycles=changed, sample_elements=sum(w.numel() for w in sample),
         )
-        log(f"  lora_fast  load {t_load:.3f}s  fuse {res.lora_fast['fuse_s'] * 1e3:.1f} ms  unfuse "
-            f"{res.lora_fast['unfuse_s'] * 1e3:.1f} ms  load+fuse {t_e2e:.3f}s  record {rec / 2**20:.1f} MiB "
-            f"({100 * res.lora_fast['record_fraction_of_weight_bytes']:.1f}% of fused weight bytes)  changed bits {changed}")
+        log(f"  lora_fast  load {t_load:.3f}s; {fmt(lf)}; load(fuse=True) {t_e2e:.3f}s; record "
+            f"{rec[0] / 2**20:.1f} MiB ({100 * res.lora_fast['record_fraction_of_weight_bytes']:.1f}% of fused weight "
+            f"bytes); changed bits {changed}")
         with torch.no_grad():
             for w, p in zip(sample, pristine):
                 w.copy_(p)  # defensive: diffusers starts from pristine weights even if the above failed
 
         if compare_diffusers:
             gc.collect()
-            t0 = time.perf_counter()
-            pipe.load_lora_weights(path, adapter_name="bench")
-            sync()
-            t_dload = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            pipe.fuse_lora()
-            sync()
-            t_dfuse_first = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            pipe.unfuse_lora()
-            sync()
-            t_dunfuse = [time.perf_counter() - t0]
-            d_changed = _changed_bits(sample, pristine)
-            t_dfuse = [t_dfuse_first]
-            for _ in range(repeats - 1):
-                t0 = time.perf_counter()
-                pipe.fuse_lora()
-                sync()
-                t_dfuse.append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                pipe.unfuse_lora()
-                sync()
-                t_dunfuse.append(time.perf_counter() - t0)
+            t_dload = _timed(lambda: pipe.load_lora_weights(path, adapter_name="bench"), sync)
+            d_changed = []
+            df = time_cycles(pipe.fuse_lora, pipe.unfuse_lora, repeats=repeats, warmup=warmup, sync=sync,
+                             after_first_cycle=lambda: d_changed.append(_changed_bits(sample, pristine)))
             pipe.unload_lora_weights()
-            res.diffusers = dict(
-                load_s=t_dload, fuse_s=statistics.median(t_dfuse), unfuse_s=statistics.median(t_dunfuse),
-                load_fuse_s=t_dload + t_dfuse_first, changed_elements_after_one_cycle=d_changed,
-            )
-            log(f"  diffusers  load {t_dload:.3f}s  fuse {res.diffusers['fuse_s'] * 1e3:.1f} ms  unfuse "
-                f"{res.diffusers['unfuse_s'] * 1e3:.1f} ms  load+fuse {res.diffusers['load_fuse_s']:.3f}s  "
-                f"changed after 1 cycle {100 * d_changed / res.lora_fast['sample_elements']:.2f}% of sampled elements")
+            res.diffusers = dict(load_s=t_dload, **df, load_fuse_s=t_dload + df["first_fuse_s"],
+                                 changed_elements_after_one_cycle=d_changed[0])
+            log(f"  diffusers  load {t_dload:.3f}s; {fmt(df)}; changed after 1 cycle "
+                f"{100 * d_changed[0] / res.lora_fast['sample_elements']:.2f}% of sampled elements")
     del pipe, comps, weights, sample, pristine
     gc.collect()
     return res
 
 
-def run(cases=("sd15-attn-r4",), dtypes=("fp32", "fp16", "bf16"), *, repeats: int = 3, compare_diffusers: bool = True,
-        size: str = "full", log: Callable[[str], None] = print, device: str = "cpu") -> dict:
-    """Run the cases and return a JSON-able report (machine, floor, per-case results)."""
+def _load_average() -> Optional[float]:
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def run(cases=("sd15-attn-r4",), dtypes=("fp32", "fp16", "bf16"), *, repeats: int = REPEATS, warmup: int = WARMUP,
+        compare_diffusers: bool = True, size: str = "full", log: Callable[[str], None] = print,
+        device: str = "cpu", threads: Optional[int] = None) -> dict:
+    """Run the cases and return a JSON-able report (machine, floor, per-case results).
+
+    The machine's 1-minute load average is recorded before and after: other work running at the same time slows
+    both libraries by different amounts, so a high value means the ratios may not reproduce. ``threads`` sets
+    torch's CPU thread count for the run (both libraries use it; lora_fast's CPU kernels follow
+    ``torch.get_num_threads()``); None keeps torch's default."""
+    prev_threads = torch.get_num_threads()
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    try:
+        return _run(cases, dtypes, repeats=repeats, warmup=warmup, compare_diffusers=compare_diffusers, size=size,
+                    log=log, device=device)
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def _run(cases, dtypes, *, repeats, warmup, compare_diffusers, size, log, device) -> dict:
     import platform
 
+    load_before = _load_average()
     floor_bytes = (64 << 20) if size == "tiny" else (512 << 20)
     floor_n = 512 if size == "tiny" else 2048
-    floor = dict(copy_bytes_per_s=measure_copy_bandwidth(floor_bytes, device=device),
-                 matmul_flops_per_s=measure_matmul_rate(floor_n, device=device))
+    floor = dict(copy_bytes_per_s=measure_copy_bandwidth(floor_bytes, device=device, repeats=9),
+                 matmul_flops_per_s=measure_matmul_rate(floor_n, device=device, repeats=9))
     log(f"floor: copy {floor['copy_bytes_per_s'] / 1e9:.1f} GB/s (read+write), fp32 matmul "
-        f"{floor['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s, {torch.get_num_threads()} threads")
+        f"{floor['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s, {torch.get_num_threads()} threads; load average "
+        + ("unknown" if load_before is None else f"{load_before:.2f} on {_cpus()} CPUs"))
     results = []
     for case in cases:
         for dt in dtypes:
-            results.append(asdict(run_case(case, dt, floor=floor, repeats=repeats, compare_diffusers=compare_diffusers,
-                                           size=size, log=log, device=device)))
-    machine = dict(platform=platform.platform(), processor=_cpu_name(),
-                   cpu_count=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__, device=device)
+            results.append(asdict(run_case(case, dt, floor=floor, repeats=repeats, warmup=warmup,
+                                           compare_diffusers=compare_diffusers, size=size, log=log, device=device)))
+    machine = dict(platform=platform.platform(), processor=_cpu_name(), cpu_count=os.cpu_count(), cpus_usable=_cpus(),
+                   threads=torch.get_num_threads(), torch=torch.__version__, device=device,
+                   load_average_before=load_before, load_average_after=_load_average())
     if str(device).startswith("cuda"):
         machine["gpu"] = torch.cuda.get_device_name(device)
     try:
@@ -297,7 +367,7 @@ def run(cases=("sd15-attn-r4",), dtypes=("fp32", "fp16", "bf16"), *, repeats: in
         machine["diffusers"] = diffusers.__version__
     except ImportError:
         pass
-    return dict(machine=machine, size=size, repeats=repeats, floor=floor, results=results)
+    return dict(machine=machine, size=size, repeats=repeats, warmup=warmup, floor=floor, results=results)
 
 
 def _cpu_name() -> str:
@@ -324,39 +394,122 @@ def _ratio(a, b) -> str:
     return "-" if (a is None or b is None or b == 0) else f"{a / b:.1f}x"
 
 
+def _faster(slow, fast) -> str:
+    """'3.9x faster' (slow / fast), '-' when either is missing."""
+    return "-" if (slow is None or fast is None or fast == 0) else f"{slow / fast:.1f}x faster"
+
+
+def timing_spread(result: dict) -> Optional[float]:
+    """The largest interquartile range / median among a result's warm series (lora_fast and diffusers fuse and
+    unfuse): how steady the warm timings were. None when no quartiles were recorded."""
+    out = None
+    for lib in ("lora_fast", "diffusers"):
+        d = result.get(lib) or {}
+        for what in ("fuse", "unfuse"):
+            q, med = d.get(f"{what}_quartiles_s"), d.get(f"{what}_s")
+            if q and med:
+                out = max(out or 0.0, (q[1] - q[0]) / med)
+    return out
+
+
+#: above this interquartile range / median, or a load average above BUSY_LOAD per usable CPU, the table says the
+#: machine was busy and the ratios may not reproduce
+NOISY_SPREAD = 0.2
+BUSY_LOAD = 0.25
+
+
+def headline(result: dict) -> Optional[float]:
+    """The figure to compare: diffusers' warm median fuse time / lora_fast's (None without diffusers)."""
+    lf, df = result.get("lora_fast") or {}, result.get("diffusers") or {}
+    if not df.get("fuse_s") or not lf.get("fuse_s"):
+        return None
+    return df["fuse_s"] / lf["fuse_s"]
+
+
+def _table(head: list, rows: list, left: int = 2) -> list:
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
+    out = ["  ".join(h.rjust(w) if i >= left else h.ljust(w) for i, (h, w) in enumerate(zip(head, widths)))]
+    out.append("  ".join("-" * w for w in widths))
+    for row in rows:
+        out.append("  ".join(c.rjust(w) if i >= left else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    return out
+
+
 def format_table(report: dict) -> str:
-    """The comparison table ``lora-fast bench`` prints: times, ratios to diffusers and to the floor, exactness."""
-    head = ["case", "dtype", "modules", "floor ms", "lora_fast fuse", "unfuse", "diffusers fuse", "unfuse",
-            "fuse vs diffusers", "fuse / floor", "changed after unfuse: lora_fast", "diffusers"]
+    """What ``lora-fast bench`` prints: warm medians (the figures to compare), first calls after loading, exactness."""
+    results = report["results"]
+    repeats, warmup = report.get("repeats", "?"), report.get("warmup", 0)
+    lines = [f"Warm: median of {repeats} timed fuse/unfuse cycles per library after {warmup} untimed warm-up "
+             "cycles. This is what every fuse/unfuse after the first costs; compare these."]
     rows = []
-    for r in report["results"]:
+    for r in results:
+        lf, df = r["lora_fast"], r.get("diffusers") or {}
+        spread = timing_spread(r)
+        rows.append([
+            r["case"], r["dtype"], str(r["modules"]), _ms(r["floor_s"]), _ms(lf.get("fuse_s")), _ms(lf.get("unfuse_s")),
+            _ms(df.get("fuse_s")), _ms(df.get("unfuse_s")), _faster(df.get("fuse_s"), lf.get("fuse_s")),
+            _faster(df.get("unfuse_s"), lf.get("unfuse_s")), _ratio(lf.get("fuse_s"), r["floor_s"]),
+            "-" if spread is None else f"{100 * spread:.0f}%",
+        ])
+    lines += _table(["case", "dtype", "modules", "floor", "lora_fast fuse", "unfuse", "diffusers fuse", "unfuse",
+                     "fuse speed-up", "unfuse speed-up", "fuse / floor", "spread"], rows)
+
+    lines += ["", "First call after loading (one sample each, one-time costs included; load+fuse = load_lora_weights "
+                  "+ the first fuse_lora)."]
+    rows = []
+    for r in results:
+        lf, df = r["lora_fast"], r.get("diffusers") or {}
+        rows.append([
+            r["case"], r["dtype"], _ms(lf.get("load_s")), _ms(lf.get("first_fuse_s")), _ms(lf.get("first_unfuse_s")),
+            _ms(lf.get("load_fuse_s")), _ms(df.get("load_s")), _ms(df.get("first_fuse_s")),
+            _ms(df.get("first_unfuse_s")), _ms(df.get("load_fuse_s")),
+            _faster(df.get("first_fuse_s"), lf.get("first_fuse_s")), _faster(df.get("load_fuse_s"), lf.get("load_fuse_s")),
+        ])
+    lines += _table(["case", "dtype", "lora_fast load", "fuse", "unfuse", "load+fuse", "diffusers load", "fuse",
+                     "unfuse", "load+fuse", "fuse speed-up", "load+fuse speed-up"], rows)
+
+    lines += ["", "Exactness: share of sampled weight elements that differ from the original after fuse+unfuse."]
+    rows = []
+    for r in results:
         lf, df = r["lora_fast"], r.get("diffusers") or {}
         sample = lf.get("sample_elements") or 1
         d_changed = df.get("changed_elements_after_one_cycle")
         rows.append([
-            r["case"], r["dtype"], str(r["modules"]), _ms(r["floor_s"]), _ms(lf.get("fuse_s")), _ms(lf.get("unfuse_s")),
-            _ms(df.get("fuse_s")), _ms(df.get("unfuse_s")),
-            (f"{df['fuse_s'] / lf['fuse_s']:.1f}x faster" if df.get("fuse_s") else "-"),
-            _ratio(lf.get("fuse_s"), r["floor_s"]),
+            r["case"], r["dtype"],
             ("0 (bit-exact)" if lf.get("changed_elements_after_cycles") == 0
              else f"{100 * lf['changed_elements_after_cycles'] / sample:.2f}%"),
             "-" if d_changed is None else f"{100 * d_changed / sample:.2f}%",
         ])
-    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
-    lines = ["  ".join(h.rjust(w) if i > 1 else h.ljust(w) for i, (h, w) in enumerate(zip(head, widths)))]
-    lines.append("  ".join("-" * w for w in widths))
-    for row in rows:
-        lines.append("  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    lines += _table(["case", "dtype", "lora_fast (after every cycle)", "diffusers (after one cycle)"], rows)
+
+    heads = [(r, headline(r)) for r in results]
+    if any(h is not None for _, h in heads):
+        lines += ["", "Headline, lora_fast's warm fuse speed-up over diffusers: " + ", ".join(
+            f"{h:.1f}x ({r['case']} {r['dtype']})" for r, h in heads if h is not None) + "."]
+
     m, fl = report["machine"], report["floor"]
     lines.append("")
-    lines.append(f"times in ms, median of {report.get('repeats', '?')} warm cycles; floor = max(bytes moved / "
-                 f"{fl['copy_bytes_per_s'] / 1e9:.1f} GB/s copy, FLOPs / {fl['matmul_flops_per_s'] / 1e9:.0f} "
-                 f"GFLOP/s matmul) measured in this run")
-    lines.append("changed after unfuse: share of sampled weight elements that differ from the original after "
-                 "fuse+unfuse (lora_fast: after every cycle; diffusers: after one)")
+    lines.append(f"Times in ms. floor = max(bytes moved / {fl['copy_bytes_per_s'] / 1e9:.1f} GB/s copy, FLOPs / "
+                 f"{fl['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s matmul), measured in this run. spread = the largest "
+                 "interquartile range / median of the four warm series.")
     lines.append(f"machine: {m.get('processor')}, {m.get('threads')} threads, {m.get('device')}, torch {m.get('torch')}"
                  + (f", diffusers {m['diffusers']}" if m.get("diffusers") else "")
                  + (f", {m['gpu']}" if m.get("gpu") else ""))
+    before, after = m.get("load_average_before"), m.get("load_average_after")
+    cpus = m.get("cpus_usable") or m.get("cpu_count") or 1
+    if before is not None:
+        lines.append(f"load average (1 min): {before:.2f} before, {after:.2f} after, on {cpus} CPUs")
+    busy = before is not None and before > BUSY_LOAD * cpus
+    noisy = [f"{r['case']} {r['dtype']}" for r in results if (timing_spread(r) or 0) > NOISY_SPREAD]
+    if busy or noisy:
+        why = []
+        if busy:
+            why.append(f"other work was running (load average {before:.2f} on {cpus} CPUs)")
+        if noisy:
+            why.append(f"warm times varied by more than {100 * NOISY_SPREAD:.0f}% ({', '.join(noisy)})")
+        lines.append("warning: " + " and ".join(why) + ": contention slows the two libraries by different amounts, "
+                     "so these ratios may not reproduce; rerun on an idle machine, or with --threads 1 for single-thread figures, "
+                     "which contention distorts much less")
     return "\n".join(lines)
 
 
@@ -371,33 +524,59 @@ def write_chart(report: dict, path: str) -> bool:
         return False
     results = report["results"]
     labels = [f"{r['case']}\n{r['dtype']}" for r in results]
+
+    def get(r, lib, key):
+        return (r.get(lib) or {}).get(key)
+
+    # (label, library, warm key, first-call key, color); bars: warm medians with interquartile whiskers
     series = [
-        ("floor", [r["floor_s"] for r in results], "#999999"),
-        ("lora_fast fuse", [r["lora_fast"].get("fuse_s") for r in results], "#1f77b4"),
-        ("lora_fast unfuse", [r["lora_fast"].get("unfuse_s") for r in results], "#6baed6"),
-        ("diffusers fuse", [(r.get("diffusers") or {}).get("fuse_s") for r in results], "#d62728"),
-        ("diffusers unfuse", [(r.get("diffusers") or {}).get("unfuse_s") for r in results], "#fc9272"),
+        ("floor", None, "floor_s", None, "#999999"),
+        ("lora_fast fuse", "lora_fast", "fuse", "first_fuse_s", "#1f77b4"),
+        ("lora_fast unfuse", "lora_fast", "unfuse", "first_unfuse_s", "#6baed6"),
+        ("diffusers fuse", "diffusers", "fuse", "first_fuse_s", "#d62728"),
+        ("diffusers unfuse", "diffusers", "unfuse", "first_unfuse_s", "#fc9272"),
     ]
-    series = [s for s in series if any(v is not None for v in s[1])]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(4 + 2.6 * len(results), 4.5),
+    series = [s for s in series if s[1] is None or any(get(r, s[1], s[2] + "_s") is not None for r in results)]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(4 + 2.6 * len(results), 5.4),
                                   gridspec_kw={"width_ratios": [3, 1.4]})
     width = 0.8 / len(series)
-    for k, (name, values, color) in enumerate(series):
+    all_values = []
+    first_labelled = False
+    for k, (name, lib, key, first_key, color) in enumerate(series):
         xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(results))]
+        if lib is None:
+            values = [r[key] for r in results]
+            quart = [None] * len(results)
+            firsts = [None] * len(results)
+        else:
+            values = [get(r, lib, key + "_s") for r in results]
+            quart = [get(r, lib, key + "_quartiles_s") for r in results]
+            firsts = [get(r, lib, first_key) for r in results]
         ys = [(v or 0) * 1e3 for v in values]
-        bars = ax.bar(xs, ys, width, label=name, color=color)
+        lo = [max(0.0, (v - q[0]) * 1e3) if (v and q) else 0 for v, q in zip(values, quart)]
+        hi = [max(0.0, (q[1] - v) * 1e3) if (v and q) else 0 for v, q in zip(values, quart)]
+        bars = ax.bar(xs, ys, width, label=name + ("" if lib is None else " (warm median)"), color=color,
+                      yerr=[lo, hi] if lib is not None else None, error_kw=dict(lw=0.8, capsize=2))
+        all_values += [v for v in values if v]
         for b, v in zip(bars, values):
             if v is not None:
-                ax.annotate(f"{v * 1e3:.0f}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
+                ax.annotate(f"{v * 1e3:.0f}" if v >= 0.01 else f"{v * 1e3:.2g}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
                             va="bottom", fontsize=7)
+        pts = [(x, f * 1e3) for x, f in zip(xs, firsts) if f]
+        if pts:
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker="v", s=18, facecolors="none",
+                       edgecolors="black", linewidths=0.8, zorder=3,
+                       label=None if first_labelled else "first call after load")
+            first_labelled = True
+            all_values += [f for f in firsts if f]
     ax.set_yscale("log")
-    smallest = min(v for _, values, _ in series for v in values if v)
-    ax.set_ylim(bottom=smallest * 1e3 / 3)
+    ax.set_ylim(bottom=min(all_values) * 1e3 / 3)
     ax.set_ylabel("ms (log scale, lower is better)")
     ax.set_xticks(range(len(results)))
     ax.set_xticklabels(labels, fontsize=8)
-    ax.set_title("fuse / unfuse time")
-    ax.legend(fontsize=8)
+    ax.set_title(f"fuse / unfuse: median of {report.get('repeats', '?')} warm cycles (bars, interquartile "
+                 "whiskers)\nand the first call after loading (triangles)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
     sample = [r["lora_fast"].get("sample_elements") or 1 for r in results]
     lf_changed = [100 * r["lora_fast"].get("changed_elements_after_cycles", 0) / n for r, n in zip(results, sample)]
     d_changed = [100 * ((r.get("diffusers") or {}).get("changed_elements_after_one_cycle") or 0) / n
@@ -414,7 +593,9 @@ def write_chart(report: dict, path: str) -> bool:
     ax2.set_title("unfuse exactness")
     ax2.legend(fontsize=8)
     m = report["machine"]
-    fig.suptitle(f"lora_fast bench: {m.get('processor')}, {m.get('threads')} threads, {m.get('device')}", fontsize=9)
+    load = m.get("load_average_before")
+    fig.suptitle(f"lora_fast bench: {m.get('processor')}, {m.get('threads')} threads, {m.get('device')}"
+                 + ("" if load is None else f", load average {load:.2f} at start"), fontsize=9)
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=110)

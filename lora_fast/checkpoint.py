@@ -490,7 +490,7 @@ def plan_merge(base: BaseCheckpoint, loras: list[LoraSpec], component: Optional[
             f, th = hit
             label = f"{loras[spec_i].label}: {key}"
             if not _shape_ok(layer, th.shape):
-                mismatched.append(f"{key}: LoRA implies weight shape {tuple(layer.weight_shape)}, "
+                mismatched.append(f"{label}: LoRA implies weight shape {tuple(layer.weight_shape)}, "
                                   f"{os.path.basename(f)} has {th.name} {tuple(th.shape)}")
                 continue
             if th.torch_dtype is None or not th.torch_dtype.is_floating_point or th.dtype == "F4":

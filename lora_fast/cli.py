@@ -50,10 +50,19 @@ def _path_size(path: str) -> tuple[int, list[str]]:
 
 def _read_adapter(path: str, args, component: Optional[str] = None):
     from . import read_lora
+    from .errors import LoraFormatError
 
     if not os.path.exists(path):
         raise UsageError(f"{path}: no such file or directory")
-    return read_lora(path, allow_pickle=getattr(args, "allow_pickle", False), component=component)
+    allow_pickle = getattr(args, "allow_pickle", False)
+    try:
+        return read_lora(path, allow_pickle=allow_pickle, component=component)
+    except LoraFormatError as exc:
+        # read_lora's advice names its Python keyword; on the command line the switch is --allow-pickle
+        if not allow_pickle and "allow_pickle=True" in str(exc):
+            raise UsageError(str(exc).replace("pass allow_pickle=True", "pass --allow-pickle")
+                             .replace("allow_pickle=True", "--allow-pickle")) from exc
+        raise
 
 
 # --------------------------------------------------------------------------------------------------- inspect
@@ -71,7 +80,8 @@ def inspect_adapter(path: str, args=None) -> dict:
     adapter = _read_adapter(path, args, getattr(args, "component", None))
     layers = adapter.layers
     size, files = _path_size(path)
-    per_comp = collections.Counter(split_component(k)[0] or "(none)" for k in layers)
+    per_comp = collections.Counter(split_component(k)[0] for k in layers)
+    unnamed = per_comp.pop(None, 0)
     dtypes = collections.Counter()
     for layer in layers.values():
         for t in (layer.down, layer.up):
@@ -86,6 +96,8 @@ def inspect_adapter(path: str, args=None) -> dict:
         "format": adapter.format,
         "components": {c: per_comp[c] for c in sorted(per_comp, key=lambda c: (
             COMPONENTS.index(c) if c in COMPONENTS else len(COMPONENTS), c))},
+        # modules whose keys name no component (a PEFT adapter saved for one model); --component names it
+        "modules_without_component": unnamed,
         "modules": len(layers),
         "parameters": params,
         "kinds": dict(collections.Counter(l.kind for l in layers.values())),
@@ -117,6 +129,14 @@ def _cmd_inspect(args) -> int:
         sys.stdout.write("\n")
         return 0
     comps = ", ".join(f"{c} ({n})" for c, n in info["components"].items())
+    if info["modules_without_component"]:
+        folder = os.path.basename(os.path.normpath(info["path"]))
+        from .adapter import COMPONENTS
+
+        example = folder if folder in COMPONENTS else "unet"
+        unnamed = (f"none named for {info['modules_without_component']} modules (PEFT keys carry no component; "
+                   f"--component {example} names it)")
+        comps = f"{comps}; {unnamed}" if comps else unnamed
     kinds = ", ".join(f"{k} {n}" for k, n in info["kinds"].items())
     rows = [
         ("path", info["path"]),
@@ -219,15 +239,24 @@ def _cmd_convert(args) -> int:
 
 
 def _parse_lora_arg(text: str) -> tuple[str, float]:
+    """``FILE`` or ``FILE:WEIGHT`` -> (path, weight). A path that exists as given wins (file names may hold colons)."""
+    import math
+
     if os.path.exists(text):
         return text, 1.0
     head, sep, tail = text.rpartition(":")
-    if sep and head:
-        try:
-            return head, float(tail)
-        except ValueError:
-            pass
-    return text, 1.0
+    if not (sep and head):
+        return text, 1.0
+    try:
+        weight = float(tail)
+    except ValueError:
+        if os.path.exists(head):
+            raise UsageError(f"--lora {text}: the weight {tail!r} after the last ':' is not a number "
+                             f"(expected FILE:WEIGHT, e.g. {head}:0.8)") from None
+        return text, 1.0  # neither FILE nor FILE:WEIGHT: reported as a missing file
+    if not math.isfinite(weight):
+        raise UsageError(f"--lora {text}: the weight must be a finite number, got {tail!r}")
+    return head, weight
 
 
 def _progress_factory(enabled: bool):
@@ -305,8 +334,8 @@ def _cmd_bench(args) -> int:
         _quiet_libraries()
     compare = args.compare == "diffusers"
     log = print if args.verbose else (lambda s: print(s, file=sys.stderr))
-    report = bench.run(cases=(case,), dtypes=tuple(dtypes), repeats=args.repeats, compare_diffusers=compare,
-                       size=args.size, device=args.device, log=log)
+    report = bench.run(cases=(case,), dtypes=tuple(dtypes), repeats=args.repeats, warmup=args.warmup,
+                       compare_diffusers=compare, size=args.size, device=args.device, log=log, threads=args.threads)
     paths = bench.write_report(report, args.out)
     print()
     print(bench.format_table(report))
@@ -402,7 +431,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--compare", choices=["diffusers", "none"], default="diffusers",
                    help="also time diffusers' fuse_lora/unfuse_lora (default diffusers)")
-    p.add_argument("--repeats", type=int, default=3, help="timed fuse/unfuse cycles per library (median reported)")
+    p.add_argument("--repeats", type=int, default=None, metavar="N",
+                   help="timed warm fuse/unfuse cycles per library, median reported (default 11: the median stays an "
+                        "undisturbed cycle unless 6 or more of them are disturbed)")
+    p.add_argument("--warmup", type=int, default=None, metavar="W",
+                   help="untimed cycles between the first call after loading (reported on its own) and the timed "
+                        "ones (default 2)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for both libraries (default: torch's default, one per core). On a busy machine "
+                        "--threads 1 gives ratios that contention distorts much less")
     p.add_argument("--out", default="bench-out", metavar="DIR", help="where bench.json and bench.png go")
     p.add_argument("--size", choices=["full", "tiny"], default="full", help=argparse.SUPPRESS)  # tests
     p.set_defaults(func=_cmd_bench)
@@ -416,13 +453,31 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.verbose = getattr(args, "verbose", False)
-    if getattr(args, "command", None) == "bench" and args.rank is not None and args.rank < 1:
-        parser.error("--rank must be >= 1")
+    if getattr(args, "command", None) == "bench":
+        from . import bench
+
+        if args.rank is not None and args.rank < 1:
+            parser.error("--rank must be >= 1")
+        args.repeats = bench.REPEATS if args.repeats is None else args.repeats
+        args.warmup = bench.WARMUP if args.warmup is None else args.warmup
+        if args.repeats < 1:
+            parser.error("--repeats must be >= 1")
+        if args.warmup < 0:
+            parser.error("--warmup must be >= 0")
+        if args.threads is not None and args.threads < 1:
+            parser.error("--threads must be >= 1")
     try:
         return args.func(args)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `lora-fast inspect x | head`: stop quietly, like other command-line tools
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 141
     except _user_errors() as exc:
         if args.verbose:
             traceback.print_exc()

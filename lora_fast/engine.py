@@ -324,7 +324,7 @@ def plan_bind(target, adapter: LoraAdapter, adapter_name: Optional[str], compone
                 raise LoraFormatError(f"{adapter.source or 'adapter'}: {key}: no such module in the target")
             if peft_layer is not None and isinstance(module, peft_layer):
                 _refuse_peft(key, type(module).__name__)
-            _check_shape(layer, module, key)
+            _check_shape(layer, module, f"{adapter.source or 'adapter'}: {key}")
             live_rank = int(layer.mid.shape[0]) if layer.mid is not None else layer.rank
             if cap is not None and live_rank > cap:
                 raise LoraFormatError(
@@ -796,7 +796,7 @@ def hotswap(target, adapter: LoraAdapter, adapter_name: str, components=None) ->
         for path, layer in layers.items():
             key = _label(comp, path)
             module = resolve_module(root, path)
-            _check_shape(layer, module, key)
+            _check_shape(layer, module, f"{src}: {key}")
             slot = by_path[path].slots[adapter_name]
             why = slot.rank_fits(module, layer)
             if why is not None:

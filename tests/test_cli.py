@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -183,6 +184,48 @@ def test_inspect_errors(tmp_path):
     assert proc.returncode == 2 and "Traceback" in proc.stderr
 
 
+def test_inspect_pickle_refusal_names_the_cli_switch(tiny, tmp_path):
+    sd = io.load_file(tiny["lora_a"])
+    pickled = tmp_path / "lora.bin"
+    torch.save(dict(sd), pickled)
+    peft_bin = tmp_path / "peft_bin"
+    peft_bin.mkdir()
+    torch.save({"base_model.model.a.lora_A.weight": torch.zeros(2, 4),
+                "base_model.model.a.lora_B.weight": torch.zeros(4, 2)}, peft_bin / "adapter_model.bin")
+    (peft_bin / "adapter_config.json").write_text('{"r": 2, "lora_alpha": 2}')
+    for path in (pickled, peft_bin):
+        for command in (("inspect", path), ("convert", path, tmp_path / "o.safetensors", "--to", "kohya"),
+                        ("merge", "--base", tiny["pipe"], "--lora", path, "-o", tmp_path / "m")):
+            proc = cli_here(*command)
+            assert_user_error(proc, "--allow-pickle", "pickle")
+            assert "allow_pickle=True" not in proc.stderr  # the Python keyword is not a CLI option
+    proc = cli_here("inspect", pickled, "--allow-pickle", "--json")  # and the switch it names works
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["modules"] == len(lora_fast.read_lora(tiny["lora_a"]).layers)
+
+
+def test_inspect_peft_component_folder_says_no_component_is_named(tmp_path):
+    g = torch.Generator().manual_seed(4)
+    layers = {f"unet.blocks.{i}.proj": LoraLayer(down=torch.randn(2, 6, generator=g), up=torch.randn(5, 2, generator=g),
+                                                 alpha=3) for i in range(3)}
+    layers["text_encoder.text_model.q_proj"] = LoraLayer(down=torch.randn(2, 6, generator=g),
+                                                         up=torch.randn(5, 2, generator=g), alpha=3)
+    LoraAdapter(layers, "diffusers").save(tmp_path / "peft_dir", format="peft")
+    unet_dir = tmp_path / "peft_dir" / "unet"
+    proc = cli_here("inspect", unet_dir)
+    assert proc.returncode == 0, proc.stderr
+    (line,) = [l for l in proc.stdout.splitlines() if l.startswith("components")]
+    assert "(none)" not in line
+    assert "none named for 3 modules" in line and "--component unet" in line  # the folder's name, as the hint
+    info = json.loads(cli_here("inspect", unet_dir, "--json").stdout)
+    assert info["components"] == {} and info["modules_without_component"] == 3 and info["modules"] == 3
+    # --component names it; a multi-component folder names its components and has no unnamed modules
+    proc = cli_here("inspect", unet_dir, "--component", "unet")
+    assert [l for l in proc.stdout.splitlines() if l.startswith("components")] == ["components  unet (3)"]
+    info = json.loads(cli_here("inspect", tmp_path / "peft_dir", "--json").stdout)
+    assert info["components"] == {"unet": 3, "text_encoder": 1} and info["modules_without_component"] == 0
+
+
 # ------------------------------------------------------------------------------------------------ convert
 
 
@@ -345,7 +388,7 @@ def test_merge_errors_leave_nothing_behind(tiny, tmp_path):
     sdxl = build_components("sdxl", "tiny", text_encoders=False)["unet"]
     sdxl.save_pretrained(tmp_path / "sdxl_unet")
     assert_user_error(cli_here("merge", "--base", tmp_path / "sdxl_unet", "--lora", tiny["lora_a"], "-o", out,
-                          "--allow-unmatched"), "does not fit this base model")
+                          "--allow-unmatched"), "does not fit this base model", str(tiny["lora_a"]))
     # single-file LDM checkpoints
     ldm = tmp_path / "ldm.safetensors"
     io.save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2, 2)}, ldm)
@@ -359,6 +402,52 @@ def test_merge_errors_leave_nothing_behind(tiny, tmp_path):
     out.rmdir()
     leftovers = [n for n in os.listdir(tmp_path) if n.startswith(".")]
     assert leftovers == [] and not out.exists() and not (tmp_path / "te.safetensors").exists()
+
+
+def test_merge_lora_weight_that_is_not_a_number(tiny, tmp_path):
+    from lora_fast.cli import _parse_lora_arg
+
+    out = tmp_path / "o"
+    lora = str(tiny["lora_a"])
+    proc = cli_here("merge", "--base", tiny["pipe"], "--lora", f"{lora}:abc", "-o", out)
+    assert_user_error(proc, "'abc'", "not a number", f"{lora}:0.8")
+    assert "no such file" not in proc.stderr
+    assert_user_error(cli_here("merge", "--base", tiny["pipe"], "--lora", f"{lora}:nan", "-o", out), "finite")
+    # a missing file is still reported as missing, with or without a weight
+    missing = tmp_path / "none.safetensors"
+    assert_user_error(cli_here("merge", "--base", tiny["pipe"], "--lora", f"{missing}:0.5", "-o", out),
+                      f"{missing}: no such file")
+    assert_user_error(cli_here("merge", "--base", tiny["pipe"], "--lora", f"{missing}:abc", "-o", out), "no such file")
+    assert not out.exists()
+    # the parse itself: a path that exists as given wins, even with a colon in its name
+    colon = tmp_path / "a:b.safetensors"
+    shutil.copy(lora, colon)
+    assert _parse_lora_arg(str(colon)) == (str(colon), 1.0)
+    assert _parse_lora_arg(f"{colon}:-0.25") == (str(colon), -0.25)
+    assert _parse_lora_arg(f"{lora}:1e-1") == (lora, 0.1)
+
+
+def test_shape_mismatch_on_load_names_the_file(tmp_path):
+    """The engine's shape check (load_lora_weights and hotswap) names the LoRA file like every other load error."""
+    model = torch.nn.Module()
+    model.proj = torch.nn.Linear(32, 32, bias=False)
+    g = torch.Generator().manual_seed(0)
+    path = tmp_path / "wrong_model.safetensors"
+    LoraAdapter({"unet.proj": LoraLayer(down=torch.randn(4, 320, generator=g), up=torch.randn(320, 4, generator=g),
+                                        alpha=4)}, "diffusers").save(path)
+    with pytest.raises(lora_fast.LoraFormatError) as err:
+        lora_fast.load_lora_weights({"unet": model}, str(path))
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: unet.proj: ") and "(320, 320)" in msg and "(32, 32)" in msg, msg
+    assert not any(lora_fast.get_list_adapters({"unet": model}).values()), "nothing was loaded"
+
+    good = tmp_path / "good.safetensors"
+    LoraAdapter({"unet.proj": LoraLayer(down=torch.randn(4, 32, generator=g), up=torch.randn(32, 4, generator=g),
+                                        alpha=4)}, "diffusers").save(good)
+    lora_fast.load_lora_weights({"unet": model}, str(good), adapter_name="style")
+    with pytest.raises(lora_fast.LoraFormatError) as err:
+        lora_fast.load_lora_weights({"unet": model}, str(path), adapter_name="style", hotswap=True)
+    assert str(err.value).startswith(f"{path}: unet.proj: ") and "(320, 320)" in str(err.value), str(err.value)
 
 
 def test_streaming_writer_matches_save_file(tmp_path):
@@ -450,16 +539,92 @@ def test_merge_memory_stays_far_below_the_checkpoint(tmp_path):
 
 def test_bench_tiny_writes_json_and_chart(tmp_path):
     out = tmp_path / "bench-out"
-    proc = cli("bench", "--size", "tiny", "--dtype", "fp16", "--repeats", "1", "--out", out)
+    proc = cli("bench", "--size", "tiny", "--dtype", "fp16", "--repeats", "3", "--warmup", "1", "--threads", "1",
+               "--out", out)
     assert proc.returncode == 0, proc.stderr
-    assert "lora_fast fuse" in proc.stdout and "sd15-attn-r4" in proc.stdout
+    assert "sd15-attn-r4" in proc.stdout
+    for section in ("Warm: median of 3 timed fuse/unfuse cycles per library after 1 untimed warm-up cycles",
+                    "First call after loading", "Exactness", "Headline", "load average (1 min)"):
+        assert section in proc.stdout, section
     report = json.loads((out / "bench.json").read_text())
+    assert report["repeats"] == 3 and report["warmup"] == 1 and report["machine"]["threads"] == 1
+    assert report["machine"]["load_average_before"] is not None
     (r,) = report["results"]
-    assert r["case"] == "sd15-attn-r4" and r["dtype"] == "fp16"
-    assert r["lora_fast"]["fuse_s"] > 0 and r["diffusers"]["fuse_s"] > 0 and r["floor_s"] > 0
+    assert r["case"] == "sd15-attn-r4" and r["dtype"] == "fp16" and r["floor_s"] > 0
+    for lib in ("lora_fast", "diffusers"):
+        d = r[lib]
+        assert len(d["fuse_times_s"]) == len(d["unfuse_times_s"]) == 3, lib
+        assert d["fuse_s"] == sorted(d["fuse_times_s"])[1]  # the median of the warm cycles only
+        assert d["first_fuse_s"] > 0 and d["first_unfuse_s"] > 0
+        assert d["load_fuse_s"] == d["load_s"] + d["first_fuse_s"]
     assert r["lora_fast"]["changed_elements_after_cycles"] == 0
+    assert r["lora_fast"]["fuse_on_load_s"] > 0
     assert report["floor"]["copy_bytes_per_s"] > 0
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_times_the_first_call_apart_from_the_warm_median(monkeypatch):
+    """Deterministic clock: the first fuse/unfuse cost 100 and 50, warm-up cycles 7, timed ones 1..5."""
+    from lora_fast import bench
+
+    clock = [0.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    costs = {"fuse": [100.0, 7.0, 7.0, 3.0, 1.0, 5.0, 2.0, 4.0], "unfuse": [50.0, 7.0, 7.0, 30.0, 10.0, 50.0, 20.0, 40.0]}
+    calls = []
+
+    def step(kind):
+        calls.append(kind)
+        clock[0] += costs[kind].pop(0)
+
+    seen = []
+    d = bench.time_cycles(lambda: step("fuse"), lambda: step("unfuse"), repeats=5, warmup=2,
+                          after_first_fuse=lambda: seen.append(list(calls)),
+                          after_first_cycle=lambda: seen.append(list(calls)))
+    assert calls == ["fuse", "unfuse"] * 8
+    assert seen == [["fuse"], ["fuse", "unfuse"]]
+    assert d["first_fuse_s"] == 100 and d["first_unfuse_s"] == 50
+    assert d["fuse_times_s"] == [3, 1, 5, 2, 4] and d["fuse_s"] == 3 and d["unfuse_s"] == 30
+    assert d["fuse_quartiles_s"] == [2, 4] and d["warmup_cycles"] == 2
+
+
+def _report(lf_fuse, df_fuse, load=0.1, quartiles=None):
+    def lib(fuse, first):
+        return dict(load_s=0.01, first_fuse_s=first, first_unfuse_s=first, fuse_s=fuse, unfuse_s=fuse,
+                    load_fuse_s=0.01 + first, fuse_quartiles_s=quartiles or [fuse, fuse],
+                    unfuse_quartiles_s=[fuse, fuse], fuse_times_s=[fuse], unfuse_times_s=[fuse])
+    lf, df = lib(lf_fuse, 1.0), lib(df_fuse, 9.0)
+    lf.update(changed_elements_after_cycles=0, sample_elements=100)
+    df.update(changed_elements_after_one_cycle=9)
+    return dict(repeats=11, warmup=2, floor=dict(copy_bytes_per_s=1e10, matmul_flops_per_s=1e11),
+                machine=dict(processor="cpu", threads=2, device="cpu", torch="x", cpus_usable=2,
+                             load_average_before=load, load_average_after=load),
+                results=[dict(case="sd15-attn-r4", dtype="fp16", modules=176, params=1, floor_s=0.01,
+                              lora_fast=lf, diffusers=df)])
+
+
+def test_bench_table_headline_is_the_warm_ratio_and_busy_runs_are_flagged():
+    from lora_fast import bench
+
+    text = bench.format_table(_report(0.05, 0.2))
+    assert "median of 11 timed" in text and "after 2 untimed warm-up" in text
+    assert "Headline, lora_fast's warm fuse speed-up over diffusers: 4.0x (sd15-attn-r4 fp16)" in text
+    assert "9.0x faster" in text  # the first calls (1 s vs 9 s) in their own table, not in the headline
+    assert "0 (bit-exact)" in text and "9.00%" in text
+    assert "warning" not in text
+    busy = bench.format_table(_report(0.05, 0.2, load=1.9))
+    assert "warning: other work was running (load average 1.90 on 2 CPUs)" in busy
+    noisy = bench.format_table(_report(0.05, 0.2, quartiles=[0.04, 0.07]))
+    assert "warm times varied by more than 20% (sd15-attn-r4 fp16)" in noisy and "60%" in noisy
+
+
+def test_bench_defaults_are_documented():
+    from lora_fast import bench
+
+    help_text = " ".join(cli_here("bench", "--help").stdout.split())
+    assert f"(default {bench.REPEATS}:" in help_text and f"(default {bench.WARMUP})" in help_text
+    docs = " ".join(open(os.path.join(os.path.dirname(__file__), "..", "docs", "cli.md")).read().split())
+    assert f"the median of {bench.REPEATS} timed" in docs and f"Why {bench.REPEATS}:" in docs
+    assert f"{bench.WARMUP} untimed **warm-up** cycles" in docs and f"Why {bench.WARMUP} warm-up cycles" in docs
 
 
 def test_bench_errors():
@@ -467,3 +632,32 @@ def test_bench_errors():
     assert_user_error(proc, "fp8")
     proc = cli_here("bench", "--model", "flux")
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
+    for bad, needle in ((("--repeats", "0"), "--repeats must be >= 1"), (("--warmup", "-1"), "--warmup must be >= 0"),
+                        (("--threads", "0"), "--threads must be >= 1")):
+        proc = cli_here("bench", "--size", "tiny", *bad)
+        assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------ user-facing text
+
+#: references a user cannot follow: files outside the repository, a tracker they cannot see
+_PRIVATE_REFERENCES = re.compile(r"/work/|\.\./shared|shared/reference|\bissues? ?#?\d+|\bthe issue'?s?\b", re.I)
+
+
+def test_user_facing_text_stands_on_its_own():
+    root = os.path.join(os.path.dirname(__file__), "..")
+    files = ["README.md"]
+    for folder, suffix in (("docs", ".md"), ("examples", ".py"), ("lora_fast", ".py")):
+        for dirpath, _, names in os.walk(os.path.join(root, folder)):
+            files += [os.path.relpath(os.path.join(dirpath, n), root) for n in names if n.endswith(suffix)]
+    assert len(files) > 10
+    found = []
+    for rel in files:
+        with open(os.path.join(root, rel), encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if _PRIVATE_REFERENCES.search(line):
+                    found.append(f"{rel}:{n}: {line.strip()}")
+    for command in ("inspect", "convert", "merge", "bench"):
+        out = cli_here(command, "--help").stdout
+        found += [f"lora-fast {command} --help: {m.group(0)}" for m in _PRIVATE_REFERENCES.finditer(out)]
+    assert found == []
