@@ -1,4 +1,4 @@
-"""Per-sample adapters (issue 7): one UNet step where every sample of the batch runs its own LoRA.
+"""Per-sample adapters: one UNet step where every sample of the batch runs its own LoRA.
 
     python benchmarks/bench_per_sample.py                               # full SD1.5 UNet, CPU, fp32, latent 64
     python benchmarks/bench_per_sample.py --size tiny --repeats 5       # quick check of the script
@@ -14,7 +14,7 @@ to_q/to_k/to_v/to_out.0 of every attention, loaded unfused with lora_fast.load_l
   (c) sequential:  B steps at batch 1, set_adapters([adapter i]) before step i (what (b) replaces)
   (d) one adapter: batch B, one adapter for every sample (set_adapters, the plain live path), for context
 
-The issue's targets (stated for a GPU): (b) <= 1.3x (a) and (c) / (b) >= 4x. Correctness is checked once:
+The targets (stated for a GPU): (b) <= 1.3x (a) and (c) / (b) >= 4x. Correctness is checked once:
 sample i of (b) against the batch-1 run of (c) with adapter i, as max |diff| / max |ref| over the whole output
 (fp32: <= 1e-4; on CUDA at most twice the base model's own batch-B vs batch-1 difference if that is larger).
 fp16/bf16 runs also keep an fp32 copy of the model (same rounded weights and factors): per-sample's error against
@@ -44,7 +44,7 @@ from lora_fast.bench import DTYPES, _cpu_name, median_time
 from lora_fast.models import build_unet, materialize
 
 ATTN = ("to_q", "to_k", "to_v", "to_out.0")
-#: fp32: max |per-sample - alone| / max |alone| accepted (the issue's bound). 16-bit layers are checked against an
+#: fp32: max |per-sample - alone| / max |alone| accepted (the acceptance bound). 16-bit layers are checked against an
 #: fp32 copy of the model instead (see run()): per-sample may be at most this factor less accurate than the plain
 #: single-adapter live path of the same dtype.
 FP32_TOLERANCE = 1e-4
