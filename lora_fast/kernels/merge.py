@@ -3,8 +3,9 @@
 Semantics (all backends):
 
 * ``delta[i, j]`` is accumulated in fp32 as one fused-multiply-add chain over ``k = 0 .. R-1`` starting from +0,
-  ``acc = fma(up[i, k], down[k, j], acc)``. The CPU kernel and the Triton kernel use that same chain, so on the
-  same inputs they give the same delta bits, whatever the tiling or thread count.
+  ``acc = fma(up[i, k], down[k, j], acc)``. The CPU kernel, the Triton kernel and the torch backend (float64
+  elementwise operations, no BLAS: see ``_fma_chain``) use that same chain, so on the same inputs they give the
+  same delta bits, whatever the tiling, thread count or instruction set.
 * ``W' = rn_dtype(fp32(W) + delta)``: the add in fp32, then one rounding to the weight dtype (nearest even).
 * The exact-unfuse record: wherever ``rn_dtype(fp32(W') - delta)`` differs bitwise from the original ``W``, the
   element's position and original bits are kept (:class:`MergeRecord`). :func:`unfuse` recomputes
