@@ -322,7 +322,7 @@ def test_validation_errors_change_nothing(tmp_path):
 # ----------------------------------------------------------------------------------------- CUDA
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_streamed_fuse_equals_load_then_fuse(tmp_path, dtype):
     base = _base(dtype)

@@ -304,7 +304,7 @@ def test_adapters_follow_the_model_dtype_and_park_on_another_device():
         assert v.device.type == "cpu" and torch.equal(v, before[k])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.cuda
 def test_set_lora_device_round_trip_on_gpu():
     model = toy().cuda()
     args = [t.cuda() for t in inputs()]
