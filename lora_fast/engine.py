@@ -30,7 +30,7 @@ from torch import nn
 from .adapter import COMPONENTS, LoraAdapter, LoraLayer, split_component
 from .errors import LoraFormatError, LoraFusionError
 from .kernels import merge as merge_kernels
-from .live import CallScaleHooks, EncodePromptScale, ModuleHook, dora_weight, make_slot
+from .live import CallScaleHooks, EncodePromptScale, ModuleHook, dora_weight, make_slot, sync_state
 from .targets import is_fan_in_fan_out, resolve_components, resolve_module, weight_matrix
 
 
@@ -80,16 +80,19 @@ class ComponentState:
     per_sample_rows: collections.OrderedDict = field(default_factory=collections.OrderedDict)  # row-map LRU
     swaps: int = 0  # bumped by hotswap: tensors may have been replaced (per-sample kernel tables hold addresses)
     slot_epoch: int = 0  # bumped with version except for selection-only changes (see bump)
+    gates: dict = field(default_factory=dict)  # adapter -> live.AdapterGate: what the traced forward runs
 
     def fused_names(self) -> set[str]:
         return {n for step in self.fused for n in step.names}
 
     def bump(self, slots: bool = True) -> None:
         """A change of what runs live; ``slots=False`` when only the selection changed (set_adapters, enable/disable),
-        not the adapters' tensors: per-sample plans (keyed on ``slot_epoch``) then stay valid."""
+        not the adapters' tensors: per-sample plans (keyed on ``slot_epoch``) then stay valid. Call it after the
+        change is complete: it writes the traced forward's gates (and DoRA caches) from the state at once."""
         self.version += 1
         if slots:
             self.slot_epoch += 1
+        sync_state(self, slots)
 
 
 def component_state(module: nn.Module, create: bool = False) -> Optional[ComponentState]:
@@ -594,11 +597,14 @@ def _undo(step: _FusedStep) -> None:
 
 def unfuse(target, components=None) -> None:
     for comp, root, state in _states(target, components):
-        if state.fused:
+        if not state.fused:
+            continue
+        try:
+            while state.fused:
+                _undo(state.fused.pop())
+        finally:
             state.epoch += 1
-            state.bump()
-        while state.fused:
-            _undo(state.fused.pop())
+            state.bump()  # after the weights are restored: the gates and DoRA caches are written from them
 
 
 def fused_record_bytes(target) -> int:

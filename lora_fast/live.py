@@ -11,14 +11,25 @@ per-call scale (diffusers' ``cross_attention_kwargs={"scale": λ}``), w_i the ``
 weight, s_i = alpha/r. w_i and s_i live in 0-d tensors so that changing them (``set_adapters``,
 hotswap) changes data, not code: a ``torch.compile``d model does not recompile.
 
-Which adapters are live is decided lazily: the component state carries a version number that
+Eager calls: which adapters are live is decided lazily: the component state carries a version number that
 ``set_adapters``/``enable``/``fuse``/... bump, and a hook rebuilds its plan (the tuple of slots to
 run) at its next forward when the number changed. So switching adapters costs O(adapters), never
-O(modules). Under torch.compile the traced hook builds its plan from the state without writing that cache, so
-the graph guards only on values that stay put: after the first compiled call, further calls and hotswaps compile
-nothing new (a set_adapters that changes which adapters run does recompile, once per selection). Slots follow a
-model moved to another device/dtype after the load at its next forward; under torch.compile that move happens
-during the first trace and costs one more compile, so move the model before loading adapters.
+O(modules).
+
+Traced calls (torch.compile): which adapters run is data, not code. Every state change ends in
+``ComponentState.bump``, which calls :func:`sync_state`: it writes one 0-d bool *gate* per adapter of the
+component (enabled, active and not fused) and refreshes the DoRA norm caches of live adapters against the current
+base weights. A traced hook reads no plan, version or cache of its own: it runs every slot it holds and keeps each
+one's result with ``torch.where(gate, out + term, out)``, so a gated-off adapter contributes exactly nothing
+(NaN/Inf and the sign of zero included) and the graph guards only on what stays put while one fixed set of
+adapters is loaded. (A module holding a DoRA adapter is the exception: DoRA terms are not additive, so there the
+traced hook follows the active list's order and guards on it.) After the first compiled call, set_adapters (names
+and weights), enable/disable, fuse/unfuse and hotswap compile nothing new; the per-call scale λ costs at most two
+more graphs (the first value other than the first call's, then λ = 0). Loading or deleting an adapter,
+set_lora_device, prepare_hotswap or moving the model changes what the graph holds and compiles once more
+(docs/compile.md). The price: a compiled model computes the branch of every loaded adapter of a module, active or
+not. Slots follow a model moved to another device/dtype after the load at its next forward; under torch.compile
+that move happens during the trace and costs one more compile, so move the model before loading adapters.
 
 DoRA: magnitude axis "out" (PEFT) uses PEFT's forward formula
 ``y = m/‖W + cΔ‖_row · (W x + c·B A x) + b``; the row norms come from three cached vectors
@@ -301,17 +312,19 @@ class LiveSlot:
         return (self.kind == "linear" and self.bias is None and out.dtype == self.down.dtype and out.dim() >= 1
                 and out.is_contiguous() and not (torch.is_grad_enabled() and out.requires_grad))
 
-    def apply(self, module: nn.Module, x: torch.Tensor, out: torch.Tensor, lam: float, weight=None) -> torch.Tensor:
-        """out + this adapter's terms; ``weight`` (a float) replaces the set_adapters weight (per-sample use)."""
+    def apply(self, module: nn.Module, x: torch.Tensor, out: torch.Tensor, lam: float, weight=None,
+              in_place: bool = True) -> torch.Tensor:
+        """out + this adapter's terms; ``weight`` (a float) replaces the set_adapters weight (per-sample use).
+        ``in_place=False``: never write into ``out`` (the traced path keeps ``out`` for its gate)."""
         if weight is None:
             weight = self.weight
         if x.dtype != self.down.dtype and self.kind != "embedding":
             x = x.to(self.down.dtype)
         if self.magnitude is None:
             coef = self.scale * weight
-            if lam != 1.0:
+            if lam != 1.0 or torch.compiler.is_compiling():  # traced: no guard on λ == 1
                 coef = coef * lam
-            if self._in_place(out):
+            if in_place and self._in_place(out):
                 # out += (coef·A x) Bᵀ as one accumulating matmul into the output: no output-sized temporaries
                 h = F.linear(x, self.down) * coef
                 out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), self.up.t())
@@ -321,7 +334,7 @@ class LiveSlot:
         base = out if bias is None else out - _channel_view(bias, self.kind)
         if self.magnitude_axis == "out":
             c = self.scale * weight
-            if lam != 1.0:
+            if lam != 1.0 or torch.compiler.is_compiling():
                 c = c * lam
             p, q, t = self._caches
             gain = self.magnitude / (p + 2.0 * c * q + c * c * t).sqrt()
@@ -329,7 +342,7 @@ class LiveSlot:
             lora = self._lora(module, x, c.to(x.dtype)).to(out.dtype)
             return out + (g - 1.0) * base + g * lora
         (gain,) = self._caches
-        outer = weight if lam == 1.0 else weight * lam
+        outer = weight if lam == 1.0 and not torch.compiler.is_compiling() else weight * lam
         xg = x * _channel_view(gain, self.kind)
         dora = _base_no_bias(module, self.kind, xg) + self._lora(module, xg, self.scale)
         return out + (outer * (dora.to(out.dtype) - base))
@@ -368,8 +381,12 @@ class DenseSlot:
     def refresh_caches(self, module, key) -> None:
         pass
 
-    def apply(self, module: nn.Module, x: torch.Tensor, out: torch.Tensor, lam: float, weight=None) -> torch.Tensor:
-        factor = float(self.weight if weight is None else weight) * lam
+    def apply(self, module: nn.Module, x: torch.Tensor, out: torch.Tensor, lam: float, weight=None,
+              in_place: bool = True) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # float() of a tensor would break the graph: keep the factor a tensor
+            factor = (self.weight if weight is None else weight) * lam
+        else:
+            factor = float(self.weight if weight is None else weight) * lam
         w = module.weight
         if self.layer.magnitude is not None:
             w_oi = w.t() if is_fan_in_fan_out(module) else w
@@ -422,11 +439,7 @@ class ModuleHook:
             self.handle = None
 
     def build_plan(self, module: nn.Module) -> tuple:
-        """The slots to run, from the component state, without touching this hook's cache.
-
-        Plain Python on purpose: under torch.compile dynamo traces it (a disabled function would break the
-        graph into one frame per hook) and guards on what it reads (enabled, the active names, the fused names,
-        the slots' devices), all of which stay put across calls and hotswaps."""
+        """The slots to run eagerly, from the component state (enabled, active, not fused, on this device)."""
         state = self.state
         plan = []
         if state.enabled:
@@ -466,15 +479,11 @@ class ModuleHook:
         if state.per_sample_on:  # inside lora_fast.per_sample_adapters: one adapter mix per sample
             return _per_sample_forward(self, module, args, kwargs, output)
         if torch.compiler.is_compiling():
-            # Traced: build the plan from the state and leave the eager cache alone. Writing the cache here (its
-            # version goes from -1, or a stale number, to the current one) would make the graph's own guard on that
-            # number fail at the next call: every compiled model would compile twice.
-            plan = self.build_plan(module)
-        else:
-            w = module.weight
-            if self.version != state.version or w.device != self.device or w.dtype != self.dtype:
-                self.refresh(module)
-            plan = self.plan
+            return self._traced(module, args, kwargs, output)
+        w = module.weight
+        if self.version != state.version or w.device != self.device or w.dtype != self.dtype:
+            self.refresh(module)
+        plan = self.plan
         if not plan:
             return None
         lam = state.call_scale
@@ -484,6 +493,94 @@ class ModuleHook:
         for slot in plan:
             output = slot.apply(module, x, output, lam)
         return output
+
+    def _traced(self, module: nn.Module, args, kwargs, output):
+        """The forward dynamo traces: every slot of this module runs, each kept or dropped by its adapter's gate
+        (a 0-d bool tensor that :func:`sync_state` writes). Nothing here reads or writes a plan, a version or a
+        cache key, so the graph guards only on the slots this hook holds, their tensors' shapes/devices/dtypes and
+        the module's: set_adapters, enable/disable, fuse/unfuse and hotswap change data, not the graph. Exception:
+        a module holding a factored DoRA slot runs its active adapters in their active order (one graph per
+        distinct active list)."""
+        state = self.state
+        lam = state.call_scale
+        if lam == 0.0:
+            return None
+        gates = state.gates
+        w = module.weight
+        x = args[0] if args else next(iter(kwargs.values()))
+        slots = self.slots
+        if any(not s.dense and s.magnitude is not None for s in slots.values()):
+            # A factored DoRA term is not additive (as in PEFT it rescales the output accumulated so far), so the
+            # order of the active adapters matters here: follow it (the graph guards on the active list).
+            names = [n for n in state.active if n in slots]
+        else:  # plain terms add up: every slot runs, in a fixed order, its gate deciding whether it counts
+            names = list(slots)
+        for name in names:
+            slot = slots[name]
+            gate = gates.get(name)
+            if gate is None:  # not registered yet (cannot happen after a load): nothing runs
+                continue
+            gate = gate.on
+            if slot.device != w.device or (slot.dtype != w.dtype and not slot.dense):
+                # parked by set_lora_device, or the model moved after the load: as eagerly (moving the slot here
+                # is a side effect of the trace: one more compile)
+                if not self.ready(slot, module):
+                    continue
+            if not slot.dense and slot.magnitude is not None and slot._caches is None:
+                continue  # DoRA never live since its load or a move: gated off (sync_state fills it when it goes live)
+            term = slot.apply(module, x, output, lam, in_place=False)
+            output = torch.where(gate, term, output)
+        return output
+
+
+class AdapterGate:
+    """What the traced forward knows of one adapter of a component: ``on``, a 0-d bool tensor (enabled, active and not
+    fused), written in place; ``dora``, the adapter's factored DoRA slots with their modules (their norm caches are
+    brought up to date whenever the adapter is live)."""
+
+    __slots__ = ("on", "dora")
+
+    def __init__(self):
+        self.on = torch.zeros((), dtype=torch.bool)
+        self.dora: list = []
+
+
+def sync_state(state, slots: bool = True) -> None:
+    """Called by ``ComponentState.bump`` after every change of what runs live: write each adapter's gate (the
+    traced forward's only view of enabled/active/fused) and bring the DoRA norm caches of live adapters up to date
+    with the current base weights, which a traced forward cannot do lazily without guarding on the fuse epoch (an
+    eager forward would compute the same caches at its next call). ``slots=False`` (set_adapters, enable/disable:
+    the slots did not change) costs O(adapters) plus any stale DoRA caches of adapters that just became live."""
+    gates = state.gates
+    live = set()
+    if state.enabled:
+        fused = state.fused_names()
+        live = {n for n in state.active if n not in fused}
+    for n in [n for n in gates if n not in state.adapters]:
+        del gates[n]
+    for n, layers in state.adapters.items():
+        gate = gates.get(n)
+        rebuild = slots or gate is None
+        if gate is None:
+            gate = gates[n] = AdapterGate()
+        if rebuild:
+            by_path = state.slot_hooks.get(n, {})
+            gate.dora = []
+            for path, b in layers.items():
+                hook = by_path.get(path)
+                slot = None if hook is None else hook.slots.get(n)
+                if slot is not None and not slot.dense and slot.magnitude is not None:
+                    gate.dora.append((b.module, slot))
+        on = n in live
+        gate.on.fill_(on)  # in place: a compiled graph reads the same tensor at its next call
+        if on:
+            for module, slot in gate.dora:
+                w = module.weight
+                if slot.device != w.device or slot.dtype != w.dtype:
+                    continue  # parked or not moved yet: ModuleHook.ready refreshes it when it moves
+                key = (state.epoch, w.device, w.dtype)
+                if slot.cache_key != key:
+                    slot.refresh_caches(module, key)
 
 
 @torch.compiler.disable
