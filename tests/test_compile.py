@@ -17,7 +17,7 @@ from torch import nn
 
 import lora_fast
 from lora_fast import LoraAdapter, LoraLayer
-from test_live import Toy, inputs, random_adapter, toy
+from test_live import inputs, random_adapter, toy
 
 
 class RecordingBackend:
@@ -104,7 +104,8 @@ def _live_anything(state) -> bool:
 
 def drive(model, make_adapter, args, kwargs=None, steps=20, seed=0, max_rank=8, tol=1e-5):
     """Load three adapters into ``model``, compile it, and drive it and an uncompiled copy through ``steps`` random
-    changes; returns (backend, base output, [outputs]) after checking every step."""
+    changes; returns (backend, base output, first compiled output, [(step, outputs)], state) after checking every
+    step."""
     kwargs = kwargs or {}
     names = ["a", "b", "c"]
     torch._dynamo.reset()
