@@ -523,6 +523,7 @@ def _fuse_tensor(tensor: torch.Tensor, target: _Target, in_dtype: str, out_dtype
     """The merged tensor in ``out_dtype``: same dtype -> the kernel rounds once into it; otherwise the sum is
     formed in fp32 (the input upcast exactly when it is narrower) and rounded to the output dtype."""
     from .kernels import merge as merge_kernels
+    from .live import dora_weight  # the DoRA merge fuse_lora uses: merged files match it bit for bit
 
     work_dtype = in_dtype if (in_dtype == out_dtype and in_dtype in _MERGEABLE) else "F32"
     w = tensor.to(_torch_of(work_dtype)) if tensor.dtype != _torch_of(work_dtype) else tensor
@@ -540,7 +541,7 @@ def _fuse_tensor(tensor: torch.Tensor, target: _Target, in_dtype: str, out_dtype
         merge_kernels.fuse([merge_kernels.MergeJob(weight=w2, up=up, down=down)], record=False)
     for layer, factor in target.dora:
         view = w.t() if layer.fan_in_fan_out else w
-        view.copy_(_dora_weight()(view, layer, factor))
+        view.copy_(dora_weight(view, layer, factor))
     if target.bias:
         acc = w.float()
         for layer, factor in target.bias:
@@ -551,15 +552,6 @@ def _fuse_tensor(tensor: torch.Tensor, target: _Target, in_dtype: str, out_dtype
     if not torch.isfinite(w).all():
         raise LoraFormatError(f"{target.label}: merging gives non-finite weights (NaN/Inf); nothing was written")
     return w
-
-
-def _dora_weight():
-    """The engine's DoRA merge (fp32, one rounding), so merged checkpoints match fuse_lora bit for bit."""
-    try:
-        from .live import dora_weight
-    except ImportError:  # older layout: the engine kept it private
-        from .engine import _dora_fuse as dora_weight
-    return dora_weight
 
 
 def _out_dtype(st_dtype: str, dtype: Optional[str]) -> str:
