@@ -1,4 +1,4 @@
-"""SD1.5-, SD2-, SDXL- and SD3-shaped models built from their configs with random weights.
+"""SD1.5-, SD2-, SDXL-, SD3- and Flux.1-shaped models built from their configs with random weights.
 
 There is no model hub here, so tests and benchmarks build the real diffusers/transformers module
 trees from the published configs: ``size="full"`` for benchmarks and name tables, ``size="tiny"``
@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-FAMILIES = ("sd15", "sd2", "sdxl", "sd3")
+FAMILIES = ("sd15", "sd2", "sdxl", "sd3", "flux")
 
 _SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -51,6 +51,16 @@ _TINY_SDXL_UNET = dict(block_out_channels=(32, 64, 64), transformer_layers_per_b
                        projection_class_embeddings_input_dim=8 * 6 + 32, norm_num_groups=8, sample_size=8)
 _TINY_SD3 = dict(sample_size=8, num_layers=2, attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
                  caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=16)
+# Flux.1-dev transformer (black-forest-labs/FLUX.1-dev transformer/config.json) and its T5-XXL text_encoder_2.
+_FLUX_TRANSFORMER = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+)
+_TINY_FLUX = dict(in_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+                  joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8))
+_T5_XXL = dict(vocab_size=32128, d_model=4096, d_ff=10240, num_layers=24, num_heads=64, d_kv=64,
+               feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False)
+_TINY_T5 = dict(vocab_size=1000, d_model=32, d_ff=37, num_layers=2, num_heads=4, d_kv=8)
 _TINY_CLIP = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, projection_dim=32)
 
 
@@ -69,7 +79,7 @@ def unet_config(family: str, size: str = "full") -> dict:
 def text_encoder_config(family: str, which: int = 1, size: str = "full") -> dict:
     """which=1 is ``text_encoder``, 2 is ``text_encoder_2`` (SDXL, SD3)."""
     base = {("sd15", 1): _CLIP_L, ("sd2", 1): _CLIP_H, ("sdxl", 1): _CLIP_L, ("sdxl", 2): _CLIP_G,
-            ("sd3", 1): _CLIP_L, ("sd3", 2): _CLIP_G}[(family, which)]
+            ("sd3", 1): _CLIP_L, ("sd3", 2): _CLIP_G, ("flux", 1): _CLIP_L}[(family, which)]
     cfg = dict(base, vocab_size=49408, max_position_embeddings=77)
     if size != "full":
         cfg.update(_TINY_CLIP, vocab_size=1000, bos_token_id=0, eos_token_id=2, pad_token_id=1)
@@ -108,11 +118,42 @@ def build_sd3_transformer(size: str = "tiny", *, dtype=torch.float32, device="cp
         return _cast(SD3Transformer2DModel(**cfg), dtype)
 
 
+def flux_transformer_config(size: str = "tiny", **override) -> dict:
+    """FluxTransformer2DModel kwargs: ``"full"`` is Flux.1-dev, ``"tiny"`` has the same block structure with
+    small widths; ``override`` replaces any entry (e.g. ``num_layers=1, num_single_layers=1`` for a full-width
+    model with one block of each kind)."""
+    cfg = dict(_FLUX_TRANSFORMER, **(_TINY_FLUX if size != "full" else {}))
+    cfg.update(override)
+    return cfg
+
+
+def build_flux_transformer(size: str = "tiny", *, dtype=torch.float32, device="cpu", seed: Optional[int] = 0,
+                           **override):
+    """A FluxTransformer2DModel with random weights (see flux_transformer_config for ``size``/``override``).
+
+    ``device="meta"`` builds the tree without memory; give it weights with :func:`materialize`."""
+    from diffusers import FluxTransformer2DModel
+
+    with _seeded(seed), torch.device(device):
+        return _cast(FluxTransformer2DModel(**flux_transformer_config(size, **override)), dtype)
+
+
+def build_t5_encoder(size: str = "tiny", *, dtype=torch.float32, device="cpu", seed: Optional[int] = 0):
+    """Flux's ``text_encoder_2``: a T5EncoderModel (T5-XXL at ``"full"``, 2 small layers at ``"tiny"``)."""
+    from transformers import T5Config, T5EncoderModel
+
+    cfg = dict(_T5_XXL, **(_TINY_T5 if size != "full" else {}))
+    with _seeded(seed), torch.device(device):
+        return _cast(T5EncoderModel(T5Config(**cfg)), dtype)
+
+
 def build_text_encoder(family: str, which: int = 1, size: str = "tiny", *, dtype=torch.float32, device="cpu",
                        seed: Optional[int] = 0):
     """SD1.x/SD2 and SDXL text_encoder are CLIPTextModel; text_encoder_2 is CLIPTextModelWithProjection."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    if family == "flux" and which == 2:
+        return build_t5_encoder(size, dtype=dtype, device=device, seed=seed)
     cls = CLIPTextModelWithProjection if (which == 2 or family == "sd3") else CLIPTextModel
     with _seeded(seed), torch.device(device):
         return _cast(cls(CLIPTextConfig(**text_encoder_config(family, which, size))), dtype)
@@ -120,22 +161,25 @@ def build_text_encoder(family: str, which: int = 1, size: str = "tiny", *, dtype
 
 def build_components(family: str, size: str = "tiny", *, dtype=torch.float32, device="cpu", seed: Optional[int] = 0,
                      text_encoders: bool = True) -> dict[str, torch.nn.Module]:
-    """{component name: module} as a diffusers pipeline of that family holds them (no VAE, no T5)."""
+    """{component name: module} as a diffusers pipeline of that family holds them (no VAE; no T5 except for
+    Flux, whose text_encoder_2 is a T5EncoderModel)."""
     seed2 = None if seed is None else seed + 1
     seed3 = None if seed is None else seed + 2
     if family == "sd3":
         out = {"transformer": build_sd3_transformer(size, dtype=dtype, device=device, seed=seed)}
+    elif family == "flux":
+        out = {"transformer": build_flux_transformer(size, dtype=dtype, device=device, seed=seed)}
     else:
         out = {"unet": build_unet(family, size, dtype=dtype, device=device, seed=seed)}
     if text_encoders:
         out["text_encoder"] = build_text_encoder(family, 1, size, dtype=dtype, device=device, seed=seed2)
-        if family in ("sdxl", "sd3"):
+        if family in ("sdxl", "sd3", "flux"):
             out["text_encoder_2"] = build_text_encoder(family, 2, size, dtype=dtype, device=device, seed=seed3)
     return out
 
 
 def build_pipeline(family: str, size: str = "tiny", *, dtype=torch.float32, device="cpu", seed: Optional[int] = 0):
-    """A real diffusers pipeline object around build_components (tiny VAE, no tokenizers, no T5).
+    """A real diffusers pipeline object around build_components (tiny VAE, no tokenizers; T5 only for Flux).
 
     Enough for diffusers' own LoRA loading/fusing (the interop oracle) and for lora_fast's
     pipeline targets; not for generating images from text.
@@ -146,7 +190,12 @@ def build_pipeline(family: str, size: str = "tiny", *, dtype=torch.float32, devi
     with _seeded(seed), torch.device(device):
         vae = _cast(diffusers.AutoencoderKL(
             block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
-            latent_channels=16 if family == "sd3" else 4, norm_num_groups=8), dtype)
+            latent_channels=16 if family in ("sd3", "flux") else 4, norm_num_groups=8), dtype)
+    if family == "flux":
+        return diffusers.FluxPipeline(
+            scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=comps.get("text_encoder"),
+            tokenizer=None, text_encoder_2=comps.get("text_encoder_2"), tokenizer_2=None,
+            transformer=comps["transformer"])
     if family == "sd3":
         return diffusers.StableDiffusion3Pipeline(
             transformer=comps["transformer"], scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae,
