@@ -142,6 +142,54 @@ void bind_safetensors(py::module_& m) {
         py::arg("buffer"), "Validate a complete safetensors file held in a buffer and return its header.");
 
     m.def(
+        "safetensors_dtypes",
+        [] {
+            py::list out;
+            for (int i = 0; i < st::kDtypeCount; ++i)
+                out.append(py::make_tuple(st::dtype_name(st::Dtype(i)), st::dtype_bits(st::Dtype(i))));
+            return out;
+        },
+        "The dtype table: [(name, bits per element)] in the safetensors enum order (the writer sorts by it).");
+
+    m.def(
+        "safetensors_layout",
+        [](const py::list& tensors, const py::object& metadata) {
+            // The writer's header and data order for tensors whose bytes come later (a streaming writer):
+            // build_header never reads the data, so each entry points at a placeholder byte.
+            static const uint8_t kLayoutOnly = 0;
+            std::vector<st::TensorToWrite> items;
+            items.reserve(tensors.size());
+            for (const py::handle entry : tensors) {
+                const auto tup = entry.cast<py::tuple>();
+                if (tup.size() != 4) throw py::value_error("layout entries are (name, dtype, shape, nbytes)");
+                st::TensorToWrite t;
+                t.name = tup[0].cast<std::string>();
+                const auto dtype_str = tup[1].cast<std::string>();
+                const auto dtype = st::parse_dtype(dtype_str);
+                if (!dtype) throw st::FormatError("tensor " + t.name + ": unknown dtype " + dtype_str);
+                t.dtype = *dtype;
+                t.shape = tup[2].cast<std::vector<uint64_t>>();
+                t.data = &kLayoutOnly;
+                t.nbytes = tup[3].cast<uint64_t>();
+                items.push_back(std::move(t));
+            }
+            std::optional<st::Metadata> md;
+            if (!metadata.is_none()) md = metadata.cast<st::Metadata>();
+            const std::string json = st::build_header(items, md ? &*md : nullptr);
+            std::string prefixed(8, '\0');
+            uint64_t n = json.size();
+            for (int i = 0; i < 8; ++i, n >>= 8) prefixed[size_t(i)] = char(n & 0xFF);
+            prefixed += json;
+            py::list order;
+            for (const auto& t : items) order.append(py::make_tuple(py::str(t.name), t.nbytes));
+            return py::make_tuple(py::bytes(prefixed), order);
+        },
+        py::arg("tensors"), py::arg("metadata"),
+        "The bytes save_file writes before the data (8-byte size + padded JSON header) and the data order "
+        "[(name, nbytes)] for tensors [(name, dtype, shape, nbytes)]; metadata: None or [(key, value)]. Validates "
+        "as save_file does (FormatError).");
+
+    m.def(
         "safetensors_save",
         [](const std::string& path, const py::list& tensors, const py::object& metadata, int64_t fail_after_bytes) {
             std::vector<st::TensorToWrite> items;

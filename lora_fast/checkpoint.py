@@ -25,17 +25,13 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
+from . import _C
 from .adapter import COMPONENTS, LoraAdapter, LoraLayer, split_component
 from .errors import LoraFormatError
-from .io import SafetensorsHeader, TensorHeader, read_header
+from .formats import PICKLE_SUFFIXES
+from .io import SafetensorsHeader, TensorHeader, read_header, tensor_nbytes
+from .targets import alternative_paths
 
-# safetensors' dtype enum order (docs/safetensors.md): the writer sorts data by dtype descending, then by name.
-DTYPE_ORDER = ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ",
-               "F8_E5M2FNUZ", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64")
-_DTYPE_RANK = {name: i for i, name in enumerate(DTYPE_ORDER)}
-_DTYPE_BITS = {"BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8,
-               "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
-               "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64}
 #: --dtype names -> safetensors dtype strings
 OUTPUT_DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 
@@ -52,44 +48,33 @@ _MERGEABLE = ("F32", "F16", "BF16")  # weight dtypes the merge kernel rounds to
 _COPY_CHUNK = 8 << 20
 
 
-def tensor_nbytes(dtype: str, shape: Iterable[int]) -> int:
-    return math.prod(shape) * _DTYPE_BITS[dtype] // 8
-
-
 # ----------------------------------------------------------------------------------------------- streaming writer
 
 
 class StreamingSafetensorsWriter:
     """Write a safetensors file whose header is known up front, one tensor's bytes at a time.
 
-    ``entries`` are ``(name, dtype string, shape)``. The header and the data order are the ones ``save_file``
-    (and safetensors) produce: ``__metadata__`` first, tensors by dtype descending then name, compact JSON padded
-    with spaces to a multiple of 8. Call :meth:`write` with each tensor's bytes in :attr:`order`, then
+    ``entries`` are ``(name, dtype string, shape)``. The header bytes and the data order come from the C++ core's
+    writer (``_C.safetensors_layout``, the same ``build_header`` that ``io.save_file`` uses), so the output is
+    byte-identical to ``io.save_file`` and safetensors. Only the data is written here, tensor by tensor: the merge
+    produces one tensor at a time and must never hold a whole checkpoint, which the core's one-call ``save_file``
+    would need. Call :meth:`write` with each tensor's bytes in :attr:`order`, then
     :meth:`close`; the file appears at ``path`` only then (temporary file, fsync, rename, fsync of the directory).
     On an exception inside the ``with`` block the temporary file is removed and ``path`` is left untouched.
     """
 
     def __init__(self, path: str, entries, metadata: Optional[dict] = None):
         self.path = os.fspath(path)
-        entries = [(n, d, tuple(int(x) for x in s)) for n, d, s in entries]
-        names = [n for n, _, _ in entries]
-        if len(set(names)) != len(names):
-            raise LoraFormatError(f"{self.path}: duplicate tensor names")
-        entries.sort(key=lambda e: (-_DTYPE_RANK[e[1]], e[0].encode("utf-8")))
-        header: dict = {}
-        if metadata:
-            header["__metadata__"] = dict(metadata)
-        offset = 0
-        self.order: list[tuple[str, int]] = []
-        for name, dtype, shape in entries:
-            n = tensor_nbytes(dtype, shape)
-            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
-            self.order.append((name, n))
-            offset += n
-        text = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-        text += b" " * (-len(text) % 8)
-        self._header = len(text).to_bytes(8, "little") + text
-        self.data_bytes = offset
+        layout = []
+        for n, d, shape in entries:
+            shape = [int(x) for x in shape]
+            layout.append((n, d, shape, tensor_nbytes(d, shape)))
+        try:
+            self._header, order = _C.safetensors_layout(layout, list(metadata.items()) if metadata else None)
+        except LoraFormatError as e:
+            raise LoraFormatError(f"{self.path}: {e}") from None
+        self.order: list[tuple[str, int]] = order
+        self.data_bytes = sum(n for _, n in order)
         self._next = 0
         self._file = None
         self._tmp = None
@@ -226,7 +211,6 @@ def _copy_chunks(fd: int, th: TensorHeader, buf: memoryview, where: str):
 
 WEIGHT_SUFFIX = ".safetensors"
 INDEX_SUFFIX = ".safetensors.index.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # Single-file LDM/SGM checkpoints (A1111/ComfyUI layout) and OpenCLIP's fused attention weights.
 _LDM_PREFIXES = ("model.diffusion_model.", "cond_stage_model.", "conditioner.embedders.", "first_stage_model.")
 _CLASS_COMPONENT = {"UNet2DConditionModel": "unet", "CLIPTextModel": "text_encoder",
@@ -388,12 +372,6 @@ class _Target:
     label: str = ""
 
 
-def _alt_paths(path: str) -> list[str]:
-    if path.startswith("text_model."):
-        return [path, path[len("text_model."):]]
-    return [path, "text_model." + path]
-
-
 def _shape_ok(layer: LoraLayer, shape: tuple) -> bool:
     if layer.kind == "embedding":
         return tuple(shape) == layer.weight_shape
@@ -422,7 +400,7 @@ def _match_count(group: WeightGroup, items) -> int:
     names = group.names()
     n = 0
     for _, path, _, layer in items:
-        for p in _alt_paths(path):
+        for p in alternative_paths(path):
             hit = names.get(p + ".weight")
             if hit is not None:
                 n += _shape_ok(layer, hit[1].shape)
@@ -481,7 +459,7 @@ def plan_merge(base: BaseCheckpoint, loras: list[LoraSpec], component: Optional[
         names = g.names()
         for spec_i, path, key, layer in items:
             hit = None
-            for p in _alt_paths(path):
+            for p in alternative_paths(path):
                 hit = names.get(p + ".weight")
                 if hit is not None:
                     break

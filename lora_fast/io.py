@@ -17,6 +17,7 @@ arguments to :func:`save_file` raise it too. Operating-system failures raise ``O
 from __future__ import annotations
 
 import collections
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -40,6 +41,15 @@ __all__ = [
 ]
 
 PathLike = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
+
+#: The one dtype table, from the C++ core: safetensors dtype string -> bits per element, in the format's enum order
+#: (the writer sorts data by it, descending).
+DTYPE_BITS: dict[str, int] = dict(_C.safetensors_dtypes())
+
+
+def tensor_nbytes(dtype: str, shape) -> int:
+    """Bytes of a tensor of safetensors ``dtype`` and ``shape`` (as the file counts it)."""
+    return math.prod(shape) * DTYPE_BITS[dtype] // 8
 
 # safetensors dtype string -> torch dtype, for the dtypes this torch has (F6_E2M3/F6_E3M2 have none).
 _TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -68,6 +78,7 @@ _TORCH_DTYPES: dict[str, torch.dtype] = {
     }.items()
     if dt is not None
 }
+assert set(_TORCH_DTYPES) <= set(DTYPE_BITS), "a torch mapping for a dtype the core does not know"
 _SAFETENSORS_DTYPES: dict[torch.dtype, str] = {dt: name for name, dt in _TORCH_DTYPES.items()}
 # torch packs two F4 values per element along the last dimension; the file's shape counts single values.
 _PACKED_F4 = _TORCH_DTYPES.get("F4")
@@ -493,8 +504,8 @@ def read_metadata(path: PathLike) -> dict[str, str]:
     return read_header(path).metadata
 
 
-def _memory_span(tensor: torch.Tensor) -> tuple[int, int]:
-    """[first byte, one past the last byte) that a strided tensor's elements occupy."""
+def memory_span(tensor: torch.Tensor) -> tuple[int, int]:
+    """[first byte, one past the last byte) that a strided tensor's elements occupy (the one span helper)."""
     last = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
     start = tensor.data_ptr()
     return start, start + (last + 1) * tensor.element_size()
@@ -506,7 +517,7 @@ def _check_no_aliasing(tensors: Mapping, shown: str) -> None:
     for name, t in tensors.items():
         if t.numel() == 0 or t.device.type == "meta":
             continue
-        start, end = _memory_span(t)
+        start, end = memory_span(t)
         spans.append((str(t.device), start, end, name))
     spans.sort()
     prev = None

@@ -51,7 +51,9 @@ def resolve_components(target) -> dict[Optional[str], nn.Module]:
     return out
 
 
-def _alternative_paths(path: str) -> list[str]:
+def alternative_paths(path: str) -> list[str]:
+    """A diffusers module path with and without the CLIP ``text_model.`` level (transformers 4 vs 5 trees), the
+    given spelling first: the one resolver for live modules (:func:`resolve_module`) and checkpoint names."""
     if path.startswith("text_model."):
         return [path, path[len("text_model."):]]
     return [path, "text_model." + path]
@@ -59,7 +61,7 @@ def _alternative_paths(path: str) -> list[str]:
 
 def resolve_module(root: nn.Module, path: str) -> Optional[nn.Module]:
     """The submodule at a diffusers path, trying the path with and without ``text_model.``; None if absent."""
-    for candidate in _alternative_paths(path):
+    for candidate in alternative_paths(path):
         try:
             return root.get_submodule(candidate)
         except AttributeError:

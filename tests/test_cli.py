@@ -468,6 +468,35 @@ def test_streaming_writer_matches_save_file(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["ref.safetensors", "s.safetensors"]
 
 
+@pytest.mark.parametrize("metadata", [None, {"q\"uote": "back\\slash\nnewline\u0001 ✓"}])
+def test_streaming_writer_escapes_and_validates_like_save_file(tmp_path, metadata):
+    # Header layout comes from the one C++ writer: JSON escapes, no-metadata case and validation agree with save_file.
+    tensors = {"a\"b\\c\td": torch.ones(3, dtype=torch.float64), "\u00e9\u0002": torch.zeros(2, 2, dtype=torch.int8),
+               "F": torch.ones(1, dtype=torch.bool)}
+    io.save_file(tensors, tmp_path / "ref.safetensors", metadata=metadata)
+    entries = [(n, io._SAFETENSORS_DTYPES[t.dtype], t.shape) for n, t in tensors.items()]
+    with checkpoint.StreamingSafetensorsWriter(str(tmp_path / "s.safetensors"), entries, metadata) as w:
+        for name, _ in w.order:
+            w.write(name, tensors[name])
+    assert (tmp_path / "s.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    bad = str(tmp_path / "bad.safetensors")
+    with pytest.raises(lora_fast.LoraFormatError, match=r"bad\.safetensors: tensor \"x\": name used twice"):
+        checkpoint.StreamingSafetensorsWriter(bad, [("x", "F32", (1,)), ("x", "F16", (2,))], None)
+    with pytest.raises(lora_fast.LoraFormatError, match="__metadata__"):
+        checkpoint.StreamingSafetensorsWriter(bad, [("__metadata__", "F32", (1,))], None)
+
+
+def test_one_dtype_table_from_the_core():
+    # Python's names and sizes are the C++ table's; every torch dtype io maps has the element size the table says.
+    assert list(io.DTYPE_BITS)[:3] == ["BOOL", "F4", "F6_E2M3"] and list(io.DTYPE_BITS)[-1] == "U64"
+    assert len(io.DTYPE_BITS) == 22 and io.DTYPE_BITS["F6_E3M2"] == 6 and io.DTYPE_BITS["C64"] == 64
+    for name, dt in io._TORCH_DTYPES.items():
+        bits = torch.empty(0, dtype=dt).element_size() * 8
+        assert bits == (8 if name == "F4" else io.DTYPE_BITS[name]), name  # torch packs F4 two per byte
+    assert io.tensor_nbytes("F4", (3, 4)) == 6 and io.tensor_nbytes("BF16", (2, 3)) == 12
+    assert not hasattr(checkpoint, "DTYPE_ORDER") and checkpoint.PICKLE_SUFFIXES is lora_fast.formats.PICKLE_SUFFIXES
+
+
 MEMORY_SCRIPT = textwrap.dedent("""
     import os, resource, sys, threading, time
     import psutil
