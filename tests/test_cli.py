@@ -486,6 +486,35 @@ def test_streaming_writer_escapes_and_validates_like_save_file(tmp_path, metadat
         checkpoint.StreamingSafetensorsWriter(bad, [("__metadata__", "F32", (1,))], None)
 
 
+RUNTIME_IMPORT_SCRIPT = textwrap.dedent("""
+    import os, sys, tempfile
+    import torch
+    import lora_fast, lora_fast.cli, lora_fast.checkpoint, lora_fast.engine, lora_fast.formats, lora_fast.fuse_on_load
+    import lora_fast.io, lora_fast.live, lora_fast.per_sample
+    from lora_fast import LoraAdapter, LoraLayer
+
+    d = tempfile.mkdtemp()
+    a = LoraAdapter({"unet.proj": LoraLayer(down=torch.ones(2, 4), up=torch.ones(4, 2), alpha=2)}, "diffusers")
+    for fmt in ("diffusers", "peft"):
+        a.save(os.path.join(d, fmt + ("" if fmt == "peft" else ".safetensors")), format=fmt)
+        lora_fast.read_lora(os.path.join(d, fmt + ("" if fmt == "peft" else ".safetensors")))
+    model = torch.nn.Module(); model.proj = torch.nn.Linear(4, 4)
+    lora_fast.load_lora_weights({"unet": model}, os.path.join(d, "diffusers.safetensors"), adapter_name="x")
+    lora_fast.fuse_lora({"unet": model})
+    print(sorted(m for m in sys.modules
+                 if m.split(".")[0] in ("safetensors", "diffusers", "transformers", "peft")
+                 or m in ("lora_fast.bench", "lora_fast.models")))
+""")
+
+
+def test_runtime_never_imports_bench_models_or_safetensors():
+    # bench.py/models.py (benchmark harness, diffusers-built models) load only for `lora-fast bench`; the runtime
+    # reads and writes safetensors with its own C++ core, so `safetensors` is a test oracle, not a dependency.
+    out = subprocess.run([sys.executable, "-c", RUNTIME_IMPORT_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
 def test_one_dtype_table_from_the_core():
     # Python's names and sizes are the C++ table's; every torch dtype io maps has the element size the table says.
     assert list(io.DTYPE_BITS)[:3] == ["BOOL", "F4", "F6_E2M3"] and list(io.DTYPE_BITS)[-1] == "U64"
