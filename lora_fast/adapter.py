@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -145,6 +145,17 @@ class LoraLayer:
         )
 
 
+# LoraAdapter.save's writer: lora_fast.formats registers its write_adapter here when imported (lora_fast/__init__
+# imports it, so it is set whenever the package is). The data model stays below the formats and never imports them.
+_adapter_writer: Optional[Callable[["LoraAdapter", object, str], None]] = None
+
+
+def register_adapter_writer(writer: Callable[["LoraAdapter", object, str], None]) -> None:
+    """Set the function behind :meth:`LoraAdapter.save` (``writer(adapter, path, format)``)."""
+    global _adapter_writer
+    _adapter_writer = writer
+
+
 @dataclass(eq=False)
 class LoraAdapter:
     """A whole adapter: ``layers`` keyed by ``<component>.<module path>`` (diffusers naming).
@@ -184,9 +195,9 @@ class LoraAdapter:
         Every module's delta is preserved exactly; what the target format cannot express raises
         LoraFormatError before anything is written.
         """
-        from .formats import write_adapter
-
-        write_adapter(self, path, format)
+        if _adapter_writer is None:
+            raise RuntimeError("no LoRA writer registered: import lora_fast (its formats package registers one)")
+        _adapter_writer(self, path, format)
 
     def __repr__(self) -> str:
         ranks = sorted({l.rank for l in self.layers.values()})

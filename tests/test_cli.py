@@ -515,6 +515,29 @@ def test_runtime_never_imports_bench_models_or_safetensors():
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
 
 
+def test_adapter_never_imports_formats_and_save_still_writes_every_format(tmp_path):
+    # The data model sits below the formats: LoraAdapter.save goes through the writer lora_fast.formats registers.
+    import ast
+    import lora_fast.adapter
+    import lora_fast.formats
+
+    tree = ast.parse(open(lora_fast.adapter.__file__, encoding="utf-8").read())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
+        a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not any(m and "formats" in m for m in imported), imported
+    assert lora_fast.adapter._adapter_writer is lora_fast.formats.write_adapter
+    g = torch.Generator().manual_seed(3)
+    a = LoraAdapter({"unet.proj": LoraLayer(down=torch.randn(2, 4, generator=g), up=torch.randn(4, 2, generator=g),
+                                            alpha=2)}, "diffusers")
+    for fmt, name in (("diffusers", "d.safetensors"), ("peft", "p")):
+        a.save(tmp_path / name, format=fmt)
+        back = lora_fast.read_lora(str(tmp_path / name))
+        (layer,) = back.layers.values()  # a one-component PEFT directory comes back without the prefix
+        assert torch.equal(layer.up, a.layers["unet.proj"].up) and back.format == fmt, fmt
+    with pytest.raises(lora_fast.LoraFormatError, match="unknown LoRA format"):
+        a.save(tmp_path / "x.safetensors", format="nope")
+
+
 def test_one_dtype_table_from_the_core():
     # Python's names and sizes are the C++ table's; every torch dtype io maps has the element size the table says.
     assert list(io.DTYPE_BITS)[:3] == ["BOOL", "F4", "F6_E2M3"] and list(io.DTYPE_BITS)[-1] == "U64"

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from ..adapter import LoraAdapter
+from ..adapter import LoraAdapter, register_adapter_writer
 from ..errors import LoraFormatError
 from .detect import FORMATS, detect_format
 from .diffusers import LORA_WEIGHT_NAME, LORA_WEIGHT_NAME_SAFE, read_diffusers, save_lora_weights, write_diffusers
@@ -215,6 +215,9 @@ def write_adapter(adapter: LoraAdapter, path, format: str = "diffusers") -> None
         if parent:
             os.makedirs(parent, exist_ok=True)
         io.save_file(prepare_for_save(tensors), path, metadata={"format": "pt"})
+
+
+register_adapter_writer(write_adapter)  # LoraAdapter.save delegates here; adapter.py never imports formats
 
 
 __all__ = ["read_lora", "write_adapter", "save_lora_weights", "detect_format", "FORMATS"]
