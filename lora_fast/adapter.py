@@ -160,15 +160,18 @@ def register_adapter_writer(writer: Callable[["LoraAdapter", object, str], None]
 class LoraAdapter:
     """A whole adapter: ``layers`` keyed by ``<component>.<module path>`` (diffusers naming).
 
-    format: where it came from: ``"diffusers"``, ``"peft"`` or ``"kohya"``.
+    format: where it came from: ``"diffusers"``, ``"peft"`` or ``"kohya"``; for Flux.1 files in BFL module
+      names also ``"bfl"`` (ComfyUI / BFL names) or ``"xlabs"`` (XLabs processor names).
     metadata: the source file's header metadata (string to string), if any.
     source: the path it was read from, if any (used in error messages).
+    family: the model family the file's key layout names, when the reader knows it (``"flux"``), else None.
     """
 
     layers: dict[str, LoraLayer]
     format: str
     metadata: dict[str, str] = field(default_factory=dict)
     source: Optional[str] = None
+    family: Optional[str] = None
 
     def components(self) -> list[str]:
         """Component prefixes present, in COMPONENTS order; ``[None]``-free (un-prefixed keys are ignored)."""
@@ -186,7 +189,8 @@ class LoraAdapter:
 
     def to(self, device=None, dtype=None) -> "LoraAdapter":
         return LoraAdapter(
-            {k: v.to(device, dtype) for k, v in self.layers.items()}, self.format, dict(self.metadata), self.source
+            {k: v.to(device, dtype) for k, v in self.layers.items()}, self.format, dict(self.metadata), self.source,
+            self.family,
         )
 
     def save(self, path, format: str = "diffusers") -> None:

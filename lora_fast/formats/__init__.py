@@ -77,6 +77,11 @@ def _read_peft_config(directory: str, where: str) -> Optional[dict]:
 
 def _from_state_dict(state_dict: dict, *, header: dict, config: Optional[dict], component: Optional[str],
                      where: str) -> LoraAdapter:
+    from .flux import detect_flux_layout, read_flux
+
+    layout = detect_flux_layout(state_dict.keys())
+    if layout is not None:
+        return read_flux(state_dict, layout, source=where, metadata=header)
     fmt = detect_format(state_dict.keys(), source=where)
     if fmt == "kohya":
         from .kohya import read_kohya

@@ -1,0 +1,264 @@
+"""Flux.1 LoRA layouts that do not use diffusers module names: kohya sd-scripts, BFL/ComfyUI and XLabs.
+
+All three name modules of the original BFL Flux code (``double_blocks.N.img_attn.qkv``,
+``single_blocks.N.linear1``...), where diffusers' ``FluxTransformer2DModel`` has separate modules
+(``attn.to_q/to_k/to_v``, ``proj_mlp``...). The mapping is data: :data:`FLUX_MODULES` lists each BFL
+module, how its output rows split into parts, and which diffusers module takes which parts. Every
+layout is a spelling of those BFL names (:data:`LAYOUTS`), so a new layout or family is a table entry.
+
+A LoRA on a fused projection becomes one LoRA per diffusers module: every split module gets the
+same down (A) matrix (the same tensor, not a copy) and its rows of the up (B) matrix, so
+ΔW_part = s·B_part·A is exactly the part's rows of s·B·A. The scale is that of the fused module
+(alpha / rank of the file's module, alpha = rank when missing, as sd-scripts trains it) for every part.
+
+Layouts (``adapter.format`` / ``adapter.family``):
+
+* ``"kohya"`` / ``"flux"``: sd-scripts ``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`` +
+  ``.alpha``; ``lora_te1_`` keys are CLIP-L (``text_encoder``), named as in the SDXL tables.
+* ``"bfl"`` / ``"flux"``: ``[diffusion_model.]double_blocks.0.img_attn.qkv.{lora_A,lora_B}.weight`` or
+  ``.lora_down/.lora_up.weight`` (ComfyUI), optional ``.alpha``.
+* ``"xlabs"`` / ``"flux"``: ``[diffusion_model.]double_blocks.0.processor.qkv_lora1.{down,up}.weight``
+  (no alpha: scale 1).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..adapter import LoraAdapter, LoraLayer
+from ..errors import LoraFormatError
+
+
+@dataclass(frozen=True)
+class FusedModule:
+    """One BFL module (``{i}`` = block index) and where its rows go in diffusers.
+
+    parts: relative sizes of the output-row parts (rows = sum(parts) · unit).
+    targets: (diffusers module path under the component, indices of the parts it takes, in order).
+    """
+
+    bfl: str
+    parts: tuple
+    targets: tuple
+    component: str = "transformer"
+
+
+def _one(bfl: str, target: str) -> FusedModule:
+    return FusedModule(bfl, (1,), ((target, (0,)),))
+
+
+_D = "transformer_blocks.{i}."
+_S = "single_transformer_blocks.{i}."
+
+#: Flux.1: every BFL module a LoRA trainer targets, and its diffusers module(s).
+FLUX_MODULES: tuple[FusedModule, ...] = (
+    FusedModule("double_blocks.{i}.img_attn.qkv", (1, 1, 1),
+                ((_D + "attn.to_q", (0,)), (_D + "attn.to_k", (1,)), (_D + "attn.to_v", (2,)))),
+    _one("double_blocks.{i}.img_attn.proj", _D + "attn.to_out.0"),
+    _one("double_blocks.{i}.img_mlp.0", _D + "ff.net.0.proj"),
+    _one("double_blocks.{i}.img_mlp.2", _D + "ff.net.2"),
+    _one("double_blocks.{i}.img_mod.lin", _D + "norm1.linear"),
+    FusedModule("double_blocks.{i}.txt_attn.qkv", (1, 1, 1),
+                ((_D + "attn.add_q_proj", (0,)), (_D + "attn.add_k_proj", (1,)), (_D + "attn.add_v_proj", (2,)))),
+    _one("double_blocks.{i}.txt_attn.proj", _D + "attn.to_add_out"),
+    _one("double_blocks.{i}.txt_mlp.0", _D + "ff_context.net.0.proj"),
+    _one("double_blocks.{i}.txt_mlp.2", _D + "ff_context.net.2"),
+    _one("double_blocks.{i}.txt_mod.lin", _D + "norm1_context.linear"),
+    # linear1 = q, k, v (inner dim each) and the MLP input (mlp_ratio 4 · inner dim)
+    FusedModule("single_blocks.{i}.linear1", (1, 1, 1, 4),
+                ((_S + "attn.to_q", (0,)), (_S + "attn.to_k", (1,)), (_S + "attn.to_v", (2,)), (_S + "proj_mlp", (3,)))),
+    _one("single_blocks.{i}.linear2", _S + "proj_out"),
+    _one("single_blocks.{i}.modulation.lin", _S + "norm.linear"),
+    _one("img_in", "x_embedder"),
+    _one("txt_in", "context_embedder"),
+    _one("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1"),
+    _one("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2"),
+    _one("vector_in.in_layer", "time_text_embed.text_embedder.linear_1"),
+    _one("vector_in.out_layer", "time_text_embed.text_embedder.linear_2"),
+    _one("guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_1"),
+    _one("guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2"),
+    _one("final_layer.linear", "proj_out"),
+    # BFL's adaLN output is (shift, scale); diffusers' AdaLayerNormContinuous is (scale, shift)
+    FusedModule("final_layer.adaLN_modulation.1", (1, 1), (("norm_out.linear", (1, 0)),)),
+)
+
+#: XLabs' processor LoRAs, as BFL names with the same meaning (XLabs stores no alpha).
+XLABS_NAMES = {
+    "double_blocks.{i}.processor.qkv_lora1": "double_blocks.{i}.img_attn.qkv",
+    "double_blocks.{i}.processor.proj_lora1": "double_blocks.{i}.img_attn.proj",
+    "double_blocks.{i}.processor.qkv_lora2": "double_blocks.{i}.txt_attn.qkv",
+    "double_blocks.{i}.processor.proj_lora2": "double_blocks.{i}.txt_attn.proj",
+    # the single-block processor adapts q, k, v (the first three parts of linear1) and linear2
+    "single_blocks.{i}.processor.qkv_lora": "single_blocks.{i}.linear1[:3]",
+    "single_blocks.{i}.processor.proj_lora": "single_blocks.{i}.linear2",
+}
+
+_XLABS_SINGLE_QKV = FusedModule("single_blocks.{i}.linear1[:3]", (1, 1, 1),
+                                ((_S + "attn.to_q", (0,)), (_S + "attn.to_k", (1,)), (_S + "attn.to_v", (2,))))
+
+#: Tensor suffixes per layout -> role.
+_SUFFIXES = {
+    "kohya": {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"},
+    "bfl": {"lora_A.weight": "down", "lora_B.weight": "up", "lora_down.weight": "down", "lora_up.weight": "up",
+            "alpha": "alpha"},
+    "xlabs": {"down.weight": "down", "up.weight": "up"},
+}
+
+
+def _compile(template: str) -> re.Pattern:
+    return re.compile("^" + re.escape(template).replace(re.escape("{i}"), r"(\d+)") + "$")
+
+
+def _kohya_name(bfl: str) -> str:
+    return "lora_unet_" + bfl.replace(".", "_")
+
+
+_BY_BFL = {m.bfl: m for m in FLUX_MODULES + (_XLABS_SINGLE_QKV,)}
+_BFL_PATTERNS = [(_compile(m.bfl), m) for m in FLUX_MODULES]
+_KOHYA_PATTERNS = [(_compile(_kohya_name(m.bfl)), m) for m in FLUX_MODULES]
+_XLABS_PATTERNS = [(_compile(x), _BY_BFL[b]) for x, b in XLABS_NAMES.items()]
+_PREFIX = "diffusion_model."
+
+
+def _match(patterns, name: str) -> Optional[tuple[FusedModule, Optional[str]]]:
+    for pattern, module in patterns:
+        m = pattern.match(name)
+        if m:
+            return module, (m.group(1) if m.groups() else None)
+    return None
+
+
+def _split_key(key: str, layout: str) -> Optional[tuple[str, str]]:
+    """(module name, role) of a key in a layout, or None."""
+    for suffix, role in _SUFFIXES[layout].items():
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1], role
+    return None
+
+
+def _module_of(name: str, layout: str):
+    if layout == "kohya":
+        return _match(_KOHYA_PATTERNS, name)
+    if name.startswith(_PREFIX):
+        name = name[len(_PREFIX):]
+    return _match(_BFL_PATTERNS if layout == "bfl" else _XLABS_PATTERNS, name)
+
+
+def _is_te1(key: str) -> bool:
+    return key.startswith(("lora_te1_", "lora_te_"))
+
+
+def detect_flux_layout(keys) -> Optional[str]:
+    """``"kohya"``, ``"bfl"`` or ``"xlabs"`` when every key is a Flux key of that layout (kohya files may
+    also hold ``lora_te1_`` CLIP keys), else None."""
+    keys = [k for k in keys if isinstance(k, str)]
+    if not keys:
+        return None
+    for layout in ("kohya", "xlabs", "bfl"):
+        flux_keys = 0
+        for key in keys:
+            if layout == "kohya" and _is_te1(key):
+                continue
+            split = _split_key(key, layout)
+            if split is None or _module_of(split[0], layout) is None:
+                break
+            flux_keys += 1
+        else:
+            if flux_keys:
+                return layout
+    return None
+
+
+def _fail(source: str, key: str, problem: str) -> LoraFormatError:
+    return LoraFormatError(f"{source}: key {key!r}: {problem}")
+
+
+def _split_layers(source: str, fused: FusedModule, index: Optional[str], group: dict, alpha: Optional[float]):
+    """{diffusers key: LoraLayer} for one file module."""
+    from .kohya import _factor
+
+    down_key, down = group["down"]
+    up_key, up = group["up"]
+    down, up = _factor(source, down_key, down), _factor(source, up_key, up)
+    if down.dim() == 4:
+        if tuple(down.shape[2:]) != (1, 1):
+            raise _fail(source, down_key, f"a Flux module is a Linear; got conv factors {tuple(down.shape)}")
+        down = down.reshape(down.shape[0], down.shape[1])
+    if up.dim() == 4:
+        if tuple(up.shape[2:]) != (1, 1):
+            raise _fail(source, up_key, f"a Flux module is a Linear; got conv factors {tuple(up.shape)}")
+        up = up.reshape(up.shape[0], up.shape[1])
+    rank = int(down.shape[0])
+    if int(up.shape[1]) != rank:
+        raise _fail(source, down_key, f"rank mismatch: down is {tuple(down.shape)} but up is {tuple(up.shape)}")
+    if alpha is None or alpha == 0:  # sd-scripts: a missing or zero alpha means alpha = rank (scale 1)
+        alpha = float(rank)
+    rows, total = int(up.shape[0]), sum(fused.parts)
+    if rows % total:
+        raise _fail(source, up_key, f"{rows} output rows do not split into parts {fused.parts} of "
+                                    f"{fused.bfl.format(i=index)}")
+    unit = rows // total
+    bounds, start = [], 0
+    for p in fused.parts:
+        bounds.append((start, start + p * unit))
+        start += p * unit
+    out = {}
+    for path, take in fused.targets:
+        pieces = [up[a:b] for a, b in (bounds[t] for t in take)]
+        part_up = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 0)
+        key = f"{fused.component}.{path.format(i=index)}"
+        out[key] = LoraLayer(down=down, up=part_up, alpha=alpha, kind="linear")
+    return out
+
+
+def read_flux(state_dict: dict, layout: str, *, source: str = "<state dict>",
+              metadata: Optional[dict] = None) -> LoraAdapter:
+    """A Flux.1 kohya / BFL / XLabs state dict as a LoraAdapter with diffusers module keys."""
+    from .kohya import _group, _parse_module, _build_layer, _table, _scalar
+
+    te_keys = {k: v for k, v in state_dict.items() if layout == "kohya" and _is_te1(k)}
+    groups: dict[str, dict] = {}
+    for key, value in state_dict.items():
+        if key in te_keys:
+            continue
+        split = _split_key(key, layout)
+        if split is None:
+            raise _fail(source, key, f"not a Flux {layout} LoRA key")
+        name, role = split
+        if role in groups.setdefault(name, {}):
+            raise _fail(source, key, f"module {name!r} has two {role} tensors ({groups[name][role][0]!r})")
+        groups[name][role] = (key, value)
+    layers: dict[str, LoraLayer] = {}
+    origin: dict[str, str] = {}
+    for name, group in groups.items():
+        found = _module_of(name, layout)
+        if found is None:
+            raise _fail(source, next(iter(group.values()))[0], f"unknown Flux module {name!r}")
+        for role in ("down", "up"):
+            if role not in group:
+                raise LoraFormatError(f"{source}: Flux module {name!r} has no {role} tensor "
+                                      f"(found {[k for k, _ in group.values()]})")
+        alpha = _scalar(source, group["alpha"][0], group["alpha"][1]) if "alpha" in group else None
+        for key, layer in _split_layers(source, found[0], found[1], group, alpha).items():
+            if key in layers:
+                raise LoraFormatError(f"{source}: {name!r} and {origin[key]!r} both target {key}")
+            layers[key], origin[key] = layer, name
+    if te_keys:
+        # CLIP-L: kohya's lora_te1_ (or lora_te_) names, as the SDXL / SD1.x tables spell them.
+        te_groups = _group(te_keys, source)
+        sdxl, sd15 = _table("sdxl"), _table("sd15")
+        for name, group in te_groups.items():
+            p = _parse_module(source, name, group)
+            module = sdxl.by_name.get(name) if name.startswith("lora_te1_") else sd15.by_name.get(name)
+            if module is None or not module.key.startswith("text_encoder."):
+                raise _fail(source, p.keys["down"], f"unknown kohya CLIP text-encoder module {name!r}")
+            layers[module.key] = _build_layer(source, p, module, strict_shapes=False)
+    return LoraAdapter(layers=layers, format=layout, metadata=dict(metadata or {}),
+                       source=None if source == "<state dict>" else source, family="flux")
+
+
+__all__ = ["FLUX_MODULES", "XLABS_NAMES", "FusedModule", "detect_flux_layout", "read_flux"]
