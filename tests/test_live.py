@@ -9,6 +9,7 @@ from torch import nn
 import lora_fast
 from lora_fast import LoraAdapter, LoraFormatError, LoraFusionError, LoraLayer
 from lora_fast.engine import component_state
+from lora_reference import delta64, scale_of
 
 
 class Toy(nn.Module):
@@ -60,17 +61,8 @@ def random_adapter(seed, rank=4, modules=ALL, alpha=None, scale=0.3, dtype=torch
     return LoraAdapter(layers, "diffusers")
 
 
-def delta64(layer):
-    """scale·B·A in float64, shaped like the target weight."""
-    b, a = layer.factors()
-    d = (b.double() @ a.double()) * layer.scale
-    if layer.fan_in_fan_out:
-        d = d.t()
-    return d.reshape(layer.weight_shape)
-
-
 def reference(clean, terms, *args):
-    """Forward of a float64 copy of a clean (adapter-free) model with weights W + Σ f·ΔW (ΔW from LoraLayer.delta())."""
+    """Forward of a float64 copy of a clean (adapter-free) model with weights W + Σ f·ΔW (ΔW in float64, lora_reference)."""
     ref = copy.deepcopy(clean).double()
     with torch.no_grad():
         for adapter, factor in terms:
@@ -78,7 +70,7 @@ def reference(clean, terms, *args):
                 mod = ref.get_submodule(path)
                 mod.weight += factor * delta64(layer).reshape(mod.weight.shape)
                 if layer.bias is not None:
-                    mod.bias += factor * layer.scale * layer.bias.double()
+                    mod.bias += factor * scale_of(layer) * layer.bias.double()
     x, img, idx = args
     return ref(x.double(), img.double(), idx)
 
@@ -237,7 +229,7 @@ def test_lora_bias_tucker_and_fan_in_fan_out():
             mod = ref.get_submodule(p)
             mod.weight += 0.6 * delta64(layer).reshape(mod.weight.shape)
             if layer.bias is not None:
-                mod.bias += 0.6 * layer.scale * layer.bias.double()
+                mod.bias += 0.6 * scale_of(layer) * layer.bias.double()
     for o, rr in zip(out, ref(x.double(), img.double())):
         assert torch.allclose(o.double(), rr, atol=1e-5)
     lora_fast.fuse_lora(model)

@@ -23,6 +23,7 @@ import lora_fast  # noqa: E402
 from lora_fast import LoraFormatError  # noqa: E402
 from lora_fast.engine import component_state  # noqa: E402
 from lora_fast.models import build_pipeline  # noqa: E402
+from lora_reference import delta64  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -223,8 +224,7 @@ def test_kohya_per_module_alphas_follow_first_principles(files, tmp_path):
         for key, layer in lora_fast.read_lora(str(path)).layers.items():
             comp, _, mod_path = key.partition(".")
             module = lora_fast.targets.resolve_module(getattr(ref, comp), mod_path)
-            b, a = layer.factors()
-            delta = (b.double() @ a.double()) * layer.scale
+            delta = delta64(layer)
             module.weight.copy_((module.weight.double() + delta.reshape(module.weight.shape)).float())
     _close(_forward(ours, family), _forward(ref, family), "kohya per-module alphas vs first principles")
 

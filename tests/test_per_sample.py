@@ -14,6 +14,7 @@ from lora_fast import LoraAdapter, LoraFormatError, LoraFusionError, LoraLayer
 from lora_fast.engine import component_state
 
 from test_hotswap import CountingBackend
+from lora_reference import scale_of
 from test_live import random_adapter, toy
 
 ENTRIES = ["a", None, {"b": 0.5, "c": 1.5}, "c", {"a": -1.0}]
@@ -115,7 +116,7 @@ def test_16bit_layers_within_punica_tolerance_of_fp32_lora_terms(dtype):
             mix = {} if entry is None else ({entry: 1.0} if isinstance(entry, str) else entry)
             for name, w in mix.items():
                 layer = state.adapters[name][path].layer
-                ref[j] += w * layer.scale * (x[j].double() @ layer.down.double().t()) @ layer.up.double().t()
+                ref[j] += w * scale_of(layer) * (x[j].double() @ layer.down.double().t()) @ layer.up.double().t()
         assert l2_rel(out, ref) <= 5e-3, path
 
 
