@@ -511,3 +511,38 @@ def test_bad_flux_files_raise(defect):
     with pytest.raises(LoraFormatError, match=match):
         lora_fast.load_lora_weights(pipe, sd)
     _assert_snapshot(pipe, snap)
+
+
+# ---------------------------------------------------------------------------------------------
+# a LoRA for another family
+
+
+def _sdxl_kohya_sd():
+    g = torch.Generator().manual_seed(9)
+    name = "lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q"  # down_blocks.1...transformer_blocks.1: SDXL only
+    return {f"{name}.lora_down.weight": torch.randn(2, 64, generator=g),
+            f"{name}.lora_up.weight": torch.randn(64, 2, generator=g), f"{name}.alpha": torch.tensor(1.0)}
+
+
+@pytest.mark.parametrize("case", ["sdxl-on-flux", "flux-kohya-on-sd3", "flux-diffusers-on-sd3"])
+def test_other_family_raises_names_both_families_and_changes_nothing(case, tmp_path):
+    from lora_fast.formats.families import adapter_family, family_mismatch, target_family
+
+    if case == "sdxl-on-flux":
+        source, pipe, want = _sdxl_kohya_sd(), _pipe(), ("SDXL", "Flux.1 FluxPipeline")
+    elif case == "flux-kohya-on-sd3":
+        modules, _ = _make_flux_lora(_base().transformer, ["double_blocks.0.img_attn.qkv", "single_blocks.0.linear1"])
+        source, pipe, want = _kohya_sd(modules), _pipe("sd3"), ("Flux.1", "SD3/SD3.5 StableDiffusion3Pipeline")
+    else:
+        _write_diffusers_file(tmp_path, True)
+        source, pipe, want = tmp_path, _pipe("sd3"), ("Flux.1", "SD3/SD3.5 StableDiffusion3Pipeline")
+    adapter = lora_fast.read_lora(source)
+    message = family_mismatch(adapter, pipe)
+    assert message is not None and f"looks like a {want[0]} LoRA" in message and want[1] in message, message
+    assert family_mismatch(adapter, _pipe("sdxl" if want[0] == "SDXL" else "flux")) is None
+    assert adapter_family(adapter) in ("sdxl", "flux") and target_family(pipe.transformer) in ("flux", "sd3")
+    snap = _snapshot(pipe)
+    with pytest.raises(LoraFormatError, match="no such module|does not have|weight shape"):
+        lora_fast.load_lora_weights(pipe, source)
+    _assert_snapshot(pipe, snap)
+    assert not lora_fast.get_list_adapters(pipe) or not any(lora_fast.get_list_adapters(pipe).values())

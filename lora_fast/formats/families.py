@@ -1,0 +1,84 @@
+"""Which model family an adapter's modules name, and which family a target is: to word the error when
+a LoRA for one family is loaded into another (an SDXL LoRA on a Flux pipeline, a Flux LoRA on SD3).
+
+Both answers come from tables (module-path markers per family, class names per family), not code per family.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+from ..adapter import LoraAdapter, split_component
+
+#: Display names.
+FAMILY_NAMES = {"flux": "Flux.1", "sd3": "SD3/SD3.5", "sdxl": "SDXL", "sd": "SD1.x/SD2"}
+
+#: (family, component, regex on the module path): a match means the adapter names a module only that family has.
+_MARKERS = (
+    ("flux", "transformer", r"^single_transformer_blocks\.|^x_embedder$|^time_text_embed\.guidance_embedder\."),
+    ("sd3", "transformer", r"^pos_embed\.|^transformer_blocks\.\d+\.attn2\."),
+    ("sdxl", "unet", r"^add_embedding\.|^down_blocks\.[12]\.attentions\.\d+\.transformer_blocks\.[1-9]\."
+                     r"|^up_blocks\.0\.attentions\.|^mid_block\.attentions\.0\.transformer_blocks\.[1-9]\."),
+    ("sd", "unet", r"^down_blocks\.0\.attentions\.|^down_blocks\.3\.|^up_blocks\.3\.attentions\."),
+)
+
+#: Target class names -> family (a pipeline, or the denoiser module itself).
+_TARGET_CLASSES = {
+    "FluxPipeline": "flux", "FluxTransformer2DModel": "flux", "FluxImg2ImgPipeline": "flux",
+    "FluxInpaintPipeline": "flux", "FluxControlPipeline": "flux", "FluxKontextPipeline": "flux",
+    "StableDiffusion3Pipeline": "sd3", "SD3Transformer2DModel": "sd3", "StableDiffusion3Img2ImgPipeline": "sd3",
+    "StableDiffusionXLPipeline": "sdxl", "StableDiffusionXLImg2ImgPipeline": "sdxl",
+    "StableDiffusionPipeline": "sd", "StableDiffusionImg2ImgPipeline": "sd",
+}
+
+
+def adapter_family(adapter: LoraAdapter) -> Optional[str]:
+    """"flux", "sd3", "sdxl" or "sd" when the adapter's layout or modules say so, else None.
+
+    A reader that knows the family (Flux BFL/kohya/XLabs names) has set ``adapter.family``. Otherwise the
+    module paths decide: the first family in _MARKERS one of whose markers matches a module wins; a UNet
+    adapter with both SDXL-only and SD-only modules, or only shared ones, is None. Flux double blocks share
+    most names with SD3's joint blocks, so only Flux's own modules (single blocks, x_embedder, guidance
+    embedder) or SD3's (pos_embed, attn2) decide between them.
+    """
+    if adapter.family:
+        return adapter.family
+    found = set()
+    for key in adapter.layers:
+        component, path = split_component(key)
+        for family, comp, pattern in _MARKERS:
+            if comp == component and re.search(pattern, path):
+                found.add(family)
+    for family in ("flux", "sd3"):
+        if family in found:
+            return family
+    if "sdxl" in found and "sd" not in found:
+        return "sdxl"
+    if "sd" in found and "sdxl" not in found:
+        return "sd"
+    return None
+
+
+def target_family(target) -> Optional[str]:
+    """The family of a diffusers pipeline or denoiser module by class name (subclasses count), else None."""
+    for cls in type(target).__mro__:
+        family = _TARGET_CLASSES.get(cls.__name__)
+        if family:
+            return family
+    return None
+
+
+def family_mismatch(adapter: LoraAdapter, target) -> Optional[str]:
+    """A sentence naming the family the adapter looks like and the target's, when they differ; else None.
+
+    Meant to be appended to the "no such module / component" LoraFormatError the loader raises."""
+    have, want = adapter_family(adapter), target_family(target)
+    if have is None or want is None or have == want:
+        return None
+    return (f"the file looks like a {FAMILY_NAMES[have]} LoRA"
+            + (f" ({adapter.format} layout)" if adapter.format else "")
+            + f", but the target is a {FAMILY_NAMES[want]} {type(target).__name__}")
+
+
+__all__ = ["adapter_family", "target_family", "family_mismatch", "FAMILY_NAMES"]
