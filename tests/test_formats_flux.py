@@ -371,6 +371,7 @@ def test_kohya_flux_te1_clip_keys_fuse_to_float64(tmp_path):
     _assert_snapshot(ours, snap)
 
 
+@pytest.mark.slow  # ~20 s: a 0.8 GB full-width transformer, three copies (linear1 vs float64 runs by default below)
 def test_kohya_flux_linear1_split_equals_diffusers_at_full_width(tmp_path):
     base = _base("wide")
     modules, truth = _make_flux_lora(base.transformer, ["single_blocks.0.linear1", "single_blocks.0.linear2"],
