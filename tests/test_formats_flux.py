@@ -547,3 +547,28 @@ def test_other_family_raises_names_both_families_and_changes_nothing(case, tmp_p
         lora_fast.load_lora_weights(pipe, source)
     _assert_snapshot(pipe, snap)
     assert not lora_fast.get_list_adapters(pipe) or not any(lora_fast.get_list_adapters(pipe).values())
+
+
+def test_kohya_flux_te3_t5_keys_fuse_to_float64():
+    """lora_te3_ keys (sd-scripts' T5-XXL names) go to text_encoder_2; diffusers drops them, so float64 is the oracle."""
+    t5 = _base().text_encoder_2
+    g = torch.Generator().manual_seed(11)
+    sd, truth = {}, {}
+    for path, alpha in (("encoder.block.0.layer.0.SelfAttention.q", 1.0), ("encoder.block.1.layer.1.DenseReluDense.wo", None)):
+        mod = dict(t5.named_modules())[path]
+        down = torch.randn(2, mod.in_features, generator=g) * 0.1
+        up = torch.randn(mod.out_features, 2, generator=g) * 0.1
+        name = "lora_te3_" + path.replace(".", "_")
+        sd[f"{name}.lora_down.weight"], sd[f"{name}.lora_up.weight"] = down, up
+        if alpha is not None:
+            sd[f"{name}.alpha"] = torch.tensor(alpha)
+        truth[("text_encoder_2", path)] = [((alpha or 2) / 2, up.double(), down.double())]
+    modules, t_truth = _make_flux_lora(_base().transformer, ["single_blocks.1.linear1"], alphas=[2.0])
+    sd.update(_kohya_sd(modules))
+    truth.update(t_truth)
+    adapter = lora_fast.read_lora(sd)
+    assert adapter.format == "kohya" and adapter.components() == ["transformer", "text_encoder_2"]
+    ours, snap = _fuse_ours(sd)
+    _check_fused(ours, _base(), truth)
+    lora_fast.unfuse_lora(ours)
+    _assert_snapshot(ours, snap)

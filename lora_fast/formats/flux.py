@@ -14,7 +14,8 @@ same down (A) matrix (the same tensor, not a copy) and its rows of the up (B) ma
 Layouts (``adapter.format`` / ``adapter.family``):
 
 * ``"kohya"`` / ``"flux"``: sd-scripts ``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`` +
-  ``.alpha``; ``lora_te1_`` keys are CLIP-L (``text_encoder``), named as in the SDXL tables.
+  ``.alpha``; ``lora_te1_`` keys are CLIP-L (``text_encoder``), named as in the SDXL tables; ``lora_te3_`` keys are
+  T5-XXL (``text_encoder_2``, :data:`KOHYA_TEXT_ENCODER_NAMES`).
 * ``"bfl"`` / ``"flux"``: ``[diffusion_model.]double_blocks.0.img_attn.qkv.{lora_A,lora_B}.weight`` or
   ``.lora_down/.lora_up.weight`` (ComfyUI), optional ``.alpha``.
 * ``"xlabs"`` / ``"flux"``: ``[diffusion_model.]double_blocks.0.processor.qkv_lora1.{down,up}.weight``
@@ -100,6 +101,13 @@ XLABS_NAMES = {
 _XLABS_SINGLE_QKV = FusedModule("single_blocks.{i}.linear1[:3]", (1, 1, 1),
                                 ((_S + "attn.to_q", (0,)), (_S + "attn.to_k", (1,)), (_S + "attn.to_v", (2,))))
 
+#: kohya text-encoder names of Flux pipelines that no SD name table holds: (regex, component, path template).
+#: sd-scripts names T5-XXL modules ``lora_te3_`` + the T5EncoderModel path with '.' -> '_'.
+KOHYA_TEXT_ENCODER_NAMES = (
+    (re.compile(r"^lora_te3_encoder_block_(\d+)_layer_(\d+)_(SelfAttention|DenseReluDense)_(q|k|v|o|wi_0|wi_1|wi|wo)$"),
+     "text_encoder_2", "encoder.block.{0}.layer.{1}.{2}.{3}"),
+)
+
 #: Tensor suffixes per layout -> role.
 _SUFFIXES = {
     "kohya": {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"},
@@ -149,7 +157,15 @@ def _module_of(name: str, layout: str):
 
 
 def _is_te1(key: str) -> bool:
-    return key.startswith(("lora_te1_", "lora_te_"))
+    return key.startswith(("lora_te1_", "lora_te_", "lora_te3_"))
+
+
+def _kohya_text_encoder_key(name: str) -> Optional[str]:
+    for pattern, component, template in KOHYA_TEXT_ENCODER_NAMES:
+        m = pattern.match(name)
+        if m:
+            return f"{component}.{template.format(*m.groups())}"
+    return None
 
 
 def detect_flux_layout(keys) -> Optional[str]:
@@ -218,7 +234,7 @@ def _split_layers(source: str, fused: FusedModule, index: Optional[str], group: 
 def read_flux(state_dict: dict, layout: str, *, source: str = "<state dict>",
               metadata: Optional[dict] = None) -> LoraAdapter:
     """A Flux.1 kohya / BFL / XLabs state dict as a LoraAdapter with diffusers module keys."""
-    from .kohya import _group, _parse_module, _build_layer, _table, _scalar
+    from .kohya import _Module, _build_layer, _classify_suffix, _parse_module, _scalar, _table
 
     te_keys = {k: v for k, v in state_dict.items() if layout == "kohya" and _is_te1(k)}
     groups: dict[str, dict] = {}
@@ -248,14 +264,24 @@ def read_flux(state_dict: dict, layout: str, *, source: str = "<state dict>",
                 raise LoraFormatError(f"{source}: {name!r} and {origin[key]!r} both target {key}")
             layers[key], origin[key] = layer, name
     if te_keys:
-        # CLIP-L: kohya's lora_te1_ (or lora_te_) names, as the SDXL / SD1.x tables spell them.
-        te_groups = _group(te_keys, source)
+        # CLIP-L: kohya's lora_te1_ (or lora_te_) names, as the SDXL / SD1.x tables spell them; T5: lora_te3_.
+        te_groups: dict[str, dict] = {}
+        for key, value in te_keys.items():
+            name, dot, suffix = key.partition(".")
+            if not dot or not suffix:
+                raise _fail(source, key, "has no '.<tensor>' part after the module name")
+            te_groups.setdefault(name, {})[_classify_suffix(source, key, suffix)] = (key, value)
         sdxl, sd15 = _table("sdxl"), _table("sd15")
         for name, group in te_groups.items():
             p = _parse_module(source, name, group)
-            module = sdxl.by_name.get(name) if name.startswith("lora_te1_") else sd15.by_name.get(name)
-            if module is None or not module.key.startswith("text_encoder."):
-                raise _fail(source, p.keys["down"], f"unknown kohya CLIP text-encoder module {name!r}")
+            t5_key = _kohya_text_encoder_key(name)
+            if t5_key is not None:
+                module = _Module(t5_key, "linear", (int(p.up.shape[0]), int(p.down.shape[1])), (name,))
+            else:
+                module = sdxl.by_name.get(name) if name.startswith("lora_te1_") else sd15.by_name.get(name)
+            if module is None or not module.key.startswith(("text_encoder.", "text_encoder_2.")):
+                raise _fail(source, p.keys["down"], f"unknown kohya Flux text-encoder module {name!r} (lora_te1_: "
+                                                    "CLIP-L, lora_te3_: T5)")
             layers[module.key] = _build_layer(source, p, module, strict_shapes=False)
     return LoraAdapter(layers=layers, format=layout, metadata=dict(metadata or {}),
                        source=None if source == "<state dict>" else source, family="flux")
