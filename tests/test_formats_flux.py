@@ -572,3 +572,30 @@ def test_kohya_flux_te3_t5_keys_fuse_to_float64():
     _check_fused(ours, _base(), truth)
     lora_fast.unfuse_lora(ours)
     _assert_snapshot(ours, snap)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_kohya_flux_file_fuses_to_float64(tmp_path, dtype):
+    """Trainers save Flux LoRAs in bf16/fp16 (alpha too): the stored values are used as they are, rounded once."""
+    modules, _ = _make_flux_lora(_base().transformer, ["double_blocks.0.txt_attn.qkv", "single_blocks.0.linear1",
+                                                       "final_layer.adaLN_modulation.1"], alphas=[0.3])
+    half = {k: (v[0].to(dtype), v[1].to(dtype), v[2]) for k, v in modules.items()}
+    sd = {k: v.to(dtype) for k, v in _kohya_sd(half).items()}  # alpha in the save dtype too
+    stored_alpha = float(sd["lora_unet_single_blocks_0_linear1.alpha"].double())
+    assert stored_alpha != 0.3
+    path = tmp_path / "half.safetensors"
+    st_save(sd, str(path))
+    # the truth from the stored (rounded) factors and alpha
+    rounded = {k: (d.float(), u.float(), stored_alpha) for k, (d, u, _) in half.items()}
+    g_truth = {}
+    for bfl, (down, up, alpha) in rounded.items():
+        _, _, fused, index = _bfl_module_rows(bfl, _base().transformer)
+        unit = up.shape[0] // sum(fused.parts)
+        starts = [sum(fused.parts[:k]) * unit for k in range(len(fused.parts))]
+        for p, take in fused.targets:
+            part = torch.cat([up[starts[t]:starts[t] + fused.parts[t] * unit] for t in take])
+            g_truth[("transformer", p.format(i=index))] = [(alpha / 4, part.double(), down.double())]
+    ours, snap = _fuse_ours(path)
+    _check_fused(ours, _base(), g_truth)
+    lora_fast.unfuse_lora(ours)
+    _assert_snapshot(ours, snap)
