@@ -599,3 +599,47 @@ def test_half_precision_kohya_flux_file_fuses_to_float64(tmp_path, dtype):
     _check_fused(ours, _base(), g_truth)
     lora_fast.unfuse_lora(ours)
     _assert_snapshot(ours, snap)
+
+
+def _onetrainer_sd(paths, seed=21):
+    mods = dict(_base().transformer.named_modules())
+    g = torch.Generator().manual_seed(seed)
+    sd, truth = {}, {}
+    for j, path in enumerate(paths):
+        m = mods[path]
+        down = torch.randn(4, m.in_features, generator=g) * 0.1
+        up = torch.randn(m.out_features, 4, generator=g) * 0.1
+        alpha = [2.0, 8.0, 1.0][j % 3]  # OneTrainer always writes alpha (diffusers requires it)
+        name = "lora_transformer_" + path.replace(".", "_")
+        sd[f"{name}.lora_down.weight"], sd[f"{name}.lora_up.weight"] = down, up
+        sd[f"{name}.alpha"] = torch.tensor(alpha)
+        truth[("transformer", path)] = [(alpha / 4, up.double(), down.double())]
+    return sd, truth
+
+
+def test_onetrainer_flux_names_fuse_like_diffusers_and_float64(tmp_path):
+    """OneTrainer: lora_transformer_ + diffusers path with '.' -> '_', kohya tensors and alpha. diffusers 0.42.1's
+    OneTrainer converter handles only attention projections and top-level modules (block MLPs, proj_mlp, norms
+    raise), so it is the oracle for those; every module is checked against float64."""
+    handled = ["transformer_blocks.0.attn.to_q", "transformer_blocks.1.attn.add_v_proj",
+               "transformer_blocks.1.attn.to_add_out", "single_transformer_blocks.1.attn.to_k", "norm_out.linear",
+               "x_embedder", "context_embedder", "time_text_embed.timestep_embedder.linear_1", "proj_out"]
+    others = ["transformer_blocks.1.ff_context.net.0.proj", "single_transformer_blocks.0.proj_mlp",
+              "single_transformer_blocks.0.norm.linear", "transformer_blocks.0.norm1_context.linear"]
+    sd, truth = _onetrainer_sd(handled + others)
+    adapter = lora_fast.read_lora(sd)
+    assert (adapter.format, adapter.family) == ("onetrainer", "flux")
+    assert sorted(adapter.layers) == sorted(f"transformer.{p}" for p in handled + others)
+    ours, snap = _fuse_ours(sd)
+    _check_fused(ours, _base(), truth)
+    lora_fast.unfuse_lora(ours)
+    _assert_snapshot(ours, snap)
+
+    sd, truth = _onetrainer_sd(handled)
+    path = tmp_path / "onetrainer.safetensors"
+    st_save(sd, str(path))
+    ours, _ = _fuse_ours(path)
+    theirs = _pipe()
+    theirs.load_lora_weights(path)
+    _diffusers_fuse(theirs)
+    _check_fused(ours, _base(), truth, theirs=theirs)

@@ -18,6 +18,8 @@ Layouts (``adapter.format`` / ``adapter.family``):
   T5-XXL (``text_encoder_2``, :data:`KOHYA_TEXT_ENCODER_NAMES`).
 * ``"bfl"`` / ``"flux"``: ``[diffusion_model.]double_blocks.0.img_attn.qkv.{lora_A,lora_B}.weight`` or
   ``.lora_down/.lora_up.weight`` (ComfyUI), optional ``.alpha``.
+* ``"onetrainer"`` / ``"flux"``: ``lora_transformer_single_transformer_blocks_0_attn_to_q.lora_down.weight``
+  (diffusers module paths, '.' -> '_'; :data:`ONETRAINER_MODULES`), kohya tensors and alpha.
 * ``"xlabs"`` / ``"flux"``: ``[diffusion_model.]double_blocks.0.processor.qkv_lora1.{down,up}.weight``
   (no alpha: scale 1).
 """
@@ -108,9 +110,16 @@ KOHYA_TEXT_ENCODER_NAMES = (
      "text_encoder_2", "encoder.block.{0}.layer.{1}.{2}.{3}"),
 )
 
+#: OneTrainer names diffusers modules kohya-style: ``lora_transformer_`` + the diffusers path with '.' -> '_'.
+#: Every diffusers module of the table above, one to one (no splits).
+ONETRAINER_MODULES: tuple[FusedModule, ...] = tuple(
+    FusedModule(path, (1,), ((path, (0,)),))
+    for path in dict.fromkeys(path for m in FLUX_MODULES for path, _ in m.targets))
+
 #: Tensor suffixes per layout -> role.
 _SUFFIXES = {
     "kohya": {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"},
+    "onetrainer": {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"},
     "bfl": {"lora_A.weight": "down", "lora_B.weight": "up", "lora_down.weight": "down", "lora_up.weight": "up",
             "alpha": "alpha"},
     "xlabs": {"down.weight": "down", "up.weight": "up"},
@@ -129,6 +138,7 @@ _BY_BFL = {m.bfl: m for m in FLUX_MODULES + (_XLABS_SINGLE_QKV,)}
 _BFL_PATTERNS = [(_compile(m.bfl), m) for m in FLUX_MODULES]
 _KOHYA_PATTERNS = [(_compile(_kohya_name(m.bfl)), m) for m in FLUX_MODULES]
 _XLABS_PATTERNS = [(_compile(x), _BY_BFL[b]) for x, b in XLABS_NAMES.items()]
+_ONETRAINER_PATTERNS = [(_compile("lora_transformer_" + m.bfl.replace(".", "_")), m) for m in ONETRAINER_MODULES]
 _PREFIX = "diffusion_model."
 
 
@@ -151,6 +161,8 @@ def _split_key(key: str, layout: str) -> Optional[tuple[str, str]]:
 def _module_of(name: str, layout: str):
     if layout == "kohya":
         return _match(_KOHYA_PATTERNS, name)
+    if layout == "onetrainer":
+        return _match(_ONETRAINER_PATTERNS, name)
     if name.startswith(_PREFIX):
         name = name[len(_PREFIX):]
     return _match(_BFL_PATTERNS if layout == "bfl" else _XLABS_PATTERNS, name)
@@ -169,15 +181,15 @@ def _kohya_text_encoder_key(name: str) -> Optional[str]:
 
 
 def detect_flux_layout(keys) -> Optional[str]:
-    """``"kohya"``, ``"bfl"`` or ``"xlabs"`` when every key is a Flux key of that layout (kohya files may
-    also hold ``lora_te1_`` CLIP keys), else None."""
+    """``"kohya"``, ``"onetrainer"``, ``"bfl"`` or ``"xlabs"`` when every key is a Flux key of that layout
+    (kohya and OneTrainer files may also hold ``lora_te1_`` CLIP / ``lora_te3_`` T5 keys), else None."""
     keys = [k for k in keys if isinstance(k, str)]
     if not keys:
         return None
-    for layout in ("kohya", "xlabs", "bfl"):
+    for layout in ("kohya", "onetrainer", "xlabs", "bfl"):
         flux_keys = 0
         for key in keys:
-            if layout == "kohya" and _is_te1(key):
+            if layout in ("kohya", "onetrainer") and _is_te1(key):
                 continue
             split = _split_key(key, layout)
             if split is None or _module_of(split[0], layout) is None:
@@ -236,7 +248,7 @@ def read_flux(state_dict: dict, layout: str, *, source: str = "<state dict>",
     """A Flux.1 kohya / BFL / XLabs state dict as a LoraAdapter with diffusers module keys."""
     from .kohya import _Module, _build_layer, _classify_suffix, _parse_module, _scalar, _table
 
-    te_keys = {k: v for k, v in state_dict.items() if layout == "kohya" and _is_te1(k)}
+    te_keys = {k: v for k, v in state_dict.items() if layout in ("kohya", "onetrainer") and _is_te1(k)}
     groups: dict[str, dict] = {}
     for key, value in state_dict.items():
         if key in te_keys:
