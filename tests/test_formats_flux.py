@@ -121,7 +121,7 @@ def _inputs(transformer, seed=0, batch=2):
         hidden_states=torch.randn(batch, seq, cfg.in_channels, generator=g),
         encoder_hidden_states=torch.randn(batch, txt, cfg.joint_attention_dim, generator=g),
         pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, generator=g),
-        timestep=torch.tensor([0.3, 0.7][:batch]), img_ids=torch.randn(seq, 3, generator=g),
+        timestep=torch.linspace(0.3, 0.7, batch), img_ids=torch.randn(seq, 3, generator=g),
         txt_ids=torch.zeros(txt, 3), guidance=torch.full((batch,), 3.5) if cfg.guidance_embeds else None,
         return_dict=False)
 
@@ -643,3 +643,30 @@ def test_onetrainer_flux_names_fuse_like_diffusers_and_float64(tmp_path):
     theirs.load_lora_weights(path)
     _diffusers_fuse(theirs)
     _check_fused(ours, _base(), truth, theirs=theirs)
+
+
+def test_per_sample_adapters_on_flux_rows_equal_each_adapters_own_run():
+    """A kohya adapter (split modules sharing one down matrix), an XLabs adapter and the base model in one batch."""
+    modules, _ = _make_flux_lora(_base().transformer, _TINY_NAMES, alphas=[2.0, None, 8.0], seed=1)
+    xlabs, _ = _xlabs_sd(_base().transformer, seed=4)
+    pipe = _pipe()
+    lora_fast.load_lora_weights(pipe, _kohya_sd(modules), "k")
+    lora_fast.load_lora_weights(pipe, xlabs, "x")
+    entries = ["k", "x", None, {"k": 0.5, "x": 0.5}]
+    kwargs = _inputs(pipe.transformer, seed=2, batch=len(entries))
+    with torch.no_grad():
+        with lora_fast.per_sample_adapters(pipe, entries, components=["transformer"]):
+            (batched,) = pipe.transformer(**kwargs)
+        for j, entry in enumerate(entries):
+            one = {k: (v[j:j + 1] if isinstance(v, torch.Tensor) and k not in ("img_ids", "txt_ids") else v)
+                   for k, v in kwargs.items()}
+            if entry is None:
+                lora_fast.disable_lora(pipe)
+            else:
+                lora_fast.enable_lora(pipe)
+                names = [entry] if isinstance(entry, str) else list(entry)
+                weights = [1.0] if isinstance(entry, str) else list(entry.values())
+                lora_fast.set_adapters(pipe, names, weights)
+            (alone,) = pipe.transformer(**one)
+            torch.testing.assert_close(batched[j:j + 1], alone, rtol=1e-5, atol=1e-5 * float(alone.abs().max()))
+    assert not torch.allclose(batched[0], batched[2], rtol=1e-3, atol=1e-4)
