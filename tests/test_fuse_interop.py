@@ -31,6 +31,7 @@ from lora_fast import LoraAdapter, LoraFormatError, LoraLayer  # noqa: E402
 from lora_fast.engine import component_state  # noqa: E402
 from lora_fast.formats.peft import normalize_text_encoder_path  # noqa: E402
 from lora_fast.models import build_pipeline  # noqa: E402
+from lora_reference import delta64  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -746,13 +747,19 @@ def test_dora_unet_fuses_like_diffusers_and_unfuses_exactly(tmp_path, dtype):
 # pinned bugs found while writing these tests
 
 
-def test_kohya_writer_refuses_what_its_reader_rejects():
+def test_kohya_writer_gives_a_flat_conv_layer_its_kernel_shape_and_the_reader_accepts_it():
+    # A flat (kind "linear") LoRA on a 3×3 conv: the writer knows the SD1.5 module and writes LoCon-shaped factors
+    # (down 4-D, up 1×1), which the reader takes back as the same conv delta: one behaviour, asserted.
     from lora_fast.formats.kohya import read_kohya, write_kohya
 
     key = "unet.down_blocks.0.resnets.0.conv1"  # SD1.5: Conv2d(320, 320, 3×3)
-    flat = LoraLayer(down=torch.randn(4, 320 * 9), up=torch.randn(320, 4), alpha=4.0)  # kind "linear": no kernel shape
-    try:
-        written = write_kohya(LoraAdapter({key: flat}, "diffusers"))
-    except LoraFormatError:
-        return  # refusing is right
-    read_kohya(written)  # otherwise the promised round trip must hold
+    g = torch.Generator().manual_seed(0)
+    flat = LoraLayer(down=torch.randn(4, 320 * 9, generator=g), up=torch.randn(320, 4, generator=g), alpha=4.0)
+    written = write_kohya(LoraAdapter({key: flat}, "diffusers"))
+    stem = "lora_unet_down_blocks_0_resnets_0_conv1"
+    assert tuple(written[f"{stem}.lora_down.weight"].shape) == (4, 320, 3, 3)
+    assert tuple(written[f"{stem}.lora_up.weight"].shape) == (320, 4, 1, 1)
+    (back,) = read_kohya(written).layers.values()
+    assert back.kind == "conv" and back.weight_shape == (320, 320, 3, 3)
+    want = (flat.up.double() @ flat.down.double()) * (4.0 / 4)
+    torch.testing.assert_close(delta64(back).reshape(320, -1), want, rtol=1e-12, atol=0)
