@@ -13,10 +13,8 @@
 //    unfuse = same kernel with -delta, then scatter the records.
 //  * MXCSR is pinned to round-to-nearest without FTZ/DAZ in every worker, so a caller's flush-denormal setting
 //    cannot change the bits.
-#include "lora_fast.hpp"
 
-#include <pybind11/numpy.h>
-#include <pybind11/stl.h>
+#include "merge_cpu.hpp"
 
 #include <algorithm>
 #include <atomic>
@@ -47,60 +45,16 @@
 #define LF_X86 0
 #endif
 
-namespace py = pybind11;
-
 // Vector types cross inline helpers that carry no target attribute of their own; everything is flattened into the
 // target-specific tile functions, so the ABI note does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
 // GCC 12 reports the _mm512_undefined_* placeholders inside its own intrinsic headers as uninitialized.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
+// Job, Options, JobRecords, MergeResult and the DT_/ISA_ codes: merge_cpu.hpp.
+using namespace lora_fast::merge;
+
 namespace {
-
-enum : int { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };
-
-// LORA_FAST_MERGE_PROFILE=1 prints the wall time of each phase of a merge_cpu call to stderr.
-struct PhaseTimer {
-    bool on = std::getenv("LORA_FAST_MERGE_PROFILE") != nullptr;
-    std::chrono::steady_clock::time_point t = std::chrono::steady_clock::now();
-    void lap(const char* what) {
-        if (!on) return;
-        auto now = std::chrono::steady_clock::now();
-        std::fprintf(stderr, "merge_cpu %-10s %8.3f ms\n", what, std::chrono::duration<double, std::milli>(now - t).count());
-        t = now;
-    }
-};
-enum : int { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2, ISA_AVX512 = 3 };
-
-struct Job {
-    char* w = nullptr;          // weight base address
-    int64_t rows = 0, cols = 0;  // logical 2-D shape
-    int64_t sr = 0, sc = 0;      // strides in elements
-    int dtype = DT_F32;
-    const float* up = nullptr;    // (rows, R) row-major
-    const float* down = nullptr;  // (R, cols) row-major
-    int64_t R = 0;
-    int64_t nseg = 1;  // column segments per row (see kSegCols)
-    // unfuse only: the caller's records (layout of JobRecords), scattered back during the pass
-    const void* rest_off = nullptr;  // int32, or int64 when rest_off64
-    bool rest_off64 = false;
-    const uint16_t* rest_col = nullptr;
-    const void* rest_val = nullptr;
-    int64_t rest_n = 0;
-    int64_t rest_offset(int64_t key) const {
-        return rest_off64 ? static_cast<const int64_t*>(rest_off)[key] : static_cast<const int32_t*>(rest_off)[key];
-    }
-};
-
-// Records name an element by (row, column segment of kSegCols columns, 16-bit column inside the segment), so a
-// record costs 2 bytes of position instead of an 8-byte flat index. Tiles never straddle a segment boundary.
-constexpr int64_t kSegCols = 65536;
-
-struct Options {
-    bool negate = false;  // unfuse: W <- rn(W - delta)
-    bool record = false;
-    bool check_finite = false;
-};
 
 // One tile's records: how many in each of the tile's rows, then per record the column inside the tile's segment
 // and the original bits in the weight's width, rows in order and columns ascending. A tile fills these in its
@@ -802,43 +756,8 @@ TileShape tile_shape(int isa, const Job& jb) {
 // k = row * nseg + column / kSegCols; the records of key k are [off[k], off[k + 1]): columns inside the segment
 // (ascending) and original bits in the weight's own width. off has rows * nseg + 1 entries, int64 when the job has
 // 2^31 elements or more (int32 otherwise), and is empty when the job has no record at all.
-struct JobRecords {
-    void* off = nullptr;
-    bool off64 = false;
-    size_t noff = 0;
-    uint16_t* col = nullptr;
-    void* val = nullptr;
-    size_t n = 0;
-};
 
 inline bool needs_off64(const Job& jb) { return jb.rows * jb.cols >= (int64_t(1) << 31); }
-
-struct MergeResult {
-    std::vector<JobRecords> recs;    // per job, pointing into buffers
-    std::vector<uint8_t> nonfinite;  // per job
-    std::vector<void*> buffers;      // every job's records (std::free); ownership passes to numpy
-    size_t used = 0;                 // gather path: bytes used in its one buffer
-    MergeResult() = default;
-    MergeResult(const MergeResult&) = delete;
-    MergeResult& operator=(const MergeResult&) = delete;
-    MergeResult(MergeResult&& other) noexcept { *this = std::move(other); }
-    MergeResult& operator=(MergeResult&& other) noexcept {
-        if (this != &other) {
-            free_buffers();
-            recs = std::move(other.recs);
-            nonfinite = std::move(other.nonfinite);
-            buffers = std::move(other.buffers);
-            used = other.used;
-            other.buffers.clear();
-        }
-        return *this;
-    }
-    ~MergeResult() { free_buffers(); }
-    void free_buffers() {
-        for (void* b : buffers) std::free(b);
-        buffers.clear();
-    }
-};
 
 // A caller's records must fit their job before anything is written: offsets run from 0 to n without decreasing,
 // and inside each segment the columns ascend strictly and stay inside the weight.
@@ -1123,117 +1042,26 @@ MergeResult merge_run(const std::vector<Job>& jobs, const Options& o, int nthrea
     return res;
 }
 
-// A numpy view of n T's at data, kept alive by owner (no copy).
-template <class T>
-py::array view_array(void* data, size_t n, const py::capsule& owner) {
-    return py::array_t<T>({static_cast<py::ssize_t>(n)}, {static_cast<py::ssize_t>(sizeof(T))}, static_cast<T*>(data),
-                          owner);
-}
-
-// jobs: sequence of (w_addr, rows, cols, stride_r, stride_c, dtype, up_addr, down_addr, R).
-// restore (unfuse only): None or a sequence parallel to jobs of None or
-// (off_addr, off_is_int64, off_len, col_addr, val_addr, n), the layout of JobRecords.
-py::list merge_cpu_py(py::sequence job_specs, bool negate, bool record, bool check_finite, int num_threads, int isa,
-                      py::object restore) {
-    std::vector<Job> jobs;
-    jobs.reserve(py::len(job_specs));
-    for (py::handle h : job_specs) {
-        auto t = h.cast<py::tuple>();
-        if (t.size() != 9) throw std::invalid_argument("merge_cpu: each job is a 9-tuple");
-        Job jb;
-        jb.w = reinterpret_cast<char*>(t[0].cast<uintptr_t>());
-        jb.rows = t[1].cast<int64_t>();
-        jb.cols = t[2].cast<int64_t>();
-        jb.sr = t[3].cast<int64_t>();
-        jb.sc = t[4].cast<int64_t>();
-        jb.dtype = t[5].cast<int>();
-        jb.up = reinterpret_cast<const float*>(t[6].cast<uintptr_t>());
-        jb.down = reinterpret_cast<const float*>(t[7].cast<uintptr_t>());
-        jb.R = t[8].cast<int64_t>();
-        if (jb.dtype < DT_F32 || jb.dtype > DT_BF16) throw std::invalid_argument("merge_cpu: unknown dtype code");
-        if (jb.rows < 0 || jb.cols < 0 || jb.R < 1) throw std::invalid_argument("merge_cpu: bad shape or rank");
-        if (jb.rows * jb.cols > 0 && (!jb.w || !jb.up || !jb.down)) throw std::invalid_argument("merge_cpu: null pointer");
-        jb.nseg = std::max<int64_t>(1, (jb.cols + kSegCols - 1) / kSegCols);
-        jobs.push_back(jb);
-    }
-    std::vector<int64_t> noff(jobs.size(), 0);
-    if (!restore.is_none()) {
-        auto rs = restore.cast<py::sequence>();
-        if (py::len(rs) != jobs.size()) throw std::invalid_argument("merge_cpu: restore must parallel jobs");
-        for (size_t j = 0; j < jobs.size(); ++j) {
-            py::object item = rs[j];
-            if (item.is_none()) continue;
-            auto t = item.cast<py::tuple>();
-            if (t.size() != 6) throw std::invalid_argument("merge_cpu: each restore entry is a 6-tuple");
-            Job& jb = jobs[j];
-            jb.rest_off = reinterpret_cast<const void*>(t[0].cast<uintptr_t>());
-            jb.rest_off64 = t[1].cast<bool>();
-            noff[j] = t[2].cast<int64_t>();
-            jb.rest_col = reinterpret_cast<const uint16_t*>(t[3].cast<uintptr_t>());
-            jb.rest_val = reinterpret_cast<const void*>(t[4].cast<uintptr_t>());
-            jb.rest_n = t[5].cast<int64_t>();
-            if (jb.rest_n < 0 || (jb.rest_n > 0 && (!jb.rest_off || !jb.rest_col || !jb.rest_val)))
-                throw std::invalid_argument("merge_cpu: bad restore entry");
-        }
-    }
-    Options o;
-    o.negate = negate;
-    o.record = record && !negate;
-    o.check_finite = check_finite;
-    MergeResult res;
-    {
-        py::gil_scoped_release nogil;
-        std::vector<uint8_t> fits(jobs.size(), 1);
-        parallel_for(static_cast<int64_t>(jobs.size()), std::max(1, num_threads), [&](int, int64_t j) {
-            const Job& jb = jobs[static_cast<size_t>(j)];
-            if (jb.rest_n > 0) fits[static_cast<size_t>(j)] = records_fit(jb, noff[static_cast<size_t>(j)]);
-        });
-        for (size_t j = 0; j < jobs.size(); ++j)
-            if (!fits[j])
-                throw std::invalid_argument("merge_cpu: the record of job " + std::to_string(j) +
-                                            " does not fit its weight (wrong job, or corrupted)");
-        res = merge_run(jobs, o, std::max(1, num_threads), isa);
-    }
-    PhaseTimer timer;
-    py::list out;
-    // Every array is a view of the call's record buffers; the capsule frees them when the last array goes.
-    py::capsule owner;
-    if (o.record) {
-        std::unique_ptr<std::vector<void*>> held(new std::vector<void*>());
-        owner = py::capsule(held.get(), [](void* p) {
-            auto* v = static_cast<std::vector<void*>*>(p);
-            for (void* b : *v) std::free(b);
-            delete v;
-        });
-        held.release()->swap(res.buffers);
-    }
-    for (size_t j = 0; j < jobs.size(); ++j) {
-        py::object off = py::none(), col = py::none(), val = py::none();
-        if (o.record) {
-            const JobRecords& jr = res.recs[j];
-            if (jr.off64) off = view_array<int64_t>(jr.off, jr.noff, owner);
-            else off = view_array<int32_t>(jr.off, jr.noff, owner);
-            col = view_array<uint16_t>(jr.col, jr.n, owner);
-            if (jobs[j].dtype == DT_F32) val = view_array<uint32_t>(jr.val, jr.n, owner);
-            else val = view_array<uint16_t>(jr.val, jr.n, owner);
-        }
-        out.append(py::make_tuple(off, col, val, static_cast<bool>(res.nonfinite[j])));
-    }
-    timer.lap("to_numpy");
-    return out;
-}
-
 }  // namespace
 
-void bind_merge(py::module_& m) {
-    m.def("merge_cpu", &merge_cpu_py, py::arg("jobs"), py::arg("negate"), py::arg("record"), py::arg("check_finite"),
-          py::arg("num_threads") = 1, py::arg("isa") = 0, py::arg("restore") = py::none(),
-          "Fused LoRA merge on CPU: W <- rn(W ± up@down) for a list of jobs. Returns per job "
-          "(record offsets int32/int64 | None, record columns uint16 | None, record original bits uint16/uint32 | None, "
-          "non-finite flag).");
-    m.def("merge_cpu_isa", []() { return std::string(isa_name(best_isa())); },
-          "The vector ISA merge_cpu uses by default on this CPU: 'avx512', 'avx2' or 'scalar'.");
-    m.attr("MERGE_ISA_SCALAR") = py::int_(static_cast<int>(ISA_SCALAR));
-    m.attr("MERGE_ISA_AVX2") = py::int_(static_cast<int>(ISA_AVX2));
-    m.attr("MERGE_ISA_AVX512") = py::int_(static_cast<int>(ISA_AVX512));
+namespace lora_fast::merge {
+
+MergeResult run(const std::vector<Job>& jobs, const std::vector<int64_t>& restore_noff, const Options& o,
+                int nthreads, int isa) {
+    std::vector<uint8_t> fits(jobs.size(), 1);
+    parallel_for(static_cast<int64_t>(jobs.size()), std::max(1, nthreads), [&](int, int64_t j) {
+        const Job& jb = jobs[static_cast<size_t>(j)];
+        if (jb.rest_n > 0) fits[static_cast<size_t>(j)] = records_fit(jb, restore_noff[static_cast<size_t>(j)]);
+    });
+    for (size_t j = 0; j < jobs.size(); ++j)
+        if (!fits[j])
+            throw std::invalid_argument("merge_cpu: the record of job " + std::to_string(j) +
+                                        " does not fit its weight (wrong job, or corrupted)");
+    return merge_run(jobs, o, std::max(1, nthreads), isa);
 }
+
+int default_isa() { return best_isa(); }
+
+const char* default_isa_name() { return isa_name(best_isa()); }
+
+}  // namespace lora_fast::merge

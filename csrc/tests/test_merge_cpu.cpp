@@ -1,0 +1,249 @@
+// Test driver for the CPU merge kernel (merge_cpu.cpp), built and run under ASan/UBSan and under TSan by
+// scripts/sanitize.sh. Plain main(), no Python. Usage: test_merge_cpu [rounds]
+//
+// Checks, for fp32/fp16/bf16 weights, row- and column-major strides, one and several column segments, the scalar
+// and the best vector ISA, one and four threads:
+//  * fuse against a reference written here (fma chain over k from +0, one fp32 add, one rounding to the dtype);
+//  * every ISA and thread count gives the same bits;
+//  * unfuse with the fuse's records restores every weight bit for bit;
+//  * the non-finite flag, and records that do not fit their job are refused before anything is written.
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <stdexcept>
+#include <vector>
+
+#include "check.hpp"
+#include "merge_cpu.hpp"
+
+namespace lm = lora_fast::merge;
+
+namespace {
+
+using lora_fast_test::g_checks;
+using lora_fast_test::g_failures;
+
+uint32_t f2u(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
+float u2f(uint32_t u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+float f16_decode(uint16_t h) {
+    const int sign = h >> 15, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+    float v;
+    if (exp == 0) v = std::ldexp(float(man), -24);
+    else if (exp == 31) v = man ? NAN : INFINITY;
+    else v = std::ldexp(float(man | 0x400), exp - 25);
+    return sign ? -v : v;
+}
+
+// Round-to-nearest-even float -> fp16 bits, written independently of the kernel (finite inputs).
+uint16_t f16_encode(float f) {
+    const uint32_t sign = (f2u(f) >> 16) & 0x8000u;
+    const double a = std::fabs(double(f));
+    if (a >= 65520.0) return uint16_t(sign | 0x7C00u);  // rounds to infinity
+    int e;
+    std::frexp(a, &e);  // a = m·2^e, m in [0.5, 1)
+    const int q = std::max(e - 11, -24);  // quantum: 2^q (11 significant bits, subnormals at 2^-24)
+    const double units = std::nearbyint(std::ldexp(a, -q));  // ties to even (default rounding mode)
+    const double r = std::ldexp(units, q);
+    if (r == 0) return uint16_t(sign);
+    int re;
+    std::frexp(r, &re);
+    if (re - 1 < -14) return uint16_t(sign | uint32_t(std::ldexp(r, 24)));  // subnormal
+    const uint32_t exp = uint32_t(re - 1 + 15), man = uint32_t(std::ldexp(r, 11 - re)) & 0x3FFu;
+    return uint16_t(sign | (exp << 10) | man);
+}
+
+uint16_t bf16_encode(float f) {
+    const uint32_t u = f2u(f);
+    return uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+int elem_size(int dt) { return dt == lm::DT_F32 ? 4 : 2; }
+
+float load(const std::vector<uint8_t>& w, int dt, int64_t i) {
+    if (dt == lm::DT_F32) {
+        uint32_t u;
+        std::memcpy(&u, &w[size_t(i) * 4], 4);
+        return u2f(u);
+    }
+    uint16_t h;
+    std::memcpy(&h, &w[size_t(i) * 2], 2);
+    return dt == lm::DT_F16 ? f16_decode(h) : u2f(uint32_t(h) << 16);
+}
+
+struct Case {
+    int dt;
+    int64_t rows, cols, R;
+    bool col_major;
+    std::vector<uint8_t> w0;  // original weight bytes
+    std::vector<float> up, down;
+};
+
+Case make_case(std::mt19937& rng, int dt, int64_t rows, int64_t cols, int64_t R, bool col_major, float scale) {
+    Case c{dt, rows, cols, R, col_major, {}, {}, {}};
+    std::normal_distribution<float> normal(0.f, 1.f);
+    c.w0.resize(size_t(rows * cols) * size_t(elem_size(dt)));
+    for (int64_t i = 0; i < rows * cols; ++i) {
+        const float v = normal(rng);
+        if (dt == lm::DT_F32) std::memcpy(&c.w0[size_t(i) * 4], &v, 4);
+        else {
+            const uint16_t h = dt == lm::DT_F16 ? f16_encode(v) : bf16_encode(v);
+            std::memcpy(&c.w0[size_t(i) * 2], &h, 2);
+        }
+    }
+    c.up.resize(size_t(rows * R));
+    c.down.resize(size_t(R * cols));
+    for (auto& v : c.up) v = normal(rng) * scale;
+    for (auto& v : c.down) v = normal(rng) * scale;
+    return c;
+}
+
+lm::Job job_for(const Case& c, std::vector<uint8_t>& w) {
+    lm::Job jb;
+    jb.w = reinterpret_cast<char*>(w.data());
+    jb.rows = c.rows;
+    jb.cols = c.cols;
+    jb.sr = c.col_major ? 1 : c.cols;
+    jb.sc = c.col_major ? c.rows : 1;
+    jb.dtype = c.dt;
+    jb.up = c.up.data();
+    jb.down = c.down.data();
+    jb.R = c.R;
+    jb.nseg = std::max<int64_t>(1, (c.cols + lm::kSegCols - 1) / lm::kSegCols);
+    return jb;
+}
+
+// The reference fused bytes: fma chain from +0 over k, fp32 add, one rounding (NaN stays NaN: compared as "NaN").
+void check_reference(const Case& c, const std::vector<uint8_t>& fused) {
+    int64_t bad = 0;
+    for (int64_t i = 0; i < c.rows; ++i)
+        for (int64_t j = 0; j < c.cols; ++j) {
+            float acc = 0.f;
+            for (int64_t k = 0; k < c.R; ++k) acc = std::fma(c.up[size_t(i * c.R + k)], c.down[size_t(k * c.cols + j)], acc);
+            const int64_t idx = c.col_major ? j * c.rows + i : i * c.cols + j;
+            const float sum = load(c.w0, c.dt, idx) + acc;
+            bool ok;
+            if (c.dt == lm::DT_F32) {
+                uint32_t got;
+                std::memcpy(&got, &fused[size_t(idx) * 4], 4);
+                ok = got == f2u(sum);
+            } else {
+                uint16_t got;
+                std::memcpy(&got, &fused[size_t(idx) * 2], 2);
+                ok = got == (c.dt == lm::DT_F16 ? f16_encode(sum) : bf16_encode(sum));
+            }
+            bad += !ok;
+        }
+    CHECK(bad == 0);
+    if (bad) std::fprintf(stderr, "  dtype %d %lldx%lld: %lld elements differ from the reference\n", c.dt,
+                          (long long)c.rows, (long long)c.cols, (long long)bad);
+}
+
+void test_fuse_unfuse(std::mt19937& rng) {
+    const int dts[] = {lm::DT_F32, lm::DT_F16, lm::DT_BF16};
+    const int isas[] = {lm::ISA_SCALAR, lm::ISA_AUTO};
+    const int threads[] = {1, 4};
+    for (int dt : dts) {
+        // several jobs of different shapes in one call: small, odd-sized, column-major, more than one segment
+        std::vector<Case> cases;
+        cases.push_back(make_case(rng, dt, 7, 13, 3, false, 0.3f));
+        cases.push_back(make_case(rng, dt, 33, 70, 8, true, 0.2f));
+        cases.push_back(make_case(rng, dt, 2, lm::kSegCols + 100, 2, false, 0.5f));
+        cases.push_back(make_case(rng, dt, 64, 48, 16, false, 0.1f));
+        std::vector<std::vector<uint8_t>> first;
+        for (int isa : isas)
+            for (int nt : threads) {
+                std::vector<std::vector<uint8_t>> w;
+                std::vector<lm::Job> jobs;
+                for (auto& c : cases) w.push_back(c.w0);
+                for (size_t j = 0; j < cases.size(); ++j) jobs.push_back(job_for(cases[j], w[j]));
+                lm::Options fuse;
+                fuse.record = true;
+                fuse.check_finite = true;
+                lm::MergeResult res = lm::run(jobs, std::vector<int64_t>(jobs.size(), 0), fuse, nt, isa);
+                CHECK(res.recs.size() == jobs.size() && res.nonfinite.size() == jobs.size());
+                for (size_t j = 0; j < cases.size(); ++j) {
+                    CHECK(!res.nonfinite[j]);
+                    if (isa == lm::ISA_SCALAR && nt == 1) check_reference(cases[j], w[j]);
+                }
+                if (first.empty()) first = w;
+                else
+                    for (size_t j = 0; j < cases.size(); ++j) CHECK(w[j] == first[j]);  // same bits on every path
+
+                // unfuse with the records: every bit comes back
+                std::vector<int64_t> noff(jobs.size());
+                for (size_t j = 0; j < jobs.size(); ++j) {
+                    const lm::JobRecords& r = res.recs[j];
+                    jobs[j].rest_off = r.off;
+                    jobs[j].rest_off64 = r.off64;
+                    jobs[j].rest_col = r.col;
+                    jobs[j].rest_val = r.val;
+                    jobs[j].rest_n = int64_t(r.n);
+                    noff[j] = int64_t(r.noff);
+                }
+                lm::Options unfuse;
+                unfuse.negate = true;
+                lm::MergeResult back = lm::run(jobs, noff, unfuse, nt, isa);
+                for (size_t j = 0; j < cases.size(); ++j) CHECK(w[j] == cases[j].w0);
+                (void)back;
+            }
+    }
+}
+
+void test_nonfinite_and_bad_records(std::mt19937& rng) {
+    Case c = make_case(rng, lm::DT_F16, 5, 9, 2, false, 1.f);
+    c.up[0] = 3e4f;
+    c.down[0] = 3e4f;  // 9e8: overflows fp16 in element (0, 0)
+    std::vector<uint8_t> w = c.w0;
+    std::vector<lm::Job> jobs{job_for(c, w)};
+    lm::Options o;
+    o.record = true;
+    o.check_finite = true;
+    lm::MergeResult res = lm::run(jobs, {0}, o, 2, lm::ISA_AUTO);
+    CHECK(res.nonfinite.size() == 1 && res.nonfinite[0]);
+
+    // records that do not fit the job (a column past the weight) are refused before the weight is touched
+    Case small = make_case(rng, lm::DT_BF16, 4, 6, 2, false, 0.5f);
+    std::vector<uint8_t> ws = small.w0;
+    lm::Job jb = job_for(small, ws);
+    std::vector<int32_t> off{0, 1, 1, 1, 1};  // per row: one record in row 0
+    std::vector<uint16_t> col{200};            // column 200 of a 6-column weight
+    std::vector<uint16_t> val{0x3F80};
+    jb.rest_off = off.data();
+    jb.rest_col = col.data();
+    jb.rest_val = val.data();
+    jb.rest_n = 1;
+    lm::Options un;
+    un.negate = true;
+    bool refused = false;
+    try {
+        lm::run({jb}, {int64_t(off.size())}, un, 2, lm::ISA_AUTO);
+    } catch (const std::invalid_argument&) {
+        refused = true;
+    }
+    CHECK(refused);
+    CHECK(ws == small.w0);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    const int rounds = argc > 1 ? std::atoi(argv[1]) : 2;
+    std::mt19937 rng(12345);
+    std::printf("merge_cpu: default ISA %s\n", lm::default_isa_name());
+    for (int r = 0; r < rounds; ++r) test_fuse_unfuse(rng);
+    test_nonfinite_and_bad_records(rng);
+    std::printf("merge_cpu: %d checks, %d failures\n", g_checks, g_failures);
+    return g_failures == 0 ? 0 : 1;
+}
