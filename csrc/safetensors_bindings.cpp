@@ -79,6 +79,18 @@ class ByteView {
     Py_buffer view_{};
 };
 
+// The (name, dtype string, shape) that both writers' tensor entries start with; data and nbytes are the caller's.
+st::TensorToWrite tensor_to_write(const py::tuple& tup) {
+    st::TensorToWrite t;
+    t.name = tup[0].cast<std::string>();
+    const auto dtype_str = tup[1].cast<std::string>();
+    const auto dtype = st::parse_dtype(dtype_str);
+    if (!dtype) throw st::FormatError("tensor " + t.name + ": unknown dtype " + dtype_str);
+    t.dtype = *dtype;
+    t.shape = tup[2].cast<std::vector<uint64_t>>();
+    return t;
+}
+
 }  // namespace
 
 void bind_safetensors(py::module_& m) {
@@ -162,13 +174,7 @@ void bind_safetensors(py::module_& m) {
             for (const py::handle entry : tensors) {
                 const auto tup = entry.cast<py::tuple>();
                 if (tup.size() != 4) throw py::value_error("layout entries are (name, dtype, shape, nbytes)");
-                st::TensorToWrite t;
-                t.name = tup[0].cast<std::string>();
-                const auto dtype_str = tup[1].cast<std::string>();
-                const auto dtype = st::parse_dtype(dtype_str);
-                if (!dtype) throw st::FormatError("tensor " + t.name + ": unknown dtype " + dtype_str);
-                t.dtype = *dtype;
-                t.shape = tup[2].cast<std::vector<uint64_t>>();
+                st::TensorToWrite t = tensor_to_write(tup);
                 t.data = &kLayoutOnly;
                 t.nbytes = tup[3].cast<uint64_t>();
                 items.push_back(std::move(t));
@@ -197,13 +203,7 @@ void bind_safetensors(py::module_& m) {
             for (const py::handle entry : tensors) {
                 const auto tup = entry.cast<py::tuple>();
                 if (tup.size() != 5) throw py::value_error("tensor entries are (name, dtype, shape, address, nbytes)");
-                st::TensorToWrite t;
-                t.name = tup[0].cast<std::string>();
-                const auto dtype_str = tup[1].cast<std::string>();
-                const auto dtype = st::parse_dtype(dtype_str);
-                if (!dtype) throw st::FormatError("tensor " + t.name + ": unknown dtype " + dtype_str);
-                t.dtype = *dtype;
-                t.shape = tup[2].cast<std::vector<uint64_t>>();
+                st::TensorToWrite t = tensor_to_write(tup);
                 t.data = reinterpret_cast<const void*>(tup[3].cast<uintptr_t>());
                 t.nbytes = tup[4].cast<uint64_t>();
                 items.push_back(std::move(t));
