@@ -168,7 +168,7 @@ def _module_of(name: str, layout: str):
     return _match(_BFL_PATTERNS if layout == "bfl" else _XLABS_PATTERNS, name)
 
 
-def _is_te1(key: str) -> bool:
+def _is_text_encoder_key(key: str) -> bool:
     return key.startswith(("lora_te1_", "lora_te_", "lora_te3_"))
 
 
@@ -189,7 +189,7 @@ def detect_flux_layout(keys) -> Optional[str]:
     for layout in ("kohya", "onetrainer", "xlabs", "bfl"):
         flux_keys = 0
         for key in keys:
-            if layout in ("kohya", "onetrainer") and _is_te1(key):
+            if layout in ("kohya", "onetrainer") and _is_text_encoder_key(key):
                 continue
             split = _split_key(key, layout)
             if split is None or _module_of(split[0], layout) is None:
@@ -198,6 +198,9 @@ def detect_flux_layout(keys) -> Optional[str]:
         else:
             if flux_keys:
                 return layout
+    # A kohya file naming Flux blocks but also something the table lacks: the Flux reader names the odd key.
+    if any(k.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_")) for k in keys):
+        return "kohya"
     return None
 
 
@@ -248,7 +251,7 @@ def read_flux(state_dict: dict, layout: str, *, source: str = "<state dict>",
     """A Flux.1 kohya / BFL / XLabs state dict as a LoraAdapter with diffusers module keys."""
     from .kohya import _Module, _build_layer, _classify_suffix, _parse_module, _scalar, _table
 
-    te_keys = {k: v for k, v in state_dict.items() if layout in ("kohya", "onetrainer") and _is_te1(k)}
+    te_keys = {k: v for k, v in state_dict.items() if layout in ("kohya", "onetrainer") and _is_text_encoder_key(k)}
     groups: dict[str, dict] = {}
     for key, value in state_dict.items():
         if key in te_keys:
