@@ -330,6 +330,7 @@ def _unet_adapter(unet, seed, rank):
     return LoraAdapter(layers, "diffusers")
 
 
+@pytest.mark.slow  # ~25 s alone on one core (compiles a tiny UNet); CI runs it in its `-m slow` pass
 def test_tiny_unet_compiles_once_across_random_switches_toggles_fuses_and_hotswaps():
     pytest.importorskip("diffusers")
     from lora_fast.models import build_unet

@@ -15,6 +15,17 @@ def test_gpu_tests_are_marked_cuda_not_skipped_by_hand():
     assert not offenders, f"use @pytest.mark.cuda instead of a hand-written CUDA skip: {offenders}"
 
 
+def test_every_declared_marker_is_used():
+    """A marker declared in pyproject.toml but put on no test selects nothing (``-m slow`` would run zero tests)."""
+    import tomllib
+
+    declared = [m.split(":")[0] for m in tomllib.loads((TESTS.parent / "pyproject.toml").read_text())
+                ["tool"]["pytest"]["ini_options"]["markers"]]
+    text = "\n".join(p.read_text() for p in sorted(TESTS.glob("test_*.py")))
+    unused = [m for m in declared if f"pytest.mark.{m}" not in text]
+    assert not unused, f"declared but on no test: {unused}"
+
+
 def test_cuda_marker_skips_without_a_gpu(pytester):
     pytester.makeconftest((TESTS / "conftest.py").read_text())
     pytester.makepyfile("""
