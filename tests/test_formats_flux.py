@@ -69,7 +69,10 @@ def _plain(model) -> dict:
 
 
 def _bits_equal(a, b) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    a, b = a.reshape(-1), b.reshape(-1)  # 0-d tensors (alphas) cannot be viewed as bytes
+    return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
 def _check_fused(ours, base, truth: dict, *, theirs=None, factor=LORA_SCALE, skip_theirs=frozenset()):
@@ -670,3 +673,50 @@ def test_per_sample_adapters_on_flux_rows_equal_each_adapters_own_run():
             (alone,) = pipe.transformer(**one)
             torch.testing.assert_close(batched[j:j + 1], alone, rtol=1e-5, atol=1e-5 * float(alone.abs().max()))
     assert not torch.allclose(batched[0], batched[2], rtol=1e-3, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# writing sd-scripts Flux files
+
+
+def test_kohya_flux_round_trips_bit_exact(tmp_path):
+    modules, _ = _make_flux_lora(_base().transformer, _TINY_NAMES, alphas=[2.0, 0.5, 8.0])
+    sd = _kohya_sd(modules)
+    sd.update(_te1_module()[0])
+    t5 = "lora_te3_encoder_block_0_layer_0_SelfAttention_q"
+    sd[f"{t5}.lora_down.weight"], sd[f"{t5}.lora_up.weight"] = torch.randn(2, 32), torch.randn(32, 2)
+    sd[f"{t5}.alpha"] = torch.tensor(1.0)
+    adapter = lora_fast.read_lora(sd)
+    path = tmp_path / "again.safetensors"
+    adapter.save(path, format="kohya")
+    again = lora_fast.load_file(str(path))
+    assert sorted(again) == sorted(sd)
+    bad = [k for k in sd if not _bits_equal(again[k].contiguous(), sd[k].contiguous())]
+    assert not bad, bad[:3]
+
+
+def test_diffusers_flux_adapter_writes_as_kohya_when_splits_share_down(tmp_path):
+    """From split modules: q, k, v (and linear1's parts) sharing one down matrix re-fuse; a missing part gets zero
+    rows (same delta); different down matrices are refused before anything is written."""
+    modules, _ = _make_flux_lora(_base().transformer, ["double_blocks.0.img_attn.qkv", "single_blocks.1.linear1",
+                                                       "double_blocks.1.txt_mod.lin"], alphas=[2.0])
+    adapter = lora_fast.read_lora(_kohya_sd(modules))
+    del adapter.layers["transformer.single_transformer_blocks.1.attn.to_k"]
+    adapter = lora_fast.LoraAdapter(adapter.layers, "diffusers")  # no family recorded: found from single blocks
+    path = tmp_path / "k.safetensors"
+    adapter.save(path, format="kohya")
+    back = lora_fast.read_lora(path)
+    assert back.format == "kohya"
+    for key, layer in back.layers.items():
+        want = adapter.layers.get(key)
+        if want is None:  # the dropped to_k comes back with zero rows
+            assert key.endswith("single_transformer_blocks.1.attn.to_k") and not layer.up.any()
+        else:
+            assert torch.equal(layer.delta(), want.delta()), key
+    q = adapter.layers["transformer.transformer_blocks.0.attn.to_q"]
+    adapter.layers["transformer.transformer_blocks.0.attn.to_q"] = lora_fast.LoraLayer(
+        down=q.down + 1, up=q.up, alpha=q.alpha)
+    bad = tmp_path / "bad.safetensors"
+    with pytest.raises(LoraFormatError, match="do not share their down"):
+        adapter.save(bad, format="kohya")
+    assert not bad.exists()

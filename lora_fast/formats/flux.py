@@ -32,7 +32,7 @@ from typing import Optional
 
 import torch
 
-from ..adapter import LoraAdapter, LoraLayer
+from ..adapter import LoraAdapter, LoraLayer, split_component
 from ..errors import LoraFormatError
 
 
@@ -302,4 +302,91 @@ def read_flux(state_dict: dict, layout: str, *, source: str = "<state dict>",
                        source=None if source == "<state dict>" else source, family="flux")
 
 
-__all__ = ["FLUX_MODULES", "XLABS_NAMES", "FusedModule", "detect_flux_layout", "read_flux"]
+# ----------------------------------------------------------------------------------------------
+# writing kohya (sd-scripts) Flux files
+
+
+def _fused_of(path: str):
+    """(FusedModule, block index, target position) of a diffusers transformer module path, or None."""
+    for fused in FLUX_MODULES:
+        for pos, (template, _) in enumerate(fused.targets):
+            m = _compile(template).match(path)
+            if m:
+                return fused, (m.group(1) if m.groups() else None), pos
+    return None
+
+
+def write_flux_kohya(adapter: LoraAdapter, *, source: str = "<adapter>") -> dict[str, torch.Tensor]:
+    """A Flux adapter as an sd-scripts state dict: split modules re-fused into the BFL module they came from.
+
+    The split modules of one BFL module must share their down matrix (equal values), rank and alpha, as
+    ``read_flux`` produces them; a split module the adapter lacks gets zero rows in the fused up matrix
+    (the same delta). Split modules with different down matrices have no exact sd-scripts form and raise
+    LoraFormatError. CLIP-L modules are written ``lora_te1_``, T5 modules ``lora_te3_``. Reading the result
+    back gives every module's delta unchanged; a kohya file read and written again is bit-identical.
+    """
+    from .kohya import _lookup_key, _stored_alpha, _table
+
+    groups: dict = {}  # (bfl, index) -> (fused, {target position: (key, layer)})
+    out: dict[str, torch.Tensor] = {}
+    for key, layer in adapter.layers.items():
+        component, path = split_component(key)
+        if layer.kind != "linear" or layer.mid is not None or layer.magnitude is not None or layer.bias is not None \
+                or layer.fan_in_fan_out:
+            raise LoraFormatError(f"{source}: {key}: only plain Linear LoRA layers have an sd-scripts Flux form")
+        if component == "transformer":
+            found = _fused_of(path)
+            if found is None:
+                raise LoraFormatError(f"{source}: module {key!r} has no sd-scripts Flux name")
+            fused, index, pos = found
+            groups.setdefault((fused.bfl, index), (fused, {}))[1][pos] = (key, layer)
+            continue
+        if component == "text_encoder":
+            module = _lookup_key(_table("sdxl"), key)
+            name = next((n for n in module.names if n.startswith("lora_te1_")), None) if module else None
+        elif component == "text_encoder_2" and re.match(r"^encoder\.block\.\d+\.layer\.\d+\.", path):
+            name = "lora_te3_" + path.replace(".", "_")
+            if _kohya_text_encoder_key(name) != key:
+                name = None
+        else:
+            name = None
+        if name is None:
+            raise LoraFormatError(f"{source}: module {key!r} has no sd-scripts Flux name")
+        out[f"{name}.lora_down.weight"] = layer.down.contiguous()
+        out[f"{name}.lora_up.weight"] = layer.up.contiguous()
+        out[f"{name}.alpha"] = _stored_alpha(layer, source, key)
+    for (bfl, index), (fused, members) in groups.items():
+        (first_key, first), *rest = members.values()
+        for key, layer in rest:
+            if (layer.rank != first.rank or layer.alpha != first.alpha or layer.use_rslora != first.use_rslora
+                    or layer.down.dtype != first.down.dtype or layer.up.dtype != first.up.dtype
+                    or not torch.equal(layer.down, first.down)):
+                raise LoraFormatError(
+                    f"{source}: {key} and {first_key} are parts of {bfl.format(i=index)} but do not share their down "
+                    "matrix, rank and alpha: an sd-scripts file cannot hold them exactly (write diffusers or PEFT)")
+        # rows per part unit, from any member: its rows = unit * (sizes of the parts it takes)
+        pos0 = next(iter(members))
+        taken = sum(fused.parts[t] for t in fused.targets[pos0][1])
+        unit, rem = divmod(first.out_features, taken)
+        if rem:
+            raise LoraFormatError(f"{source}: {first_key}: {first.out_features} rows do not fit {bfl.format(i=index)}")
+        parts: list = [None] * len(fused.parts)
+        for pos, (key, layer) in members.items():
+            take = fused.targets[pos][1]
+            if layer.out_features != unit * sum(fused.parts[t] for t in take):
+                raise LoraFormatError(f"{source}: {key}: {layer.out_features} rows do not fit {bfl.format(i=index)} "
+                                      f"next to {first_key}")
+            start = 0
+            for t in take:
+                parts[t] = layer.up[start:start + fused.parts[t] * unit]
+                start += fused.parts[t] * unit
+        parts = [p if p is not None else first.up.new_zeros(fused.parts[t] * unit, first.rank)
+                 for t, p in enumerate(parts)]
+        name = _kohya_name(bfl.format(i=index))
+        out[f"{name}.lora_down.weight"] = first.down.contiguous()
+        out[f"{name}.lora_up.weight"] = torch.cat(parts, 0) if len(parts) > 1 else parts[0].contiguous()
+        out[f"{name}.alpha"] = _stored_alpha(first, source, first_key)
+    return out
+
+
+__all__ = ["FLUX_MODULES", "XLABS_NAMES", "FusedModule", "detect_flux_layout", "read_flux", "write_flux_kohya"]

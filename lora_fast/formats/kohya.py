@@ -539,6 +539,12 @@ def write_kohya(adapter: LoraAdapter, *, source: str = "<adapter>") -> dict[str,
     """
     if not adapter.layers:
         raise LoraFormatError(f"{source}: the adapter has no layers")
+    if any(split_component(k)[0] == "transformer" for k in adapter.layers):
+        from .families import adapter_family
+        from .flux import write_flux_kohya
+
+        if adapter_family(adapter) == "flux":  # sd-scripts' Flux names (fused projections re-fused)
+            return write_flux_kohya(adapter, source=source)
     for key in adapter.layers:
         component, _ = split_component(key)
         if component not in ("unet", "text_encoder", "text_encoder_2"):
