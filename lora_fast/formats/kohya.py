@@ -533,7 +533,8 @@ def write_kohya(adapter: LoraAdapter, *, source: str = "<adapter>") -> dict[str,
     """The adapter as a kohya state dict: kohya's own names, one ``.alpha`` per module.
 
     SD1.x/SD2 adapters get diffusers-style UNet names and ``lora_te_``; SDXL adapters get LDM UNet
-    names and ``lora_te1_`` / ``lora_te2_`` (see ``_writer_family`` for how the family is decided).
+    names and ``lora_te1_`` / ``lora_te2_`` (see ``_writer_family`` for how the family is decided);
+    Flux.1 adapters get sd-scripts' Flux names (``formats.flux.write_flux_kohya``).
     Every module's delta is unchanged by ``read_kohya(write_kohya(adapter))``. Everything is checked
     before anything is returned; what kohya cannot express raises LoraFormatError naming the module.
     """
