@@ -932,4 +932,54 @@ void save_file(const std::string& path, std::vector<TensorToWrite> tensors, cons
     tmp.commit();
 }
 
+struct StreamingWriter::Impl {
+    Impl(const std::string& p, std::vector<TensorToWrite> t) : path(p), tensors(std::move(t)), tmp(path),
+                                                                out(tmp.fd(), path, UINT64_MAX) {}
+    std::string path;
+    std::vector<TensorToWrite> tensors;
+    uint64_t expected = 0, written = 0;
+    TempFile tmp;
+    Writer out;
+};
+
+namespace {
+// build_header refuses a tensor with bytes and no data; the streaming writer's data comes later.
+std::vector<TensorToWrite> with_placeholder_data(std::vector<TensorToWrite> tensors) {
+    static const uint8_t kLater = 0;
+    for (auto& t : tensors) t.data = &kLater;
+    return tensors;
+}
+}  // namespace
+
+StreamingWriter::StreamingWriter(const std::string& path, std::vector<TensorToWrite> tensors,
+                                 const Metadata* metadata) {
+    tensors = with_placeholder_data(std::move(tensors));
+    const std::string json = build_header(tensors, metadata);  // validates everything before touching the disk
+    impl_ = std::make_unique<Impl>(path, std::move(tensors));
+    for (const auto& t : impl_->tensors) impl_->expected += t.nbytes;
+    uint8_t prefix[8];
+    uint64_t n = json.size();
+    for (int i = 0; i < 8; ++i, n >>= 8) prefix[i] = uint8_t(n & 0xFF);
+    impl_->out.write(prefix, 8);
+    impl_->out.write(json.data(), json.size());
+}
+
+StreamingWriter::~StreamingWriter() = default;
+
+const std::vector<TensorToWrite>& StreamingWriter::order() const { return impl_->tensors; }
+
+void StreamingWriter::write(const void* data, uint64_t n) {
+    if (n > impl_->expected - impl_->written)
+        throw FormatError("more data than the header declares (" + num(impl_->expected) + " bytes)");
+    impl_->out.write(data, n);
+    impl_->written += n;
+}
+
+void StreamingWriter::commit() {
+    if (impl_->written != impl_->expected)
+        throw FormatError("only " + num(impl_->written) + " of " + num(impl_->expected) + " data bytes were written");
+    impl_->out.flush();
+    impl_->tmp.commit();
+}
+
 }  // namespace lora_fast::safetensors

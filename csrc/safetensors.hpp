@@ -6,6 +6,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -145,5 +146,24 @@ std::string build_header(std::vector<TensorToWrite>& tensors, const Metadata* me
 // fail_after_bytes is fault injection for tests: the write fails with EIO once that many bytes went out.
 void save_file(const std::string& path, std::vector<TensorToWrite> tensors, const Metadata* metadata,
                uint64_t fail_after_bytes = UINT64_MAX);
+
+// save_file for a caller that produces the tensors one at a time and never holds them all (lora-fast merge):
+// the same header (build_header; the tensors' data pointers are not used), then write() appends the data in the
+// data order order() gives, in pieces of any size; commit() checks that every byte came and renames the file into
+// place exactly as save_file does. Destroyed without commit(), the temporary file is removed and path untouched.
+class StreamingWriter {
+  public:
+    StreamingWriter(const std::string& path, std::vector<TensorToWrite> tensors, const Metadata* metadata);
+    ~StreamingWriter();
+    StreamingWriter(const StreamingWriter&) = delete;
+    StreamingWriter& operator=(const StreamingWriter&) = delete;
+    const std::vector<TensorToWrite>& order() const;
+    void write(const void* data, uint64_t n);
+    void commit();
+
+  private:
+    struct Impl;
+    std::unique_ptr<Impl> impl_;
+};
 
 }  // namespace lora_fast::safetensors

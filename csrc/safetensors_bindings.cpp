@@ -163,37 +163,50 @@ void bind_safetensors(py::module_& m) {
         },
         "The dtype table: [(name, bits per element)] in the safetensors enum order (the writer sorts by it).");
 
-    m.def(
-        "safetensors_layout",
-        [](const py::list& tensors, const py::object& metadata) {
-            // The writer's header and data order for tensors whose bytes come later (a streaming writer):
-            // build_header never reads the data, so each entry points at a placeholder byte.
-            static const uint8_t kLayoutOnly = 0;
-            std::vector<st::TensorToWrite> items;
-            items.reserve(tensors.size());
-            for (const py::handle entry : tensors) {
-                const auto tup = entry.cast<py::tuple>();
-                if (tup.size() != 4) throw py::value_error("layout entries are (name, dtype, shape, nbytes)");
-                st::TensorToWrite t = tensor_to_write(tup);
-                t.data = &kLayoutOnly;
-                t.nbytes = tup[3].cast<uint64_t>();
-                items.push_back(std::move(t));
-            }
-            std::optional<st::Metadata> md;
-            if (!metadata.is_none()) md = metadata.cast<st::Metadata>();
-            const std::string json = st::build_header(items, md ? &*md : nullptr);
-            std::string prefixed(8, '\0');
-            uint64_t n = json.size();
-            for (int i = 0; i < 8; ++i, n >>= 8) prefixed[size_t(i)] = char(n & 0xFF);
-            prefixed += json;
-            py::list order;
-            for (const auto& t : items) order.append(py::make_tuple(py::str(t.name), t.nbytes));
-            return py::make_tuple(py::bytes(prefixed), order);
-        },
-        py::arg("tensors"), py::arg("metadata"),
-        "The bytes save_file writes before the data (8-byte size + padded JSON header) and the data order "
-        "[(name, nbytes)] for tensors [(name, dtype, shape, nbytes)]; metadata: None or [(key, value)]. Validates "
-        "as save_file does (FormatError).");
+    py::class_<st::StreamingWriter>(m, "SafetensorsStreamingWriter",
+                                    "save_file one tensor at a time: the header is written at construction, write() "
+                                    "appends data in the order `order` gives, commit() renames into place; dropped "
+                                    "uncommitted, the temporary file is removed.")
+        .def(py::init([](const std::string& path, const py::list& tensors, const py::object& metadata) {
+                 std::vector<st::TensorToWrite> items;
+                 items.reserve(tensors.size());
+                 for (const py::handle entry : tensors) {
+                     const auto tup = entry.cast<py::tuple>();
+                     if (tup.size() != 4) throw py::value_error("tensor entries are (name, dtype, shape, nbytes)");
+                     st::TensorToWrite t = tensor_to_write(tup);
+                     t.data = nullptr;
+                     t.nbytes = tup[3].cast<uint64_t>();
+                     items.push_back(std::move(t));
+                 }
+                 std::optional<st::Metadata> md;
+                 if (!metadata.is_none()) md = metadata.cast<st::Metadata>();
+                 py::gil_scoped_release release;
+                 return std::make_unique<st::StreamingWriter>(path, std::move(items), md ? &*md : nullptr);
+             }),
+             py::arg("path"), py::arg("tensors"), py::arg("metadata"),
+             "tensors: [(name, dtype, shape, nbytes)]; metadata: None or [(key, value)]. Validates as save_file.")
+        .def_property_readonly("order",
+                               [](const st::StreamingWriter& w) {
+                                   py::list out;
+                                   for (const auto& t : w.order()) out.append(py::make_tuple(py::str(t.name), t.nbytes));
+                                   return out;
+                               },
+                               "[(name, nbytes)] in data order.")
+        .def(
+            "write",
+            [](st::StreamingWriter& w, py::handle buffer) {
+                ByteView view(buffer);
+                py::gil_scoped_release release;
+                w.write(view.data(), view.size());
+            },
+            py::arg("buffer"), "Append the next bytes of data (any buffer-protocol object).")
+        .def(
+            "commit",
+            [](st::StreamingWriter& w) {
+                py::gil_scoped_release release;
+                w.commit();
+            },
+            "Check every data byte came, fsync, rename into place, fsync the directory.");
 
     m.def(
         "safetensors_save",

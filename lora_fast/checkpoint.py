@@ -54,13 +54,14 @@ _COPY_CHUNK = 8 << 20
 class StreamingSafetensorsWriter:
     """Write a safetensors file whose header is known up front, one tensor's bytes at a time.
 
-    ``entries`` are ``(name, dtype string, shape)``. The header bytes and the data order come from the C++ core's
-    writer (``_C.safetensors_layout``, the same ``build_header`` that ``io.save_file`` uses), so the output is
-    byte-identical to ``io.save_file`` and safetensors. Only the data is written here, tensor by tensor: the merge
-    produces one tensor at a time and must never hold a whole checkpoint, which the core's one-call ``save_file``
-    would need. Call :meth:`write` with each tensor's bytes in :attr:`order`, then
-    :meth:`close`; the file appears at ``path`` only then (temporary file, fsync, rename, fsync of the directory).
-    On an exception inside the ``with`` block the temporary file is removed and ``path`` is left untouched.
+    A thin wrapper over the C++ core's ``StreamingWriter`` (``_C.SafetensorsStreamingWriter``): the same
+    ``build_header``, temporary file, fsync and rename as ``io.save_file``, so the output is byte-identical to
+    ``io.save_file`` and safetensors. The merge produces one tensor at a time and must never hold a whole checkpoint,
+    which the core's one-call ``save_file`` would need; hence a writer that takes the data in pieces.
+
+    ``entries`` are ``(name, dtype string, shape)``; the header is validated here. Call :meth:`write` with each
+    tensor's bytes in :attr:`order`, then leave the ``with`` block; the file appears at ``path`` only then. On an
+    exception inside the block the temporary file is removed and ``path`` is left untouched.
     """
 
     def __init__(self, path: str, entries, metadata: Optional[dict] = None):
@@ -70,21 +71,15 @@ class StreamingSafetensorsWriter:
             shape = [int(x) for x in shape]
             layout.append((n, d, shape, tensor_nbytes(d, shape)))
         try:
-            self._header, order = _C.safetensors_layout(layout, list(metadata.items()) if metadata else None)
+            self._writer = _C.SafetensorsStreamingWriter(os.fsencode(self.path), layout,
+                                                         list(metadata.items()) if metadata else None)
         except LoraFormatError as e:
             raise LoraFormatError(f"{self.path}: {e}") from None
-        self.order: list[tuple[str, int]] = order
-        self.data_bytes = sum(n for _, n in order)
+        self.order: list[tuple[str, int]] = self._writer.order
+        self.data_bytes = sum(n for _, n in self.order)
         self._next = 0
-        self._file = None
-        self._tmp = None
 
     def __enter__(self):
-        directory = os.path.dirname(os.path.abspath(self.path))
-        fd, self._tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.tmp.", dir=directory)
-        os.fchmod(fd, 0o666 & ~_umask())
-        self._file = os.fdopen(fd, "wb", buffering=0)
-        self._file.write(self._header)
         return self
 
     def write(self, name: str, data) -> None:
@@ -97,7 +92,7 @@ class StreamingSafetensorsWriter:
         view = _bytes_view(data)
         if view.nbytes != n:
             raise LoraFormatError(f"{self.path}: tensor {name!r} has {view.nbytes} bytes, the header says {n}")
-        _write_all(self._file, view)
+        self._writer.write(view)
         self._next += 1
 
     def write_stream(self, name: str, n: int, chunks: Iterable) -> None:
@@ -108,34 +103,21 @@ class StreamingSafetensorsWriter:
         total = 0
         for chunk in chunks:
             view = _bytes_view(chunk)
-            _write_all(self._file, view)
+            if total + view.nbytes > n:
+                raise LoraFormatError(f"{self.path}: tensor {name!r}: more than the {n} bytes expected")
+            self._writer.write(view)
             total += view.nbytes
         if total != n:
             raise LoraFormatError(f"{self.path}: tensor {name!r}: copied {total} bytes, expected {n}")
         self._next += 1
 
     def __exit__(self, exc_type, exc, tb):
-        f, self._file = self._file, None
-        try:
-            if exc_type is None:
-                if self._next != len(self.order):
-                    raise LoraFormatError(
-                        f"{self.path}: only {self._next} of {len(self.order)} tensors were written")
-                f.flush()
-                os.fsync(f.fileno())
-                f.close()
-                os.replace(self._tmp, self.path)
-                self._tmp = None
-                _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
-        finally:
-            if f is not None and not f.closed:
-                f.close()
-            if self._tmp is not None:
-                try:
-                    os.unlink(self._tmp)
-                except OSError:
-                    pass
-                self._tmp = None
+        writer, self._writer = self._writer, None
+        if exc_type is None:
+            if self._next != len(self.order):
+                raise LoraFormatError(f"{self.path}: only {self._next} of {len(self.order)} tensors were written")
+            writer.commit()
+        # an uncommitted writer removes its temporary file when dropped
         return False
 
 
@@ -167,12 +149,6 @@ def _bytes_view(data) -> memoryview:
             return memoryview(b"")
         return memoryview(t.reshape(-1).view(torch.uint8).numpy())
     return memoryview(data).cast("B")
-
-
-def _write_all(f, view: memoryview) -> None:
-    while view.nbytes:
-        n = f.write(view)
-        view = view[n:]
 
 
 # ----------------------------------------------------------------------------------------------- reading tensors

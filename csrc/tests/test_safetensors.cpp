@@ -349,6 +349,55 @@ void test_files(const std::string& scratch) {
     ::rmdir(dir.c_str());
 }
 
+// The streaming writer: the same bytes as save_file, data in pieces of any size; dropped uncommitted or short of
+// data, nothing appears; too much data is refused.
+void test_streaming_writer(const std::string& scratch) {
+    const std::string dir = scratch + "/st_stream";
+    ::mkdir(dir.c_str(), 0700);
+    const std::string ref = dir + "/ref.safetensors", path = dir + "/s.safetensors";
+    std::vector<std::vector<uint8_t>> storage;
+    st::Metadata md = {{"format", "pt"}};
+    st::save_file(ref, sample_tensors(storage), &md);
+    {
+        st::StreamingWriter w(path, sample_tensors(storage), &md);
+        for (const auto& t : w.order()) {
+            // find the tensor's bytes by name, write them in 3-byte pieces
+            for (const auto& src : sample_tensors(storage))
+                if (src.name == t.name)
+                    for (uint64_t o = 0; o < src.nbytes; o += 3)
+                        w.write(static_cast<const uint8_t*>(src.data) + o, std::min<uint64_t>(3, src.nbytes - o));
+        }
+        w.commit();
+    }
+    CHECK(read_all(path) == read_all(ref));
+    ::unlink(path.c_str());
+    {
+        st::StreamingWriter w(path, sample_tensors(storage), &md);  // dropped without commit
+        CHECK(list_dir(dir).size() == 2);                              // ref + the temporary file
+    }
+    CHECK(list_dir(dir).size() == 1);
+    bool threw = false;
+    try {
+        st::StreamingWriter w(path, sample_tensors(storage), nullptr);
+        w.commit();  // no data written
+    } catch (const st::FormatError&) {
+        threw = true;
+    }
+    CHECK(threw && list_dir(dir).size() == 1);
+    threw = false;
+    try {
+        std::vector<st::TensorToWrite> one = {{"x", st::Dtype::U8, {2}, nullptr, 2}};
+        st::StreamingWriter w(path, one, nullptr);
+        const uint8_t three[3] = {1, 2, 3};
+        w.write(three, 3);
+    } catch (const st::FormatError&) {
+        threw = true;
+    }
+    CHECK(threw && list_dir(dir).size() == 1);
+    ::unlink(ref.c_str());
+    ::rmdir(dir.c_str());
+}
+
 // ----------------------------------------------------------------------------------------------- fuzzing
 
 struct Rng {
@@ -493,6 +542,7 @@ int main(int argc, char** argv) {
     test_malformed();
     test_build_and_reparse();
     test_files(scratch);
+    test_streaming_writer(scratch);
     fuzz(iterations);
     std::printf("%d checks, %d failures\n", g_checks, g_failures);
     return g_failures == 0 ? 0 : 1;
