@@ -49,13 +49,12 @@ class _FusedStep:
 
     names: list[str]
     jobs: list = field(default_factory=list)  # merge_kernels.MergeJob
-    records: list = field(default_factory=list)  # merge_kernels.MergeRecord
+    records: merge_kernels.RecordSet = field(default_factory=merge_kernels.RecordSet)  # parallel to jobs
     staged: list = field(default_factory=list)  # (parameter tensor, staging 2-D copy) for non-viewable weights
     backups: list = field(default_factory=list)  # (tensor, full copy): DoRA weights and LoRA biases
 
     def nbytes(self) -> int:
-        rec = sum(r.nbytes() for r in self.records if r is not None)
-        return rec + sum(b.numel() * b.element_size() for _, b in self.backups)
+        return self.records.nbytes() + sum(b.numel() * b.element_size() for _, b in self.backups)
 
 
 @dataclass(eq=False)
@@ -500,6 +499,7 @@ def fuse(target, lora_scale: float = 1.0, safe_fusing: bool = False, adapter_nam
 
     # Additive parts of every touched weight of every component: one grouped kernel call.
     jobs, labels, owners = [], [], []
+    staged: list = []  # (parameter, staging copy) of this call's non-viewable weights, each once
     dora_work = []
     for comp, root, state, step, modules in plans:
         for label, module, items in modules:
@@ -511,15 +511,16 @@ def fuse(target, lora_scale: float = 1.0, safe_fusing: bool = False, adapter_nam
                         raise LoraFusionError(f"{label}: the adapter has a LoRA bias but the module has no bias")
             if not additive:
                 continue
-            job = _merge_job(module, additive, step)
+            job = _merge_job(module, additive, step, staged)
             jobs.append(job)
             labels.append(label)
             owners.append(step)
 
-    records, nonfinite = merge_kernels.fuse(jobs, record=True, check_finite=safe_fusing) if jobs else ([], [])
-    for step, job, rec in zip(owners, jobs, records):
-        step.jobs.append(job)
-        step.records.append(rec)
+    # safe_fusing: a non-finite result leaves every weight of the call untouched (nothing to attach, nothing to undo)
+    records, nonfinite = (merge_kernels.fuse(jobs, record=True, check_finite=safe_fusing, abort_nonfinite=safe_fusing)
+                          if jobs else (merge_kernels.RecordSet(), []))
+    if not any(nonfinite):
+        attach_records(owners, jobs, records)
 
     def rollback():
         for _, _, _, step, _ in reversed(plans):
@@ -529,9 +530,8 @@ def fuse(target, lora_scale: float = 1.0, safe_fusing: bool = False, adapter_nam
         if safe_fusing and any(nonfinite):
             bad = labels[nonfinite.index(True)]
             raise LoraFusionError(f"{bad}: fusing gives non-finite weights (NaN/Inf); every weight was left unchanged")
-        for step in owners:
-            for param, staging in step.staged:
-                param.copy_(staging.view(param.shape) if staging.is_contiguous() else staging.reshape(param.shape))
+        for param, staging in staged:
+            param.copy_(staging.view(param.shape) if staging.is_contiguous() else staging.reshape(param.shape))
         _fuse_biases(plans, safe_fusing)
         for step, label, module, layer, factor in dora_work:
             w = module.weight.data
@@ -549,21 +549,92 @@ def fuse(target, lora_scale: float = 1.0, safe_fusing: bool = False, adapter_nam
         state.bump()  # fused adapters stop running live
 
 
-def _merge_job(module: nn.Module, items, step: _FusedStep):
-    ups, downs = [], []
-    for layer, factor in items:
-        b, a = layer.factors()
-        ups.append(b * (layer.scale * factor))
-        downs.append(a)
-    up = torch.cat(ups, dim=1).contiguous() if len(ups) > 1 else ups[0].contiguous()
-    down = torch.cat(downs, dim=0).contiguous() if len(downs) > 1 else downs[0].contiguous()
-    try:
-        w2 = weight_matrix(module)
-    except RuntimeError:  # e.g. a channels_last conv weight: no 2-D alias exists, merge on a copy
+def attach_records(owners, jobs, records) -> None:
+    """Give each step its jobs and its part of one fuse call's records (a RecordSet subset: no tensor operation)."""
+    by_step: dict = {}
+    for i, step in enumerate(owners):
+        by_step.setdefault(id(step), (step, []))[1].append(i)
+    for step, idxs in by_step.values():
+        step.jobs.extend(jobs[i] for i in idxs)
+        step.records.extend(records.subset(idxs))
+
+
+_FACTOR_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _flat_strides(t: torch.Tensor, start: int):
+    """The stride of dims ``start:`` of ``t`` flattened into one, or None when they are not one arithmetic run
+    (what ``reshape`` could give without a copy, read from the metadata alone: no torch operation)."""
+    stride, expect = None, None
+    for size, st in zip(reversed(t.shape[start:]), reversed(t.stride()[start:])):
+        if size == 1:
+            continue
+        if expect is None:
+            stride, expect = st, st * size
+        elif st != expect:
+            return None
+        else:
+            expect = st * size
+    return 1 if stride is None else stride
+
+
+def _layer_factor(layer: LoraLayer, scale: float) -> merge_kernels.Factor:
+    """``scale · B @ A`` of one layer as the merge kernels take it, read from the layer's own tensors (fp32, fp16 or
+    bf16, any layout) without a torch operation; ``layer.factors()`` (float32 copies) for Tucker cores, other dtypes
+    and layouts no strides describe. The kernels form ``rn32(fp32(B) · rn32(scale))``, which is what
+    ``B.float() * scale`` gives, so both routes give the same bits."""
+    up, down = layer.up, layer.down
+    if layer.mid is None and up.dtype in _FACTOR_DTYPES and down.dtype in _FACTOR_DTYPES:
+        if layer.kind == "embedding":  # (B A)^T: B' = A^T (num, r), A' = B^T (r, dim)
+            su = _flat_strides(up, 1)
+            if down.dim() == 2 and su is not None:
+                return merge_kernels.Factor(down, (down.stride(1), down.stride(0)), up, (su, up.stride(0)),
+                                            int(down.shape[0]), scale)
+        else:
+            su, sd = _flat_strides(up, 1), _flat_strides(down, 1)
+            r = int(down.shape[0])
+            if su is not None and sd is not None and math.prod(up.shape[1:]) == r:
+                return merge_kernels.Factor(up, (up.stride(0), su), down, (down.stride(0), sd), r, scale)
+    b, a = layer.factors()
+    return merge_kernels.Factor.of(b, a, scale)
+
+
+def _weight_view(module: nn.Module):
+    """(weight tensor, (rows, cols, row stride, col stride)) of the 2-D (out, in_flat) matrix the merge works on,
+    from the metadata alone (no torch operation: the parameter itself, not ``.data``, which is a detach op; the
+    kernels write through its address and MergeJob.matrix() detaches it for the torch operations of the other
+    backends), or None when no 2-D alias exists (see targets.weight_matrix)."""
+    w = module.weight
+    if is_fan_in_fan_out(module):
+        return w, (w.shape[1], w.shape[0], w.stride(1), w.stride(0))
+    if w.dim() == 2:
+        return w, (w.shape[0], w.shape[1], w.stride(0), w.stride(1))
+    sc = _flat_strides(w, 1)
+    if sc is None:
+        return None
+    return w, (w.shape[0], math.prod(w.shape[1:]), w.stride(0), sc)
+
+
+def _merge_job(module: nn.Module, items, step: _FusedStep, staged: Optional[list] = None):
+    """The merge job of one weight: its adapters' factors (scales folded in by the kernel) on its 2-D view. A weight
+    with no 2-D alias (e.g. a channels_last conv weight) is merged on one staging copy, listed in ``step.staged``
+    (for unfuse) and in ``staged`` (the caller copies it back once)."""
+    factors = [_layer_factor(layer, layer.scale * factor) for layer, factor in items]
+    wv = _weight_view(module)
+    if wv is not None:
+        w, view = wv
+        if w.dim() == 2 and view[2:] == tuple(w.stride()) and view[:2] == tuple(w.shape):
+            view = None
+    else:
         param = module.weight.data
-        w2 = param.reshape(param.shape[0], -1).contiguous()
-        step.staged.append((param, w2))
-    return merge_kernels.MergeJob(weight=w2, up=up.to(w2.device), down=down.to(w2.device))
+        w, view = param.reshape(param.shape[0], -1).contiguous(), None
+        step.staged.append((param, w))
+        if staged is not None:
+            staged.append((param, w))
+    for f in factors:
+        if f.up.device != w.device or f.down.device != w.device:
+            f.up, f.down = f.up.to(w.device), f.down.to(w.device)
+    return merge_kernels.MergeJob(weight=w, factors=factors, view=view)
 
 
 def _fuse_biases(plans, safe_fusing: bool) -> None:

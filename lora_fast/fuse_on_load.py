@@ -174,19 +174,20 @@ def load_and_fuse(target, path, adapter_name=None, *, components=None, max_rank=
 
     def flush(batch: list[_Pending]) -> None:
         jobs, owners, labels = [], [], []
+        staged: list = []  # this batch's staging copies: each copied back once (earlier batches' are done)
         for item in batch:
             module = item.bound.module
             dev = device_layers[(item.comp, item.path)]
             step = steps[item.comp]
-            jobs.append(engine._merge_job(module, [(dev, scales[item.comp] * 1.0)], step))
+            jobs.append(engine._merge_job(module, [(dev, scales[item.comp] * 1.0)], step, staged))
             owners.append(step)
             labels.append(engine._label(item.comp, item.path))
-        records, nonfinite = merge_kernels.fuse(jobs, record=True, check_finite=safe_fusing)
-        for step, job, rec in zip(owners, jobs, records):
-            step.jobs.append(job)
-            step.records.append(rec)
-        for step in set(owners):
-            for param, staging in step.staged:
+        # the same batched path as fuse_lora; under safe_fusing a non-finite batch writes nothing
+        records, nonfinite = merge_kernels.fuse(jobs, record=True, check_finite=safe_fusing,
+                                                abort_nonfinite=safe_fusing)
+        if not any(nonfinite):
+            engine.attach_records(owners, jobs, records)
+            for param, staging in staged:
                 param.copy_(staging.reshape(param.shape))
         if safe_fusing and any(nonfinite):
             bad = labels[nonfinite.index(True)]

@@ -210,11 +210,10 @@ PASS_SCRIPT = PRELUDE + textwrap.dedent(
             originals = [j.weight.clone() for j in jobs]
             cpu = clone_jobs(jobs)
             rc, _ = M.fuse(cpu, backend="cpu")
-            before_reruns, n0 = M.triton_reruns, calls["merge"]
+            n0 = calls["merge"]
             rt, _ = M.fuse(jobs)
             verdict = P._cache[P._key("merge", "cpu", dtype)]
             assert verdict.reason is None, verdict.reason
-            assert M.triton_reruns > before_reruns, "the probe's record-overflow rerun did not run"
             n = calls["merge"]
             assert n - n0 >= 2, n - n0  # the probe's launches and the real call
             for a, b, x, y in zip(jobs, cpu, rt, rc):

@@ -46,13 +46,29 @@ def test_segmented_shrink_and_expand_compile(target, dt, block_r):
     }, {"DT": dt, "BLOCK_M": S.EXPAND_BLOCK_M, "BLOCK_N": S.EXPAND_BLOCK_N, "BLOCK_R": block_r}, target)
 
 
+# (mode, negate, check, pointer types of counts/incl/row_off/rec_col/rec_val/nonfinite) for each launch the merge
+# launcher makes; unused pointers get the table (int64)
+MERGE_VARIANTS = {
+    "fuse-no-record": (M.MODE_PLAIN, False, False, "i64 i64 i64 i64 i64 i64"),
+    "fuse-no-record-check": (M.MODE_PLAIN, False, True, "i64 i64 i64 i64 i64 i32"),
+    "unfuse-no-record": (M.MODE_PLAIN, True, False, "i64 i64 i64 i64 i64 i64"),
+    "count": (M.MODE_COUNT, False, False, "i32 i64 i64 i64 i64 i64"),
+    "count-check": (M.MODE_COUNT, False, True, "i32 i64 i64 i64 i64 i32"),
+    "write-incl32": (M.MODE_WRITE, False, False, "i32 i32 i64 i16 VAL i64"),
+    "write-incl64": (M.MODE_WRITE, False, False, "i32 i64 i64 i16 VAL i64"),
+    "unfuse-restore": (M.MODE_RESTORE, True, False, "i64 i64 i64 i64 i64 i64"),
+}
+
+
 @pytest.mark.parametrize("target", TARGETS, ids=lambda t: f"sm{t.arch}")
 @pytest.mark.parametrize("dt", [0, 1, 2], ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("negate, record, check", [(False, True, True), (False, False, False), (True, False, False)])
-def test_merge_kernel_compiles(target, dt, negate, record, check):
+@pytest.mark.parametrize("variant", sorted(MERGE_VARIANTS))
+def test_merge_kernel_compiles(target, dt, variant):
+    mode, negate, check, ptrs = MERGE_VARIANTS[variant]
     kernel = M._triton_kernel()
-    compile_for(kernel, {
-        "table": "*i64", "tile_job": "*i32", "tile_ids": "*i32", "counters": "*i64", "failed": "*i64",
-        "tile_fail": "*i32", "nonfinite": "*i32", "rec_idx": "*i64", "rec_val": BITS[dt],
-    }, {"NF": M._NF, "DT": dt, "NEGATE": negate, "RECORD": record, "CHECK": check, "BM": M.BLOCK_M, "BN": M.BLOCK_N},
-        target)
+    names = ["counts", "incl", "row_off", "rec_col", "rec_val", "nonfinite"]
+    sig = {"table": "*i64", "tile_job": "*i64"}
+    for name, p in zip(names, ptrs.split()):
+        sig[name] = BITS[dt] if p == "VAL" else "*" + p
+    compile_for(kernel, sig, {"NJ": M._NJ, "NP": M._NP, "DT": dt, "MODE": mode, "NEGATE": negate, "CHECK": check,
+                              "BM": M.BLOCK_M, "BN": M.BLOCK_N, "SEG": M.SEG_COLS, "STEPS": M.SEARCH_STEPS}, target)

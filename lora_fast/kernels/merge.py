@@ -6,34 +6,45 @@ Semantics (all backends):
   ``acc = fma(up[i, k], down[k, j], acc)``. The CPU kernel, the Triton kernel and the torch backend (float64
   elementwise operations, no BLAS: see ``_fma_chain``) use that same chain, so on the same inputs they give the
   same delta bits, whatever the tiling, thread count or instruction set.
+* A job gives ``up``/``down`` directly (float32, every scale folded in), or as a list of :class:`Factor` s (one per
+  adapter): then ``up = [rn32(fp32(B_i) · rn32(scale_i))]`` and ``down = [fp32(A_i)]`` concatenated over the
+  adapters, which is exactly what ``B.float() * scale`` and ``torch.cat`` give. The Triton kernel forms these
+  values itself while it loads the factors (no torch operation per layer); the CPU and torch backends build them
+  with torch operations first.
 * ``W' = rn_dtype(fp32(W) + delta)``: the add in fp32, then one rounding to the weight dtype (nearest even).
 * The exact-unfuse record: wherever ``rn_dtype(fp32(W') - delta)`` differs bitwise from the original ``W``, the
   element's position and original bits are kept (:class:`MergeRecord`). :func:`unfuse` recomputes
-  ``rn(W' - delta)`` with the identical kernel and scatters the records back, which restores every bit (NaN
-  payloads, -0.0, Inf included). Records are sparse: an element needs one only when the fuse moved it across a
-  binade or hit a tie (about 2-6% of the elements for deltas of 3-10% of |W|).
-* The non-finite flag of a job is set when any fused element is NaN or Inf.
+  ``rn(W' - delta)`` with the identical kernel and puts the recorded elements back in the same pass (the CPU
+  kernel's restore list, the Triton kernel's restore step), which restores every bit (NaN payloads, -0.0, Inf
+  included). Records are sparse: an element needs one only when the fuse moved it across a binade or hit a tie.
+* The non-finite flag of a job is set when any fused element is NaN or Inf. With ``abort_nonfinite=True`` a call
+  in which any job is flagged changes no weight at all (and returns no record).
 
-Jobs must not overlap in memory (two jobs writing the same weight elements race). ``up`` and ``down`` should be
-float32 and contiguous (other dtypes are converted, which costs a copy).
+Jobs must not overlap in memory (two jobs writing the same weight elements race).
 
 Backends: CPU tensors go to the C++ kernel (``lora_fast._C.merge_cpu``), CUDA tensors to the Triton kernel. Pass
 ``backend="triton"`` (or set ``LORA_FAST_MERGE_BACKEND=triton``) to run the Triton kernel on CPU tensors under
 ``TRITON_INTERPRET=1``; ``backend="torch"`` is a plain-torch implementation for other devices. The Triton kernel is
 checked against the CPU kernel on its first use per (device, dtype) (probe.py); on a failure the default choice
-warns once and uses the torch backend for that device and dtype (docs/fuse.md).
+warns once and uses the torch backend for that device and dtype (docs/fuse.md). The Triton launcher's host cost
+does not grow with the number of jobs in torch operations or launches: see the Triton section below.
 """
 
 from __future__ import annotations
 
+import array
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Optional
 
+import numpy as np
 import torch
 
+from .. import kernels as _kernels_pkg
 from . import probe as _probe
 
-__all__ = ["MergeJob", "MergeRecord", "fuse", "unfuse"]
+__all__ = ["Factor", "MergeJob", "MergeRecord", "RecordSet", "fuse", "unfuse"]
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _BITS_DTYPE = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
@@ -41,10 +52,70 @@ _BACKENDS = ("cpu", "triton", "torch")
 
 
 @dataclass
+class Factor:
+    """One adapter's part of a job: ``scale · B @ A``, B a ``(rows, r)`` and A an ``(r, cols)`` matrix given as a
+    tensor plus the matrix's element strides from that tensor's first element (so a 4-D conv factor or a
+    transposed embedding factor needs no view op). fp32, fp16 or bf16; any other dtype is converted first."""
+
+    up: torch.Tensor
+    up_strides: tuple  # (row stride, k stride) of B in elements
+    down: torch.Tensor
+    down_strides: tuple  # (k stride, column stride) of A in elements
+    rank: int
+    scale: float = 1.0
+
+    @classmethod
+    def of(cls, up: torch.Tensor, down: torch.Tensor, scale: float = 1.0) -> "Factor":
+        """From 2-D ``up`` (rows, r) and ``down`` (r, cols)."""
+        return cls(up, (up.stride(0), up.stride(1)), down, (down.stride(0), down.stride(1)), int(up.shape[1]),
+                   float(scale))
+
+    def matrices(self, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, A) as 2-D views (torch operations: for the CPU/torch backends and tests)."""
+        return (_strided(self.up, (rows, self.rank), self.up_strides),
+                _strided(self.down, (self.rank, cols), self.down_strides))
+
+
+def _strided(t: torch.Tensor, shape: tuple, strides: tuple) -> torch.Tensor:
+    if tuple(t.shape) == tuple(shape) and tuple(t.stride()) == tuple(strides):
+        return t
+    return torch.as_strided(t, shape, strides, t.storage_offset())
+
+
+@dataclass
 class MergeJob:
-    weight: torch.Tensor  # 2-D view (rows, cols) of the real weight, modified in place
-    up: torch.Tensor  # (rows, R) float32 contiguous, every scale folded in
-    down: torch.Tensor  # (R, cols) float32 contiguous
+    weight: torch.Tensor  # 2-D view (rows, cols) of the real weight, modified in place (or see ``view``)
+    up: Optional[torch.Tensor] = None  # (rows, R) float32 contiguous, every scale folded in
+    down: Optional[torch.Tensor] = None  # (R, cols) float32 contiguous
+    factors: Optional[list] = None  # instead of up/down: [Factor], concatenated along the rank in order
+    view: Optional[tuple] = None  # (rows, cols, row stride, col stride) from weight's first element, when
+    # ``weight`` is not itself that 2-D view (e.g. a 4-D conv weight): the Triton path then needs no view op
+
+    def matrix(self) -> torch.Tensor:
+        """The 2-D (rows, cols) view the job modifies (detached from autograd: a parameter may be given)."""
+        w = self.weight.detach() if self.weight.requires_grad else self.weight
+        if self.view is None:
+            return w
+        rows, cols, sr, sc = self.view
+        return _strided(w, (rows, cols), (sr, sc))
+
+    def shape2d(self) -> tuple:
+        return (self.view[0], self.view[1]) if self.view is not None else tuple(self.weight.shape)
+
+    def materialized(self) -> "MergeJob":
+        """The same job with a 2-D weight view and float32 contiguous up/down (torch operations)."""
+        w = self.matrix()
+        if self.factors is None:
+            return MergeJob(w, self.up, self.down)
+        rows, cols = w.shape
+        ups, downs = [], []
+        for f in self.factors:
+            b, a = f.matrices(rows, cols)
+            ups.append(b.float() * f.scale)
+            downs.append(a.float())
+        up = torch.cat(ups, dim=1).contiguous() if len(ups) > 1 else ups[0].contiguous()
+        down = torch.cat(downs, dim=0).contiguous() if len(downs) > 1 else downs[0].contiguous()
+        return MergeJob(w, up, down)
 
 
 SEG_COLS = 1 << 16  # a record's column is stored as 16 bits inside a segment of this many columns
@@ -105,97 +176,236 @@ class MergeRecord:
         return cls(offsets.to(off_dtype), c16, value, (rows, ncols))
 
 
+class _GroupRecords:
+    """The records of one Triton launch group (one device and dtype of one fuse call), in ONE buffer, already in
+    the CPU kernel's order: job after job, row after row (segment key after key), ascending columns.
+
+    ``row_off`` (int64, every key of every job plus one) holds absolute positions into ``cols``/``vals``;
+    ``cols`` the uint16 column inside the segment (as int16), ``vals`` the original bits. Per job (in launch
+    order): ``key0``/``nkeys`` (its keys in ``row_off``), ``starts``/``ends`` (its records, host ints)."""
+
+    __slots__ = ("row_off", "cols", "vals", "dtype", "key0", "nkeys", "starts", "ends", "shapes")
+
+    def __init__(self, row_off, cols, vals, dtype, key0, nkeys, starts, ends, shapes):
+        self.row_off, self.cols, self.vals, self.dtype = row_off, cols, vals, dtype
+        self.key0, self.nkeys, self.starts, self.ends, self.shapes = key0, nkeys, starts, ends, shapes
+
+
+class _GroupRef:
+    """One job's record inside a :class:`_GroupRecords` (no tensor of its own)."""
+
+    __slots__ = ("group", "pos")
+
+    def __init__(self, group: _GroupRecords, pos: int):
+        self.group, self.pos = group, pos
+
+    def __len__(self) -> int:
+        return self.group.ends[self.pos] - self.group.starts[self.pos]
+
+    def nbytes(self) -> int:
+        g = self.group
+        es = 4 if g.dtype == torch.float32 else 2
+        return 8 * g.nkeys[self.pos] + len(self) * (2 + es)
+
+    def materialize(self) -> MergeRecord:
+        """This job's record as a stand-alone :class:`MergeRecord` (the CPU kernel's layout; torch operations)."""
+        g, p = self.group, self.pos
+        rows, cols = g.shapes[p]
+        off_dtype = torch.int64 if rows * cols >= 1 << 31 else torch.int32
+        s, e = g.starts[p], g.ends[p]
+        dev = g.cols.device
+        if e == s:
+            return MergeRecord(torch.empty(0, dtype=off_dtype, device=dev), torch.empty(0, dtype=torch.int16, device=dev),
+                               torch.empty(0, dtype=g.dtype, device=dev), (rows, cols))
+        k0, nk = g.key0[p], g.nkeys[p]
+        off = (g.row_off[k0:k0 + nk + 1] - s).to(off_dtype)
+        return MergeRecord(off, g.cols[s:e], g.vals[s:e].view(g.dtype), (rows, cols))
+
+
+class RecordSet(Sequence):
+    """The exact-unfuse records of one or more fuse calls, parallel to their jobs (what :func:`fuse` returns with
+    ``record=True``; :func:`unfuse` takes it back). Indexing gives a job's :class:`MergeRecord` (or None); records of
+    the Triton kernel live in one buffer per launch group and a job's record is materialized only when indexed
+    (torch operations, for checks). :meth:`subset` and :meth:`extend` never touch tensors."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items=()):
+        self._items = list(items._items) if isinstance(items, RecordSet) else list(items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return RecordSet(self._items[i])
+        it = self._items[i]
+        return it.materialize() if isinstance(it, _GroupRef) else it
+
+    def subset(self, idxs) -> "RecordSet":
+        return RecordSet([self._items[i] for i in idxs])
+
+    def extend(self, other) -> None:
+        self._items.extend(other._items if isinstance(other, RecordSet) else other)
+
+    def append(self, rec) -> None:
+        self._items.append(rec)
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def nbytes(self) -> int:
+        return sum(it.nbytes() for it in self._items if it is not None)
+
+    def count(self) -> int:
+        """Number of recorded elements (no torch operation)."""
+        return sum(len(it) for it in self._items if it is not None)
+
+
 # --------------------------------------------------------------------------------------------------- public API
 
 
-def fuse(jobs, *, record: bool = True, check_finite: bool = False, backend: str | None = None,
-         num_threads: int | None = None, record_capacity: float | None = None):
+def fuse(jobs, *, record: bool = True, check_finite: bool = False, abort_nonfinite: bool = False,
+         backend: str | None = None, num_threads: int | None = None):
     """W <- rn(W + up@down) for every job in few launches.
 
-    Returns ``(records, nonfinite)``: per job a :class:`MergeRecord` (``None`` when ``record=False``) and whether
-    the fused weight holds a NaN/Inf (computed only with ``check_finite=True``; otherwise all False).
-    ``num_threads`` is the CPU thread count (default ``torch.get_num_threads()``). ``record_capacity`` is the
-    Triton path's initial record buffer, as a fraction of each job's elements (it grows and retries on overflow).
-    """
+    Returns ``(records, nonfinite)``: a :class:`RecordSet` parallel to the jobs (a list of ``None`` when
+    ``record=False``) and per job whether the fused weight holds a NaN/Inf (computed only with ``check_finite``
+    or ``abort_nonfinite``; otherwise all False). With ``abort_nonfinite=True``, when any job is flagged no weight
+    of the call is changed (the Triton kernel checks before writing; the CPU and torch backends undo exactly) and
+    the records are all ``None``. ``num_threads`` is the CPU thread count (default ``torch.get_num_threads()``)."""
     jobs = _prepare(jobs)
     if not jobs:
-        return [], []
+        return (RecordSet() if record else []), []
+    check = check_finite or abort_nonfinite
     out_records: list = [None] * len(jobs)
     out_flags = [False] * len(jobs)
+    done = []  # (backend, idxs, prepared jobs, records) for an abort's undo
     for be, idxs in _by_backend(jobs, backend).items():
-        sub = [jobs[i] for i in idxs]
-        if be == "cpu":
-            recs, flags = _cpu_run(sub, negate=False, record=record, check_finite=check_finite,
-                                   num_threads=num_threads)
-        elif be == "triton":
-            recs, flags = _triton_run(sub, negate=False, record=record, check_finite=check_finite,
-                                      capacity=record_capacity)
+        if be == "triton":
+            sub = [jobs[i] for i in idxs]
+            recs, flags = _triton_run(sub, negate=False, record=record or abort_nonfinite, check_finite=check,
+                                      abort_nonfinite=abort_nonfinite)
         else:
-            recs, flags = _torch_run(sub, negate=False, record=record, check_finite=check_finite)
-        for i, r, f in zip(idxs, recs, flags):
+            sub = [jobs[i].materialized() for i in idxs]
+            if be == "cpu":
+                recs, flags = _cpu_run(sub, negate=False, record=record or abort_nonfinite, check_finite=check,
+                                       num_threads=num_threads)
+            else:
+                recs, flags = _torch_run(sub, negate=False, record=record or abort_nonfinite, check_finite=check)
+        done.append((be, idxs, sub, recs, flags))
+        for i, r, f in zip(idxs, _items(recs), flags):
             out_records[i] = r
             out_flags[i] = f
-    return out_records, out_flags
+    if abort_nonfinite and any(out_flags):
+        for be, idxs, sub, recs, flags in done:
+            if be != "triton" or not any(flags):  # the Triton kernel wrote nothing when one of its jobs was flagged
+                _unfuse_backend(be, sub, _items(recs), num_threads)
+        return (RecordSet([None] * len(jobs)) if record else [None] * len(jobs)), out_flags
+    if not record:
+        return [None] * len(jobs), out_flags
+    return RecordSet(out_records), out_flags
 
 
 def unfuse(jobs, records, *, backend: str | None = None, num_threads: int | None = None) -> None:
-    """Inverse of :func:`fuse` with the same jobs: W <- rn(W - up@down), then the records are scattered back,
-    which gives the original weights bit for bit. ``records`` may hold ``None`` (fused without a record: the
-    result is then only the rounded subtraction)."""
+    """Inverse of :func:`fuse` with the same jobs: W <- rn(W - up@down) with the recorded elements put back in the
+    same pass, which gives the original weights bit for bit. ``records``: what :func:`fuse` returned (a
+    :class:`RecordSet`) or a list parallel to the jobs of :class:`MergeRecord` or ``None`` (fused without a record:
+    the result is then only the rounded subtraction)."""
     jobs = _prepare(jobs)
-    records = list(records)
-    if len(records) != len(jobs):
-        raise ValueError(f"unfuse: {len(jobs)} jobs but {len(records)} records")
-    for job, rec in zip(jobs, records):
+    items = _items(records)
+    if len(items) != len(jobs):
+        raise ValueError(f"unfuse: {len(jobs)} jobs but {len(items)} records")
+    for job, rec in zip(jobs, items):
         if rec is not None:
             _check_record(job, rec)
     for be, idxs in _by_backend(jobs, backend).items():
         sub = [jobs[i] for i in idxs]
-        sub_rec = [records[i] for i in idxs]
-        if be == "cpu":
-            _cpu_run(sub, negate=True, record=False, check_finite=False, num_threads=num_threads, restore=sub_rec)
-        else:
-            if be == "triton":
-                _triton_run(sub, negate=True, record=False, check_finite=False)
-            else:
-                _torch_run(sub, negate=True, record=False, check_finite=False)
-            for job, rec in zip(sub, sub_rec):
-                _scatter(job.weight, rec)
+        _unfuse_backend(be, sub, [items[i] for i in idxs], num_threads)
+
+
+def _items(records) -> list:
+    return records._items if isinstance(records, RecordSet) else list(records)
+
+
+def _unfuse_backend(be, sub, sub_rec, num_threads) -> None:
+    if be == "triton":
+        _triton_run(sub, negate=True, record=False, check_finite=False, restore=sub_rec)
+        return
+    sub = [j.materialized() for j in sub]
+    sub_rec = [r.materialize() if isinstance(r, _GroupRef) else r for r in sub_rec]
+    if be == "cpu":
+        _cpu_run(sub, negate=True, record=False, check_finite=False, num_threads=num_threads, restore=sub_rec)
+    else:
+        _torch_run(sub, negate=True, record=False, check_finite=False)
+        for job, rec in zip(sub, sub_rec):
+            _scatter(job.weight, rec)
 
 
 # ----------------------------------------------------------------------------------------------- validation
 
 
 def _prepare(jobs) -> list[MergeJob]:
+    """Checks every job (attribute reads only: no torch operation for a well-formed job)."""
     out = []
     for n, job in enumerate(jobs):
-        w, up, down = job.weight, job.up, job.down
-        if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        w = job.weight
+        if not isinstance(w, torch.Tensor):
+            raise ValueError(f"merge job {n}: weight must be a tensor")
+        if job.view is None and w.dim() != 2:
             raise ValueError(f"merge job {n}: weight must be a 2-D tensor view")
         if w.dtype not in _DTYPE_CODE:
             raise ValueError(f"merge job {n}: weight dtype {w.dtype} is not float32/float16/bfloat16")
-        rows, cols = w.shape
+        if job.view is not None:
+            rows, cols, sr, sc = (int(v) for v in job.view)
+            strides = (sr, sc)
+        else:
+            rows, cols = w.shape
+            strides = w.stride()
+        for d, size in enumerate((rows, cols)):
+            if size > 1 and strides[d] <= 0:
+                raise ValueError(f"merge job {n}: weight has a zero or negative stride (an expanded view?)")
+        if job.factors is not None:
+            if not job.factors:
+                raise ValueError(f"merge job {n}: no factor")
+            fs = []
+            for f in job.factors:
+                if f.rank < 1:
+                    raise ValueError(f"merge job {n}: rank must be >= 1")
+                if f.up.device != w.device or f.down.device != w.device:
+                    raise ValueError(f"merge job {n}: weight, up and down must be on one device")
+                if f.up.dtype not in _DTYPE_CODE or f.down.dtype not in _DTYPE_CODE:
+                    b, a = f.matrices(rows, cols)
+                    f = Factor.of(b.float(), a.float(), f.scale)
+                fs.append(f)
+            out.append(MergeJob(w, factors=fs, view=job.view))
+            continue
+        up, down = job.up, job.down
+        if up is None or down is None:
+            raise ValueError(f"merge job {n}: give up and down, or factors")
         if up.dim() != 2 or down.dim() != 2 or up.shape[0] != rows or down.shape[1] != cols or up.shape[1] != down.shape[0]:
             raise ValueError(f"merge job {n}: up {tuple(up.shape)} @ down {tuple(down.shape)} does not give weight "
-                             f"shape {tuple(w.shape)}")
+                             f"shape {(rows, cols)}")
         if up.shape[1] < 1:
             raise ValueError(f"merge job {n}: rank must be >= 1")
         if up.device != w.device or down.device != w.device:
             raise ValueError(f"merge job {n}: weight, up and down must be on one device")
-        for d in range(2):
-            if w.shape[d] > 1 and w.stride(d) <= 0:
-                raise ValueError(f"merge job {n}: weight has a zero or negative stride (an expanded view?)")
         if up.dtype != torch.float32 or not up.is_contiguous():
             up = up.to(torch.float32).contiguous()
         if down.dtype != torch.float32 or not down.is_contiguous():
             down = down.to(torch.float32).contiguous()
-        out.append(MergeJob(w, up, down))
+        out.append(MergeJob(w, up, down, view=job.view))
     return out
 
 
-def _check_record(job: MergeJob, rec: MergeRecord) -> None:
+def _check_record(job: MergeJob, rec) -> None:
     # attribute checks only: a torch op per job here would be an OpenMP fork/join per job (see _cpu_run)
-    if (not isinstance(rec, MergeRecord) or tuple(rec.shape) != tuple(job.weight.shape)
+    if isinstance(rec, _GroupRef):
+        g = rec.group
+        if tuple(g.shapes[rec.pos]) != tuple(job.shape2d()) or g.dtype != job.weight.dtype:
+            raise ValueError("unfuse: record does not match its job (shape, dtype or length)")
+        return
+    if (not isinstance(rec, MergeRecord) or tuple(rec.shape) != tuple(job.shape2d())
             or rec.value.dtype != job.weight.dtype or rec.cols.dtype != torch.int16
             or rec.offsets.dtype not in (torch.int32, torch.int64) or rec.cols.numel() != rec.value.numel()):
         raise ValueError("unfuse: record does not match its job (shape, dtype or length)")
@@ -363,25 +573,95 @@ def _torch_run(jobs, *, negate, record, check_finite):
     return records, flags
 
 
+
+
 # --------------------------------------------------------------------------------------------------- Triton
 #
-# One grouped launch per weight dtype. Each program handles one (BLOCK_M x BLOCK_N) tile of one job: a flat tile
-# id maps to its job through a per-tile job table, and the job's addresses, shape and strides come from a per-job
-# int64 table (raw addresses cast to pointers; this works compiled and under TRITON_INTERPRET=1). The tile loads W,
-# computes delta with explicit fp32 FMAs (no TF32), adds, rounds, stores, and in the same pass counts the elements
-# needing a record, claims that many slots with one atomic_add on its job's counter and writes them compacted.
-# A tile whose slots would pass its job's capacity writes nothing at all (W stays unmodified) and flags itself;
-# the launcher then reruns exactly the flagged tiles with a buffer sized from the counts.
+# Host cost independent of the number of jobs (docs/fuse.md, "On the GPU: data flow"). Per (device, dtype) group,
+# under that device:
+#
+# * one int64 table, built from Python lists and uploaded in one copy (pinned, non-blocking on CUDA): per job its
+#   weight address, shape and strides, its factors' row in the same table, its first tile and record key; per
+#   factor the addresses, strides, dtypes, rank and fp32 scale of B and A. The kernel loads the factors in their
+#   own dtype and folds the scale in as it loads them (rn32(fp32(B) * rn32(scale)), exactly what ``B.float() *
+#   scale`` gives), so no torch operation runs per job;
+# * ``tile_job`` (tile -> job) by one repeat_interleave on the device.
+#
+# Fuse with records (two passes, no sort, no overflow):
+#   pass 1 (MODE 1): per tile, delta, rn(W + delta), rn(W' - delta) and the elements needing a record; writes the
+#     count of each (row, tile column) "slot" and, with the check, the per-job non-finite flag. W is not written.
+#   an inclusive cumsum over the slots (one op, on the device) places every slot's records: slots run job after
+#     job, row after row, tile column after tile column, which is the CPU kernel's record order;
+#   one host read per device: each job's record end and the non-finite flags (the only synchronization);
+#   the record buffers are allocated at their exact size; with ``abort_nonfinite`` and a flag, nothing more runs;
+#   pass 2 (MODE 2): the same tile computation, W written, each record written in its final place, and the first
+#     tile of each row segment writes that row's offset.
+# Fuse without records: MODE 0 (one pass). Unfuse: MODE 3, one pass that computes rn(W' - delta) and, in the same
+# tile, puts back the recorded elements of its rows (binary search of the tile's first column in each row's
+# records, then one masked select per record of the row inside the tile), as the CPU kernel's restore list does.
 
 _TRITON = None
-triton_reruns = 0  # how many overflow reruns the Triton launcher has done (tests check the retry path ran)
-_F_W, _F_ROWS, _F_COLS, _F_SR, _F_SC, _F_UP, _F_DOWN, _F_R, _F_TILE0, _F_RBASE, _F_RCAP = range(11)
-_NF = 11
 BLOCK_M, BLOCK_N = 32, 64
+SEARCH_STEPS = 17  # binary search over one row segment's records (at most SEG_COLS = 2^16)
+# job table fields
+(_J_W, _J_ROWS, _J_COLS, _J_SR, _J_SC, _J_PART, _J_NPART, _J_TILE0, _J_KEY0, _J_NSEG, _J_HAS, _J_RO, _J_RC,
+ _J_RV) = range(14)
+_NJ = 14
+# factor table fields
+_P_UP, _P_USR, _P_USK, _P_UDT, _P_DN, _P_DSK, _P_DSC, _P_DDT, _P_RANK, _P_SCALE = range(10)
+_NP = 10
+MODE_PLAIN, MODE_COUNT, MODE_WRITE, MODE_RESTORE = 0, 1, 2, 3
+
+
+class _Stats:
+    """Host-side work of the Triton launcher, for tests and benchmarks: kernel launches, host reads of device
+    values (synchronizations on a GPU) and table uploads."""
+
+    __slots__ = ("launches", "syncs", "uploads")
+
+    def __init__(self):
+        self.launches = self.syncs = self.uploads = 0
+
+    def snapshot(self) -> dict:
+        return {"launches": self.launches, "syncs": self.syncs, "uploads": self.uploads}
+
+
+triton_stats = _Stats()
+
+
+def _device_guard(device: torch.device):
+    """Launch on ``device`` (lora_fast.kernels.device_guard, looked up at each call so tests can watch it)."""
+    return _kernels_pkg.device_guard(device)
+
+
+def _group_jobs(jobs) -> dict:
+    """{(device, dtype): [job index]} in first-seen order; one launch group each (tables live on that device)."""
+    groups: dict = {}
+    for i, j in enumerate(jobs):
+        groups.setdefault((j.weight.device, j.weight.dtype), []).append(i)
+    return groups
+
+
+def _launch(kernel, grid, *args, **kw) -> None:
+    triton_stats.launches += 1
+    kernel[grid](*args, **kw)
+
+
+def _to_host(t: torch.Tensor) -> list:
+    triton_stats.syncs += 1
+    return t.tolist()
+
+
+def _upload(values: array.array, device: torch.device) -> torch.Tensor:
+    triton_stats.uploads += 1
+    host = torch.frombuffer(values, dtype=torch.int64) if len(values) else torch.zeros(1, dtype=torch.int64)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host if device.type == "cpu" else host.to(device)  # on the CPU it shares the array (kept by the plan)
 
 
 def _triton_kernel():
-    global _TRITON, triton, tl, _decode, _encode
+    global _TRITON, triton, tl, _decode, _encode, _load_factor, _broadcast_mask
     if _TRITON is not None:
         return _TRITON
     import triton
@@ -412,65 +692,136 @@ def _triton_kernel():
         return h
 
     @triton.jit
-    def _merge_tiles(table, tile_job, tile_ids, counters, failed, tile_fail, nonfinite, rec_idx, rec_val,
-                     NF: tl.constexpr, DT: tl.constexpr, NEGATE: tl.constexpr, RECORD: tl.constexpr,
-                     CHECK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-        t = tl.load(tile_ids + tl.program_id(0)).to(tl.int64)
+    def _load_factor(addr, off, mask, fdt):  # a factor's elements in fp32 (exact), its dtype chosen at run time
+        if fdt == 0:
+            v = tl.load(addr.to(tl.pointer_type(tl.float32)) + off, mask=mask, other=0.0)
+        else:
+            b = tl.load(addr.to(tl.pointer_type(tl.int16)) + off, mask=mask, other=0)
+            if fdt == 1:
+                v = b.to(tl.float16, bitcast=True).to(tl.float32)
+            else:
+                v = ((b.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+        return v
+
+    @triton.jit
+    def _broadcast_mask(m, cond):  # m & cond for a scalar cond, by arithmetic (the interpreter mis-types bool & bool)
+        return m & ((m.to(tl.int32) * 0 + cond.to(tl.int32)) != 0)
+
+    @triton.jit
+    def _merge_tiles(table, tile_job, counts, incl, row_off, rec_col, rec_val, nonfinite,
+                     NJ: tl.constexpr, NP: tl.constexpr, DT: tl.constexpr, MODE: tl.constexpr,
+                     NEGATE: tl.constexpr, CHECK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                     SEG: tl.constexpr, STEPS: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
         j = tl.load(tile_job + t).to(tl.int64)
-        row = table + j * NF
-        rows = tl.load(row + 1)
-        cols = tl.load(row + 2)
-        sr = tl.load(row + 3)
-        sc = tl.load(row + 4)
-        up = tl.load(row + 5).to(tl.pointer_type(tl.float32))
-        down = tl.load(row + 6).to(tl.pointer_type(tl.float32))
-        rank = tl.load(row + 7)
-        local = t - tl.load(row + 8)
+        jrow = table + j * NJ
+        rows = tl.load(jrow + 1)
+        cols = tl.load(jrow + 2)
+        sr = tl.load(jrow + 3)
+        sc = tl.load(jrow + 4)
+        p0 = tl.load(jrow + 5)
+        npart = tl.load(jrow + 6)
+        tile0 = tl.load(jrow + 7)
+        local = t - tile0
         nct = (cols + BN - 1) // BN
-        offs_m = (local // nct) * BM + tl.arange(0, BM).to(tl.int64)
-        offs_n = (local % nct) * BN + tl.arange(0, BN).to(tl.int64)
+        tr = local // nct
+        tc = local - tr * nct
+        ar_m = tl.arange(0, BM).to(tl.int64)
+        ar_n = tl.arange(0, BN).to(tl.int64)
+        offs_m = tr * BM + ar_m
+        offs_n = tc * BN + ar_n
         mm = offs_m < rows
         mn = offs_n < cols
         mask = mm[:, None] & mn[None, :]
 
+        # delta: one fp32 FMA chain over the concatenated rank, factor after factor, from +0
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k in range(0, rank):
-            a = tl.load(up + offs_m * rank + k, mask=mm, other=0.0)
-            b = tl.load(down + k * cols + offs_n, mask=mn, other=0.0)
-            acc = tl.fma(a[:, None], b[None, :], acc)
+        for p in range(0, npart):
+            prow = table + p0 + p * NP
+            up = tl.load(prow + 0)
+            usr = tl.load(prow + 1)
+            usk = tl.load(prow + 2)
+            udt = tl.load(prow + 3)
+            dn = tl.load(prow + 4)
+            dsk = tl.load(prow + 5)
+            dsc = tl.load(prow + 6)
+            ddt = tl.load(prow + 7)
+            rank = tl.load(prow + 8)
+            s = tl.load(prow + 9).to(tl.int32).to(tl.float32, bitcast=True)
+            for k in range(0, rank):
+                a = _load_factor(up, offs_m * usr + k * usk, mm, udt) * s
+                b = _load_factor(dn, k * dsk + offs_n * dsc, mn, ddt)
+                acc = tl.fma(a[:, None], b[None, :], acc)
 
         if DT == 0:
-            wp = tl.load(row + 0).to(tl.pointer_type(tl.int32))
+            wp = tl.load(jrow + 0).to(tl.pointer_type(tl.int32))
         else:
-            wp = tl.load(row + 0).to(tl.pointer_type(tl.int16))
+            wp = tl.load(jrow + 0).to(tl.pointer_type(tl.int16))
         wptr = wp + offs_m[:, None] * sr + offs_n[None, :] * sc
         wbits = tl.load(wptr, mask=mask, other=0)
-
         x = _decode(wbits, DT)
         if NEGATE:
             h = _encode(x - acc, DT)
         else:
             h = _encode(x + acc, DT)
 
-        wmask = mask
-        if RECORD:
+        if MODE == 1 or MODE == 2:
             r = _encode(_decode(h, DT) - acc, DT)
-            flat_d = tl.reshape(((r != wbits) & mask).to(tl.int32), [BM * BN])
-            cnt = tl.sum(flat_d, axis=0).to(tl.int64)
-            slot = tl.atomic_add(counters + j, cnt)
-            fits = (cnt == 0) | (slot + cnt <= tl.load(row + 10))
-            # broadcast the scalar by arithmetic: the interpreter mis-types bool-tensor & bool-scalar
-            fits_i = fits.to(tl.int32)
-            pos = tl.cumsum(flat_d, axis=0) - 1
-            dst = tl.load(row + 9) + slot + pos
-            keep = (flat_d * fits_i) != 0
-            tl.store(rec_idx + dst, tl.reshape(offs_m[:, None] * cols + offs_n[None, :], [BM * BN]), mask=keep)
-            tl.store(rec_val + dst, tl.reshape(wbits, [BM * BN]), mask=keep)
-            # an overflowing tile leaves W untouched and asks for a rerun with a bigger buffer
-            tl.store(tile_fail + t, 1, mask=~fits)
-            tl.atomic_add(failed + j, cnt, mask=~fits)
-            wmask = mask & ((tl.zeros((BM, BN), dtype=tl.int32) + fits_i) != 0)
-        tl.store(wptr, h, mask=wmask)
+            d = ((r != wbits) & mask).to(tl.int32)
+            slots = tile0 * BM + offs_m * nct + tc  # (row, tile column) slots of this job, row-major
+            if MODE == 1:
+                tl.store(counts + slots, tl.sum(d, axis=1))
+            else:
+                start = tl.load(incl + slots).to(tl.int64) - tl.load(counts + slots).to(tl.int64)
+                pos = (tl.cumsum(d, axis=1) - d).to(tl.int64)
+                dst = start[:, None] + pos
+                keep = d != 0
+                colv = (offs_n % SEG).to(tl.int16)
+                tl.store(rec_col + dst, colv[None, :] + tl.zeros((BM, BN), dtype=tl.int16), mask=keep)
+                tl.store(rec_val + dst, wbits, mask=keep)
+                # the first tile of a row segment gives each of its rows' offset
+                seg = (tc * BN) // SEG
+                first = (tc * BN) - seg * SEG == 0
+                key0 = tl.load(jrow + 8)
+                nseg = tl.load(jrow + 9)
+                tl.store(row_off + key0 + offs_m * nseg + seg, start, mask=_broadcast_mask(mm, first))
+
+        if MODE == 3:
+            if tl.load(jrow + 10) != 0:
+                ro = tl.load(jrow + 11).to(tl.pointer_type(tl.int64))
+                rc = tl.load(jrow + 12).to(tl.pointer_type(tl.int16))
+                if DT == 0:
+                    rv = tl.load(jrow + 13).to(tl.pointer_type(tl.int32))
+                else:
+                    rv = tl.load(jrow + 13).to(tl.pointer_type(tl.int16))
+                key0 = tl.load(jrow + 8)
+                nseg = tl.load(jrow + 9)
+                seg = (tc * BN) // SEG
+                c0 = tc * BN - seg * SEG  # the tile's first column inside its segment
+                keys = key0 + offs_m * nseg + seg
+                lo = tl.load(ro + keys, mask=mm, other=0)
+                hi = tl.load(ro + keys + 1, mask=mm, other=0)
+                # first record of each row at or after column c0 (columns ascend within a row segment)
+                lo_b = lo
+                hi_b = hi
+                for _ in range(STEPS):
+                    act = lo_b < hi_b
+                    mid = (lo_b + hi_b) // 2
+                    cm = tl.load(rc + mid, mask=act, other=0).to(tl.int64) & 0xFFFF
+                    right = act & (cm < c0)
+                    lo_b = tl.where(right, mid + 1, lo_b)
+                    hi_b = tl.where(act & (cm >= c0), mid, hi_b)
+                n = tl.minimum(hi - lo_b, BN)  # at most BN of them fall in this tile
+                nmax = tl.max(n, axis=0)
+                for q in range(0, nmax):
+                    v = q < n
+                    pc = (tl.load(rc + lo_b + q, mask=v, other=0).to(tl.int64) & 0xFFFF) - c0
+                    pv = tl.load(rv + lo_b + q, mask=v, other=0)
+                    hit = v[:, None] & (pc[:, None] == ar_n[None, :])
+                    h = tl.where(hit, pv[:, None], h)
+
+        if MODE != 1:
+            tl.store(wptr, h, mask=mask)
         if CHECK:
             h32 = h.to(tl.int32)
             if DT == 0:
@@ -479,106 +830,179 @@ def _triton_kernel():
                 bad = (h32 & 0x7C00) == 0x7C00
             else:
                 bad = (h32 & 0x7F80) == 0x7F80
-            nbad = tl.sum(tl.reshape((bad & wmask).to(tl.int32), [BM * BN]), axis=0)
+            nbad = tl.sum(tl.reshape((bad & mask).to(tl.int32), [BM * BN]), axis=0)
             tl.atomic_max(nonfinite + j, 1, mask=nbad > 0)
 
     _TRITON = _merge_tiles
     return _TRITON
 
 
-def _triton_run(jobs, *, negate, record, check_finite, capacity=None):
+def _f32_bits(x: float) -> int:
+    with np.errstate(over="ignore"):
+        return int(np.array([x], dtype=np.float32).view(np.int32)[0])
+
+
+class _Plan:
+    """One (device, dtype) launch group: its jobs' table on the device and the tile bookkeeping."""
+
+    def __init__(self, jobs, idxs, device, dtype, restore=None):
+        self.idxs, self.device, self.dtype = idxs, device, dtype
+        n = len(idxs)
+        jt = array.array("q", bytes(8 * _NJ * n))
+        parts = array.array("q")
+        tiles = array.array("q", bytes(8 * n))
+        end_slot = array.array("q", bytes(8 * n))
+        self.key0, self.nkeys, self.shapes, self.legacy = [], [], [], []
+        tile_acc = key_acc = 0
+        part_base = _NJ * n
+        for q, i in enumerate(idxs):
+            job = jobs[i]
+            w = job.weight
+            if job.view is not None:
+                rows, cols, sr, sc = job.view
+            else:
+                (rows, cols), (sr, sc) = w.shape, w.stride()
+            ntiles = -(-rows // BLOCK_M) * -(-cols // BLOCK_N) if rows and cols else 0
+            nseg = max(1, -(-cols // SEG_COLS))
+            o = q * _NJ
+            jt[o + _J_W], jt[o + _J_ROWS], jt[o + _J_COLS], jt[o + _J_SR], jt[o + _J_SC] = (
+                w.data_ptr(), rows, cols, sr, sc)
+            fs = job.factors if job.factors is not None else (Factor.of(job.up, job.down),)
+            jt[o + _J_PART] = part_base + len(parts)
+            jt[o + _J_NPART] = len(fs)
+            for f in fs:
+                parts.extend((f.up.data_ptr(), f.up_strides[0], f.up_strides[1], _DTYPE_CODE[f.up.dtype],
+                              f.down.data_ptr(), f.down_strides[0], f.down_strides[1], _DTYPE_CODE[f.down.dtype],
+                              f.rank, _f32_bits(f.scale)))
+            jt[o + _J_TILE0] = tile_acc
+            jt[o + _J_KEY0] = key_acc
+            jt[o + _J_NSEG] = nseg
+            rec = restore[q] if restore is not None else None
+            if isinstance(rec, _GroupRef):
+                g = rec.group
+                jt[o + _J_HAS] = 1
+                jt[o + _J_RO], jt[o + _J_RC], jt[o + _J_RV] = g.row_off.data_ptr(), g.cols.data_ptr(), g.vals.data_ptr()
+                jt[o + _J_KEY0] = g.key0[rec.pos]
+            elif rec is not None and len(rec):
+                self.legacy.append((q, rec))  # a stand-alone MergeRecord: scattered after the pass
+            tiles[q] = ntiles
+            end_slot[q] = max(0, (tile_acc + ntiles) * BLOCK_M - 1)
+            self.key0.append(key_acc)
+            nk = rows * nseg if ntiles else 0
+            self.nkeys.append(nk)
+            self.shapes.append((rows, cols))
+            tile_acc += ntiles
+            key_acc += nk
+        self.n, self.n_tiles, self.n_keys = n, tile_acc, key_acc
+        self.numel = sum(r * c for r, c in self.shapes)
+        self.has_tiles = [t > 0 for t in tiles]
+        # one upload: [jobs | factors | tiles per job | last slot per job]
+        blob = jt
+        blob.extend(parts)
+        self.tiles_at = len(blob)
+        blob.extend(tiles)
+        self.end_at = len(blob)
+        blob.extend(end_slot)
+        self._blob = blob  # the CPU table shares its memory
+        self.table = _upload(blob, device)
+        self.tile_job = None
+        if self.n_tiles:
+            self.tile_job = torch.repeat_interleave(self.table[self.tiles_at:self.end_at], output_size=self.n_tiles)
+
+    def launch(self, kernel, mode, *, negate=False, check=False, counts=None, incl=None, row_off=None, rec_col=None,
+               rec_val=None, nonfinite=None) -> None:
+        if not self.n_tiles:
+            return
+        dummy = self.table
+        _launch(kernel, (self.n_tiles,), self.table, self.tile_job, dummy if counts is None else counts,
+                dummy if incl is None else incl, dummy if row_off is None else row_off,
+                dummy if rec_col is None else rec_col, dummy if rec_val is None else rec_val,
+                dummy if nonfinite is None else nonfinite,
+                NJ=_NJ, NP=_NP, DT=_DTYPE_CODE[self.dtype], MODE=mode, NEGATE=bool(negate), CHECK=bool(check),
+                BM=BLOCK_M, BN=BLOCK_N, SEG=SEG_COLS, STEPS=SEARCH_STEPS)
+
+
+def _triton_run(jobs, *, negate, record, check_finite, abort_nonfinite=False, restore=None):
+    """The Triton launcher: (RecordSet or [None] * n, non-finite flags). ``restore`` (unfuse): per job a record
+    (a RecordSet item) or None. See the section comment for the passes and what runs on the host."""
     if _probe._faults and _probe._fault("merge") == "wrong":  # test hook (probe._set_fault)
-        jobs = [MergeJob(j.weight, j.up + 0.25, j.down) for j in jobs]
+        jobs = [MergeJob(m.weight, m.up + 0.25, m.down) for m in (j.materialized() for j in jobs)]
     kernel = _triton_kernel()
     record = record and not negate
-    frac = 1.0 / 32 if capacity is None else float(capacity)
-    records: list = [None] * len(jobs)
-    flags = [False] * len(jobs)
-    groups: dict[torch.dtype, list[int]] = {}
-    for i, j in enumerate(jobs):
-        groups.setdefault(j.weight.dtype, []).append(i)
-    for dtype, idxs in groups.items():
-        sub = [jobs[i] for i in idxs]
-        recs, nf = _triton_group(kernel, sub, dtype, negate, record, check_finite, frac)
-        for i, r, f in zip(idxs, recs, nf):
-            records[i] = r
-            flags[i] = f
-    return records, flags
-
-
-def _triton_group(kernel, jobs, dtype, negate, record, check_finite, frac):
-    device = jobs[0].weight.device
+    two_pass = record or abort_nonfinite
     n = len(jobs)
-    tiles = [((j.weight.shape[0] + BLOCK_M - 1) // BLOCK_M) * ((j.weight.shape[1] + BLOCK_N - 1) // BLOCK_N)
-             for j in jobs]
-    tile0, acc = [], 0
-    for c in tiles:
-        tile0.append(acc)
-        acc += c
-    n_tiles = acc
-    if n_tiles == 0:
-        return [_empty_record(j) if record else None for j in jobs], [False] * n
-
-    def table_for(caps, bases):
-        rows = []
-        for j, t0, cap, base in zip(jobs, tile0, caps, bases):
-            w = j.weight
-            rows.append([w.data_ptr(), w.shape[0], w.shape[1], w.stride(0), w.stride(1), j.up.data_ptr(),
-                         j.down.data_ptr(), j.up.shape[1], t0, base, cap])
-        return torch.tensor(rows, dtype=torch.int64, device=device)
-
-    tile_job = torch.repeat_interleave(torch.arange(n, dtype=torch.int32), torch.tensor(tiles)).to(device)
-    tile_ids = torch.arange(n_tiles, dtype=torch.int32, device=device)
-    nonfinite = torch.zeros(n, dtype=torch.int32, device=device)
-    bits = _BITS_DTYPE[dtype]
-    caps = [int(j.weight.numel() * frac) + 64 if record else 0 for j in jobs]
-    pieces: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(n)]
-    while True:
-        bases, acc = [], 0
-        for c in caps:
-            bases.append(acc)
-            acc += c
-        rec_idx = torch.empty(max(acc, 1), dtype=torch.int64, device=device)
-        rec_val = torch.empty(max(acc, 1), dtype=bits, device=device)
-        counters = torch.zeros(n, dtype=torch.int64, device=device)
-        failed = torch.zeros(n, dtype=torch.int64, device=device)
-        tile_fail = torch.zeros(n_tiles, dtype=torch.int32, device=device)
-        table = table_for(caps, bases)
-        kernel[(tile_ids.numel(),)](
-            table, tile_job, tile_ids, counters, failed, tile_fail, nonfinite, rec_idx, rec_val,
-            NF=_NF, DT=_DTYPE_CODE[dtype], NEGATE=bool(negate), RECORD=bool(record), CHECK=bool(check_finite),
-            BM=BLOCK_M, BN=BLOCK_N)
-        if not record:
-            break
-        counts = counters.tolist()
-        fails = failed.tolist()
-        for k in range(n):
-            valid = counts[k] - fails[k]  # successful tiles filled [0, valid) of the job's region
-            if valid:
-                pieces[k].append((rec_idx[bases[k]:bases[k] + valid], rec_val[bases[k]:bases[k] + valid]))
-        if not any(fails):
-            break
-        # rerun only the tiles that wrote nothing, with room for exactly what they need
-        global triton_reruns
-        triton_reruns += 1
-        tile_ids = tile_fail.nonzero().reshape(-1).to(torch.int32)
-        caps = fails
-    flags = [bool(v) for v in nonfinite.tolist()] if check_finite else [False] * n
-    if not record:
-        return [None] * n, flags
-    out = []
-    for k, j in enumerate(jobs):
-        if not pieces[k]:
-            out.append(_empty_record(j))
-            continue
-        idx = torch.cat([p[0] for p in pieces[k]])
-        val = torch.cat([p[1] for p in pieces[k]])
-        idx, order = torch.sort(idx)
-        out.append(MergeRecord.from_flat(idx, val[order].view(dtype), j.weight.shape))
-    return out, flags
-
-
-def _empty_record(job: MergeJob) -> MergeRecord:
-    dev = job.weight.device
-    return MergeRecord.from_flat(torch.empty(0, dtype=torch.int64, device=dev),
-                                 torch.empty(0, dtype=job.weight.dtype, device=dev), job.weight.shape)
+    flags = [False] * n
+    items: list = [None] * n
+    plans = []
+    for (device, dtype), idxs in _group_jobs(jobs).items():
+        with _device_guard(device):
+            pl = _Plan(jobs, idxs, device, dtype, None if restore is None else [restore[i] for i in idxs])
+            plans.append(pl)
+            if check_finite:
+                pl.nonfinite = torch.zeros(pl.n, dtype=torch.int32, device=device)
+            else:
+                pl.nonfinite = None
+            if two_pass:
+                pl.counts = torch.empty(max(1, pl.n_tiles * BLOCK_M), dtype=torch.int32, device=device)
+                pl.launch(kernel, MODE_COUNT, check=check_finite, counts=pl.counts, nonfinite=pl.nonfinite)
+                big = pl.numel >= 1 << 31
+                pl.incl = torch.cumsum(pl.counts, 0, dtype=torch.int64 if big else torch.int32)
+            else:
+                mode = MODE_RESTORE if restore is not None else MODE_PLAIN
+                pl.launch(kernel, mode, negate=negate, check=check_finite, nonfinite=pl.nonfinite)
+    # the one host read per device: record ends and non-finite flags
+    if two_pass or check_finite:
+        by_dev: dict = {}
+        for pl in plans:
+            by_dev.setdefault(pl.device, []).append(pl)
+        for device, pls in by_dev.items():
+            with _device_guard(device):
+                pieces = []
+                for pl in pls:
+                    if two_pass:
+                        pieces.append(pl.incl.index_select(0, pl.table[pl.end_at:pl.end_at + pl.n]))
+                    if check_finite:
+                        pieces.append(pl.nonfinite)
+                host = _to_host(torch.cat([p.to(torch.int64) for p in pieces]) if len(pieces) > 1
+                                else pieces[0])
+            at = 0
+            for pl in pls:
+                if two_pass:
+                    pl.ends = host[at:at + pl.n]
+                    at += pl.n
+                if check_finite:
+                    for q, v in enumerate(host[at:at + pl.n]):
+                        flags[pl.idxs[q]] = bool(v)
+                    at += pl.n
+    if two_pass and abort_nonfinite and any(flags):
+        return (RecordSet(items) if record else [None] * n), flags  # nothing was written
+    if two_pass:
+        for pl in plans:
+            with _device_guard(pl.device):
+                ends = [e if t else 0 for e, t in zip(pl.ends, pl.has_tiles)]
+                starts, prev = [], 0
+                for q in range(pl.n):  # a job without tiles has no slot: its records are empty
+                    if pl.has_tiles[q]:
+                        starts.append(prev)
+                        prev = ends[q]
+                    else:
+                        starts.append(prev)
+                        ends[q] = prev
+                total = prev
+                if record:
+                    row_off = torch.empty(pl.n_keys + 1, dtype=torch.int64, device=pl.device)
+                    row_off[pl.n_keys:].fill_(total)
+                    rec_col = torch.empty(max(1, total), dtype=torch.int16, device=pl.device)
+                    rec_val = torch.empty(max(1, total), dtype=_BITS_DTYPE[pl.dtype], device=pl.device)
+                    pl.launch(kernel, MODE_WRITE, counts=pl.counts, incl=pl.incl, row_off=row_off, rec_col=rec_col,
+                              rec_val=rec_val)
+                    g = _GroupRecords(row_off, rec_col, rec_val, pl.dtype, pl.key0, pl.nkeys, starts, ends, pl.shapes)
+                    for q, i in enumerate(pl.idxs):
+                        items[i] = _GroupRef(g, q)
+                else:
+                    pl.launch(kernel, MODE_PLAIN)
+    for pl in plans:
+        for q, rec in pl.legacy:  # records made elsewhere (not by this kernel's fuse): scattered per job
+            job = jobs[pl.idxs[q]]
+            _scatter(job.matrix(), rec.materialize() if isinstance(rec, _GroupRef) else rec)
+    return (RecordSet(items) if record else [None] * n), flags

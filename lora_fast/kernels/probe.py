@@ -207,7 +207,8 @@ def _same_bits(got: torch.Tensor, ref: torch.Tensor, what: str) -> Optional[str]
 
 def _merge_cases(dtype: torch.dtype):
     """(storage, view, up, down) on the CPU: each job's weight is ``view(storage)``, and the whole storage is
-    compared so elements outside the view must stay untouched."""
+    compared so elements outside the view must stay untouched. ``up`` may instead be a list of
+    ``(B, A, scale)`` factors (``down`` then the job's (rows, cols, row stride, col stride) view of the storage)."""
     g = torch.Generator().manual_seed(20261204)
     fi = torch.finfo(dtype)
 
@@ -216,7 +217,7 @@ def _merge_cases(dtype: torch.dtype):
 
     cases = []
     # every other column of a row-sliced block (strides (72, 2)), rank 1, deltas as large as the weights: many
-    # records, so the tiny record buffer of the first fuse overflows and the rerun path runs
+    # records
     cases.append((rnd(35, 72, scale=0.05).to(dtype), lambda t: t[1:, ::2], rnd(34, 1, scale=0.3),
                   rnd(1, 36, scale=0.3)))
     # a transposed view (column stride 67), odd sizes, rank 5; its first 8 rows hold denormal weights and deltas
@@ -235,6 +236,14 @@ def _merge_cases(dtype: torch.dtype):
     cases.append((rnd(1, 65, scale=0.05).to(dtype), lambda t: t, up, rnd(1, 65, scale=0.1)))
     # one column, rank 2, plain values (flag must stay clear)
     cases.append((rnd(3, 1, scale=0.05).to(dtype), lambda t: t, rnd(3, 2, scale=0.1), rnd(2, 1, scale=0.1)))
+    # what fuse_lora sends: a 4-D (conv) weight given by its 2-D geometry, two adapters' factors in fp16 (4-D, 1x1)
+    # and bf16 (a transposed A), scales folded in by the kernel, one of them small enough for denormal products
+    b1 = rnd(6, 3, 1, 1, scale=0.3).half()
+    a1 = rnd(3, 4, 2, 2, scale=0.3).half()
+    b2 = rnd(6, 2, scale=0.3).bfloat16()
+    a2 = rnd(16, 2, scale=0.3).bfloat16().t()
+    factors = [(b1, a1, 0.7 * 0.123), (b2, a2, 3e-38)]
+    cases.append((rnd(6, 4, 2, 2, scale=0.05).to(dtype), lambda t: t, factors, (6, 16, 16, 1)))
     return cases
 
 
@@ -243,13 +252,23 @@ def _probe_merge(device: torch.device, dtype: torch.dtype) -> Optional[str]:
 
     cases = _merge_cases(dtype)
 
+    def job(s, case, dev):
+        _, view, up, down = case
+        if isinstance(up, list):
+            fs = []
+            for b, a, scale in up:
+                b, a = b.to(dev), a.to(dev)
+                fs.append(M.Factor(b, (b.stride(0), b.stride(1)), a, (a.stride(0), a.stride(-1)), b.shape[1], scale))
+            return M.MergeJob(view(s), factors=fs, view=down)
+        return M.MergeJob(view(s), up.to(dev), down.to(dev))
+
     def build(dev):
         stores = [st.to(dev, copy=True) for st, _, _, _ in cases]
-        jobs = [M.MergeJob(view(s), up.to(dev), down.to(dev)) for s, (_, view, up, down) in zip(stores, cases)]
-        return stores, jobs
+        return stores, [job(s, c, dev) for s, c in zip(stores, cases)]
 
     ref_st, ref_jobs = build("cpu")
     ref_recs, ref_flags = M.fuse(ref_jobs, record=True, check_finite=True, backend="cpu")
+    ref_recs = list(ref_recs)
 
     def compare(stores, recs, flags, what, want_flags):
         for n, (s, r) in enumerate(zip(stores, ref_st)):
@@ -266,17 +285,22 @@ def _probe_merge(device: torch.device, dtype: torch.dtype) -> Optional[str]:
                 return f"{what}, job {n}: exact-unfuse record differs from the CPU kernel's ({len(a)} vs {len(b)})"
         return None
 
-    # fuse with records and the non-finite check (safe_fusing), a tiny record buffer: the overflow rerun runs too
+    # safe_fusing: the counting pass flags the NaN job and nothing at all is written
     stores, jobs = build(device)
     originals = [s.clone() for s in stores]
-    recs, flags = M._triton_run(jobs, negate=False, record=True, check_finite=True, capacity=0.0)
-    d = compare(stores, recs, flags, "fuse (records, non-finite check)", ref_flags)
+    recs, flags = M._triton_run(jobs, negate=False, record=True, check_finite=True, abort_nonfinite=True)
+    if flags != ref_flags:
+        return f"fuse (safe_fusing): non-finite flags {flags}, the CPU kernel gives {ref_flags}"
+    for n, (s, o) in enumerate(zip(stores, originals)):
+        if not torch.equal(_bits(s), _bits(o)):
+            return f"fuse (safe_fusing) with a non-finite job, job {n}: weights were changed"
+    # fuse with records and the non-finite check (both passes)
+    recs, flags = M._triton_run(jobs, negate=False, record=True, check_finite=True)
+    d = compare(stores, list(recs), flags, "fuse (records, non-finite check)", ref_flags)
     if d:
         return d
-    # the exact-unfuse round trip: rn(W' - delta) by the kernel, then the records scattered back
-    M._triton_run(jobs, negate=True, record=False, check_finite=False)
-    for job, rec in zip(jobs, recs):
-        M._scatter(job.weight, rec)
+    # the exact unfuse: rn(W' - delta) and the recorded elements put back in the same pass
+    M._triton_run(jobs, negate=True, record=False, check_finite=False, restore=M._items(recs))
     for n, (s, o) in enumerate(zip(stores, originals)):
         if not torch.equal(_bits(s), _bits(o)):
             bad = (_bits(s) != _bits(o)).cpu()
@@ -287,7 +311,7 @@ def _probe_merge(device: torch.device, dtype: torch.dtype) -> Optional[str]:
         recs, flags = M._triton_run(jobs, negate=False, record=record, check_finite=False)
         if not record and any(r is not None for r in recs):
             return "fuse (no records): records were returned"
-        d = compare(stores, recs, flags, f"fuse ({'records' if record else 'no records'})", [False] * len(jobs))
+        d = compare(stores, list(recs), flags, f"fuse ({'records' if record else 'no records'})", [False] * len(jobs))
         if d:
             return d
     return None

@@ -36,6 +36,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .. import kernels as _kernels_pkg
 from . import probe as _probe
 
 __all__ = ["RowMap", "AdapterGroups", "build_row_map", "lora_shrink", "lora_expand", "segmented_lora",
@@ -633,22 +634,36 @@ def _triton_shrink(x: torch.Tensor, h: torch.Tensor, groups: AdapterGroups, rows
     if _probe._faults:
         _probe._fault("segmented")  # test hook (probe._set_fault): raises for a forced launch failure
     shrink, _ = _kernels()
+    _same_device(x, h, groups, rows)
     n_seg = len(rows.seg_group_host)
     grid = (triton_cdiv(rows.max_rows, SHRINK_BLOCK_M), n_seg)
-    shrink[grid](x, h, groups.table, rows.rows, rows.seg_start, rows.seg_group, x.shape[1], x.stride(0), h.stride(0),
-                 DT=_DTYPE_CODE[x.dtype], DOT16=x.dtype == torch.float16 or not _interpreted(), BLOCK_M=SHRINK_BLOCK_M, BLOCK_K=SHRINK_BLOCK_K, BLOCK_R=h.shape[1])
+    with _kernels_pkg.device_guard(x.device):  # Triton launches on the current device: make it x's
+        shrink[grid](x, h, groups.table, rows.rows, rows.seg_start, rows.seg_group, x.shape[1], x.stride(0),
+                     h.stride(0), DT=_DTYPE_CODE[x.dtype], DOT16=x.dtype == torch.float16 or not _interpreted(),
+                     BLOCK_M=SHRINK_BLOCK_M, BLOCK_K=SHRINK_BLOCK_K, BLOCK_R=h.shape[1])
 
 
 def _triton_expand(out: torch.Tensor, h: torch.Tensor, groups: AdapterGroups, rows: RowMap, p: int, lam: float) -> None:
     if _probe._faults and _probe._fault("segmented") == "wrong":  # test hook (probe._set_fault)
         lam = lam * 1.5 + 0.25
     _, expand = _kernels()
+    _same_device(out, h, groups, rows)
     first, end = rows.passes[p]
     grid = (triton_cdiv(rows.pass_max_rows[p], EXPAND_BLOCK_M), triton_cdiv(out.shape[1], EXPAND_BLOCK_N), end - first)
     target = out.view(torch.int16) if out.dtype == torch.bfloat16 else out
-    expand[grid](h, target, groups.table, groups.scale, rows.coef, rows.rows, rows.seg_start, rows.seg_group, first,
-                 out.shape[1], h.stride(0), out.stride(0), lam,
-                 DT=_DTYPE_CODE[groups.dtype], BLOCK_M=EXPAND_BLOCK_M, BLOCK_N=EXPAND_BLOCK_N, BLOCK_R=h.shape[1])
+    with _kernels_pkg.device_guard(out.device):  # Triton launches on the current device: make it out's
+        expand[grid](h, target, groups.table, groups.scale, rows.coef, rows.rows, rows.seg_start, rows.seg_group,
+                     first, out.shape[1], h.stride(0), out.stride(0), lam,
+                     DT=_DTYPE_CODE[groups.dtype], BLOCK_M=EXPAND_BLOCK_M, BLOCK_N=EXPAND_BLOCK_N, BLOCK_R=h.shape[1])
+
+
+def _same_device(t: torch.Tensor, h: torch.Tensor, groups: "AdapterGroups", rows: "RowMap") -> None:
+    """The kernels read addresses from the tables: every tensor they touch must be on the activation's device."""
+    for what, other in (("h", h), ("the adapter table", groups.table), ("the scales", groups.scale),
+                        ("the row map", rows.rows), ("the row coefficients", rows.coef),
+                        ("the segment starts", rows.seg_start)):
+        if other.device != t.device:
+            raise ValueError(f"segmented LoRA: {what} is on {other.device}, the activation on {t.device}")
 
 
 def _interpreted() -> bool:

@@ -1,0 +1,151 @@
+"""The Triton fuse/unfuse path's host cost does not grow with the number of layers (issue 17).
+
+The engine runs on the Triton backend under ``TRITON_INTERPRET=1`` (in a subprocess, as the other kernel tests do),
+with Triton made the default for CPU tensors as it is for CUDA tensors on a GPU machine. For 5 and for 50 blocks
+(each a Linear, a 3x3 conv and an embedding, two adapters fused together, one with fp16 factors), a fuse, a
+``safe_fusing`` fuse and an unfuse are counted three ways: torch operations (a TorchDispatchMode counter, without
+the interpreter's own copies inside a launch), kernel launches and host reads of device values (the launcher's
+counters; on a GPU each host read is a synchronization). The counts must be the same for both sizes. The same runs
+check the guarantees: fused bits equal to the C++ CPU kernel's on an identical model, exact unfuse, and a
+non-finite result under ``safe_fusing`` that changes nothing."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from triton_support import exact_fma_interpreter
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+    from torch import nn
+    from torch.utils._python_dispatch import TorchDispatchMode
+    import lora_fast
+    from lora_fast import LoraAdapter, LoraLayer, LoraFusionError
+    from lora_fast.kernels import merge as M, probe as P
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+            self.paused = False
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not self.paused:
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    counter = None
+    _launch = M._launch
+    def launch(*a, **k):  # the interpreter's own tensor copies inside a launch are not the launcher's operations
+        if counter is not None:
+            counter.paused = True
+        try:
+            _launch(*a, **k)
+        finally:
+            if counter is not None:
+                counter.paused = False
+    M._launch = launch
+
+    dtype = torch.float16
+    BITS = torch.int16
+
+    def model(n, seed=0):
+        torch.manual_seed(seed)
+        m = nn.ModuleDict()
+        for i in range(n):
+            m[f"l{i}"] = nn.Linear(24, 40)
+            m[f"c{i}"] = nn.Conv2d(6, 10, 3, padding=1)
+            m[f"e{i}"] = nn.Embedding(11, 9)
+        return m.to(dtype)
+
+    def adapter(n, seed, fdtype, nan=False):
+        g = torch.Generator().manual_seed(seed)
+        r = lambda *s: (torch.randn(*s, generator=g) * 0.3).to(fdtype)
+        layers = {}
+        for i in range(n):
+            layers[f"l{i}"] = LoraLayer(down=r(4, 24), up=r(40, 4), alpha=3.0, kind="linear")
+            layers[f"c{i}"] = LoraLayer(down=r(2, 6, 3, 3), up=r(10, 2, 1, 1), alpha=2.0, kind="conv")
+            layers[f"e{i}"] = LoraLayer(down=r(3, 11), up=r(9, 3), alpha=1.5, kind="embedding")
+        if nan:
+            layers[f"l{n // 2}"].up[3, 1] = float("nan")
+        return LoraAdapter(layers, "diffusers")
+
+    def state_bits(m):
+        return {k: v.clone().view(BITS) for k, v in m.state_dict().items()}
+
+    def same(m, snap):
+        return all(torch.equal(v.view(BITS), snap[k]) for k, v in m.state_dict().items())
+
+    def measure(fn):
+        global counter
+        s0 = M.triton_stats.snapshot()
+        counter = Count()
+        with counter:
+            fn()
+        ops, counter = counter.n, None
+        s1 = M.triton_stats.snapshot()
+        return {"ops": ops, **{k: s1[k] - s0[k] for k in s0}}
+
+    assert P.usable("merge", torch.device("cpu"), dtype, strict=True)  # the first-use probe, apart from the counts
+    out = {}
+    for n in (5, 50):
+        M._DEFAULT["cpu"] = "triton"
+        m = model(n)
+        lora_fast.load_lora_weights(m, adapter(n, 1, torch.float16), adapter_name="a")
+        lora_fast.load_lora_weights(m, adapter(n, 2, torch.float32), adapter_name="b")
+        lora_fast.load_lora_weights(m, adapter(n, 3, torch.float32, nan=True), adapter_name="bad")
+        base = state_bits(m)
+        kw = dict(adapter_names=["a", "b"], adapter_weights=[0.8, 0.55], lora_scale=0.9)
+        counts = {}
+        counts["fuse"] = measure(lambda: lora_fast.fuse_lora(m, **kw))
+        fused = state_bits(m)
+        counts["unfuse"] = measure(lambda: lora_fast.unfuse_lora(m))
+        assert same(m, base), "unfuse is not exact"
+        counts["safe fuse"] = measure(lambda: lora_fast.fuse_lora(m, safe_fusing=True, **kw))
+        assert all(torch.equal(fused[k], v) for k, v in state_bits(m).items()), "safe fuse gave other bits"
+        lora_fast.unfuse_lora(m)
+        assert same(m, base)
+
+        def bad():
+            try:
+                lora_fast.fuse_lora(m, safe_fusing=True, adapter_names=["a", "bad"])
+            except LoraFusionError:
+                return
+            raise AssertionError("a NaN factor was fused under safe_fusing")
+        counts["safe fuse, non-finite"] = measure(bad)
+        assert same(m, base), "a refused safe fuse changed weights"
+
+        # the same fuse through the C++ CPU kernel on an identical model: the same bits
+        M._DEFAULT["cpu"] = "cpu"
+        ref = model(n)
+        lora_fast.load_lora_weights(ref, adapter(n, 1, torch.float16), adapter_name="a")
+        lora_fast.load_lora_weights(ref, adapter(n, 2, torch.float32), adapter_name="b")
+        lora_fast.fuse_lora(ref, **kw)
+        assert all(torch.equal(fused[k], v) for k, v in state_bits(ref).items()), "Triton and C++ bits differ"
+        out[n] = counts
+    print("COUNTS " + json.dumps(out))
+    """
+)
+
+
+@exact_fma_interpreter
+def test_fuse_and_unfuse_host_cost_is_independent_of_the_layer_count():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=900)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("COUNTS ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    counts = json.loads(lines[-1][len("COUNTS "):])
+    small, large = counts["5"], counts["50"]
+    assert small == large, counts
+    # one launch group (CPU, fp16): fuse = counting pass + writing pass and one host read; unfuse = one pass, none
+    assert small["fuse"]["launches"] == 2 and small["fuse"]["syncs"] == 1, small
+    assert small["safe fuse"]["launches"] == 2 and small["safe fuse"]["syncs"] == 1, small
+    assert small["safe fuse, non-finite"]["launches"] == 1 and small["safe fuse, non-finite"]["syncs"] == 1, small
+    assert small["unfuse"]["launches"] == 1 and small["unfuse"]["syncs"] == 0, small
+    assert all(c["uploads"] == 1 for c in small.values()), small
