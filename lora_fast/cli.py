@@ -86,14 +86,15 @@ def inspect_adapter(path: str, args=None) -> dict:
     for layer in layers.values():
         for t in (layer.down, layer.up):
             dtypes[str(t.dtype).replace("torch.", "")] += 1
-    params = sum(l.down.numel() + l.up.numel() + (l.mid.numel() if l.mid is not None else 0)
-                 + (l.magnitude.numel() if l.magnitude is not None else 0) + (l.bias.numel() if l.bias is not None else 0)
-                 for l in layers.values())
+    # a factor shared by several modules (the down matrix of a split fused projection) is one tensor: count it once
+    tensors = {id(t): t for l in layers.values() for t in (l.down, l.up, l.mid, l.magnitude, l.bias) if t is not None}
+    params = sum(t.numel() for t in tensors.values())
     return {
         "path": os.path.abspath(path),
         "files": [os.path.relpath(f, path) if os.path.isdir(path) else os.path.basename(f) for f in files],
         "size_bytes": size,
         "format": adapter.format,
+        "family": adapter.family,
         "components": {c: per_comp[c] for c in sorted(per_comp, key=lambda c: (
             COMPONENTS.index(c) if c in COMPONENTS else len(COMPONENTS), c))},
         # modules whose keys name no component (a PEFT adapter saved for one model); --component names it
@@ -141,7 +142,7 @@ def _cmd_inspect(args) -> int:
     rows = [
         ("path", info["path"]),
         ("size", f"{_human_bytes(info['size_bytes'])} in {len(info['files'])} file(s)"),
-        ("format", info["format"]),
+        ("format", info["format"] + (f" ({info['family']} layout)" if info["family"] else "")),
         ("components", comps),
         ("modules", f"{info['modules']} ({kinds}); {info['parameters']:,} parameters"),
         ("rank", _fmt_hist(info["ranks"])),

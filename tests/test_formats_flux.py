@@ -720,3 +720,20 @@ def test_diffusers_flux_adapter_writes_as_kohya_when_splits_share_down(tmp_path)
     with pytest.raises(LoraFormatError, match="do not share their down"):
         adapter.save(bad, format="kohya")
     assert not bad.exists()
+
+
+def test_inspect_names_the_flux_layout_and_counts_a_shared_down_once(tmp_path, capsys):
+    from lora_fast.cli import main
+
+    modules, _ = _make_flux_lora(_base().transformer, ["double_blocks.0.img_attn.qkv"], alphas=[2.0])
+    down, up, _alpha = modules["double_blocks.0.img_attn.qkv"]
+    path = tmp_path / "kohya_flux.safetensors"
+    lora_fast.save_file(_kohya_sd(modules), path)
+    assert main(["inspect", str(path), "--json"]) == 0
+    import json
+
+    info = json.loads(capsys.readouterr().out)
+    assert (info["format"], info["family"], info["modules"]) == ("kohya", "flux", 3)  # to_q, to_k, to_v
+    assert info["parameters"] == down.numel() + up.numel()  # one down matrix, the up rows split three ways
+    assert main(["inspect", str(path)]) == 0
+    assert "kohya (flux layout)" in capsys.readouterr().out
