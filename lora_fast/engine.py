@@ -631,9 +631,10 @@ def _merge_job(module: nn.Module, items, step: _FusedStep, staged: Optional[list
         step.staged.append((param, w))
         if staged is not None:
             staged.append((param, w))
+    wd = w.device
     for f in factors:
-        if f.up.device != w.device or f.down.device != w.device:
-            f.up, f.down = f.up.to(w.device), f.down.to(w.device)
+        if f.up.device != wd or f.down.device != wd:
+            f.up, f.down = f.up.to(wd), f.down.to(wd)
     return merge_kernels.MergeJob(weight=w, factors=factors, view=view)
 
 

@@ -26,9 +26,10 @@ from .adapter import LoraAdapter, LoraLayer
 from .errors import LoraFusionError
 from .kernels import merge as merge_kernels
 
-#: Fuse a batch once the weights waiting in it reach this many bytes (fewer, larger launches; the merge of a batch
-#: still overlaps the read of the next one).
-BATCH_WEIGHT_BYTES = 32 << 20
+#: Fuse a batch once the weights waiting in it reach this many bytes. Each batch is one fuse call (on the GPU two
+#: launches and one host read, whatever its layer count), so batches are few and large; the file's reading still
+#: overlaps the merges (the reader threads keep filling the ring while a batch is fused).
+BATCH_WEIGHT_BYTES = 256 << 20
 
 _FACTOR_FIELDS = ("down", "up", "mid")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")

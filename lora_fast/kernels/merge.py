@@ -368,17 +368,23 @@ def _prepare(jobs) -> list[MergeJob]:
         if job.factors is not None:
             if not job.factors:
                 raise ValueError(f"merge job {n}: no factor")
-            fs = []
+            wd = w.device
+            convert = False
             for f in job.factors:
                 if f.rank < 1:
                     raise ValueError(f"merge job {n}: rank must be >= 1")
-                if f.up.device != w.device or f.down.device != w.device:
+                if f.up.device != wd or f.down.device != wd:
                     raise ValueError(f"merge job {n}: weight, up and down must be on one device")
-                if f.up.dtype not in _DTYPE_CODE or f.down.dtype not in _DTYPE_CODE:
-                    b, a = f.matrices(rows, cols)
-                    f = Factor.of(b.float(), a.float(), f.scale)
-                fs.append(f)
-            out.append(MergeJob(w, factors=fs, view=job.view))
+                convert = convert or f.up.dtype not in _DTYPE_CODE or f.down.dtype not in _DTYPE_CODE
+            if convert:
+                fs = []
+                for f in job.factors:
+                    if f.up.dtype not in _DTYPE_CODE or f.down.dtype not in _DTYPE_CODE:
+                        b, a = f.matrices(rows, cols)
+                        f = Factor.of(b.float(), a.float(), f.scale)
+                    fs.append(f)
+                job = MergeJob(w, factors=fs, view=job.view)
+            out.append(job)
             continue
         up, down = job.up, job.down
         if up is None or down is None:
@@ -837,9 +843,18 @@ def _triton_kernel():
     return _TRITON
 
 
+_SCALE_BITS: dict = {}
+
+
 def _f32_bits(x: float) -> int:
-    with np.errstate(over="ignore"):
-        return int(np.array([x], dtype=np.float32).view(np.int32)[0])
+    """The bits of rn32(x) (nearest even, overflow to +-Inf), as torch converts a Python scale for a float32 op."""
+    b = _SCALE_BITS.get(x)
+    if b is None:
+        with np.errstate(over="ignore"):
+            b = int(np.array([x], dtype=np.float32).view(np.int32)[0])
+        if len(_SCALE_BITS) < 4096:
+            _SCALE_BITS[x] = b
+    return b
 
 
 class _Plan:
@@ -848,13 +863,14 @@ class _Plan:
     def __init__(self, jobs, idxs, device, dtype, restore=None):
         self.idxs, self.device, self.dtype = idxs, device, dtype
         n = len(idxs)
-        jt = array.array("q", bytes(8 * _NJ * n))
-        parts = array.array("q")
-        tiles = array.array("q", bytes(8 * n))
-        end_slot = array.array("q", bytes(8 * n))
+        jt: list = []  # job rows, then factor rows, then tiles per job, then last slot per job
+        parts: list = []
+        tiles: list = []
+        end_slot: list = []
         self.key0, self.nkeys, self.shapes, self.legacy = [], [], [], []
         tile_acc = key_acc = 0
         part_base = _NJ * n
+        codes = _DTYPE_CODE
         for q, i in enumerate(idxs):
             job = jobs[i]
             w = job.weight
@@ -863,30 +879,24 @@ class _Plan:
             else:
                 (rows, cols), (sr, sc) = w.shape, w.stride()
             ntiles = -(-rows // BLOCK_M) * -(-cols // BLOCK_N) if rows and cols else 0
-            nseg = max(1, -(-cols // SEG_COLS))
-            o = q * _NJ
-            jt[o + _J_W], jt[o + _J_ROWS], jt[o + _J_COLS], jt[o + _J_SR], jt[o + _J_SC] = (
-                w.data_ptr(), rows, cols, sr, sc)
+            nseg = 1 if cols <= SEG_COLS else -(-cols // SEG_COLS)
             fs = job.factors if job.factors is not None else (Factor.of(job.up, job.down),)
-            jt[o + _J_PART] = part_base + len(parts)
-            jt[o + _J_NPART] = len(fs)
+            p_at = part_base + len(parts)
             for f in fs:
-                parts.extend((f.up.data_ptr(), f.up_strides[0], f.up_strides[1], _DTYPE_CODE[f.up.dtype],
-                              f.down.data_ptr(), f.down_strides[0], f.down_strides[1], _DTYPE_CODE[f.down.dtype],
-                              f.rank, _f32_bits(f.scale)))
-            jt[o + _J_TILE0] = tile_acc
-            jt[o + _J_KEY0] = key_acc
-            jt[o + _J_NSEG] = nseg
+                up, dn = f.up, f.down
+                parts += (up.data_ptr(), f.up_strides[0], f.up_strides[1], codes[up.dtype], dn.data_ptr(),
+                          f.down_strides[0], f.down_strides[1], codes[dn.dtype], f.rank, _f32_bits(f.scale))
             rec = restore[q] if restore is not None else None
             if isinstance(rec, _GroupRef):
                 g = rec.group
-                jt[o + _J_HAS] = 1
-                jt[o + _J_RO], jt[o + _J_RC], jt[o + _J_RV] = g.row_off.data_ptr(), g.cols.data_ptr(), g.vals.data_ptr()
-                jt[o + _J_KEY0] = g.key0[rec.pos]
-            elif rec is not None and len(rec):
-                self.legacy.append((q, rec))  # a stand-alone MergeRecord: scattered after the pass
-            tiles[q] = ntiles
-            end_slot[q] = max(0, (tile_acc + ntiles) * BLOCK_M - 1)
+                jt += (w.data_ptr(), rows, cols, sr, sc, p_at, len(fs), tile_acc, g.key0[rec.pos], nseg, 1,
+                       g.row_off.data_ptr(), g.cols.data_ptr(), g.vals.data_ptr())
+            else:
+                if rec is not None and len(rec):
+                    self.legacy.append((q, rec))  # a stand-alone MergeRecord: scattered after the pass
+                jt += (w.data_ptr(), rows, cols, sr, sc, p_at, len(fs), tile_acc, key_acc, nseg, 0, 0, 0, 0)
+            tiles.append(ntiles)
+            end_slot.append(max(0, (tile_acc + ntiles) * BLOCK_M - 1))
             self.key0.append(key_acc)
             nk = rows * nseg if ntiles else 0
             self.nkeys.append(nk)
@@ -897,12 +907,9 @@ class _Plan:
         self.numel = sum(r * c for r, c in self.shapes)
         self.has_tiles = [t > 0 for t in tiles]
         # one upload: [jobs | factors | tiles per job | last slot per job]
-        blob = jt
-        blob.extend(parts)
-        self.tiles_at = len(blob)
-        blob.extend(tiles)
-        self.end_at = len(blob)
-        blob.extend(end_slot)
+        self.tiles_at = len(jt) + len(parts)
+        self.end_at = self.tiles_at + n
+        blob = array.array("q", jt + parts + tiles + end_slot)
         self._blob = blob  # the CPU table shares its memory
         self.table = _upload(blob, device)
         self.tile_job = None
