@@ -296,7 +296,20 @@ def plan_bind(target, adapter: LoraAdapter, adapter_name: Optional[str], compone
               max_rank: Optional[int] = None, move: bool = True):
     """Validate every layer and pick the adapter name, changing nothing: (name, components, bound layers).
 
-    ``move=False`` keeps each layer's tensors where they are (fuse-on-load streams them to the device itself)."""
+    ``move=False`` keeps each layer's tensors where they are (fuse-on-load streams them to the device itself).
+    A file for another model family (an SDXL LoRA on a Flux pipeline) gets that said in the error."""
+    try:
+        return _plan_bind(target, adapter, adapter_name, components, max_rank, move)
+    except LoraFormatError as e:
+        from .formats.families import family_mismatch
+
+        hint = family_mismatch(adapter, target)
+        if hint is None:
+            raise
+        raise LoraFormatError(f"{e}; {hint}") from e
+
+
+def _plan_bind(target, adapter: LoraAdapter, adapter_name: Optional[str], components, max_rank, move):
     comps = resolve_components(target)
     check_one_library(comps)
     plan = _assign(adapter, comps, components)

@@ -546,9 +546,12 @@ def test_other_family_raises_names_both_families_and_changes_nothing(case, tmp_p
     assert family_mismatch(adapter, _pipe("sdxl" if want[0] == "SDXL" else "flux")) is None
     assert adapter_family(adapter) in ("sdxl", "flux") and target_family(pipe.transformer) in ("flux", "sd3")
     snap = _snapshot(pipe)
-    with pytest.raises(LoraFormatError, match="no such module|does not have|weight shape"):
+    with pytest.raises(LoraFormatError, match="no such module|does not have|weight shape") as err:
         lora_fast.load_lora_weights(pipe, source)
+    assert f"looks like a {want[0]} LoRA" in str(err.value) and want[1] in str(err.value), err.value
     _assert_snapshot(pipe, snap)
+    with pytest.raises(LoraFormatError, match=f"looks like a {want[0]} LoRA"):  # a dict of components says it too
+        lora_fast.load_lora_weights({"transformer": pipe.transformer}, source)
     assert not lora_fast.get_list_adapters(pipe) or not any(lora_fast.get_list_adapters(pipe).values())
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from typing import Optional
 
+import torch
+
 from ..adapter import LoraAdapter, split_component
 
 #: Display names.
@@ -61,7 +63,19 @@ def adapter_family(adapter: LoraAdapter) -> Optional[str]:
 
 
 def target_family(target) -> Optional[str]:
-    """The family of a diffusers pipeline or denoiser module by class name (subclasses count), else None."""
+    """The family of a diffusers pipeline or denoiser module by class name (subclasses count), or of the
+    denoiser in a {component: module} dict, else None."""
+    if isinstance(target, dict):
+        for comp in ("transformer", "unet", *target):
+            module = target.get(comp)
+            family = None if module is None or isinstance(module, dict) else target_family(module)
+            if family:
+                return family
+        return None
+    from ..targets import unwrap_module
+
+    if isinstance(target, torch.nn.Module):
+        target = unwrap_module(target)
     for cls in type(target).__mro__:
         family = _TARGET_CLASSES.get(cls.__name__)
         if family:
