@@ -147,5 +147,6 @@ def test_fuse_and_unfuse_host_cost_is_independent_of_the_layer_count():
     assert small["fuse"]["launches"] == 2 and small["fuse"]["syncs"] == 1, small
     assert small["safe fuse"]["launches"] == 2 and small["safe fuse"]["syncs"] == 1, small
     assert small["safe fuse, non-finite"]["launches"] == 1 and small["safe fuse, non-finite"]["syncs"] == 1, small
-    assert small["unfuse"]["launches"] == 1 and small["unfuse"]["syncs"] == 0, small
-    assert all(c["uploads"] == 1 for c in small.values()), small
+    # unfuse reuses the fuse's table on the device: nothing rebuilt, nothing uploaded
+    assert small["unfuse"]["launches"] == 1 and small["unfuse"]["syncs"] == 0 and small["unfuse"]["uploads"] == 0, small
+    assert all(c["uploads"] == 1 for k, c in small.items() if k != "unfuse"), small

@@ -540,6 +540,15 @@ TRITON_SCRIPT = textwrap.dedent(
         assert s3["launches"] - s2["launches"] == 1 and s3["syncs"] == s2["syncs"], (s2, s3)  # one pass, no sync
         for j, o in zip(tri, originals):
             assert same(j.weight, o), dtype
+        # unfuse of parts of one fuse (one component of several): the fuse's table over a range of its tiles
+        rt, _ = M.fuse(tri, backend="triton")
+        u0 = M.triton_stats.snapshot()
+        M.unfuse(tri[2:4], rt.subset([2, 3]), backend="triton")
+        rest = [0, 1, 4, 5]
+        M.unfuse([tri[i] for i in rest], rt.subset(rest), backend="triton")  # two runs: two launches
+        u1 = M.triton_stats.snapshot()
+        assert u1["launches"] - u0["launches"] == 3 and u1["uploads"] == u0["uploads"], (u0, u1)
+        assert all(same(j.weight, o) for j, o in zip(tri, originals)), dtype
         # the CPU kernel's records restore the Triton kernel's fuse too (same layout, same bits)
         M.fuse(tri, backend="triton")
         M.unfuse(tri, rc, backend="triton")

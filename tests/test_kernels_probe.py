@@ -188,10 +188,14 @@ PRELUDE = textwrap.dedent(
     _real_backend = S._backend
     S._backend = lambda t, b: "triton" if b is None else _real_backend(t, b)
     calls = {{"merge": 0, "expand": 0}}
-    _run, _expand = M._triton_run, S._triton_expand
+    _run, _own, _expand = M._triton_run, M._triton_restore_own, S._triton_expand
     def counted_run(*a, **k):
         calls["merge"] += 1
         return _run(*a, **k)
+    def counted_own(*a, **k):  # unfuse with the fuse's own table
+        calls["merge"] += 1
+        return _own(*a, **k)
+    M._triton_restore_own = counted_own
     def counted_expand(*a, **k):
         calls["expand"] += 1
         return _expand(*a, **k)

@@ -57,6 +57,7 @@ MERGE_VARIANTS = {
     "write-incl32": (M.MODE_WRITE, False, False, "i32 i32 i64 i16 VAL i64"),
     "write-incl64": (M.MODE_WRITE, False, False, "i32 i64 i64 i16 VAL i64"),
     "unfuse-restore": (M.MODE_RESTORE, True, False, "i64 i64 i64 i64 i64 i64"),
+    "unfuse-restore-own": (M.MODE_RESTORE_OWN, True, False, "i64 i64 i64 i16 VAL i64"),
 }
 
 

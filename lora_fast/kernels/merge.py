@@ -184,11 +184,12 @@ class _GroupRecords:
     ``cols`` the uint16 column inside the segment (as int16), ``vals`` the original bits. Per job (in launch
     order): ``key0``/``nkeys`` (its keys in ``row_off``), ``starts``/``ends`` (its records, host ints)."""
 
-    __slots__ = ("row_off", "cols", "vals", "dtype", "key0", "nkeys", "starts", "ends", "shapes")
+    __slots__ = ("row_off", "cols", "vals", "dtype", "key0", "nkeys", "starts", "ends", "shapes", "plan")
 
-    def __init__(self, row_off, cols, vals, dtype, key0, nkeys, starts, ends, shapes):
+    def __init__(self, row_off, cols, vals, dtype, key0, nkeys, starts, ends, shapes, plan=None):
         self.row_off, self.cols, self.vals, self.dtype = row_off, cols, vals, dtype
         self.key0, self.nkeys, self.starts, self.ends, self.shapes = key0, nkeys, starts, ends, shapes
+        self.plan = plan  # the fuse's launch plan (its table on the device): unfuse reuses it
 
 
 class _GroupRef:
@@ -312,8 +313,13 @@ def unfuse(jobs, records, *, backend: str | None = None, num_threads: int | None
     same pass, which gives the original weights bit for bit. ``records``: what :func:`fuse` returned (a
     :class:`RecordSet`) or a list parallel to the jobs of :class:`MergeRecord` or ``None`` (fused without a record:
     the result is then only the rounded subtraction)."""
-    jobs = _prepare(jobs)
     items = _items(records)
+    if (backend or os.environ.get("LORA_FAST_MERGE_BACKEND") or "triton") == "triton" and len(items) == len(jobs):
+        runs = _own_runs(jobs, items)
+        if runs is not None:  # the fuse's own jobs and records: its table is reused, nothing is rebuilt
+            _triton_restore_own(runs)
+            return
+    jobs = _prepare(jobs)
     if len(items) != len(jobs):
         raise ValueError(f"unfuse: {len(jobs)} jobs but {len(items)} records")
     for job, rec in zip(jobs, items):
@@ -322,6 +328,29 @@ def unfuse(jobs, records, *, backend: str | None = None, num_threads: int | None
     for be, idxs in _by_backend(jobs, backend).items():
         sub = [jobs[i] for i in idxs]
         _unfuse_backend(be, sub, [items[i] for i in idxs], num_threads)
+
+
+def _own_runs(jobs, items):
+    """[(plan, group, first, end)] when ``items`` are, in order, runs of consecutive records of Triton fuse groups
+    and ``jobs`` the very job objects those fuses got (then they were validated and their table is on the device);
+    None otherwise. Attribute reads only."""
+    runs, i, n = [], 0, len(items)
+    while i < n:
+        it = items[i]
+        if type(it) is not _GroupRef or it.group.plan is None:
+            return None
+        g, q0 = it.group, it.pos
+        pj, q = g.plan.jobs, q0
+        while i < n:
+            it = items[i]
+            if type(it) is not _GroupRef or it.group is not g or it.pos != q or pj[q] is not jobs[i]:
+                break
+            i += 1
+            q += 1
+        if q == q0:
+            return None
+        runs.append((g.plan, g, q0, q))
+    return runs
 
 
 def _items(records) -> list:
@@ -396,11 +425,9 @@ def _prepare(jobs) -> list[MergeJob]:
             raise ValueError(f"merge job {n}: rank must be >= 1")
         if up.device != w.device or down.device != w.device:
             raise ValueError(f"merge job {n}: weight, up and down must be on one device")
-        if up.dtype != torch.float32 or not up.is_contiguous():
-            up = up.to(torch.float32).contiguous()
-        if down.dtype != torch.float32 or not down.is_contiguous():
-            down = down.to(torch.float32).contiguous()
-        out.append(MergeJob(w, up, down, view=job.view))
+        if up.dtype != torch.float32 or not up.is_contiguous() or down.dtype != torch.float32 or not down.is_contiguous():
+            job = MergeJob(w, up.to(torch.float32).contiguous(), down.to(torch.float32).contiguous(), view=job.view)
+        out.append(job)
     return out
 
 
@@ -616,7 +643,7 @@ _NJ = 14
 # factor table fields
 _P_UP, _P_USR, _P_USK, _P_UDT, _P_DN, _P_DSK, _P_DSC, _P_DDT, _P_RANK, _P_SCALE = range(10)
 _NP = 10
-MODE_PLAIN, MODE_COUNT, MODE_WRITE, MODE_RESTORE = 0, 1, 2, 3
+MODE_PLAIN, MODE_COUNT, MODE_WRITE, MODE_RESTORE, MODE_RESTORE_OWN = 0, 1, 2, 3, 4
 
 
 class _Stats:
@@ -667,7 +694,7 @@ def _upload(values: array.array, device: torch.device) -> torch.Tensor:
 
 
 def _triton_kernel():
-    global _TRITON, triton, tl, _decode, _encode, _load_factor, _broadcast_mask
+    global _TRITON, triton, tl, _decode, _encode, _load_factor, _broadcast_mask, _restore
     if _TRITON is not None:
         return _TRITON
     import triton
@@ -714,12 +741,46 @@ def _triton_kernel():
         return m & ((m.to(tl.int32) * 0 + cond.to(tl.int32)) != 0)
 
     @triton.jit
+    def _restore(h, ro, rc, rv, key0, nseg, tc, offs_m, mm, ar_n, BN: tl.constexpr, SEG: tl.constexpr,
+                 STEPS: tl.constexpr):
+        """h with the recorded elements of this tile's rows put back (ro: absolute row offsets, rc: 16-bit columns
+        inside the segment, ascending per row, rv: original bits)."""
+        seg = (tc * BN) // SEG
+        c0 = tc * BN - seg * SEG  # the tile's first column inside its segment
+        keys = key0 + offs_m * nseg + seg
+        lo = tl.load(ro + keys, mask=mm, other=0)
+        hi = tl.load(ro + keys + 1, mask=mm, other=0)
+        # first record of each row at or after column c0 (columns ascend within a row segment)
+        lo_b = lo
+        hi_b = hi
+        for _ in range(STEPS):
+            act = lo_b < hi_b
+            mid = (lo_b + hi_b) // 2
+            cm = tl.load(rc + mid, mask=act, other=0).to(tl.int64) & 0xFFFF
+            right = act & (cm < c0)
+            lo_b = tl.where(right, mid + 1, lo_b)
+            hi_b = tl.where(act & (cm >= c0), mid, hi_b)
+        n = tl.minimum(hi - lo_b, BN)  # at most BN of them fall in this tile
+        nmax = tl.max(n, axis=0)
+        for q in range(0, nmax):
+            v = q < n
+            pc = (tl.load(rc + lo_b + q, mask=v, other=0).to(tl.int64) & 0xFFFF) - c0
+            pv = tl.load(rv + lo_b + q, mask=v, other=0)
+            hit = v[:, None] & (pc[:, None] == ar_n[None, :])
+            h = tl.where(hit, pv[:, None], h)
+        return h
+
+    @triton.jit
     def _merge_tiles(table, tile_job, counts, incl, row_off, rec_col, rec_val, nonfinite,
                      NJ: tl.constexpr, NP: tl.constexpr, DT: tl.constexpr, MODE: tl.constexpr,
                      NEGATE: tl.constexpr, CHECK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                      SEG: tl.constexpr, STEPS: tl.constexpr):
-        t = tl.program_id(0).to(tl.int64)
-        j = tl.load(tile_job + t).to(tl.int64)
+        pid = tl.program_id(0).to(tl.int64)
+        if MODE == 4:  # tile_job starts at a job's first tile (a step's jobs inside the fuse's table)
+            t = tl.load(table + tl.load(tile_job).to(tl.int64) * NJ + 7) + pid
+        else:
+            t = pid
+        j = tl.load(tile_job + pid).to(tl.int64)
         jrow = table + j * NJ
         rows = tl.load(jrow + 1)
         cols = tl.load(jrow + 2)
@@ -792,7 +853,7 @@ def _triton_kernel():
                 nseg = tl.load(jrow + 9)
                 tl.store(row_off + key0 + offs_m * nseg + seg, start, mask=_broadcast_mask(mm, first))
 
-        if MODE == 3:
+        if MODE == 3:  # records named per job in the table (any number of record buffers)
             if tl.load(jrow + 10) != 0:
                 ro = tl.load(jrow + 11).to(tl.pointer_type(tl.int64))
                 rc = tl.load(jrow + 12).to(tl.pointer_type(tl.int16))
@@ -800,31 +861,10 @@ def _triton_kernel():
                     rv = tl.load(jrow + 13).to(tl.pointer_type(tl.int32))
                 else:
                     rv = tl.load(jrow + 13).to(tl.pointer_type(tl.int16))
-                key0 = tl.load(jrow + 8)
-                nseg = tl.load(jrow + 9)
-                seg = (tc * BN) // SEG
-                c0 = tc * BN - seg * SEG  # the tile's first column inside its segment
-                keys = key0 + offs_m * nseg + seg
-                lo = tl.load(ro + keys, mask=mm, other=0)
-                hi = tl.load(ro + keys + 1, mask=mm, other=0)
-                # first record of each row at or after column c0 (columns ascend within a row segment)
-                lo_b = lo
-                hi_b = hi
-                for _ in range(STEPS):
-                    act = lo_b < hi_b
-                    mid = (lo_b + hi_b) // 2
-                    cm = tl.load(rc + mid, mask=act, other=0).to(tl.int64) & 0xFFFF
-                    right = act & (cm < c0)
-                    lo_b = tl.where(right, mid + 1, lo_b)
-                    hi_b = tl.where(act & (cm >= c0), mid, hi_b)
-                n = tl.minimum(hi - lo_b, BN)  # at most BN of them fall in this tile
-                nmax = tl.max(n, axis=0)
-                for q in range(0, nmax):
-                    v = q < n
-                    pc = (tl.load(rc + lo_b + q, mask=v, other=0).to(tl.int64) & 0xFFFF) - c0
-                    pv = tl.load(rv + lo_b + q, mask=v, other=0)
-                    hit = v[:, None] & (pc[:, None] == ar_n[None, :])
-                    h = tl.where(hit, pv[:, None], h)
+                h = _restore(h, ro, rc, rv, tl.load(jrow + 8), tl.load(jrow + 9), tc, offs_m, mm, ar_n, BN, SEG, STEPS)
+        if MODE == 4:  # the fuse's own table and record buffer
+            h = _restore(h, row_off, rec_col, rec_val, tl.load(jrow + 8), tl.load(jrow + 9), tc, offs_m, mm, ar_n,
+                         BN, SEG, STEPS)
 
         if MODE != 1:
             tl.store(wptr, h, mask=mask)
@@ -904,6 +944,9 @@ class _Plan:
             tile_acc += ntiles
             key_acc += nk
         self.n, self.n_tiles, self.n_keys = n, tile_acc, key_acc
+        self.jobs = [jobs[i] for i in idxs]
+        self.tile0s = [acc - t for acc, t in zip(_running(tiles), tiles)]
+        self.tiles = tiles
         self.numel = sum(r * c for r, c in self.shapes)
         self.has_tiles = [t > 0 for t in tiles]
         # one upload: [jobs | factors | tiles per job | last slot per job]
@@ -927,6 +970,31 @@ class _Plan:
                 dummy if nonfinite is None else nonfinite,
                 NJ=_NJ, NP=_NP, DT=_DTYPE_CODE[self.dtype], MODE=mode, NEGATE=bool(negate), CHECK=bool(check),
                 BM=BLOCK_M, BN=BLOCK_N, SEG=SEG_COLS, STEPS=SEARCH_STEPS)
+
+
+def _running(values):
+    acc = 0
+    for v in values:
+        acc += v
+        yield acc
+
+
+def _triton_restore_own(runs) -> None:
+    """Unfuse with the fuse's own table and record buffer (MODE 4): per run of consecutive jobs one launch over
+    their tiles, no table built, no host read."""
+    if _probe._faults:
+        _probe._fault("merge")  # test hook: a forced launch failure
+    kernel = _triton_kernel()
+    for pl, g, q0, q1 in runs:
+        ta = pl.tile0s[q0]
+        tb = pl.tile0s[q1 - 1] + pl.tiles[q1 - 1]
+        if tb <= ta:
+            continue
+        with _device_guard(pl.device):
+            tile_job = pl.tile_job if (ta == 0 and tb == pl.n_tiles) else pl.tile_job[ta:tb]
+            _launch(kernel, (tb - ta,), pl.table, tile_job, pl.table, pl.table, g.row_off, g.cols, g.vals, pl.table,
+                    NJ=_NJ, NP=_NP, DT=_DTYPE_CODE[pl.dtype], MODE=MODE_RESTORE_OWN, NEGATE=True, CHECK=False,
+                    BM=BLOCK_M, BN=BLOCK_N, SEG=SEG_COLS, STEPS=SEARCH_STEPS)
 
 
 def _triton_run(jobs, *, negate, record, check_finite, abort_nonfinite=False, restore=None):
@@ -1003,11 +1071,13 @@ def _triton_run(jobs, *, negate, record, check_finite, abort_nonfinite=False, re
                     rec_val = torch.empty(max(1, total), dtype=_BITS_DTYPE[pl.dtype], device=pl.device)
                     pl.launch(kernel, MODE_WRITE, counts=pl.counts, incl=pl.incl, row_off=row_off, rec_col=rec_col,
                               rec_val=rec_val)
-                    g = _GroupRecords(row_off, rec_col, rec_val, pl.dtype, pl.key0, pl.nkeys, starts, ends, pl.shapes)
+                    g = _GroupRecords(row_off, rec_col, rec_val, pl.dtype, pl.key0, pl.nkeys, starts, ends, pl.shapes,
+                                      pl)
                     for q, i in enumerate(pl.idxs):
                         items[i] = _GroupRef(g, q)
                 else:
                     pl.launch(kernel, MODE_PLAIN)
+                pl.counts = pl.incl = pl.nonfinite = None  # temporaries: a record keeps only its plan's table
     for pl in plans:
         for q, rec in pl.legacy:  # records made elsewhere (not by this kernel's fuse): scattered per job
             job = jobs[pl.idxs[q]]
