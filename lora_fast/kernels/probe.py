@@ -299,12 +299,22 @@ def _probe_merge(device: torch.device, dtype: torch.dtype) -> Optional[str]:
     d = compare(stores, list(recs), flags, "fuse (records, non-finite check)", ref_flags)
     if d:
         return d
-    # the exact unfuse: rn(W' - delta) and the recorded elements put back in the same pass
-    M._triton_run(jobs, negate=True, record=False, check_finite=False, restore=M._items(recs))
-    for n, (s, o) in enumerate(zip(stores, originals)):
-        if not torch.equal(_bits(s), _bits(o)):
-            bad = (_bits(s) != _bits(o)).cpu()
-            return f"unfuse round trip, job {n}: {_where(bad)} not restored bit for bit"
+    def round_trip(stores, originals, what):
+        for n, (s, o) in enumerate(zip(stores, originals)):
+            if not torch.equal(_bits(s), _bits(o)):
+                bad = (_bits(s) != _bits(o)).cpu()
+                return f"{what}, job {n}: {_where(bad)} not restored bit for bit"
+        return None
+
+    # the exact unfuse as unfuse_lora runs it: the fuse's own table, rn(W' - delta) and the recorded elements put
+    # back in the same pass
+    runs = M._own_runs(jobs, M._items(recs))
+    if runs is None:
+        return "unfuse: the fuse's own records were not recognized"
+    M._triton_restore_own(runs)
+    d = round_trip(stores, originals, "unfuse round trip (the fuse's table)")
+    if d:
+        return d
     # fuse with records, no check (fuse_lora's default), and fuse without records (lora-fast merge)
     for record in (True, False):
         stores, jobs = build(device)
@@ -314,6 +324,11 @@ def _probe_merge(device: torch.device, dtype: torch.dtype) -> Optional[str]:
         d = compare(stores, list(recs), flags, f"fuse ({'records' if record else 'no records'})", [False] * len(jobs))
         if d:
             return d
+        if record:  # the unfuse of records named per job in a table (records of several fuse calls)
+            M._triton_run(jobs, negate=True, record=False, check_finite=False, restore=M._items(recs))
+            d = round_trip(stores, originals, "unfuse round trip (records per job)")
+            if d:
+                return d
     return None
 
 
