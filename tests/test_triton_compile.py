@@ -21,13 +21,21 @@ ELEM = {0: "*fp32", 1: "*fp16", 2: "*bf16"}
 BITS = {0: "*i32", 1: "*i16", 2: "*i16"}
 
 
-def compile_for(fn, signature: dict, constexprs: dict, target):
+def compile_for(fn, signature: dict, constexprs: dict, target, **options):
     for name in constexprs:
         signature[name] = "constexpr"
     assert set(signature) == set(fn.arg_names), sorted(set(fn.arg_names) ^ set(signature))
-    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target)
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target,
+                            options=options or None)
     assert kernel.asm.get("cubin"), "no machine code"
     return kernel
+
+
+def contractible_fp32_ops(ptx: str) -> list:
+    """fp32 mul/add/sub without a rounding modifier: ptxas may fuse such a pair into one fma (two roundings
+    become one), so the bits would differ from the C++ kernel's."""
+    return sorted({line.split()[0] for line in ptx.splitlines()
+                   if line.strip().split(" ")[0] in ("mul.f32", "add.f32", "sub.f32")})
 
 
 @pytest.mark.parametrize("target", TARGETS, ids=lambda t: f"sm{t.arch}")
@@ -71,5 +79,9 @@ def test_merge_kernel_compiles(target, dt, variant):
     sig = {"table": "*i64", "tile_job": "*i64"}
     for name, p in zip(names, ptrs.split()):
         sig[name] = BITS[dt] if p == "VAL" else "*" + p
-    compile_for(kernel, sig, {"NJ": M._NJ, "NP": M._NP, "DT": dt, "MODE": mode, "NEGATE": negate, "CHECK": check,
-                              "BM": M.BLOCK_M, "BN": M.BLOCK_N, "SEG": M.SEG_COLS, "STEPS": M.SEARCH_STEPS}, target)
+    compiled = compile_for(kernel, sig, {"NJ": M._NJ, "NP": M._NP, "DT": dt, "MODE": mode, "NEGATE": negate,
+                                         "CHECK": check, "BM": M.BLOCK_M, "BN": M.BLOCK_N, "SEG": M.SEG_COLS,
+                                         "STEPS": M.SEARCH_STEPS}, target, enable_fp_fusion=False)  # as launched
+    ptx = compiled.asm["ptx"]
+    assert not contractible_fp32_ops(ptx), contractible_fp32_ops(ptx)
+    assert "fma.rn.f32" in ptx or mode == "count"  # the explicit tl.fma chain stays one rounding per step

@@ -677,7 +677,10 @@ def _group_jobs(jobs) -> dict:
 
 def _launch(kernel, grid, *args, **kw) -> None:
     triton_stats.launches += 1
-    kernel[grid](*args, **kw)
+    # No FP contraction: every mul and add rounds on its own (mul.rn/add.rn) and only the kernel's explicit tl.fma
+    # fuses, as in the C++ kernel, so the bits do not depend on Triton's default (contraction on up to 3.9, off
+    # from 3.10) or on ptxas turning a plain mul.f32 + add.f32 into an fma.
+    kernel[grid](*args, enable_fp_fusion=False, **kw)
 
 
 def _to_host(t: torch.Tensor) -> list:
