@@ -9,7 +9,7 @@ TESTS = pathlib.Path(__file__).parent
 def test_gpu_tests_are_marked_cuda_not_skipped_by_hand():
     """A test that skips itself without CUDA would be left out of ``pytest -m cuda`` (the GPU suite's selection);
     ``@pytest.mark.cuda`` both selects it there and skips it elsewhere (conftest)."""
-    pattern = re.compile(r"skip(if)?\(.*cuda", re.IGNORECASE)
+    pattern = re.compile(r"skip(if)?\(.*cuda\.is_available")
     offenders = [f"{path.name}:{i}" for path in sorted(TESTS.glob("*.py")) if path.name not in ("conftest.py", pathlib.Path(__file__).name)
                  for i, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
     assert not offenders, f"use @pytest.mark.cuda instead of a hand-written CUDA skip: {offenders}"

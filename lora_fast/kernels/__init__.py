@@ -6,7 +6,7 @@ import contextlib
 def device_guard(device):
     """The context every Triton launch runs in: Triton launches on the *current* CUDA device, whatever device its
     tensors are on, so each launch group (one device) makes its device current for the launch and for the tables it
-    allocates (issue 16: a UNet on cuda:0 and a text encoder on cuda:1). A no-op for other devices."""
+    allocates (a pipeline may hold its UNet on cuda:0 and its text encoder on cuda:1). A no-op for other devices."""
     import torch
 
     if getattr(device, "type", None) == "cuda":
