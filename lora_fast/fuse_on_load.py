@@ -32,7 +32,6 @@ from .kernels import merge as merge_kernels
 BATCH_WEIGHT_BYTES = 256 << 20
 
 _FACTOR_FIELDS = ("down", "up", "mid")
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
 def wants_stream(source) -> bool:
@@ -43,7 +42,9 @@ def wants_stream(source) -> bool:
         path = os.fsdecode(os.fspath(source))
     except TypeError:
         return False
-    return os.path.isfile(path) and not path.lower().endswith(_PICKLE_SUFFIXES)
+    from .formats import PICKLE_SUFFIXES
+
+    return os.path.isfile(path) and not path.lower().endswith(PICKLE_SUFFIXES)
 
 
 def _read_with_views(path: str):
@@ -64,13 +65,6 @@ def _read_with_views(path: str):
     return adapter, header, base, tensors
 
 
-def _span(t: torch.Tensor) -> int:
-    """Bytes from t's first element to one past its last (t has no negative strides)."""
-    if t.numel() == 0:
-        return 0
-    return (sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 1) * t.element_size()
-
-
 class _FileIndex:
     """Maps a CPU view of the mapped file to (tensor name, element offset) inside one file tensor."""
 
@@ -88,7 +82,8 @@ class _FileIndex:
         if i < 0:
             return None
         h = self.entries[i]
-        if h.torch_dtype != t.dtype or pos + _span(t) > h.file_offset + h.nbytes:
+        start, end = io.memory_span(t)
+        if h.torch_dtype != t.dtype or pos + (end - start) > h.file_offset + h.nbytes:
             return None
         byte_off = pos - h.file_offset
         if byte_off % t.element_size():
