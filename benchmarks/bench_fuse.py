@@ -85,6 +85,17 @@ def memory(dtypes, repeats: int, threads=None) -> dict:
     return out
 
 
+def _write(report: dict, out: str) -> None:
+    """The report as JSON at ``out``, with the commit it was measured at."""
+    try:
+        report["commit"] = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+    except Exception:
+        report["commit"] = None
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(report, f, indent=2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--case", action="append", choices=sorted(bench.CASES))
@@ -98,24 +109,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.memory:
         report = memory(args.dtype or ["fp32", "bf16"], args.repeats if args.repeats > 3 else 7, args.threads)
-        try:
-            report["commit"] = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-        except Exception:
-            report["commit"] = None
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
+        _write(report, args.out)
         print(json.dumps(report, indent=2))
         return
     report = bench.run(cases=args.case or ["sd15-attn-r4", "sdxl-linear-r32"], dtypes=args.dtype or ["fp32", "fp16", "bf16"],
                        repeats=args.repeats, compare_diffusers=not args.no_diffusers, device=args.device)
-    try:
-        report["commit"] = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except Exception:
-        report["commit"] = None
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
+    _write(report, args.out)
     print(bench.format_table(report))
     chart = os.path.splitext(args.out)[0] + ".png"
     if bench.write_chart(report, chart):
