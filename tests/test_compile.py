@@ -17,7 +17,7 @@ from torch import nn
 
 import lora_fast
 from lora_fast import LoraAdapter, LoraLayer
-from test_live import inputs, random_adapter, toy
+from test_live import inputs, random_adapter, toy, with_dora_magnitudes
 
 
 class RecordingBackend:
@@ -239,13 +239,7 @@ def test_dora_under_compile_one_graph_per_active_list_and_none_for_fuse_unfuse()
     args = inputs()
     g = torch.Generator().manual_seed(9)
     for axis, name, seed in (("out", "d_out", 1), ("in", "d_in", 2)):
-        a = random_adapter(seed, modules=("q", "conv", "pw", "k"))
-        for path, layer in a.layers.items():
-            w = model.get_submodule(path).weight
-            n = w.shape[0] if axis == "out" else w.shape[1]
-            shape = (n,) if axis == "out" else ((1, n) if w.dim() == 2 else (1, n, 1, 1))
-            layer.magnitude = (torch.rand(n, generator=g) + 0.5).reshape(shape)
-            layer.magnitude_axis = axis
+        a = with_dora_magnitudes(model, random_adapter(seed, modules=("q", "conv", "pw", "k")), axis, g)
         lora_fast.load_lora_weights(model, a, adapter_name=name)
     lora_fast.load_lora_weights(model, random_adapter(3), adapter_name="plain")
     lora_fast.set_adapters(model, ["d_out", "d_in"], [0.8, 0.6])

@@ -237,18 +237,23 @@ def test_lora_bias_tucker_and_fan_in_fan_out():
         assert torch.allclose(o, f, atol=1e-5)
 
 
+def with_dora_magnitudes(model, adapter, axis, gen):
+    """Give every layer of ``adapter`` a random DoRA magnitude along ``axis`` ("out" or "in") of its target weight."""
+    for path, layer in adapter.layers.items():
+        w = model.get_submodule(path).weight
+        n = w.shape[0] if axis == "out" else w.shape[1]
+        shape = (n,) if axis == "out" else ((1, n) if w.dim() == 2 else (1, n, 1, 1))
+        layer.magnitude = (torch.rand(n, generator=gen) + 0.5).reshape(shape)
+        layer.magnitude_axis = axis
+    return adapter
+
+
 @pytest.mark.parametrize("axis", ["out", "in"])
 def test_dora_live_matches_the_fused_formula(axis):
     model = toy()
     args = inputs()
-    a = random_adapter(1, modules=("q", "conv", "pw", "k"))
-    g = torch.Generator().manual_seed(9)
-    for path, layer in a.layers.items():
-        w = model.get_submodule(path).weight
-        n = w.shape[0] if axis == "out" else w.shape[1]
-        shape = (n,) if axis == "out" else ((1, n) if w.dim() == 2 else (1, n, 1, 1))
-        layer.magnitude = (torch.rand(n, generator=g) + 0.5).reshape(shape)
-        layer.magnitude_axis = axis
+    a = with_dora_magnitudes(model, random_adapter(1, modules=("q", "conv", "pw", "k")), axis,
+                             torch.Generator().manual_seed(9))
     lora_fast.load_lora_weights(model, a, adapter_name="d")
     for weight, lam in ((1.0, 1.0), (0.6, 1.0), (0.6, 0.3)):
         lora_fast.set_adapters(model, "d", weight)
