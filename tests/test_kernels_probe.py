@@ -12,7 +12,7 @@ import textwrap
 import warnings
 
 import pytest
-from triton_support import exact_fma_interpreter
+from triton_support import exact_fma_interpreter, interpretable_segmented_kernels
 import torch
 
 from lora_fast.kernels import merge as M
@@ -319,6 +319,7 @@ def test_correct_kernels_pass_the_probe_silently_and_serve_the_calls():
     run_interpreted(PASS_SCRIPT, "PROBE-PASS-OK")
 
 
+@interpretable_segmented_kernels
 def test_a_wrong_kernel_result_is_caught_warned_once_and_the_torch_backend_takes_over():
     """Interpreted, with the test hook making each kernel compute a wrong result: LORA_FAST_TRITON_FALLBACK=0 raises
     (nothing written); otherwise one warning naming the kernel, device, dtype and what differed, then the torch

@@ -12,6 +12,7 @@ import warnings
 from dataclasses import dataclass
 
 import pytest
+from triton_support import interpretable_segmented_kernels
 import torch
 
 from lora_fast.kernels import shrink_expand as S
@@ -542,6 +543,7 @@ TRITON_SCRIPT = textwrap.dedent(
 )
 
 
+@interpretable_segmented_kernels
 def test_triton_kernels_interpreted_match_reference_and_torch_backend_for_all_dtypes():
     pytest.importorskip("triton")
     script = TRITON_SCRIPT.format(tests_dir=os.path.dirname(os.path.abspath(__file__)))

@@ -6,6 +6,7 @@ import sys
 import textwrap
 
 import pytest
+from triton_support import interpretable_segmented_kernels
 import torch
 from torch import nn
 
@@ -448,6 +449,7 @@ TRITON_SCRIPT = textwrap.dedent(
 )
 
 
+@interpretable_segmented_kernels
 def test_triton_kernels_drive_per_sample_adapters_under_the_interpreter():
     pytest.importorskip("triton")
     script = TRITON_SCRIPT.format(tests=os.path.dirname(__file__))

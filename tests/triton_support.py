@@ -15,3 +15,10 @@ def _triton_version():
 # fused rounding (fma.rn.f32). Tests that compare interpreted merge kernels with the C++ kernel bit for bit need 3.9.
 exact_fma_interpreter = pytest.mark.skipif(
     (_triton_version() or (0, 0)) < (3, 9), reason="Triton < 3.9 interprets tl.fma with two roundings")
+
+
+# The segmented shrink/expand kernels read scalars out of loaded blocks in a way Triton's interpreter only supports
+# from 3.9 on (earlier: "only 0-dimensional arrays can be converted to Python scalars"); they compile for sm_80/sm_90
+# on every declared version (test_triton_compile), so only the interpreted runs need the newer interpreter.
+interpretable_segmented_kernels = pytest.mark.skipif(
+    (_triton_version() or (0, 0)) < (3, 9), reason="Triton < 3.9's interpreter cannot run the segmented kernels")
