@@ -122,6 +122,19 @@ class LoraLayer:
             return up, a
         return up, self.down.reshape(self.down.shape[0], -1).float()
 
+    def fits_weight(self, shape, fan_in_fan_out: bool = False) -> bool:
+        """Whether a target weight of ``shape`` is the one these factors adapt (the one shape check of the loader
+        and of ``lora-fast merge``): embeddings and k×k convolutions exactly; linears and 1×1 convolutions by
+        (out, in), as 2-D or 4-D with 1×1 kernel dims, or transposed (Conv1D) when ``fan_in_fan_out``."""
+        shape = tuple(shape)
+        if self.kind == "embedding" or (self.kind == "conv" and tuple(self.weight_shape[2:]) != (1, 1)):
+            return shape == tuple(self.weight_shape)
+        if fan_in_fan_out:
+            return len(shape) == 2 and (shape[1], shape[0]) == (self.out_features, self.in_features)
+        if len(shape) not in (2, 4) or (len(shape) == 4 and shape[2:] != (1, 1)):
+            return False
+        return (shape[0], math.prod(shape[1:])) == (self.out_features, self.in_features)
+
     def delta(self) -> torch.Tensor:
         """scale · B·A in float32, shaped like the target weight (DoRA: the low-rank part only)."""
         b, a = self.factors()

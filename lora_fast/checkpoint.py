@@ -15,7 +15,6 @@ fsync; folders are assembled in a temporary folder that is renamed at the end.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import sys
@@ -348,18 +347,6 @@ class _Target:
     label: str = ""
 
 
-def _shape_ok(layer: LoraLayer, shape: tuple) -> bool:
-    if layer.kind == "embedding":
-        return tuple(shape) == layer.weight_shape
-    if layer.kind == "conv" and tuple(layer.weight_shape[2:]) != (1, 1):
-        return tuple(shape) == layer.weight_shape
-    if layer.fan_in_fan_out:
-        return len(shape) == 2 and (shape[1], shape[0]) == (layer.out_features, layer.in_features)
-    if len(shape) not in (2, 4) or (len(shape) == 4 and tuple(shape[2:]) != (1, 1)):
-        return False
-    return (shape[0], math.prod(shape[1:])) == (layer.out_features, layer.in_features)
-
-
 def _layers_by_component(loras: list[LoraSpec], component_override: Optional[str]):
     """{component or None: [(spec index, path, key, layer)]}"""
     out: dict = {}
@@ -379,7 +366,7 @@ def _match_count(group: WeightGroup, items) -> int:
         for p in alternative_paths(path):
             hit = names.get(p + ".weight")
             if hit is not None:
-                n += _shape_ok(layer, hit[1].shape)
+                n += layer.fits_weight(hit[1].shape, layer.fan_in_fan_out)
                 break
     return n
 
@@ -443,7 +430,7 @@ def plan_merge(base: BaseCheckpoint, loras: list[LoraSpec], component: Optional[
                 continue
             f, th = hit
             label = f"{loras[spec_i].label}: {key}"
-            if not _shape_ok(layer, th.shape):
+            if not layer.fits_weight(th.shape, layer.fan_in_fan_out):
                 mismatched.append(f"{label}: LoRA implies weight shape {tuple(layer.weight_shape)}, "
                                   f"{os.path.basename(f)} has {th.name} {tuple(th.shape)}")
                 continue

@@ -144,17 +144,9 @@ def _check_shape(layer: LoraLayer, module: nn.Module, key: str) -> None:
     if not isinstance(weight, torch.Tensor):
         raise LoraFormatError(f"{key}: target module {type(module).__name__} has no weight tensor to adapt")
     w = weight.shape
-    if layer.kind == "embedding":
-        ok = isinstance(module, nn.Embedding) and tuple(w) == layer.weight_shape
-    elif layer.kind == "conv" and layer.weight_shape[2:] != (1, 1):
-        ok = tuple(w) == layer.weight_shape
-    else:  # linear or 1×1 conv: factors may be 2-D or 4-D with 1×1 dims
-        if is_fan_in_fan_out(module):
-            rows, cols = w[1], w[0]
-        else:
-            rows, cols = w[0], (math.prod(w[1:]) if len(w) > 1 else 0)
-        spatial_ok = len(w) == 2 or (len(w) == 4 and tuple(w[2:]) == (1, 1))
-        ok = spatial_ok and (rows, cols) == (layer.out_features, layer.in_features) and not isinstance(module, nn.Embedding)
+    # an embedding LoRA only on an nn.Embedding, a linear/conv one never on an embedding
+    ok = (isinstance(module, nn.Embedding) == (layer.kind == "embedding")
+          and layer.fits_weight(w, is_fan_in_fan_out(module)))
     if not ok:
         raise LoraFormatError(
             f"{key}: LoRA factors imply a weight of shape {layer.weight_shape} but the target "
