@@ -697,20 +697,29 @@ def _upload(values: array.array, device: torch.device) -> torch.Tensor:
 
 
 def _triton_kernel():
-    global _TRITON, triton, tl, _decode, _encode, _load_factor, _broadcast_mask, _restore
+    global _TRITON, triton, tl, _f16_bits_to_f32, _bf16_bits_to_f32, _decode, _encode, _load_factor, \
+        _broadcast_mask, _restore
     if _TRITON is not None:
         return _TRITON
     import triton
     import triton.language as tl
 
     @triton.jit
+    def _f16_bits_to_f32(bits):  # fp16 bits (int16) -> fp32, exact
+        return bits.to(tl.float16, bitcast=True).to(tl.float32)
+
+    @triton.jit
+    def _bf16_bits_to_f32(bits):  # bf16 bits (int16) -> fp32, exact: the bits are fp32's upper half
+        return ((bits.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+
+    @triton.jit
     def _decode(bits, DT: tl.constexpr):  # weight bits -> fp32, exact
         if DT == 0:
             x = bits.to(tl.float32, bitcast=True)
         elif DT == 1:
-            x = bits.to(tl.float16, bitcast=True).to(tl.float32)
+            x = _f16_bits_to_f32(bits)
         else:
-            x = ((bits.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+            x = _bf16_bits_to_f32(bits)
         return x
 
     @triton.jit
@@ -734,9 +743,9 @@ def _triton_kernel():
         else:
             b = tl.load(addr.to(tl.pointer_type(tl.int16)) + off, mask=mask, other=0)
             if fdt == 1:
-                v = b.to(tl.float16, bitcast=True).to(tl.float32)
+                v = _f16_bits_to_f32(b)
             else:
-                v = ((b.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+                v = _bf16_bits_to_f32(b)
         return v
 
     @triton.jit
