@@ -39,8 +39,8 @@ import torch
 from .. import kernels as _kernels_pkg
 from . import probe as _probe
 
-__all__ = ["RowMap", "AdapterGroups", "build_row_map", "lora_shrink", "lora_expand", "segmented_lora",
-           "channels_first_lora"]
+__all__ = ["RowMap", "AdapterGroups", "Shrunk", "build_row_map", "lora_shrink", "lora_expand", "segmented_lora",
+           "segmented_shrink", "segmented_expand", "channels_first_lora"]
 
 _BACKENDS = ("triton", "torch")
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -368,6 +368,55 @@ def lora_expand(out: torch.Tensor, h: torch.Tensor, groups: AdapterGroups, rows:
     return out
 
 
+@dataclass(eq=False)
+class Shrunk:
+    """What :func:`segmented_shrink` computed for one activation, for :func:`segmented_expand` (possibly several
+    times: modules whose groups hold equal down factors and that see the same input expand one shrink).
+
+    batched: per pass, the torch backend's ``(B, T, R)`` fp32 product ``x · A_gᵀ`` of each sample (zero-padded to the
+    pass's largest rank) where that pass runs batched over the samples, else None.
+    h: the row-form ``h`` of :func:`lora_shrink`, when some pass needs it (always on the Triton backend).
+    """
+
+    batched: list
+    h: Optional[torch.Tensor]
+    backend: str
+
+
+def segmented_shrink(x: torch.Tensor, groups: AdapterGroups, rows: RowMap, backend: Optional[str] = None) -> Shrunk:
+    """The shrink half of :func:`segmented_lora`: ``x · A_gᵀ`` for every pass, without weights or scales (those
+    enter in :func:`segmented_expand`), so one result serves every module with equal down factors and input."""
+    be = _backend(x, backend)
+    if be == "triton":
+        return Shrunk([None] * len(rows.passes), lora_shrink(x, groups, rows, backend), be)
+    _check(x, groups, rows)
+    x = _canonical32(x)
+    batched = [_batched_shrink(x, groups, rows, p) for p in range(len(rows.passes))]
+    h = lora_shrink(x, groups, rows, "torch") if any(b is None for b in batched) else None
+    return Shrunk(batched, h, be)
+
+
+def segmented_expand(out: torch.Tensor, shrunk: Shrunk, groups: AdapterGroups, rows: RowMap, lam: float = 1.0,
+                     backend: Optional[str] = None) -> torch.Tensor:
+    """The expand half of :func:`segmented_lora`: ``out`` (modified in place) gains each row's terms from ``shrunk``
+    (made by :func:`segmented_shrink` with the same ``rows`` and groups whose down factors equal these)."""
+    if shrunk.backend == "triton":
+        return lora_expand(out, shrunk.h, groups, rows, lam, backend)
+    if out.dim() != 2 or out.shape[1] != groups.out_features or out.stride(1) != 1 or out.dtype != groups.dtype:
+        raise ValueError(f"out must be (M, {groups.out_features}) in {groups.dtype} with unit column stride, got "
+                         f"{tuple(out.shape)} {out.dtype}")
+    if out.shape[0] != rows.batch * rows.rows_per_sample:
+        raise ValueError(f"out has {out.shape[0]} rows, the row map {rows.batch} x {rows.rows_per_sample}")
+    if not _is_canonical32(out):
+        return _staged(out, lambda o: segmented_expand(o, shrunk, groups, rows, lam, backend))
+    for p, hb in enumerate(shrunk.batched):
+        if hb is not None:
+            _batched_expand(out, hb, groups, rows, p, lam)
+        else:
+            lora_expand(out, shrunk.h, groups, rows, lam, "torch", passes=[p])
+    return out
+
+
 def segmented_lora(x: torch.Tensor, out: torch.Tensor, groups: AdapterGroups, rows: RowMap, lam: float = 1.0,
                    backend: Optional[str] = None) -> torch.Tensor:
     """Shrink then expand every pass: ``out`` (modified in place) gains each row's LoRA terms.
@@ -375,43 +424,43 @@ def segmented_lora(x: torch.Tensor, out: torch.Tensor, groups: AdapterGroups, ro
     The torch backend takes a pass in which every sample has a group with factors as one batched product over the
     samples (factors gathered per sample from rank-padded stacks: a few ops per layer however many adapters);
     other passes, and the Triton backend, go through :func:`lora_shrink` / :func:`lora_expand`."""
-    if _backend(out, backend) == "triton":
-        h = lora_shrink(x, groups, rows, backend)
-        return lora_expand(out, h, groups, rows, lam, backend)
-    _check(x, groups, rows)
-    if not _is_canonical32(out):
-        return _staged(out, lambda o: segmented_lora(x, o, groups, rows, lam, "torch"))
-    x = _canonical32(x)
-    h = None
-    for p in range(len(rows.passes)):
-        if not _batched_pass(x, out, groups, rows, p, lam):
-            if h is None:
-                h = lora_shrink(x, groups, rows, "torch")
-            lora_expand(out, h, groups, rows, lam, "torch", passes=[p])
-    return out
+    return segmented_expand(out, segmented_shrink(x, groups, rows, backend), groups, rows, lam, backend)
 
 
-def _batched_pass(x: torch.Tensor, out: torch.Tensor, groups: AdapterGroups, rows: RowMap, p: int, lam: float) -> bool:
+def _batched_shrink(x: torch.Tensor, groups: AdapterGroups, rows: RowMap, p: int) -> Optional[torch.Tensor]:
+    """Pass ``p`` as one ``bmm`` over the samples (fp32 ``(B, T, R)``), or None if some sample has no term in it."""
     gs = rows.pass_groups[p]
     b, t = rows.batch, rows.rows_per_sample
-    if (not gs or x.shape[0] != b * t or out.shape[0] != b * t or out.stride(1) != 1 or out.dtype != groups.dtype
-            or any(g < 0 or groups.ranks[g] == 0 for g in gs)):
-        return False  # a sample without a term must keep its rows untouched
-    downs_t, ups_t, coef = groups.per_sample_factors(rows, p)
+    if not gs or x.shape[0] != b * t or any(g < 0 or groups.ranks[g] == 0 for g in gs):
+        return None  # a sample without a term must keep its rows untouched
+    downs_t, _, _ = groups.per_sample_factors(rows, p)
+    x3 = x.reshape(b, t, -1)
+    if x.dtype == torch.float32:
+        return torch.bmm(x3, downs_t)
+    # fp32 products from 16-bit rows, a few samples at a time so the fp32 copies stay cache-sized
+    hb = torch.empty((b, t, downs_t.shape[2]), dtype=torch.float32, device=x.device)
+    step = _samples_per_chunk(t * x.shape[1])
+    for j in range(0, b, step):
+        k = slice(j, j + step)
+        torch.bmm(x3[k].float(), downs_t[k], out=hb[k])
+    return hb
+
+
+def _batched_expand(out: torch.Tensor, hb: torch.Tensor, groups: AdapterGroups, rows: RowMap, p: int,
+                    lam: float) -> None:
+    _, ups_t, coef = groups.per_sample_factors(rows, p)
     if lam != 1.0:
         coef = coef * lam
-    x3 = x.reshape(b, t, -1)
+    b, t = rows.batch, rows.rows_per_sample
     if out.dtype == torch.float32 and out.is_contiguous():  # accumulate in place: no output-sized temporaries
-        out.view(b, t, -1).baddbmm_(torch.bmm(x3, downs_t).mul_(coef), ups_t)
-        return True
+        out.view(b, t, -1).baddbmm_(hb.mul(coef), ups_t)  # hb may serve other modules: not scaled in place
+        return
     # fp32 sum, one rounding, a few samples at a time so the fp32 copies stay cache-sized
-    step = _samples_per_chunk(t * max(x.shape[1], out.shape[1]))
+    step = _samples_per_chunk(t * out.shape[1])
     out3 = out.view(b, t, -1)
     for j in range(0, b, step):
         k = slice(j, j + step)
-        h = torch.bmm(x3[k].float(), downs_t[k]).mul_(coef[k])
-        out3[k] = torch.baddbmm(out3[k].float(), h, ups_t[k])
-    return True
+        out3[k] = torch.baddbmm(out3[k].float(), hb[k].mul(coef[k]), ups_t[k])
 
 
 _CHUNK_BYTES = 4 << 20  # fp32 temporaries per chunk of samples in the 16-bit batched paths
