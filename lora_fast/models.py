@@ -1,4 +1,4 @@
-"""SD1.5-, SD2-, SDXL-, SD3- and Flux.1-shaped models built from their configs with random weights.
+"""SD1.5-, SD2-, SDXL-, SD3/SD3.5-, Flux.1- and Wan-shaped models built from their configs with random weights.
 
 There is no model hub here, so tests and benchmarks build the real diffusers/transformers module
 trees from the published configs: ``size="full"`` for benchmarks and name tables, ``size="tiny"``
@@ -51,6 +51,10 @@ _TINY_SDXL_UNET = dict(block_out_channels=(32, 64, 64), transformer_layers_per_b
                        projection_class_embeddings_input_dim=8 * 6 + 32, norm_num_groups=8, sample_size=8)
 _TINY_SD3 = dict(sample_size=8, num_layers=2, attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
                  caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=16)
+# SD3.5 Medium (stabilityai/stable-diffusion-3.5-medium transformer/config.json): MMDiT-X with attn2 in blocks 0-12
+_SD35_TRANSFORMER = dict(num_layers=24, caption_projection_dim=1536, pos_embed_max_size=384,
+                         dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+_TINY_SD35 = dict(dual_attention_layers=(0,), qk_norm="rms_norm")
 # Flux.1-dev transformer (black-forest-labs/FLUX.1-dev transformer/config.json) and its T5-XXL text_encoder_2.
 _FLUX_TRANSFORMER = dict(
     patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
@@ -110,10 +114,24 @@ def build_unet(family: str, size: str = "tiny", *, dtype=torch.float32, device="
         return _cast(UNet2DConditionModel(**unet_config(family, size)), dtype)
 
 
-def build_sd3_transformer(size: str = "tiny", *, dtype=torch.float32, device="cpu", seed: Optional[int] = 0):
+def sd3_transformer_config(size: str = "tiny", variant: str = "sd3", **override) -> dict:
+    """SD3Transformer2DModel kwargs. ``variant="sd3"`` is SD3 Medium; ``"sd3.5"`` adds SD3.5 Medium's MMDiT-X
+    second image-stream attention (``attn2``, ``dual_attention_layers``) and RMS q/k norms (tiny: attn2 in the first
+    block only). ``override`` replaces any entry."""
+    cfg = dict(_SD3_TRANSFORMER, **(_TINY_SD3 if size != "full" else {}))
+    if variant == "sd3.5":
+        cfg.update(_SD35_TRANSFORMER if size == "full" else _TINY_SD35)
+    elif variant != "sd3":
+        raise ValueError(f"unknown SD3 variant {variant!r} (expected 'sd3' or 'sd3.5')")
+    cfg.update(override)
+    return cfg
+
+
+def build_sd3_transformer(size: str = "tiny", *, dtype=torch.float32, device="cpu", seed: Optional[int] = 0,
+                          variant: str = "sd3", **override):
     from diffusers import SD3Transformer2DModel
 
-    cfg = dict(_SD3_TRANSFORMER, **(_TINY_SD3 if size != "full" else {}))
+    cfg = sd3_transformer_config(size, variant, **override)
     with _seeded(seed), torch.device(device):
         return _cast(SD3Transformer2DModel(**cfg), dtype)
 
@@ -178,8 +196,10 @@ def build_components(family: str, size: str = "tiny", *, dtype=torch.float32, de
     return out
 
 
-def build_pipeline(family: str, size: str = "tiny", *, dtype=torch.float32, device="cpu", seed: Optional[int] = 0):
-    """A real diffusers pipeline object around build_components (tiny VAE, no tokenizers; T5 only for Flux).
+def build_pipeline(family: str, size: str = "tiny", *, dtype=torch.float32, device="cpu", seed: Optional[int] = 0,
+                   t5: bool = False):
+    """A real diffusers pipeline object around build_components (tiny VAE, no tokenizers; T5 for Flux, and for
+    SD3 as ``text_encoder_3`` when ``t5=True``).
 
     Enough for diffusers' own LoRA loading/fusing (the interop oracle) and for lora_fast's
     pipeline targets; not for generating images from text.
@@ -200,7 +220,8 @@ def build_pipeline(family: str, size: str = "tiny", *, dtype=torch.float32, devi
         return diffusers.StableDiffusion3Pipeline(
             transformer=comps["transformer"], scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae,
             text_encoder=comps.get("text_encoder"), tokenizer=None, text_encoder_2=comps.get("text_encoder_2"),
-            tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+            tokenizer_2=None, tokenizer_3=None, text_encoder_3=build_t5_encoder(
+                size, dtype=dtype, device=device, seed=None if seed is None else seed + 3) if t5 else None)
     scheduler = diffusers.DDIMScheduler(clip_sample=False)
     if family == "sdxl":
         return diffusers.StableDiffusionXLPipeline(

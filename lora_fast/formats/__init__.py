@@ -77,11 +77,11 @@ def _read_peft_config(directory: str, where: str) -> Optional[dict]:
 
 def _from_state_dict(state_dict: dict, *, header: dict, config: Optional[dict], component: Optional[str],
                      where: str) -> LoraAdapter:
-    from .flux import detect_flux_layout, read_flux
+    from .fused import detect_fused_layout, read_fused
 
-    layout = detect_flux_layout(state_dict.keys())
-    if layout is not None:
-        return read_flux(state_dict, layout, source=where, metadata=header)
+    found = detect_fused_layout(state_dict.keys())  # Flux.1 / SD3 / Wan original-module layouts (tables)
+    if found is not None:
+        return read_fused(state_dict, found[0], found[1], source=where, metadata=header)
     fmt = detect_format(state_dict.keys(), source=where)
     if fmt == "kohya":
         from .kohya import read_kohya

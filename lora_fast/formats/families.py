@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from ..adapter import LoraAdapter, split_component
+from ..errors import LoraFormatError
 
 #: Display names.
 FAMILY_NAMES = {"flux": "Flux.1", "sd3": "SD3/SD3.5", "sdxl": "SDXL", "sd": "SD1.x/SD2"}
@@ -95,4 +96,16 @@ def family_mismatch(adapter: LoraAdapter, target) -> Optional[str]:
             + f", but the target is a {FAMILY_NAMES[want]} {type(target).__name__}")
 
 
-__all__ = ["adapter_family", "target_family", "family_mismatch", "FAMILY_NAMES"]
+def check_family(adapter: LoraAdapter, target) -> None:
+    """Raise LoraFormatError when the adapter's reader knows its family from the file's own names
+    (``adapter.family``: Flux/SD3/Wan original-module layouts, kohya SD names) and the target is known to be another
+    family. Unlike :func:`family_mismatch` this refuses even where every module happens to fit (tiny test models
+    with equal widths); a loader calls it before changing anything."""
+    if not adapter.family:
+        return
+    hint = family_mismatch(adapter, target)
+    if hint is not None:
+        raise LoraFormatError(f"{adapter.source or '<adapter>'}: {hint}; nothing was loaded")
+
+
+__all__ = ["adapter_family", "target_family", "family_mismatch", "check_family", "FAMILY_NAMES"]

@@ -534,7 +534,7 @@ def write_kohya(adapter: LoraAdapter, *, source: str = "<adapter>") -> dict[str,
 
     SD1.x/SD2 adapters get diffusers-style UNet names and ``lora_te_``; SDXL adapters get LDM UNet
     names and ``lora_te1_`` / ``lora_te2_`` (see ``_writer_family`` for how the family is decided);
-    Flux.1 adapters get sd-scripts' Flux names (``formats.flux.write_flux_kohya``).
+    Flux.1 / SD3 adapters get sd-scripts' names from their family table (``formats.fused.write_fused_kohya``).
     Every module's delta is unchanged by ``read_kohya(write_kohya(adapter))``. Everything is checked
     before anything is returned; what kohya cannot express raises LoraFormatError naming the module.
     """
@@ -542,10 +542,11 @@ def write_kohya(adapter: LoraAdapter, *, source: str = "<adapter>") -> dict[str,
         raise LoraFormatError(f"{source}: the adapter has no layers")
     if any(split_component(k)[0] == "transformer" for k in adapter.layers):
         from .families import adapter_family
-        from .flux import write_flux_kohya
+        from .fused import family_table, write_fused_kohya
 
-        if adapter_family(adapter) == "flux":  # sd-scripts' Flux names (fused projections re-fused)
-            return write_flux_kohya(adapter, source=source)
+        table = family_table(adapter_family(adapter) or "")
+        if table is not None:  # sd-scripts' Flux / SD3 names (fused projections re-fused)
+            return write_fused_kohya(adapter, table, source=source)
     for key in adapter.layers:
         component, _ = split_component(key)
         if component not in ("unet", "text_encoder", "text_encoder_2"):

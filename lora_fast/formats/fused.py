@@ -1,0 +1,433 @@
+"""Transformer-family LoRA layouts that name modules of the model's original (non-diffusers) code: one
+generic reader and writer, driven by per-family tables.
+
+A family (:class:`FusedFamily`) is data: a tuple of :class:`FusedModule` entries (an original module name,
+how its output rows split into parts, and which diffusers module takes which parts), the layouts that spell
+those names (kohya sd-scripts ``lora_unet_<name with '.' -> '_'>``, BFL/ComfyUI ``[diffusion_model.]<name>``,
+XLabs processor names, OneTrainer's diffusers names...), and how its kohya text-encoder roots map to
+components. Flux.1 (``formats/flux.py``), SD3/SD3.5 (``formats/sd3.py``) and Wan 2.x (``formats/wan.py``) are
+such tables; adding a family or a layout is a table entry, not code.
+
+A LoRA on a fused projection becomes one LoRA per diffusers module: every split module gets the same down
+(A) matrix (the same tensor, not a copy) and its rows of the up (B) matrix, so ΔW_part = s·B_part·A is
+exactly the part's rows of s·B·A. The scale is that of the fused module (alpha / rank of the file's module,
+alpha = rank when missing or 0, as sd-scripts trains it) for every part.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ..adapter import LoraAdapter, LoraLayer, split_component
+from ..errors import LoraFormatError
+
+
+@dataclass(frozen=True)
+class FusedModule:
+    """One original module (``{i}`` = block index) and where its rows go in diffusers.
+
+    bfl: the module's name in the original code (BFL names for Flux, MMDiT names for SD3, ...).
+    parts: relative sizes of the output-row parts (rows = sum(parts) · unit).
+    targets: (diffusers module path under the component, indices of the parts it takes, in order).
+    kind: ``"linear"``, or ``"conv"`` for a k×k Conv2d (one target, no split; e.g. SD3's patch embedding).
+    rows_per_in: when set, the entry applies only to a module with rows == rows_per_in · in features (the same
+      original name can mean different splits by shape, e.g. SD3's last context block, whose adaLN has 2 parts).
+    """
+
+    bfl: str
+    parts: tuple
+    targets: tuple
+    component: str = "transformer"
+    kind: str = "linear"
+    rows_per_in: Optional[int] = None
+
+    def fits(self, rows: int, inp: int) -> bool:
+        return self.rows_per_in is None or rows == self.rows_per_in * inp
+
+
+def one(bfl: str, target: str, **kw) -> FusedModule:
+    """An original module that is one diffusers module."""
+    return FusedModule(bfl, (1,), ((target, (0,)),), **kw)
+
+
+def compile_template(template: str) -> re.Pattern:
+    return re.compile("^" + re.escape(template).replace(re.escape("{i}"), r"(\d+)") + "$")
+
+
+def kohya_name(bfl: str) -> str:
+    return "lora_unet_" + bfl.replace(".", "_")
+
+
+#: Tensor suffixes per layout -> role.
+SUFFIXES = {
+    "kohya": {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"},
+    "onetrainer": {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"},
+    "bfl": {"lora_A.weight": "down", "lora_B.weight": "up", "lora_down.weight": "down", "lora_up.weight": "up",
+            "alpha": "alpha"},
+    "xlabs": {"down.weight": "down", "up.weight": "up"},
+}
+#: Layouts whose module names may carry ComfyUI's ``diffusion_model.`` prefix.
+_PREFIXED = ("bfl", "xlabs")
+_PREFIX = "diffusion_model."
+
+
+@dataclass(frozen=True)
+class FusedFamily:
+    """One model family's table.
+
+    family: ``adapter.family`` (``"flux"``, ``"sd3"``, ``"wan"``).
+    modules: every original module a trainer targets.
+    layouts: layout name -> ((file module name template, FusedModule), ...). ``"kohya"`` is derived from
+      ``modules`` when not given.
+    kohya_markers: kohya name prefixes that mark the family even when one module is unknown (so the error names
+      the odd key instead of calling the file an SD1.x/SDXL one).
+    clip_roots: kohya text-encoder root -> name table of lora_fast's kohya tables that spells it (``"sdxl"``:
+      ``lora_te1_`` is CLIP-L / ``text_encoder``, ``lora_te2_`` is CLIP-G / ``text_encoder_2``).
+    t5: (regex on the kohya name, component, path template) for the T5 text encoder (``lora_te3_``), or None.
+    writes: the component each CLIP kohya root is written from (``lora_te1_`` for ``text_encoder``...).
+    """
+
+    family: str
+    modules: tuple
+    layouts: dict = field(default_factory=dict)
+    kohya_markers: tuple = ()
+    clip_roots: dict = field(default_factory=dict)
+    t5: Optional[tuple] = None
+    writes: dict = field(default_factory=dict)
+
+    def patterns(self, layout: str):
+        return _patterns(self, layout)
+
+
+_PATTERN_CACHE: dict = {}
+
+
+def _patterns(fam: FusedFamily, layout: str):
+    key = (fam.family, layout)
+    if key not in _PATTERN_CACHE:
+        if layout == "kohya" and "kohya" not in fam.layouts:
+            entries = [(kohya_name(m.bfl), m) for m in fam.modules]
+        else:
+            entries = list(fam.layouts.get(layout, ()))
+        _PATTERN_CACHE[key] = [(compile_template(t), m) for t, m in entries]
+    return _PATTERN_CACHE[key]
+
+
+def family_layouts(fam: FusedFamily) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(("kohya", *fam.layouts)))
+
+
+#: Registered families, in detection order (see :func:`detect_fused_layout`).
+_FAMILIES: list[FusedFamily] = []
+
+
+def register_family(fam: FusedFamily) -> FusedFamily:
+    if all(f.family != fam.family for f in _FAMILIES):
+        _FAMILIES.append(fam)
+    return fam
+
+
+def families() -> tuple[FusedFamily, ...]:
+    # importing the table modules registers them (flux first: its layouts were detected first historically)
+    from . import flux, sd3  # noqa: F401
+
+    return tuple(_FAMILIES)
+
+
+def family_table(name: str) -> Optional[FusedFamily]:
+    return next((f for f in families() if f.family == name), None)
+
+
+# ----------------------------------------------------------------------------------------------
+# detection
+
+
+def _split_key(key: str, layout: str) -> Optional[tuple[str, str]]:
+    """(module name, role) of a key in a layout, or None."""
+    for suffix, role in SUFFIXES[layout].items():
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1], role
+    return None
+
+
+def _matches(fam: FusedFamily, name: str, layout: str) -> list[tuple[FusedModule, Optional[str]]]:
+    if layout in _PREFIXED and name.startswith(_PREFIX):
+        name = name[len(_PREFIX):]
+    out = []
+    for pattern, module in fam.patterns(layout):
+        m = pattern.match(name)
+        if m:
+            out.append((module, m.group(1) if m.groups() else None))
+    return out
+
+
+def _is_text_encoder_key(fam: FusedFamily, key: str) -> bool:
+    roots = tuple(fam.clip_roots) + (("lora_te3_",) if fam.t5 is not None else ())
+    return bool(roots) and key.startswith(roots)
+
+
+def detect_fused_layout(keys) -> Optional[tuple[FusedFamily, str]]:
+    """(family table, layout) when every key is a key of one registered family in one layout (kohya-style
+    layouts may also hold that family's text-encoder keys), else None."""
+    keys = [k for k in keys if isinstance(k, str)]
+    if not keys:
+        return None
+    for fam in families():
+        for layout in family_layouts(fam):
+            found = 0
+            for key in keys:
+                if layout in ("kohya", "onetrainer") and _is_text_encoder_key(fam, key):
+                    continue
+                split = _split_key(key, layout)
+                if split is None or not _matches(fam, split[0], layout):
+                    break
+                found += 1
+            else:
+                if found:
+                    return fam, layout
+    # A kohya file naming a family's blocks but also something the table lacks: that family's reader names the key.
+    for fam in families():
+        if fam.kohya_markers and any(k.startswith(fam.kohya_markers) for k in keys):
+            return fam, "kohya"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# reading
+
+
+def _fail(source: str, key: str, problem: str) -> LoraFormatError:
+    return LoraFormatError(f"{source}: key {key!r}: {problem}")
+
+
+def _split_layers(source: str, candidates, group: dict, alpha: Optional[float], family: str):
+    """{diffusers key: LoraLayer} for one file module."""
+    from .kohya import _factor
+
+    down_key, down = group["down"]
+    up_key, up = group["up"]
+    down, up = _factor(source, down_key, down), _factor(source, up_key, up)
+    rows, inp = int(up.shape[0]), int(down.shape[1])
+    fitting = [(m, i) for m, i in candidates if m.fits(rows, inp)]
+    if not fitting:
+        m, i = candidates[0]
+        raise _fail(source, up_key, f"{rows} output rows do not fit {m.bfl.format(i=i)}")
+    fused, index = fitting[0]
+    if up.dim() == 4:
+        if tuple(up.shape[2:]) != (1, 1):
+            raise _fail(source, up_key, f"lora_up must be (out, r[, 1, 1]), got {tuple(up.shape)}")
+        up = up.reshape(up.shape[0], up.shape[1])
+    if fused.kind == "conv":
+        if down.dim() != 4:
+            raise _fail(source, down_key, f"{fused.bfl.format(i=index)} is a Conv2d; expected 4-D (r, in, kh, kw) "
+                                          f"factors, got {tuple(down.shape)}")
+    elif down.dim() == 4:
+        if tuple(down.shape[2:]) != (1, 1):
+            raise _fail(source, down_key, f"a {FAMILY_LABELS.get(family, family)} module here is a Linear; got conv "
+                                          f"factors {tuple(down.shape)}")
+        down = down.reshape(down.shape[0], down.shape[1])
+    rank = int(down.shape[0])
+    if int(up.shape[1]) != rank:
+        raise _fail(source, down_key, f"rank mismatch: down is {tuple(down.shape)} but up is {tuple(up.shape)}")
+    if alpha is None or alpha == 0:  # sd-scripts: a missing or zero alpha means alpha = rank (scale 1)
+        alpha = float(rank)
+    total = sum(fused.parts)
+    if rows % total:
+        raise _fail(source, up_key, f"{rows} output rows do not split into parts {fused.parts} of "
+                                    f"{fused.bfl.format(i=index)}")
+    unit = rows // total
+    bounds, start = [], 0
+    for p in fused.parts:
+        bounds.append((start, start + p * unit))
+        start += p * unit
+    out = {}
+    for path, take in fused.targets:
+        pieces = [up[a:b] for a, b in (bounds[t] for t in take)]
+        part_up = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 0)
+        key = f"{fused.component}.{path.format(i=index)}"
+        if fused.kind == "conv":
+            out[key] = LoraLayer(down=down, up=part_up.reshape(*part_up.shape, 1, 1), alpha=alpha, kind="conv")
+        else:
+            out[key] = LoraLayer(down=down, up=part_up, alpha=alpha, kind="linear")
+    return out
+
+
+FAMILY_LABELS = {"flux": "Flux.1", "sd3": "SD3/SD3.5", "wan": "Wan 2.x"}
+
+
+def _t5_key(fam: FusedFamily, name: str) -> Optional[str]:
+    if fam.t5 is None:
+        return None
+    pattern, component, template = fam.t5
+    m = pattern.match(name)
+    return f"{component}.{template.format(*m.groups())}" if m else None
+
+
+def read_fused(state_dict: dict, fam: FusedFamily, layout: str, *, source: str = "<state dict>",
+               metadata: Optional[dict] = None) -> LoraAdapter:
+    """A state dict in one of a family's layouts as a LoraAdapter with diffusers module keys."""
+    from .kohya import _Module, _build_layer, _classify_suffix, _parse_module, _scalar, _table
+
+    label = FAMILY_LABELS.get(fam.family, fam.family)
+    te_keys = {k: v for k, v in state_dict.items()
+               if layout in ("kohya", "onetrainer") and _is_text_encoder_key(fam, k)}
+    groups: dict[str, dict] = {}
+    for key, value in state_dict.items():
+        if key in te_keys:
+            continue
+        split = _split_key(key, layout)
+        if split is None:
+            raise _fail(source, key, f"not a {label} {layout} LoRA key")
+        name, role = split
+        if role in groups.setdefault(name, {}):
+            raise _fail(source, key, f"module {name!r} has two {role} tensors ({groups[name][role][0]!r})")
+        groups[name][role] = (key, value)
+    layers: dict[str, LoraLayer] = {}
+    origin: dict[str, str] = {}
+    for name, group in groups.items():
+        found = _matches(fam, name, layout)
+        if not found:
+            raise _fail(source, next(iter(group.values()))[0], f"unknown {label} module {name!r}")
+        for role in ("down", "up"):
+            if role not in group:
+                raise LoraFormatError(f"{source}: {label} module {name!r} has no {role} tensor "
+                                      f"(found {[k for k, _ in group.values()]})")
+        alpha = _scalar(source, group["alpha"][0], group["alpha"][1]) if "alpha" in group else None
+        for key, layer in _split_layers(source, found, group, alpha, fam.family).items():
+            if key in layers:
+                raise LoraFormatError(f"{source}: {name!r} and {origin[key]!r} both target {key}")
+            layers[key], origin[key] = layer, name
+    if te_keys:
+        # CLIP: kohya's lora_te1_ / lora_te2_ (or lora_te_) names, as the SDXL / SD1.x tables spell them; T5: lora_te3_.
+        te_groups: dict[str, dict] = {}
+        for key, value in te_keys.items():
+            name, dot, suffix = key.partition(".")
+            if not dot or not suffix:
+                raise _fail(source, key, "has no '.<tensor>' part after the module name")
+            te_groups.setdefault(name, {})[_classify_suffix(source, key, suffix)] = (key, value)
+        for name, group in te_groups.items():
+            p = _parse_module(source, name, group)
+            t5_key = _t5_key(fam, name)
+            module = None
+            if t5_key is not None:
+                module = _Module(t5_key, "linear", (int(p.up.shape[0]), int(p.down.shape[1])), (name,))
+            else:
+                root = next((r for r in fam.clip_roots if name.startswith(r)), None)
+                if root is not None:
+                    module = _table(fam.clip_roots[root]).by_name.get(name)
+            if module is None or not module.key.startswith(("text_encoder.", "text_encoder_2.", "text_encoder_3.")):
+                roots = ", ".join(f"{r}: {c}" for r, c in fam.writes.items())
+                raise _fail(source, p.keys["down"], f"unknown kohya {label} text-encoder module {name!r} ({roots})")
+            layers[module.key] = _build_layer(source, p, module, strict_shapes=False)
+    return LoraAdapter(layers=layers, format=layout, metadata=dict(metadata or {}),
+                       source=None if source == "<state dict>" else source, family=fam.family)
+
+
+# ----------------------------------------------------------------------------------------------
+# writing kohya (sd-scripts) files
+
+
+def _fused_of(fam: FusedFamily, path: str, layer: LoraLayer):
+    """(FusedModule, block index, target position) of a diffusers module path, or None.
+
+    A module with ``rows_per_in`` is checked against the whole original module's rows implied by this part."""
+    for fused in fam.modules:
+        for pos, (template, take) in enumerate(fused.targets):
+            m = compile_template(template).match(path)
+            if not m:
+                continue
+            if fused.rows_per_in is not None:
+                taken = sum(fused.parts[t] for t in take)
+                unit, rem = divmod(layer.out_features, taken)
+                if rem or not fused.fits(unit * sum(fused.parts), int(layer.down.shape[1])):
+                    continue
+            return fused, (m.group(1) if m.groups() else None), pos
+    return None
+
+
+def write_fused_kohya(adapter: LoraAdapter, fam: FusedFamily, *, source: str = "<adapter>") -> dict[str, torch.Tensor]:
+    """An adapter of a table family as an sd-scripts state dict: split modules re-fused into the original module
+    they came from.
+
+    The split modules of one original module must share their down matrix (equal values), rank and alpha, as
+    ``read_fused`` produces them; a split module the adapter lacks gets zero rows in the fused up matrix (the
+    same delta). Split modules with different down matrices have no exact sd-scripts form and raise
+    LoraFormatError. CLIP modules are written with the family's ``lora_te1_`` / ``lora_te2_`` roots, T5 modules
+    ``lora_te3_``. Reading the result back gives every module's delta unchanged; a kohya file read and written
+    again is bit-identical.
+    """
+    from .kohya import _lookup_key, _stored_alpha, _table
+
+    label = FAMILY_LABELS.get(fam.family, fam.family)
+    groups: dict = {}  # (bfl, index) -> (fused, {target position: (key, layer)})
+    out: dict[str, torch.Tensor] = {}
+    for key, layer in adapter.layers.items():
+        component, path = split_component(key)
+        if layer.kind not in ("linear", "conv") or layer.mid is not None or layer.magnitude is not None \
+                or layer.bias is not None or layer.fan_in_fan_out:
+            raise LoraFormatError(f"{source}: {key}: only plain LoRA layers have an sd-scripts {label} form")
+        if component == "transformer":
+            found = _fused_of(fam, path, layer)
+            if found is None or (layer.kind == "conv") != (found[0].kind == "conv"):
+                raise LoraFormatError(f"{source}: module {key!r} has no sd-scripts {label} name")
+            fused, index, pos = found
+            groups.setdefault((fused.bfl, index), (fused, {}))[1][pos] = (key, layer)
+            continue
+        name = None
+        if layer.kind == "linear":
+            root = fam.writes.get(component)
+            if root == "lora_te3_" and fam.t5 is not None:
+                name = "lora_te3_" + path.replace(".", "_")
+                if _t5_key(fam, name) != key:
+                    name = None
+            elif root is not None:
+                module = _lookup_key(_table(fam.clip_roots[root]), key)
+                name = next((n for n in module.names if n.startswith(root)), None) if module else None
+        if name is None:
+            raise LoraFormatError(f"{source}: module {key!r} has no sd-scripts {label} name")
+        out[f"{name}.lora_down.weight"] = layer.down.contiguous()
+        out[f"{name}.lora_up.weight"] = layer.up.contiguous()
+        out[f"{name}.alpha"] = _stored_alpha(layer, source, key)
+    for (bfl, index), (fused, members) in groups.items():
+        (first_key, first), *rest = members.values()
+        for key, layer in rest:
+            if (layer.rank != first.rank or layer.alpha != first.alpha or layer.use_rslora != first.use_rslora
+                    or layer.down.dtype != first.down.dtype or layer.up.dtype != first.up.dtype
+                    or not torch.equal(layer.down, first.down)):
+                raise LoraFormatError(
+                    f"{source}: {key} and {first_key} are parts of {bfl.format(i=index)} but do not share their down "
+                    "matrix, rank and alpha: an sd-scripts file cannot hold them exactly (write diffusers or PEFT)")
+        pos0 = next(iter(members))
+        taken = sum(fused.parts[t] for t in fused.targets[pos0][1])
+        unit, rem = divmod(first.out_features, taken)
+        if rem:
+            raise LoraFormatError(f"{source}: {first_key}: {first.out_features} rows do not fit {bfl.format(i=index)}")
+        parts: list = [None] * len(fused.parts)
+        for pos, (key, layer) in members.items():
+            take = fused.targets[pos][1]
+            if layer.out_features != unit * sum(fused.parts[t] for t in take):
+                raise LoraFormatError(f"{source}: {key}: {layer.out_features} rows do not fit {bfl.format(i=index)} "
+                                      f"next to {first_key}")
+            up = layer.up.reshape(layer.up.shape[0], layer.up.shape[1])
+            start = 0
+            for t in take:
+                parts[t] = up[start:start + fused.parts[t] * unit]
+                start += fused.parts[t] * unit
+        parts = [p if p is not None else first.up.new_zeros(fused.parts[t] * unit, first.rank)
+                 for t, p in enumerate(parts)]
+        up = torch.cat(parts, 0) if len(parts) > 1 else parts[0].contiguous()
+        if fused.kind == "conv":
+            up = up.reshape(*up.shape, 1, 1)
+        name = kohya_name(bfl.format(i=index))
+        out[f"{name}.lora_down.weight"] = first.down.contiguous()
+        out[f"{name}.lora_up.weight"] = up
+        out[f"{name}.alpha"] = _stored_alpha(first, source, first_key)
+    return out
+
+
+__all__ = ["FusedModule", "FusedFamily", "one", "register_family", "families", "family_table",
+           "detect_fused_layout", "read_fused", "write_fused_kohya"]
