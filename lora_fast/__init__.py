@@ -9,7 +9,9 @@ an ``nn.Module``, or a dict ``{component_name: nn.Module}``):
 * live (unfused) adapters: :func:`set_adapters`, :func:`get_active_adapters`, :func:`get_list_adapters`,
   :func:`enable_lora`, :func:`disable_lora`, :func:`delete_adapters`, :func:`set_lora_device`,
   :func:`prepare_hotswap`
-* serving: :func:`per_sample_adapters` (a different adapter, or mix, for each sample of one batch)
+* serving: :func:`per_sample_adapters` (a different adapter, or mix, for each sample of one batch),
+  :class:`AdapterCache` (adapters by id, loaded on demand, device and host tiers bounded by bytes, LRU;
+  see docs/serving.md; the Ray Serve deployment is ``lora_fast.serve``, extra ``lora_fast[serve]``)
 * errors: :class:`LoraFormatError`, :class:`LoraFusionError` (both ValueError subclasses)
 """
 
@@ -24,6 +26,7 @@ from .formats import read_lora, save_lora_weights
 from . import engine as _engine
 from . import fuse_on_load as _fuse_on_load
 from . import per_sample as _per_sample
+from .cache import AdapterCache
 
 __version__ = "0.1.0"
 
@@ -206,5 +209,5 @@ __all__ = [
     "load_file", "read_metadata", "save_file", "read_lora", "save_lora_weights",
     "load_lora_weights", "fuse_lora", "unfuse_lora", "unload_lora_weights",
     "set_adapters", "get_active_adapters", "get_list_adapters", "enable_lora", "disable_lora", "delete_adapters",
-    "set_lora_device", "prepare_hotswap", "per_sample_adapters",
+    "set_lora_device", "prepare_hotswap", "per_sample_adapters", "AdapterCache",
 ]
