@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-FAMILIES = ("sd15", "sd2", "sdxl", "sd3", "flux")
+FAMILIES = ("sd15", "sd2", "sdxl", "sd3", "flux", "wan")
 
 _SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -62,6 +62,15 @@ _FLUX_TRANSFORMER = dict(
 )
 _TINY_FLUX = dict(in_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
                   joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8))
+# Wan 2.1 T2V 14B transformer (Wan-AI/Wan2.1-T2V-14B-Diffusers transformer/config.json); I2V adds the image
+# cross-attention (added_kv_proj_dim) and the CLIP image embedder (image_dim).
+_WAN_TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16,
+                        out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40,
+                        cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+_WAN_I2V = dict(in_channels=36, image_dim=1280, added_kv_proj_dim=5120)
+_TINY_WAN = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, text_dim=16, freq_dim=16,
+                 ffn_dim=32, num_layers=2, rope_max_seq_len=32)
+_TINY_WAN_I2V = dict(in_channels=4, image_dim=12, added_kv_proj_dim=16)
 _T5_XXL = dict(vocab_size=32128, d_model=4096, d_ff=10240, num_layers=24, num_heads=64, d_kv=64,
                feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False)
 _TINY_T5 = dict(vocab_size=1000, d_model=32, d_ff=37, num_layers=2, num_heads=4, d_kv=8)
@@ -156,6 +165,27 @@ def build_flux_transformer(size: str = "tiny", *, dtype=torch.float32, device="c
         return _cast(FluxTransformer2DModel(**flux_transformer_config(size, **override)), dtype)
 
 
+def wan_transformer_config(size: str = "tiny", variant: str = "t2v", **override) -> dict:
+    """WanTransformer3DModel kwargs: ``"full"`` is Wan 2.1 14B, ``"tiny"`` the same block structure with small widths;
+    ``variant="i2v"`` adds the image cross-attention (``attn2.add_k_proj/add_v_proj``) and image embedder."""
+    cfg = dict(_WAN_TRANSFORMER, **(_TINY_WAN if size != "full" else {}))
+    if variant == "i2v":
+        cfg.update(_WAN_I2V if size == "full" else _TINY_WAN_I2V)
+    elif variant != "t2v":
+        raise ValueError(f"unknown Wan variant {variant!r} (expected 't2v' or 'i2v')")
+    cfg.update(override)
+    return cfg
+
+
+def build_wan_transformer(size: str = "tiny", *, dtype=torch.float32, device="cpu", seed: Optional[int] = 0,
+                          variant: str = "t2v", **override):
+    """A WanTransformer3DModel with random weights (see wan_transformer_config)."""
+    from diffusers import WanTransformer3DModel
+
+    with _seeded(seed), torch.device(device):
+        return _cast(WanTransformer3DModel(**wan_transformer_config(size, variant, **override)), dtype)
+
+
 def build_t5_encoder(size: str = "tiny", *, dtype=torch.float32, device="cpu", seed: Optional[int] = 0):
     """Flux's ``text_encoder_2``: a T5EncoderModel (T5-XXL at ``"full"``, 2 small layers at ``"tiny"``)."""
     from transformers import T5Config, T5EncoderModel
@@ -183,6 +213,8 @@ def build_components(family: str, size: str = "tiny", *, dtype=torch.float32, de
     Flux, whose text_encoder_2 is a T5EncoderModel)."""
     seed2 = None if seed is None else seed + 1
     seed3 = None if seed is None else seed + 2
+    if family == "wan":  # the UMT5 text encoder is not built (no LoRA trainer targets it)
+        return {"transformer": build_wan_transformer(size, dtype=dtype, device=device, seed=seed)}
     if family == "sd3":
         out = {"transformer": build_sd3_transformer(size, dtype=dtype, device=device, seed=seed)}
     elif family == "flux":
@@ -207,6 +239,10 @@ def build_pipeline(family: str, size: str = "tiny", *, dtype=torch.float32, devi
     import diffusers
 
     comps = build_components(family, size, dtype=dtype, device=device, seed=seed)
+    if family == "wan":  # transformer only: no VAE, text encoder or tokenizer
+        return diffusers.WanPipeline(tokenizer=None, text_encoder=None, vae=None,
+                                     scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+                                     transformer=comps["transformer"])
     with _seeded(seed), torch.device(device):
         vae = _cast(diffusers.AutoencoderKL(
             block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),

@@ -15,12 +15,13 @@ from ..adapter import LoraAdapter, split_component
 from ..errors import LoraFormatError
 
 #: Display names.
-FAMILY_NAMES = {"flux": "Flux.1", "sd3": "SD3/SD3.5", "sdxl": "SDXL", "sd": "SD1.x/SD2"}
+FAMILY_NAMES = {"flux": "Flux.1", "sd3": "SD3/SD3.5", "wan": "Wan 2.x", "sdxl": "SDXL", "sd": "SD1.x/SD2"}
 
 #: (family, component, regex on the module path): a match means the adapter names a module only that family has.
 _MARKERS = (
     ("flux", "transformer", r"^single_transformer_blocks\.|^x_embedder$|^time_text_embed\.guidance_embedder\."),
     ("sd3", "transformer", r"^pos_embed\.|^transformer_blocks\.\d+\.attn2\."),
+    ("wan", "transformer", r"^blocks\.\d+\.(attn1|attn2|ffn)\.|^condition_embedder\."),
     ("sdxl", "unet", r"^add_embedding\.|^down_blocks\.[12]\.attentions\.\d+\.transformer_blocks\.[1-9]\."
                      r"|^up_blocks\.0\.attentions\.|^mid_block\.attentions\.0\.transformer_blocks\.[1-9]\."),
     ("sd", "unet", r"^down_blocks\.0\.attentions\.|^down_blocks\.3\.|^up_blocks\.3\.attentions\."),
@@ -31,13 +32,14 @@ _TARGET_CLASSES = {
     "FluxPipeline": "flux", "FluxTransformer2DModel": "flux", "FluxImg2ImgPipeline": "flux",
     "FluxInpaintPipeline": "flux", "FluxControlPipeline": "flux", "FluxKontextPipeline": "flux",
     "StableDiffusion3Pipeline": "sd3", "SD3Transformer2DModel": "sd3", "StableDiffusion3Img2ImgPipeline": "sd3",
+    "WanPipeline": "wan", "WanImageToVideoPipeline": "wan", "WanTransformer3DModel": "wan",
     "StableDiffusionXLPipeline": "sdxl", "StableDiffusionXLImg2ImgPipeline": "sdxl",
     "StableDiffusionPipeline": "sd", "StableDiffusionImg2ImgPipeline": "sd",
 }
 
 
 def adapter_family(adapter: LoraAdapter) -> Optional[str]:
-    """"flux", "sd3", "sdxl" or "sd" when the adapter's layout or modules say so, else None.
+    """"flux", "sd3", "wan", "sdxl" or "sd" when the adapter's layout or modules say so, else None.
 
     A reader that knows the family (Flux BFL/kohya/XLabs names) has set ``adapter.family``. Otherwise the
     module paths decide: the first family in _MARKERS one of whose markers matches a module wins; a UNet
@@ -53,7 +55,7 @@ def adapter_family(adapter: LoraAdapter) -> Optional[str]:
         for family, comp, pattern in _MARKERS:
             if comp == component and re.search(pattern, path):
                 found.add(family)
-    for family in ("flux", "sd3"):
+    for family in ("flux", "sd3", "wan"):
         if family in found:
             return family
     if "sdxl" in found and "sd" not in found:

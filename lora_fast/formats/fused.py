@@ -71,7 +71,7 @@ SUFFIXES = {
     "xlabs": {"down.weight": "down", "up.weight": "up"},
 }
 #: Layouts whose module names may carry ComfyUI's ``diffusion_model.`` prefix.
-_PREFIXED = ("bfl", "xlabs")
+_PREFIXED = ("bfl", "xlabs", "native")
 _PREFIX = "diffusion_model."
 
 
@@ -133,7 +133,7 @@ def register_family(fam: FusedFamily) -> FusedFamily:
 
 def families() -> tuple[FusedFamily, ...]:
     # importing the table modules registers them (flux first: its layouts were detected first historically)
-    from . import flux, sd3  # noqa: F401
+    from . import flux, sd3, wan  # noqa: F401
 
     return tuple(_FAMILIES)
 
