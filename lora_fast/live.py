@@ -43,6 +43,8 @@ fan_in_fan_out Conv1D, grouped convolutions) fall back to a dense per-forward de
 from __future__ import annotations
 
 import inspect
+import os
+import weakref
 from typing import Optional
 
 import torch
@@ -50,6 +52,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapter import LoraLayer
+from .kernels.shrink_expand import (AdapterGroups, RowMap, build_row_map, channels_first_lora, make_groups,
+                                    segmented_expand, segmented_shrink)
 from .targets import is_fan_in_fan_out
 
 #: keyword arguments through which diffusers models receive the per-call LoRA scale
@@ -429,6 +433,10 @@ class ModuleHook:
         self.dtype = None
         self.handle = None
         self.per_sample_cache = None  # lora_fast.per_sample: (key, plan)
+        self.plan_names: tuple = ()  # adapter names of ``plan``, in order
+        self.kernel_ok = False  # every slot of the plan is a plain factored LoRA the segmented kernels take
+        self.kernels = None  # eager kernel route: (key, AdapterGroups of the plan's slots)
+        self.last_rows = None  # eager kernel route: (key, RowMap) of the last call
 
     def attach(self, module: nn.Module) -> None:
         self.handle = module.register_forward_hook(self, with_kwargs=True)
@@ -456,6 +464,9 @@ class ModuleHook:
         """Rebuild the cached plan (eager calls, lazily after any state change)."""
         w = module.weight
         self.plan = self.build_plan(module)
+        name_of = {id(s): n for n, s in self.slots.items()}
+        self.plan_names = tuple(name_of[id(s)] for s in self.plan)
+        self.kernel_ok = bool(self.plan) and all(kernel_slot(s, module) for s in self.plan)
         self.device, self.dtype = w.device, w.dtype
         self.version = self.state.version
 
@@ -490,9 +501,67 @@ class ModuleHook:
         if lam == 0.0:
             return None
         x = args[0] if args else next(iter(kwargs.values()))
+        if self.kernel_ok and kernel_route_on(w.device):
+            done = self._kernel_forward(module, x, output, lam)
+            if done is not None:
+                return done
+        shared = _sharing(state)
         for slot in plan:
+            if shared is not None and slot.kind == "linear" and not slot.dense and slot.magnitude is None:
+                done = _shared_linear(shared, state, slot, x, output, lam)
+                if done is not None:
+                    output = done
+                    continue
             output = slot.apply(module, x, output, lam)
         return output
+
+    def _kernel_forward(self, module: nn.Module, x: torch.Tensor, out: torch.Tensor, lam: float):
+        """The eager forward through the segmented shrink/expand kernels (per_sample's machinery): the plan's slots
+        are the groups, and one per-sample entry holding every active adapter with its set_adapters weight covers
+        every row (a mixture of k adapters: k passes, as per_sample_adapters runs a mixed entry). None when this
+        call does not fit (autograd, dtypes, shapes): the caller then runs the slots one by one."""
+        if torch.is_grad_enabled() and (x.requires_grad or out.requires_grad):
+            return None
+        state = self.state
+        w = module.weight
+        key = (state.slot_epoch, state.swaps, w.device, w.dtype, self.plan_names)
+        cached = self.kernels
+        if cached is None or cached[0] != key:
+            cached = self.kernels = (key, slot_groups(list(self.plan)))
+        groups = cached[1]
+        if x.dtype != groups.dtype or out.dtype != groups.dtype:
+            return None
+        weights = state.weights
+        entry = (tuple((g, weights.get(n, 1.0)) for g, n in enumerate(self.plan_names)),)
+        conv = isinstance(module, nn.Conv2d)
+        if conv:
+            if x.dim() != 4 or out.dim() != 4:
+                return None
+            batch, rows_per_sample = x.shape[0], 1
+        else:
+            if x.shape[-1] != groups.in_features or out.shape[-1] != groups.out_features:
+                return None
+            batch, rows_per_sample = 1, x.numel() // groups.in_features  # one "sample": every row of the activation
+        rm_key = (None, entry, batch, rows_per_sample, x.device)  # names None: never a per-sample spec's key
+        last = self.last_rows
+        if last is not None and last[0] == rm_key:
+            rm = last[1]
+        else:
+            rm = cached_row_map(state.per_sample_rows, rm_key, lambda: build_row_map(entry, batch, rows_per_sample,
+                                                                                     x.device))
+            self.last_rows = (rm_key, rm)
+        if not rm.passes:  # every weight is 0: nothing to add
+            return out
+        if not out.is_contiguous():
+            out = out.contiguous()
+        if conv:
+            conv_terms(module, x, out, groups, rm, lam)
+            return out
+        x2 = x.reshape(-1, groups.in_features)
+        shrunk = shared_shrink(_sharing(state), state, self.plan, ("segmented", rm_key), x,
+                               lambda: segmented_shrink(x2, groups, rm))
+        segmented_expand(out.view(-1, groups.out_features), shrunk, groups, rm, lam)
+        return out
 
     def _traced(self, module: nn.Module, args, kwargs, output):
         """The forward dynamo traces: every slot of this module runs, each kept or dropped by its adapter's gate
@@ -531,6 +600,226 @@ class ModuleHook:
             term = slot.apply(module, x, output, lam, in_place=False)
             output = torch.where(gate, term, output)
         return output
+
+
+# --------------------------------------------------------------------------------------------- eager kernel route
+
+#: Whether eager forwards of plain factored LoRA slots go through the segmented shrink/expand kernels
+#: (lora_fast.kernels.shrink_expand, the per-sample machinery) instead of per-slot torch products.
+#: None: for CUDA tensors (where the kernels' default backend is Triton), and for any tensor while
+#: LORA_FAST_SEGMENTED_BACKEND names a backend; True / False: always / never. On the CPU the per-slot products
+#: are the faster route (benchmarks/RESULTS.md, "Live single adapter through the segmented kernels").
+KERNEL_ROUTE: Optional[bool] = None
+
+
+def kernel_route_on(device: torch.device) -> bool:
+    if KERNEL_ROUTE is not None:
+        return KERNEL_ROUTE
+    return device.type == "cuda" or bool(os.environ.get("LORA_FAST_SEGMENTED_BACKEND"))
+
+
+def kernel_slot(slot, module: nn.Module) -> bool:
+    """Slots the batched paths take: a plain factored LoRA on a linear layer (Conv1D included; the segmented
+    kernels) or on a convolution with one group (channels-first batched products)."""
+    if slot.dense or slot.magnitude is not None or slot.bias is not None:
+        return False
+    return slot.kind == "linear" or (slot.kind == "conv" and module.groups == 1)
+
+
+def pointwise(module: nn.Module) -> bool:
+    """A 1x1 convolution that is a per-pixel linear map (stride 1, no padding, one group)."""
+    return (isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1) and tuple(module.stride) == (1, 1)
+            and module.padding in ((0, 0), "valid") and module.groups == 1)
+
+
+def conv_terms(module: nn.Conv2d, x: torch.Tensor, out: torch.Tensor, groups: AdapterGroups, rm: RowMap,
+               lam: float) -> None:
+    """The row map's terms of a convolution's LoRA into ``out`` (contiguous, in place)."""
+    b = x.shape[0]
+    if pointwise(module):
+        channels_first_lora(x.reshape(b, x.shape[1], -1), out.view(b, out.shape[1], -1), groups, rm, lam)
+        return
+    xin, pad = _conv_input(module, x)  # non-zero padding modes pad explicitly, as the base conv does
+    geometry = {"kernel_size": tuple(module.kernel_size), "stride": module.stride, "padding": pad,
+                "dilation": module.dilation}
+    channels_first_lora(xin, out, groups, rm, lam, conv=geometry)
+
+
+def slot_groups(slots: list) -> Optional[AdapterGroups]:
+    """The kernel groups of kernel slots (None: an absent group), from 2-D views of their factors (a conv's
+    ``(R, C, kh, kw)`` down becomes ``(R, C·kh·kw)``); each group's scale is its slot's alpha/r (weights come from
+    the row map). None if every entry is None."""
+    if all(s is None for s in slots):
+        return None
+    return make_groups([None if s is None else s.down.reshape(s.down.shape[0], -1) for s in slots],
+                       [None if s is None else s.up.reshape(s.up.shape[0], -1) for s in slots],
+                       [0.0 if s is None else float(s.scale) for s in slots])
+
+
+ROW_MAPS_KEPT = 16  # row maps kept per component (per entries x batch shape x device), least recent dropped
+
+
+def cached_row_map(cache, key, build) -> RowMap:
+    """The row map under ``key`` in a component's LRU (``ComponentState.per_sample_rows``), built on a miss."""
+    rm = cache.get(key)
+    if rm is not None:
+        cache.move_to_end(key)
+        return rm
+    rm = cache[key] = build()
+    while len(cache) > ROW_MAPS_KEPT:
+        cache.popitem(last=False)
+    return rm
+
+
+# --------------------------------------------------------------------------------------------- shared down factors
+#
+# A LoRA on a fused projection (kohya Flux: qkv, single-block linear1) is split over the separate diffusers modules,
+# which then hold equal down matrices (the reader gives them one tensor; moving or casting per module makes copies)
+# and see the same input (to_q/to_k/to_v take the same hidden states). Their shrink A·x is the same product, so the
+# eager paths compute it once: the first module stores it in its component's cache under (which equal downs, which
+# input), its siblings take it from there and only expand. The input is recognised by identity (address, shape,
+# strides, dtype, device, version counter, and a live weak reference, so the address cannot have been reused), so
+# modules that get different inputs (Flux's add_q_proj & co take the encoder states) never share a product.
+# Traced (torch.compile) forwards keep computing per module.
+
+
+class SharedDowns:
+    """Which plain linear slots of a component hold equal down factors: a group id per slot that has a twin,
+    recomputed when slots change (load, delete, hotswap: the state's ``(slot_epoch, swaps)``)."""
+
+    __slots__ = ("key", "ids")
+
+    def __init__(self):
+        self.key = None
+        self.ids: dict = {}  # id(slot) -> (slot, group id); the slot is held so its id is not reused
+
+    def token(self, state, slots) -> Optional[tuple]:
+        """What identifies these slots' downs (in order; None entries stay None), or None if one has no twin."""
+        key = (state.slot_epoch, state.swaps)
+        if self.key != key:
+            self.ids = _equal_downs(state)
+            self.key = key
+        ids = self.ids
+        out = []
+        for s in slots:
+            if s is None:
+                out.append(None)
+                continue
+            hit = ids.get(id(s))
+            if hit is None:
+                return None
+            out.append(hit[1])
+        return (key, tuple(out)) if any(i is not None for i in out) else None
+
+
+def _equal_downs(state) -> dict:
+    """Group a component's plain linear slots by equal down factors (same memory, or equal values: fingerprinted,
+    then compared exactly). Once per slot change; O(factors)."""
+    buckets: dict = {}
+    for hook in state.hooks.values():
+        for slot in hook.slots.values():
+            if slot.dense or slot.kind != "linear" or slot.magnitude is not None or slot.bias is not None:
+                continue
+            d = slot.down
+            if d.device.type == "meta":
+                continue
+            buckets.setdefault((tuple(d.shape), d.dtype, d.device), []).append(slot)
+    ids: dict = {}
+    for (shape, _, device), members in buckets.items():
+        if len(members) < 2:
+            continue
+        same_memory: dict = {}
+        for s in members:
+            same_memory.setdefault((s.down.data_ptr(), s.down.stride()), []).append(s)
+        heads = [v[0] for v in same_memory.values()]
+        clusters = [[h] for h in heads]
+        if len(heads) > 1:
+            probe = torch.linspace(-1.0, 1.0, shape[-1], dtype=torch.float32, device=device)
+            prints = torch.stack([h.down.float() @ probe for h in heads]).cpu().tolist()
+            by_print: dict = {}
+            for h, fp in zip(heads, prints):
+                by_print.setdefault(tuple(fp), []).append(h)
+            clusters = []
+            for candidates in by_print.values():
+                local: list = []
+                for h in candidates:
+                    for c in local:
+                        if torch.equal(c[0].down, h.down):
+                            c.append(h)
+                            break
+                    else:
+                        local.append([h])
+                clusters.extend(local)
+        for c in clusters:
+            slots = [s for h in c for s in same_memory[(h.down.data_ptr(), h.down.stride())]]
+            if len(slots) > 1:
+                gid = len(ids)
+                for s in slots:
+                    ids[id(s)] = (s, gid)
+    return ids
+
+
+class ShrinkCache:
+    """The last few shrink products of one component's eager forward, keyed by (what was shrunk, the input)."""
+
+    __slots__ = ("entries",)
+    KEPT = 4
+
+    def __init__(self):
+        self.entries: list = []  # (key, input identity, weak reference to the input, product), most recent last
+
+    @staticmethod
+    def identity(x: torch.Tensor) -> tuple:
+        try:
+            version = x._version
+        except RuntimeError:  # inference tensors keep no version counter (and cannot be changed outside inference)
+            version = None
+        return (x.data_ptr(), x.shape, x.stride(), x.dtype, x.device, version)
+
+    def get(self, key, ident):
+        for k, i, ref, value in reversed(self.entries):
+            if k == key and i == ident and ref() is not None:
+                return value
+        return None
+
+    def put(self, key, ident, x: torch.Tensor, value) -> None:
+        self.entries.append((key, ident, weakref.ref(x), value))
+        if len(self.entries) > self.KEPT:
+            del self.entries[0]
+
+
+def _sharing(state):
+    """The component's shared-down bookkeeping (its CallScaleHooks), or None."""
+    return state.scale_hooks
+
+
+def shared_shrink(sharing, state, slots, what, x: torch.Tensor, compute):
+    """``compute()`` (a shrink of ``x`` by ``slots``' downs), taken from the component's cache when a module with
+    equal downs already shrank this same input in this forward. ``what`` names the product (route, row map)."""
+    token = None if sharing is None else sharing.shared.token(state, slots)
+    if token is None:
+        return compute()
+    key = (what, token)
+    ident = ShrinkCache.identity(x)
+    value = sharing.shrinks.get(key, ident)
+    if value is None:
+        value = compute()
+        sharing.shrinks.put(key, ident, x, value)
+    return value
+
+
+def _shared_linear(sharing, state, slot, x: torch.Tensor, out: torch.Tensor, lam: float):
+    """LiveSlot.apply's in-place linear branch (the same ops) with A·x shared between modules with equal downs;
+    None when it does not apply (then the slot runs as usual)."""
+    if x.dtype != slot.down.dtype or not slot._in_place(out) or sharing.shared.token(state, (slot,)) is None:
+        return None
+    h = shared_shrink(sharing, state, (slot,), ("linear",), x, lambda: F.linear(x, slot.down))
+    coef = slot.scale * slot.weight
+    if lam != 1.0:
+        coef = coef * lam
+    h = h * coef
+    out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), slot.up.t())
+    return out
 
 
 class AdapterGate:
@@ -615,6 +904,8 @@ class CallScaleHooks:
     def __init__(self, state, root: nn.Module):
         self.state = state
         self.positions = _scale_positions(root)
+        self.shared = SharedDowns()  # eager forwards: which slots hold equal down factors
+        self.shrinks = ShrinkCache()  # eager forwards: shrink products of this call, for modules with equal downs
         self.handles = [
             root.register_forward_pre_hook(self.pre, with_kwargs=True),
             root.register_forward_hook(self.post, with_kwargs=True, always_call=True),
@@ -641,6 +932,8 @@ class CallScaleHooks:
         state = self.state
         if state.scale_stack:
             state.call_scale = state.scale_stack.pop()
+        if not torch.compiler.is_compiling():
+            self.shrinks.entries.clear()  # the products of this call are of no use after it: free them
         return None
 
     def detach(self) -> None:

@@ -27,10 +27,9 @@ import torch
 from torch import nn
 
 from .engine import _label, _states
-from .live import _conv_input
 from .errors import LoraFormatError, LoraFusionError
-from .kernels.shrink_expand import (RowMap, build_row_map, channels_first_lora, lora_expand, lora_shrink,
-                                     make_groups, segmented_lora)
+from .kernels.shrink_expand import RowMap, build_row_map, lora_expand, lora_shrink, segmented_expand, segmented_shrink
+from .live import _sharing, cached_row_map, conv_terms, kernel_slot, shared_shrink, slot_groups
 from .targets import resolve_components
 
 
@@ -112,35 +111,6 @@ def deactivate(installed: list) -> None:
         state.per_sample_on = previous is not None
 
 
-def _pointwise(module: nn.Module) -> bool:
-    """A 1x1 convolution that is a per-pixel linear map (stride 1, no padding, one group)."""
-    return (isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1) and tuple(module.stride) == (1, 1)
-            and module.padding in ((0, 0), "valid") and module.groups == 1)
-
-
-def _fast(slot, module: nn.Module) -> bool:
-    """Slots the batched paths take: a plain factored LoRA on a linear layer (Conv1D included; the segmented
-    kernels) or on a convolution with one group (channels-first batched products)."""
-    if slot.dense or slot.magnitude is not None or slot.bias is not None:
-        return False
-    return slot.kind == "linear" or (slot.kind == "conv" and module.groups == 1)
-
-
-def _conv_terms(module: nn.Conv2d, x: torch.Tensor, out: torch.Tensor, groups, rm, lam: float) -> None:
-    """Per-sample terms of a convolution's LoRA into ``out`` (contiguous, in place)."""
-    b = x.shape[0]
-    if _pointwise(module):
-        channels_first_lora(x.reshape(b, x.shape[1], -1), out.view(b, out.shape[1], -1), groups, rm, lam)
-        return
-    xin, pad = _conv_input(module, x)  # non-zero padding modes pad explicitly, as the base conv does
-    geometry = {"kernel_size": tuple(module.kernel_size), "stride": module.stride, "padding": pad,
-                "dilation": module.dilation}
-    channels_first_lora(xin, out, groups, rm, lam, conv=geometry)
-
-
-ROW_MAPS_KEPT = 16  # row maps kept per component (one per entries x batch shape x device), least recent dropped
-
-
 class PerSampleSpec:
     """The per-sample entries of one component; row maps are cached on the component state (bounded), so a block
     that repeats earlier entries (every denoising step of a request, or the next request with the same mix) reuses
@@ -153,22 +123,15 @@ class PerSampleSpec:
         self.cache = state.per_sample_rows  # OrderedDict shared by the component's blocks
 
     def row_map(self, batch: int, rows_per_sample: int, device: torch.device, path: str) -> RowMap:
+        n = len(self.entries)
+        if batch % n:
+            raise LoraFormatError(
+                f"per_sample_adapters: {_label(self.component, path)} (component {self.component or 'module'}) "
+                f"runs a batch of {batch}, which is not a multiple of the {n} per-sample entries (a component "
+                "that sees one input for several images, e.g. a text encoder given one prompt, can be left on "
+                "set_adapters with components=[...])")
         key = (self.names, self.entries, batch, rows_per_sample, device)
-        rm = self.cache.get(key)
-        if rm is not None:
-            self.cache.move_to_end(key)
-        else:
-            n = len(self.entries)
-            if batch % n:
-                raise LoraFormatError(
-                    f"per_sample_adapters: {_label(self.component, path)} (component {self.component or 'module'}) "
-                    f"runs a batch of {batch}, which is not a multiple of the {n} per-sample entries (a component "
-                    "that sees one input for several images, e.g. a text encoder given one prompt, can be left on "
-                    "set_adapters with components=[...])")
-            rm = self.cache[key] = build_row_map(self.entries, batch, rows_per_sample, device)
-            while len(self.cache) > ROW_MAPS_KEPT:
-                self.cache.popitem(last=False)
-        return rm
+        return cached_row_map(self.cache, key, lambda: build_row_map(self.entries, batch, rows_per_sample, device))
 
     def _plan(self, hook, module: nn.Module):
         """(AdapterGroups of the kernel-path groups or None, {group: slot} of the rest), or None if no group
@@ -186,14 +149,10 @@ class PerSampleSpec:
             slots.append(slot if slot is not None and hook.ready(slot, module) else None)
         plan = None
         if any(s is not None for s in slots):
-            fast = [s if s is not None and _fast(s, module) else None for s in slots]
-            groups = None
-            if any(s is not None for s in fast):  # 2-D views of the factors: a conv's (R, C, kh, kw) -> (R, C·kh·kw)
-                groups = make_groups([None if s is None else s.down.reshape(s.down.shape[0], -1) for s in fast],
-                                     [None if s is None else s.up.reshape(s.up.shape[0], -1) for s in fast],
-                                     [0.0 if s is None else float(s.scale) for s in fast])
+            fast = [s if s is not None and kernel_slot(s, module) else None for s in slots]
+            groups = slot_groups(fast)
             generic = {g: s for g, s in enumerate(slots) if s is not None and fast[g] is None}
-            plan = (groups, generic, slots)
+            plan = (groups, generic, slots, fast)
         hook.per_sample_cache = (key, plan)
         return plan
 
@@ -207,7 +166,7 @@ class PerSampleSpec:
         plan = self._plan(hook, module)
         if plan is None:
             return None
-        groups, generic, slots = plan
+        groups, generic, slots, fast = plan
         x = args[0] if args else next(iter(kwargs.values()))
         batch = x.shape[0] if x.dim() >= 2 else 1  # a 1-D input is one unbatched sample
         no_grad = not (torch.is_grad_enabled() and (x.requires_grad or out.requires_grad))
@@ -217,7 +176,7 @@ class PerSampleSpec:
                 rm = self.row_map(batch, 1, x.device, hook.path)
                 if not out.is_contiguous():
                     out = out.contiguous()
-                _conv_terms(module, x, out, groups, rm, lam)
+                conv_terms(module, x, out, groups, rm, lam)
                 return out
             groups = None  # anything else on a conv: each adapter's own forward
         use_kernel = (groups is not None and x.dtype == out.dtype == groups.dtype and x.shape[-1] == groups.in_features
@@ -230,10 +189,15 @@ class PerSampleSpec:
             x2 = x.reshape(-1, groups.in_features)
             if not out.is_contiguous():
                 out = out.contiguous()
-            if not generic:  # every group on the kernel path: one call (the torch backend may batch the samples)
-                segmented_lora(x2, out.view(-1, groups.out_features), groups, rm, lam)
+            # modules with equal downs (a split fused projection) and the same input shrink once per forward
+            sharing = _sharing(state)
+            rm_key = (self.names, self.entries, batch, rows_per_sample, x.device)
+            if not generic:  # every group on the kernel path (the torch backend may batch the samples)
+                shrunk = shared_shrink(sharing, state, fast, ("segmented", rm_key), x,
+                                       lambda: segmented_shrink(x2, groups, rm))
+                segmented_expand(out.view(-1, groups.out_features), shrunk, groups, rm, lam)
                 return out
-            h = lora_shrink(x2, groups, rm)
+            h = shared_shrink(sharing, state, fast, ("rows", rm_key), x, lambda: lora_shrink(x2, groups, rm))
         for p, (first, end) in enumerate(rm.passes):
             if use_kernel:
                 lora_expand(out.view(-1, groups.out_features), h, groups, rm, lam, passes=[p])

@@ -286,11 +286,11 @@ def test_hotswap_inside_the_block_uses_the_new_weights():
 def test_later_blocks_reuse_the_per_layer_kernel_data(monkeypatch):
     """A server enters a block per request: the per-layer kernel tables are built once, and set_adapters /
     enable / disable between blocks (selection-only changes) do not throw them away; loading an adapter does."""
-    import lora_fast.per_sample as P
+    import lora_fast.live as L  # per_sample builds its tables with live.slot_groups
 
     built = []
-    real = P.make_groups
-    monkeypatch.setattr(P, "make_groups", lambda *a, **k: built.append(1) or real(*a, **k))
+    real = L.make_groups
+    monkeypatch.setattr(L, "make_groups", lambda *a, **k: built.append(1) or real(*a, **k))
     m = toy_with_adapters(modules=("q", "k"))
     args = toy_inputs(6)
     with lora_fast.per_sample_adapters(m, ["a", "b", "c"]):
