@@ -683,6 +683,10 @@ def cached_row_map(cache, key, build) -> RowMap:
 # Traced (torch.compile) forwards keep computing per module.
 
 
+#: Compute a shared shrink once per group and input (False: every module shrinks on its own; for comparisons).
+SHARE_DOWNS = True
+
+
 class SharedDowns:
     """Which plain linear slots of a component hold equal down factors: a group id per slot that has a twin,
     recomputed when slots change (load, delete, hotswap: the state's ``(slot_epoch, swaps)``)."""
@@ -796,7 +800,7 @@ def _sharing(state):
 def shared_shrink(sharing, state, slots, what, x: torch.Tensor, compute):
     """``compute()`` (a shrink of ``x`` by ``slots``' downs), taken from the component's cache when a module with
     equal downs already shrank this same input in this forward. ``what`` names the product (route, row map)."""
-    token = None if sharing is None else sharing.shared.token(state, slots)
+    token = None if sharing is None or not SHARE_DOWNS else sharing.shared.token(state, slots)
     if token is None:
         return compute()
     key = (what, token)
@@ -811,7 +815,8 @@ def shared_shrink(sharing, state, slots, what, x: torch.Tensor, compute):
 def _shared_linear(sharing, state, slot, x: torch.Tensor, out: torch.Tensor, lam: float):
     """LiveSlot.apply's in-place linear branch (the same ops) with A·x shared between modules with equal downs;
     None when it does not apply (then the slot runs as usual)."""
-    if x.dtype != slot.down.dtype or not slot._in_place(out) or sharing.shared.token(state, (slot,)) is None:
+    if (not SHARE_DOWNS or x.dtype != slot.down.dtype or not slot._in_place(out)
+            or sharing.shared.token(state, (slot,)) is None):
         return None
     h = shared_shrink(sharing, state, (slot,), ("linear",), x, lambda: F.linear(x, slot.down))
     coef = slot.scale * slot.weight
