@@ -394,3 +394,159 @@ def test_triton_kernels_drive_the_live_forward_under_the_interpreter():
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900,
                           env=dict(os.environ, TRITON_INTERPRET="1"))
     assert proc.returncode == 0 and "TRITON-OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------------------------- B: shared downs
+
+
+def flux_kohya(transformer, seed, rank=4, same_qkv_down=False, dtype=torch.float32):
+    """A kohya Flux file: img/txt qkv and img proj of double block 0, linear1 of single block 0."""
+    g = torch.Generator().manual_seed(seed)
+    inner = transformer.transformer_blocks[0].attn.to_q.in_features
+    mlp = transformer.single_transformer_blocks[0].proj_mlp.out_features
+    r = lambda *s: (torch.randn(*s, generator=g) * 0.2).to(dtype)  # noqa: E731
+    qkv_down = r(rank, inner)
+    sd = {}
+    for name, down, rows in (("double_blocks_0_img_attn_qkv", qkv_down, 3 * inner),
+                             ("double_blocks_0_txt_attn_qkv", qkv_down if same_qkv_down else r(rank, inner), 3 * inner),
+                             ("double_blocks_0_img_attn_proj", r(rank, inner), inner),
+                             ("single_blocks_0_linear1", r(rank, inner), 3 * inner + mlp)):
+        sd[f"lora_unet_{name}.lora_down.weight"] = down.clone()
+        sd[f"lora_unet_{name}.lora_up.weight"] = r(rows, rank)
+        sd[f"lora_unet_{name}.alpha"] = torch.tensor(float(rank) * 0.75)
+    return sd
+
+
+def flux_inputs(transformer, batch=2, seed=0):
+    cfg = transformer.config
+    g = torch.Generator().manual_seed(seed)
+    seq, txt = 6, 5
+    return dict(hidden_states=torch.randn(batch, seq, cfg.in_channels, generator=g),
+                encoder_hidden_states=torch.randn(batch, txt, cfg.joint_attention_dim, generator=g),
+                pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, generator=g),
+                timestep=torch.linspace(0.3, 0.7, batch), img_ids=torch.randn(seq, 3, generator=g),
+                txt_ids=torch.zeros(txt, 3), guidance=torch.full((batch,), 3.5), return_dict=False,
+                joint_attention_kwargs={"scale": 0.7})
+
+
+class ShrinkCounter:
+    """Counts the shrink products of adapted modules: F.linear by a slot's down (per-slot route), segmented_shrink
+    (live kernel route and per-sample)."""
+
+    def __init__(self, monkeypatch, model):
+        import lora_fast.per_sample as P
+
+        self.n = 0
+        self.model = model
+        real_linear = F.linear
+
+        def linear(x, w, *a, **k):
+            if w.data_ptr() in self.downs:
+                self.n += 1
+            return real_linear(x, w, *a, **k)
+
+        monkeypatch.setattr(F, "linear", linear)
+        for mod in (L, P):
+            real = mod.segmented_shrink
+            monkeypatch.setattr(mod, "segmented_shrink", lambda *a, _real=real, **k: self.bump(_real(*a, **k)))
+        self.refresh()
+
+    def bump(self, value):
+        self.n += 1
+        return value
+
+    def refresh(self):
+        state = lora_fast.engine.component_state(self.model)
+        self.downs = {s.down.data_ptr() for h in state.hooks.values() for s in h.slots.values()}
+
+    def run(self, fn):
+        self.refresh()
+        self.n = 0
+        out = fn()
+        return out, self.n
+
+
+def shared_and_unshared(counter, fn):
+    L.SHARE_DOWNS = False
+    try:
+        unshared, n_unshared = counter.run(fn)
+    finally:
+        L.SHARE_DOWNS = True
+    shared, n_shared = counter.run(fn)
+    return shared, n_shared, unshared, n_unshared
+
+
+@pytest.fixture(scope="module")
+def flux_base():
+    pytest.importorskip("diffusers")
+    from lora_fast.models import build_flux_transformer
+
+    return build_flux_transformer("tiny", seed=0)
+
+
+@pytest.mark.parametrize("route", ["per-slot", "kernels"])
+@pytest.mark.parametrize("factors", ["same tensor", "cast copies"])
+@torch.no_grad()
+def test_flux_split_projections_shrink_once_per_group_live(flux_base, route, factors, monkeypatch):
+    import copy
+
+    t = copy.deepcopy(flux_base)
+    # fp16 factors in an fp32 model: every module casts its own copy, so the equal downs are found by value
+    sd = flux_kohya(t, 1, dtype=torch.float16 if factors == "cast copies" else torch.float32)
+    lora_fast.load_lora_weights(t, sd, "a")
+    state = lora_fast.engine.component_state(t)
+    attn = t.transformer_blocks[0].attn
+    q, k = state.hooks[id(attn.to_q)].slots["a"], state.hooks[id(attn.to_k)].slots["a"]
+    assert (q.down.data_ptr() == k.down.data_ptr()) == (factors == "same tensor")
+    counter = ShrinkCounter(monkeypatch, t)
+    kwargs = flux_inputs(t)
+    if route == "kernels":
+        monkeypatch.setenv("LORA_FAST_SEGMENTED_BACKEND", "torch")
+    with Route(route == "kernels"):
+        shared, n_shared, unshared, n_unshared = shared_and_unshared(counter, lambda: t(**kwargs)[0])
+    # img qkv (to_q/k/v), txt qkv (add_q/k/v), img proj (to_out.0), linear1 (to_q/k/v + proj_mlp)
+    assert (n_unshared, n_shared) == (3 + 3 + 1 + 4, 1 + 1 + 1 + 1)
+    assert torch.equal(shared, unshared)
+    lora_fast.disable_lora(t)
+    base = t(**kwargs)[0]
+    assert rel_max(shared, base) > 1e-3
+
+
+@torch.no_grad()
+def test_flux_equal_downs_on_different_inputs_are_not_shared(flux_base, monkeypatch):
+    """img and txt qkv with one down matrix: to_q/k/v see the image tokens, add_q/k/v the text tokens, so the
+    six modules form two products, not one."""
+    import copy
+
+    t = copy.deepcopy(flux_base)
+    lora_fast.load_lora_weights(t, flux_kohya(t, 2, same_qkv_down=True), "a")
+    counter = ShrinkCounter(monkeypatch, t)
+    kwargs = flux_inputs(t)
+    shared, n_shared, unshared, n_unshared = shared_and_unshared(counter, lambda: t(**kwargs)[0])
+    assert (n_unshared, n_shared) == (11, 4)
+    assert torch.equal(shared, unshared)
+
+
+@torch.no_grad()
+def test_flux_split_projections_shrink_once_per_group_per_sample(flux_base, monkeypatch):
+    import copy
+
+    t = copy.deepcopy(flux_base)
+    lora_fast.load_lora_weights(t, flux_kohya(t, 1), "a")
+    lora_fast.load_lora_weights(t, flux_kohya(t, 2), "b")
+    counter = ShrinkCounter(monkeypatch, t)
+    kwargs = flux_inputs(t, batch=4)
+
+    def run():
+        with lora_fast.per_sample_adapters(t, ["a", {"a": 0.5, "b": -1.0}]):
+            return t(**kwargs)[0]
+
+    shared, n_shared, unshared, n_unshared = shared_and_unshared(counter, run)
+    assert (n_unshared, n_shared) == (11, 4)
+    assert torch.equal(shared, unshared)
+    # and it is what each sample gets alone
+    for j, entry in enumerate([["a"], ["a", "b"]]):
+        lora_fast.set_adapters(t, entry, [1.0] if len(entry) == 1 else [0.5, -1.0])
+        one = {k: (v[j::2] if torch.is_tensor(v) and v.shape[:1] == (4,) else v) for k, v in kwargs.items()}
+        alone = t(**one)[0]
+        assert rel_max(shared[j::2], alone) <= 1e-5, j
