@@ -269,6 +269,62 @@ void delta_scalar(const Job& jb, int64_t r, int mr, int64_t c0, int64_t nb, floa
     }
 }
 
+// A term's v element in fp32 (exact).
+inline float term_v(const Term& t, int64_t idx) {
+    if (t.vdt == DT_F32) return static_cast<const float*>(t.v)[idx];
+    const uint32_t raw = static_cast<const uint16_t*>(t.v)[idx];
+    return t.vdt == DT_F16 ? f16_to_f32(raw) : u2f(raw << 16);
+}
+
+// The job's terms (Term, merge_cpu.hpp) added to the LoRA delta of rows [r, r + mr), columns [c0, c0 + nb), held at
+// out (row stride ldo). Plain loops over the columns, inlined into each ISA's tile function, which the compiler
+// vectorizes for that ISA; every operation is a single IEEE fma or multiply, so the bits are the same on every path.
+// tp, tq: scratch rows of nb floats.
+__attribute__((always_inline)) inline void apply_terms(const Job& jb, int64_t r, int mr, int64_t c0, int64_t nb,
+                                                       float* out, int64_t ldo, float* __restrict tp,
+                                                       float* __restrict tq) {
+    for (int64_t n = 0; n < jb.nterms; ++n) {
+        const Term& t = jb.terms[n];
+        const float s = t.scale;
+        for (int i = 0; i < mr; ++i) {
+            const int64_t row = r + i;
+            float* __restrict o = out + i * ldo;
+            if (t.kind == TERM_HADA) {
+                for (int64_t j = 0; j < nb; ++j) tp[j] = 0.0f;
+                for (int64_t j = 0; j < nb; ++j) tq[j] = 0.0f;
+                for (int64_t k = 0; k < t.ru; ++k) {
+                    const float a = t.ua[row * t.ru + k];
+                    const float* __restrict b = t.ub + k * jb.cols + c0;
+                    for (int64_t j = 0; j < nb; ++j) tp[j] = std::fma(a, b[j], tp[j]);
+                }
+                for (int64_t k = 0; k < t.rv; ++k) {
+                    const float a = t.va[row * t.rv + k];
+                    const float* __restrict b = t.vb + k * jb.cols + c0;
+                    for (int64_t j = 0; j < nb; ++j) tq[j] = std::fma(a, b[j], tq[j]);
+                }
+                for (int64_t j = 0; j < nb; ++j) o[j] = std::fma(tp[j] * s, tq[j], o[j]);
+            } else {  // TERM_KRON: column j = q * vn + c pairs u[iu][q] with v[iv][c]
+                const int64_t iu = row / t.vm, iv = row % t.vm;
+                const float* urow = t.u + iu * t.un;
+                int64_t j = 0;
+                while (j < nb) {
+                    const int64_t col = c0 + j, q = col / t.vn, c = col % t.vn;
+                    const int64_t len = std::min(nb - j, t.vn - c);
+                    const float us = urow[q] * s;
+                    float* __restrict oj = o + j;
+                    if (t.vdt == DT_F32) {
+                        const float* __restrict vr = static_cast<const float*>(t.v) + iv * t.vn + c;
+                        for (int64_t e = 0; e < len; ++e) oj[e] = std::fma(us, vr[e], oj[e]);
+                    } else {
+                        for (int64_t e = 0; e < len; ++e) oj[e] = std::fma(us, term_v(t, iv * t.vn + c + e), oj[e]);
+                    }
+                    j += len;
+                }
+            }
+        }
+    }
+}
+
 #if LF_X86
 // ---------------------------------------------------------------- vector ISAs
 #define LF_T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx2,bmi,bmi2,popcnt")))
@@ -498,6 +554,11 @@ __attribute__((always_inline)) inline void micro_kernel(const float* ap, const f
 // Per-thread scratch, reused across tiles.
 struct Scratch {
     std::vector<float> bp, ap, dbuf;
+    std::vector<float> tp, tq;  // apply_terms' rows
+    void term_rows(int64_t nb) {
+        if (tp.size() < static_cast<size_t>(nb)) tp.resize(static_cast<size_t>(nb));
+        if (tq.size() < static_cast<size_t>(nb)) tq.resize(static_cast<size_t>(nb));
+    }
     std::vector<uint32_t> wtmp;  // strided rows are staged here (raw bits, contiguous)
     std::vector<int32_t> rcol;   // one row's records before they get flat indices
     std::vector<uint32_t> rorig;
@@ -586,12 +647,14 @@ __attribute__((always_inline)) inline void run_tile_vec(const Job& jb, const Til
     }
     const bool contiguous = jb.sc == 1;
     if (!contiguous) s.wtmp.resize(static_cast<size_t>(nb));
+    if (jb.nterms) s.term_rows(nb);
     for (int64_t r = t.r0; r < t.r1; r += MR) {
         const int mr = static_cast<int>(std::min<int64_t>(MR, t.r1 - r));
         for (int64_t k = 0; k < R; ++k)
             for (int i = 0; i < MR; ++i) s.ap[k * MR + i] = i < mr ? jb.up[(r + i) * R + k] : 0.0f;
         for (int64_t p = 0; p < npanel; ++p)
             micro_kernel<V>(s.ap.data(), s.bp.data() + p * R * NR, R, s.dbuf.data() + p * NR, ldo);
+        if (jb.nterms) apply_terms(jb, r, mr, t.c0, nb, s.dbuf.data(), ldo, s.tp.data(), s.tq.data());
         for (int i = 0; i < mr; ++i) {
             const int64_t row = r + i;
             char* wrow = jb.w + (row * jb.sr + t.c0 * jb.sc) * es;
@@ -636,6 +699,10 @@ void run_tile_scalar(const Job& jb, const Tile& t, const Options& o, Scratch& s,
     for (int64_t r = t.r0; r < t.r1; r += MR) {
         const int mr = static_cast<int>(std::min<int64_t>(MR, t.r1 - r));
         delta_scalar(jb, r, mr, t.c0, nb, s.dbuf.data(), nb);
+        if (jb.nterms) {
+            s.term_rows(nb);
+            apply_terms(jb, r, mr, t.c0, nb, s.dbuf.data(), nb, s.tp.data(), s.tq.data());
+        }
         for (int i = 0; i < mr; ++i) {
             const int64_t row = r + i;
             char* wrow = jb.w + (row * jb.sr + t.c0 * jb.sc) * es;
@@ -745,7 +812,9 @@ struct TileShape {
 // per-row-group delta buffer (MR x nb) in L1.
 TileShape tile_shape(int isa, const Job& jb) {
     int64_t nr = isa == ISA_AVX512 ? 64 : isa == ISA_AVX2 ? 16 : 16;
-    int64_t nb = std::max<int64_t>(nr, (262144 / 4 / std::max<int64_t>(jb.R, 1)) / nr * nr);  // <= 256 KiB of down
+    int64_t rk = jb.R;  // LoHa terms' factor rows are read per tile like down's
+    for (int64_t n = 0; n < jb.nterms; ++n) rk += jb.terms[n].ru + jb.terms[n].rv;
+    int64_t nb = std::max<int64_t>(nr, (262144 / 4 / std::max<int64_t>(rk, 1)) / nr * nr);  // <= 256 KiB of down
     nb = std::min<int64_t>(nb, 1024);
     if (jb.cols <= nb) nb = jb.cols;
     int64_t mb = 48;

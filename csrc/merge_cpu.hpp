@@ -25,6 +25,31 @@ struct PhaseTimer {
     }
 };
 enum : int { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2, ISA_AVX512 = 3 };
+enum : int { TERM_HADA = 1, TERM_KRON = 2 };
+
+// A delta term that is not one low-rank product (LyCORIS LoHa, LoKr, full diff). After the job's LoRA chain
+// (over k = 0..R-1, from +0) each term adds, element by element, in order:
+//   acc = fma(rn32(u[i][j] * scale), v[i][j], acc)
+// TERM_HADA (LoHa): u = ua (rows, ru) . ub (ru, cols) and v = va (rows, rv) . vb (rv, cols), each one fp32 FMA chain
+//   over its rank from +0 (the same chain as the LoRA delta); fp32 row-major contiguous.
+// TERM_KRON (LoKr, full diff): u (um, un) fp32 row-major, v (vm, vn) row-major in dtype vdt (DT_*), whole matrices;
+//   rows = um * vm, cols = un * vn, and element (i, j) pairs u[i / vm][j / vn] with v[i % vm][j % vn]. A full diff
+//   is um = un = 1, u = {1}.
+struct Term {
+    int kind = TERM_HADA;
+    float scale = 1.0f;
+    const float* ua = nullptr;
+    const float* ub = nullptr;
+    int64_t ru = 0;
+    const float* va = nullptr;
+    const float* vb = nullptr;
+    int64_t rv = 0;
+    const float* u = nullptr;
+    int64_t um = 0, un = 0;
+    const void* v = nullptr;
+    int vdt = DT_F32;
+    int64_t vm = 0, vn = 0;
+};
 
 struct Job {
     char* w = nullptr;          // weight base address
@@ -33,7 +58,9 @@ struct Job {
     int dtype = DT_F32;
     const float* up = nullptr;    // (rows, R) row-major
     const float* down = nullptr;  // (R, cols) row-major
-    int64_t R = 0;
+    int64_t R = 0;               // 0: no LoRA part (up/down unused), the delta is the terms' alone
+    const Term* terms = nullptr;  // nterms Terms added after the LoRA chain, in order
+    int64_t nterms = 0;
     int64_t nseg = 1;  // column segments per row (see kSegCols)
     // unfuse only: the caller's records (layout of JobRecords), scattered back during the pass
     const void* rest_off = nullptr;  // int32, or int64 when rest_off64
@@ -92,7 +119,7 @@ struct MergeResult {
     }
 };
 
-// Merges every job: W <- rn(W ± up·down) (Options), with records when o.record. restore_noff[j] is the number of
+// Merges every job: W <- rn(W ± delta), delta = up·down then the job's terms (Options), with records when o.record. restore_noff[j] is the number of
 // offsets in job j's restore records (rest_*; unused when rest_n == 0): every job's records are checked to fit its
 // weight before anything is written (std::invalid_argument otherwise). isa: ISA_AUTO or a cap.
 MergeResult run(const std::vector<Job>& jobs, const std::vector<int64_t>& restore_noff, const Options& o,

@@ -23,16 +23,56 @@ py::array view_array(void* data, size_t n, const py::capsule& owner) {
                           owner);
 }
 
-// jobs: sequence of (w_addr, rows, cols, stride_r, stride_c, dtype, up_addr, down_addr, R).
+// A Term from (kind, scale, ua, ub, ru, va, vb, rv, u, um, un, v, vdt, vm, vn) (addresses as ints), checked
+// against its job's shape.
+Term term_from(py::handle h, const Job& jb) {
+    auto t = h.cast<py::tuple>();
+    if (t.size() != 15) throw std::invalid_argument("merge_cpu: each term is a 15-tuple");
+    auto ptr = [&](size_t i) { return reinterpret_cast<const float*>(t[i].cast<uintptr_t>()); };
+    Term tm;
+    tm.kind = t[0].cast<int>();
+    tm.scale = static_cast<float>(t[1].cast<double>());
+    tm.ua = ptr(2);
+    tm.ub = ptr(3);
+    tm.ru = t[4].cast<int64_t>();
+    tm.va = ptr(5);
+    tm.vb = ptr(6);
+    tm.rv = t[7].cast<int64_t>();
+    tm.u = ptr(8);
+    tm.um = t[9].cast<int64_t>();
+    tm.un = t[10].cast<int64_t>();
+    tm.v = reinterpret_cast<const void*>(t[11].cast<uintptr_t>());
+    tm.vdt = t[12].cast<int>();
+    tm.vm = t[13].cast<int64_t>();
+    tm.vn = t[14].cast<int64_t>();
+    const bool empty = jb.rows * jb.cols == 0;
+    if (tm.kind == TERM_HADA) {
+        if (tm.ru < 1 || tm.rv < 1) throw std::invalid_argument("merge_cpu: a Hadamard term needs ranks >= 1");
+        if (!empty && (!tm.ua || !tm.ub || !tm.va || !tm.vb)) throw std::invalid_argument("merge_cpu: null pointer");
+    } else if (tm.kind == TERM_KRON) {
+        if (tm.um < 1 || tm.un < 1 || tm.vm < 1 || tm.vn < 1 || tm.um * tm.vm != jb.rows || tm.un * tm.vn != jb.cols)
+            throw std::invalid_argument("merge_cpu: Kronecker term shapes do not multiply to the weight's");
+        if (tm.vdt < DT_F32 || tm.vdt > DT_BF16) throw std::invalid_argument("merge_cpu: unknown dtype code");
+        if (!empty && (!tm.u || !tm.v)) throw std::invalid_argument("merge_cpu: null pointer");
+    } else {
+        throw std::invalid_argument("merge_cpu: unknown term kind");
+    }
+    return tm;
+}
+
+// jobs: sequence of (w_addr, rows, cols, stride_r, stride_c, dtype, up_addr, down_addr, R[, terms]); terms: a
+// sequence of term tuples (term_from); with terms, R may be 0 (no LoRA part).
 // restore (unfuse only): None or a sequence parallel to jobs of None or
 // (off_addr, off_is_int64, off_len, col_addr, val_addr, n), the layout of JobRecords.
 py::list merge_cpu_py(py::sequence job_specs, bool negate, bool record, bool check_finite, int num_threads, int isa,
                       py::object restore) {
     std::vector<Job> jobs;
     jobs.reserve(py::len(job_specs));
+    std::vector<std::vector<Term>> terms;  // per job; jobs point into these (sized up front: no reallocation)
+    terms.reserve(py::len(job_specs));
     for (py::handle h : job_specs) {
         auto t = h.cast<py::tuple>();
-        if (t.size() != 9) throw std::invalid_argument("merge_cpu: each job is a 9-tuple");
+        if (t.size() != 9 && t.size() != 10) throw std::invalid_argument("merge_cpu: each job is a 9- or 10-tuple");
         Job jb;
         jb.w = reinterpret_cast<char*>(t[0].cast<uintptr_t>());
         jb.rows = t[1].cast<int64_t>();
@@ -44,8 +84,14 @@ py::list merge_cpu_py(py::sequence job_specs, bool negate, bool record, bool che
         jb.down = reinterpret_cast<const float*>(t[7].cast<uintptr_t>());
         jb.R = t[8].cast<int64_t>();
         if (jb.dtype < DT_F32 || jb.dtype > DT_BF16) throw std::invalid_argument("merge_cpu: unknown dtype code");
-        if (jb.rows < 0 || jb.cols < 0 || jb.R < 1) throw std::invalid_argument("merge_cpu: bad shape or rank");
-        if (jb.rows * jb.cols > 0 && (!jb.w || !jb.up || !jb.down)) throw std::invalid_argument("merge_cpu: null pointer");
+        terms.emplace_back();
+        if (t.size() == 10 && !t[9].is_none())
+            for (py::handle th : t[9].cast<py::sequence>()) terms.back().push_back(term_from(th, jb));
+        jb.terms = terms.back().data();
+        jb.nterms = static_cast<int64_t>(terms.back().size());
+        if (jb.rows < 0 || jb.cols < 0 || jb.R < (jb.nterms ? 0 : 1)) throw std::invalid_argument("merge_cpu: bad shape or rank");
+        if (jb.rows * jb.cols > 0 && (!jb.w || (jb.R > 0 && (!jb.up || !jb.down))))
+            throw std::invalid_argument("merge_cpu: null pointer");
         jb.nseg = std::max<int64_t>(1, (jb.cols + kSegCols - 1) / kSegCols);
         jobs.push_back(jb);
     }

@@ -24,6 +24,28 @@ COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_enc
 
 KINDS = ("linear", "conv", "embedding")
 
+#: Delta algorithms: LoRA/LoCon (one low-rank product) and the LyCORIS LoHa, LoKr and full diff.
+ALGORITHMS = ("lora", "loha", "lokr", "full")
+
+#: The tensors each LyCORIS algorithm may carry in ``LoraLayer.lycoris``, by their file suffix (``.weight`` dropped).
+LYCORIS_TENSORS = {
+    "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
+    "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
+    "full": ("diff",),
+}
+
+
+def _fold64(t: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``einsum("i j ..., i p, j r -> p r ...", t, a, b)`` (a LyCORIS Tucker rebuild) in float64, rounded once to
+    float32: the product ``Σ_i a[i, p] (Σ_j t[i, j, ...] b[j, r])`` a Tucker layer's factor stands for."""
+    return torch.einsum("ij...,ip,jr->pr...", t.double(), a.double(), b.double()).float()
+
+
+def _tucker_right(t: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The right factor (r, in·kh·kw) of a LoHa Tucker half: ``Σ_j t[i, j, y, x] · b[j, c]`` in float64, rounded
+    once to float32; with the left factor ``aᵀ`` it gives the half's (out, in·kh·kw) matrix as one rank-r chain."""
+    r = int(t.shape[0])
+    return torch.einsum("ij...,jc->ic...", t.double(), b.double()).reshape(r, -1).float()
 
 def split_component(key: str) -> tuple[Optional[str], str]:
     """``"unet.a.b"`` -> ``("unet", "a.b")``; a key without a known component prefix -> ``(None, key)``."""
@@ -46,11 +68,16 @@ class LoraLayer:
     fan_in_fan_out: the target weight is stored (in, out) (GPT-2 Conv1D); delta() is transposed.
     bias: ``lora_B.bias`` when the adapter trains one (added to the module bias on fuse).
     mid: Tucker/CP core (r, r, kh, kw) of a LoCon layer (``lora_mid.weight``), else None.
+    algorithm: ``"lora"`` (down/up above), or a LyCORIS algorithm whose tensors are in ``lycoris``, keyed by their
+      file suffix (``LYCORIS_TENSORS``), in the file's dtype and shape, with ``shape`` the target weight's shape:
+      ``"loha"`` ΔW = s·(w1_a w1_b) ⊙ (w2_a w2_b) (Tucker: each half ``einsum("i j ..., j r, i p -> p r ...", t,
+      w_b, w_a)``), ``"lokr"`` ΔW = s·kron(W1, W2), each of W1, W2 stored whole or as a low-rank product (W2 also
+      Tucker), ``"full"`` ΔW = diff (``bias`` holds ``diff_b``). down/up are None for them.
     """
 
-    down: torch.Tensor
-    up: torch.Tensor
-    alpha: float
+    down: Optional[torch.Tensor] = None
+    up: Optional[torch.Tensor] = None
+    alpha: Optional[float] = None
     kind: str = "linear"
     use_rslora: bool = False
     magnitude: Optional[torch.Tensor] = None
@@ -58,27 +85,62 @@ class LoraLayer:
     fan_in_fan_out: bool = False
     bias: Optional[torch.Tensor] = None
     mid: Optional[torch.Tensor] = None
+    algorithm: str = "lora"
+    lycoris: dict = field(default_factory=dict)
+    shape: Optional[tuple] = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise LoraFormatError(f"unknown LoRA layer kind {self.kind!r} (expected one of {KINDS})")
+        if self.algorithm not in ALGORITHMS:
+            raise LoraFormatError(f"unknown delta algorithm {self.algorithm!r} (expected one of {ALGORITHMS})")
+        if self.algorithm == "lora":
+            if self.down is None or self.up is None or self.alpha is None:
+                raise LoraFormatError("a LoRA layer needs down, up and alpha")
+        else:
+            unknown = sorted(set(self.lycoris) - set(LYCORIS_TENSORS[self.algorithm]))
+            if unknown or self.shape is None or self.kind == "embedding" or self.fan_in_fan_out or self.use_rslora:
+                raise LoraFormatError(f"a {self.algorithm} layer needs its LyCORIS tensors, the target shape and a "
+                                      f"linear or conv kind (unknown tensors: {unknown})")
+            self.shape = tuple(int(d) for d in self.shape)
+            if self.alpha is None:
+                self.alpha = float(self.rank)
         self.alpha = float(self.alpha)
         if self.magnitude is not None and self.magnitude_axis is None:
             self.magnitude_axis = "out"
 
     @property
     def rank(self) -> int:
-        return int(self.down.shape[0])
+        """LoRA: rows of down. LoHa: rows of hada_w1_b. LoKr: rank of the decomposed half (W2's when both are), 1
+        when both halves are stored whole (LyCORIS' ``lora_dim`` there). Full: 0 (no rank)."""
+        if self.algorithm == "lora":
+            return int(self.down.shape[0])
+        t = self.lycoris
+        if self.algorithm == "loha":
+            return int(t["hada_w1_b"].shape[0])
+        if self.algorithm == "lokr":
+            if "lokr_w2_b" in t:
+                return int(t["lokr_w2_b"].shape[0])
+            if "lokr_w1_b" in t:
+                return int(t["lokr_w1_b"].shape[0])
+            return 1
+        return 0
 
     @property
     def scale(self) -> float:
-        """alpha / r, or alpha / sqrt(r) for rsLoRA."""
+        """alpha / r, or alpha / sqrt(r) for rsLoRA. LyCORIS (its forward pass, ComfyUI and Forge): LoHa alpha / r;
+        LoKr alpha / r, but 1 when W1 and W2 are both stored whole; full 1."""
+        if self.algorithm == "full" or (self.algorithm == "lokr" and "lokr_w1" in self.lycoris
+                                        and "lokr_w2" in self.lycoris):
+            return 1.0
         r = self.rank
         return self.alpha / math.sqrt(r) if self.use_rslora else self.alpha / r
 
     @property
     def in_features(self) -> int:
         """Flattened input size of the target weight (in·kh·kw for a conv)."""
+        if self.algorithm != "lora":
+            return math.prod(self.shape[1:])
         if self.kind == "embedding":
             return int(self.down.shape[1])
         if self.mid is not None:
@@ -87,11 +149,15 @@ class LoraLayer:
 
     @property
     def out_features(self) -> int:
+        if self.algorithm != "lora":
+            return self.shape[0]
         return int(self.up.shape[0])
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
         """Shape of the target module's weight as this layer implies it."""
+        if self.algorithm != "lora":
+            return self.shape
         if self.kind == "embedding":
             return (int(self.down.shape[1]), int(self.up.shape[0]))
         if self.kind == "conv":
@@ -108,8 +174,11 @@ class LoraLayer:
         """(B, A) as float32 matrices with ΔW_flat = scale · B @ A, shape (out, in_flat).
 
         For an embedding ΔW = scale · (B A)ᵀ, so this returns (Aᵀ, Bᵀ); for fan_in_fan_out the
-        caller transposes. A Tucker core is folded into A.
+        caller transposes. A Tucker core is folded into A. LoHa/LoKr/full layers have no single product: see
+        ``kernel_parts()``.
         """
+        if self.algorithm != "lora":
+            raise ValueError(f"a {self.algorithm} layer is not one low-rank product (use delta() or kernel_parts())")
         up = self.up.reshape(self.up.shape[0], -1).float()
         if self.kind == "embedding":
             return self.down.float().t(), up.t()
@@ -135,8 +204,73 @@ class LoraLayer:
             return False
         return (shape[0], math.prod(shape[1:])) == (self.out_features, self.in_features)
 
+    def halves(self) -> tuple:
+        """LoHa: the two (out, in_flat) halves as (left, right) float32 pairs, Tucker cores folded into the right
+        factor (``_tucker_right``). LoKr: (W1 (a, b), W2 (c, d·kh·kw)) as whole float32 matrices, a low-rank or
+        Tucker half rebuilt in float64 and rounded once. Full: the diff as (out, in_flat) in its own dtype.
+        The LoKr rebuild is cached on the layer (its size is about the square root of the weight's)."""
+        t = self.lycoris
+        if self.algorithm == "loha":
+            out = []
+            for n in "12":
+                a, b = t[f"hada_w{n}_a"], t[f"hada_w{n}_b"]
+                core = t.get(f"hada_t{n}")
+                if core is not None:  # w_a (r, out), w_b (r, in), core (r, r, kh, kw)
+                    out.append((a.float().t(), _tucker_right(core, b)))
+                else:
+                    out.append((a.reshape(a.shape[0], -1).float(), b.reshape(b.shape[0], -1).float()))
+            return tuple(out)
+        if self.algorithm == "lokr":
+            cached = self.__dict__.get("_kron_halves")
+            if cached is not None:
+                return cached
+            if "lokr_w1" in t:
+                w1 = t["lokr_w1"].float()
+            else:
+                w1 = (t["lokr_w1_a"].double() @ t["lokr_w1_b"].double()).float()
+            if "lokr_w2" in t:
+                w2 = t["lokr_w2"].reshape(t["lokr_w2"].shape[0], -1).float()
+            elif "lokr_t2" in t:  # lokr_w2_a (r, c), lokr_w2_b (r, d)
+                w2 = _fold64(t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"])
+                w2 = w2.reshape(w2.shape[0], -1)
+            else:
+                b = t["lokr_w2_b"]
+                w2 = (t["lokr_w2_a"].double() @ b.reshape(b.shape[0], -1).double()).float()
+            halves = (w1.contiguous(), w2.contiguous())
+            self.__dict__["_kron_halves"] = halves
+            return halves
+        if self.algorithm == "full":
+            d = t["diff"]
+            return (d.reshape(d.shape[0], -1),)
+        raise ValueError("a LoRA layer has factors(), not halves()")
+
+    def kernel_parts(self) -> tuple:
+        """What the merge kernels take for a LyCORIS layer, scale not applied: ``("hada", u, ub, v, vb)`` (LoHa: the
+        two halves' factors), ``("kron", W1, W2)`` (LoKr) or ``("kron", [[1]], diff)`` (full), 2-D, shaped against
+        the (out, in_flat) weight matrix."""
+        h = self.halves()
+        if self.algorithm == "loha":
+            (u, ub), (v, vb) = h
+            return ("hada", u, ub, v, vb)
+        if self.algorithm == "lokr":
+            return ("kron", h[0], h[1])
+        d = h[0]
+        return ("kron", torch.ones((1, 1), dtype=torch.float32, device=d.device), d)
+
     def delta(self) -> torch.Tensor:
-        """scale · B·A in float32, shaped like the target weight (DoRA: the low-rank part only)."""
+        """scale · ΔW in float32, shaped like the target weight (DoRA: the additive part only). LoRA: B·A;
+        LoHa: (w1_a w1_b) ⊙ (w2_a w2_b); LoKr: kron(W1, W2); full: diff."""
+        if self.algorithm != "lora":
+            if self.algorithm == "loha":
+                (u, ub), (v, vb) = self.halves()
+                d = (u @ ub) * (v @ vb)
+            elif self.algorithm == "lokr":
+                w1, w2 = self.halves()
+                d = torch.kron(w1, w2)
+            else:
+                d = self.halves()[0].float()
+            s = self.scale
+            return (d * s if s != 1.0 else d).reshape(self.shape).contiguous()
         b, a = self.factors()
         d = (b @ a) * self.scale
         if self.fan_in_fan_out and self.kind == "linear":
@@ -154,8 +288,19 @@ class LoraLayer:
         return LoraLayer(
             down=mv(self.down), up=mv(self.up), alpha=self.alpha, kind=self.kind, use_rslora=self.use_rslora,
             magnitude=mv(self.magnitude), magnitude_axis=self.magnitude_axis, fan_in_fan_out=self.fan_in_fan_out,
-            bias=mv(self.bias), mid=mv(self.mid),
+            bias=mv(self.bias), mid=mv(self.mid), algorithm=self.algorithm,
+            lycoris={k: mv(v) for k, v in self.lycoris.items()}, shape=self.shape,
         )
+
+    @property
+    def device(self) -> torch.device:
+        """Where the layer's factors are."""
+        return (self.down if self.algorithm == "lora" else next(iter(self.lycoris.values()))).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The factors' dtype (LyCORIS: the dtype of the first stored tensor)."""
+        return (self.down if self.algorithm == "lora" else next(iter(self.lycoris.values()))).dtype
 
 
 # LoraAdapter.save's writer: lora_fast.formats registers its write_adapter here when imported (lora_fast/__init__
@@ -218,4 +363,7 @@ class LoraAdapter:
 
     def __repr__(self) -> str:
         ranks = sorted({l.rank for l in self.layers.values()})
-        return f"LoraAdapter(format={self.format!r}, layers={len(self.layers)}, components={self.components()}, ranks={ranks})"
+        algos = sorted({l.algorithm for l in self.layers.values()} - {"lora"})
+        extra = f", algorithms={['lora'] * any(l.algorithm == 'lora' for l in self.layers.values()) + algos}" if algos else ""
+        return (f"LoraAdapter(format={self.format!r}, layers={len(self.layers)}, components={self.components()}, "
+                f"ranks={ranks}{extra})")

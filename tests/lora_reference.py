@@ -36,3 +36,55 @@ def delta64(layer) -> torch.Tensor:
     if layer.kind == "conv":
         d = d.reshape(up.shape[0], *down.shape[1:]) if down.dim() == 4 else d
     return d * scale
+
+
+# ------------------------------------------------------------------ LyCORIS (LoHa, LoKr, full), from the file's tensors
+
+
+def lycoris_scale(layer) -> float:
+    """LyCORIS' forward-pass scale: LoHa alpha / r (r = rows of hada_w1_b); LoKr alpha / r (r = rows of the decomposed
+    half's lokr_w?_b, W2's first), 1 when lokr_w1 and lokr_w2 are both whole; full 1."""
+    t = layer.lycoris
+    if layer.algorithm == "full":
+        return 1.0
+    if layer.algorithm == "loha":
+        return layer.alpha / t["hada_w1_b"].shape[0]
+    if "lokr_w1" in t and "lokr_w2" in t:
+        return 1.0
+    r = t["lokr_w2_b"].shape[0] if "lokr_w2_b" in t else t["lokr_w1_b"].shape[0]
+    return layer.alpha / r
+
+
+def lycoris_delta64(layer) -> torch.Tensor:
+    """scale · ΔW in float64 shaped like the target weight, from ``layer.lycoris`` / ``alpha`` / ``shape`` only:
+    LoHa (w1_a w1_b) ⊙ (w2_a w2_b), Tucker halves ``einsum("i j k l, j r, i p -> p r k l", t, w_b, w_a)``; LoKr
+    kron(W1, W2) with W1 = lokr_w1 or w1_a w1_b, W2 = lokr_w2, w2_a w2_b or ``einsum("i j k l, i p, j r -> p r k l",
+    t2, w2_a, w2_b)``, W1 broadcast over W2's kernel dims; full: diff."""
+    t = {k: v.double() for k, v in layer.lycoris.items()}
+    shape = tuple(layer.shape)
+    if layer.algorithm == "loha":
+        halves = []
+        for n in "12":
+            a, b = t[f"hada_w{n}_a"], t[f"hada_w{n}_b"]
+            if f"hada_t{n}" in t:
+                halves.append(torch.einsum("ijkl,jr,ip->prkl", t[f"hada_t{n}"], b, a))
+            else:
+                halves.append((a.reshape(a.shape[0], -1) @ b.reshape(b.shape[0], -1)).reshape(shape))
+        d = halves[0] * halves[1]
+    elif layer.algorithm == "lokr":
+        w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
+        if "lokr_w2" in t:
+            w2 = t["lokr_w2"]
+        elif "lokr_t2" in t:
+            w2 = torch.einsum("ijkl,ip,jr->prkl", t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"])
+        else:
+            b = t["lokr_w2_b"]
+            w2 = t["lokr_w2_a"] @ b.reshape(b.shape[0], -1)
+            if len(shape) == 4:
+                w2 = w2.reshape(w2.shape[0], shape[1] // w1.shape[1], *shape[2:])
+        if w2.dim() == 4:
+            w1 = w1[:, :, None, None]
+        d = torch.kron(w1, w2.contiguous())
+    else:
+        d = t["diff"]
+    return d.reshape(shape) * lycoris_scale(layer)

@@ -6,7 +6,8 @@
 //  * fuse against a reference written here (fma chain over k from +0, one fp32 add, one rounding to the dtype);
 //  * every ISA and thread count gives the same bits;
 //  * unfuse with the fuse's records restores every weight bit for bit;
-//  * the non-finite flag, and records that do not fit their job are refused before anything is written.
+//  * the non-finite flag, and records that do not fit their job are refused before anything is written;
+//  * LyCORIS terms (LoHa, LoKr, full diff) after the LoRA chain: reference bits, every ISA, unfuse exact.
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -236,6 +237,101 @@ void test_nonfinite_and_bad_records(std::mt19937& rng) {
     CHECK(ws == small.w0);
 }
 
+// LyCORIS terms (merge_cpu.hpp, Term): a job with a LoRA part, one LoHa term and one LoKr term (v in fp16), and a
+// job with only a full-diff term (bf16 v, R = 0). Fused against a reference written here (the LoRA chain, then per
+// term fma(rn32(u * scale), v, acc)), same bits on every ISA and thread count, unfuse exact.
+void test_terms(std::mt19937& rng) {
+    std::normal_distribution<float> normal(0.f, 1.f);
+    auto randv = [&](size_t n, float sc) {
+        std::vector<float> v(n);
+        for (auto& x : v) x = normal(rng) * sc;
+        return v;
+    };
+    const int dts[] = {lm::DT_F32, lm::DT_F16, lm::DT_BF16};
+    for (int dt : dts) {
+        Case a = make_case(rng, dt, 35, 77, 3, false, 0.3f);  // LoRA part + LoHa + LoKr (u 5x7, v 7x11)
+        Case b = make_case(rng, dt, 9, 130, 1, true, 0.f);    // full diff only (column-major weight)
+        std::vector<float> ua = randv(35 * 4, 0.5f), ub = randv(4 * 77, 0.5f), va = randv(35 * 2, 0.5f),
+                           vb = randv(2 * 77, 0.5f), ku = randv(5 * 7, 1.f), one{1.0f};
+        std::vector<uint16_t> kv(7 * 11), diff(9 * 130);
+        for (auto& x : kv) x = f16_encode(normal(rng));
+        for (auto& x : diff) x = bf16_encode(normal(rng) * 0.1f);
+        lm::Term hada;
+        hada.kind = lm::TERM_HADA;
+        hada.scale = 0.75f;
+        hada.ua = ua.data(), hada.ub = ub.data(), hada.ru = 4, hada.va = va.data(), hada.vb = vb.data(), hada.rv = 2;
+        lm::Term kron;
+        kron.kind = lm::TERM_KRON;
+        kron.scale = 0.3f;
+        kron.u = ku.data(), kron.um = 5, kron.un = 7, kron.v = kv.data(), kron.vdt = lm::DT_F16, kron.vm = 7, kron.vn = 11;
+        lm::Term full;
+        full.kind = lm::TERM_KRON;
+        full.scale = 1.5f;
+        full.u = one.data(), full.um = 1, full.un = 1, full.v = diff.data(), full.vdt = lm::DT_BF16, full.vm = 9,
+        full.vn = 130;
+        std::vector<lm::Term> ta{hada, kron}, tb{full};
+
+        // reference fused bytes
+        auto ref = [&](const Case& c, const std::vector<lm::Term>& terms) {
+            std::vector<uint8_t> out = c.w0;
+            for (int64_t i = 0; i < c.rows; ++i)
+                for (int64_t j = 0; j < c.cols; ++j) {
+                    float acc = 0.f;
+                    for (int64_t k = 0; k < c.R; ++k)
+                        acc = std::fma(c.up[size_t(i * c.R + k)], c.down[size_t(k * c.cols + j)], acc);
+                    for (const lm::Term& t : terms) {
+                        float u, v;
+                        if (t.kind == lm::TERM_HADA) {
+                            u = v = 0.f;
+                            for (int64_t k = 0; k < t.ru; ++k) u = std::fma(t.ua[i * t.ru + k], t.ub[k * c.cols + j], u);
+                            for (int64_t k = 0; k < t.rv; ++k) v = std::fma(t.va[i * t.rv + k], t.vb[k * c.cols + j], v);
+                        } else {
+                            u = t.u[(i / t.vm) * t.un + j / t.vn];
+                            const uint16_t h = static_cast<const uint16_t*>(t.v)[(i % t.vm) * t.vn + j % t.vn];
+                            v = t.vdt == lm::DT_F16 ? f16_decode(h) : u2f(uint32_t(h) << 16);
+                        }
+                        acc = std::fma(u * t.scale, v, acc);
+                    }
+                    const int64_t idx = c.col_major ? j * c.rows + i : i * c.cols + j;
+                    const float sum = load(c.w0, c.dt, idx) + acc;
+                    if (c.dt == lm::DT_F32) std::memcpy(&out[size_t(idx) * 4], &sum, 4);
+                    else {
+                        const uint16_t h = c.dt == lm::DT_F16 ? f16_encode(sum) : bf16_encode(sum);
+                        std::memcpy(&out[size_t(idx) * 2], &h, 2);
+                    }
+                }
+            return out;
+        };
+        const std::vector<uint8_t> ra = ref(a, ta), rb = ref(b, tb);
+        const int isas[] = {lm::ISA_SCALAR, lm::ISA_AVX2, lm::ISA_AUTO};
+        for (int isa : isas)
+            for (int nt : {1, 3}) {
+                std::vector<uint8_t> wa = a.w0, wb = b.w0;
+                std::vector<lm::Job> jobs{job_for(a, wa), job_for(b, wb)};
+                jobs[0].terms = ta.data(), jobs[0].nterms = 2;
+                jobs[1].terms = tb.data(), jobs[1].nterms = 1, jobs[1].R = 0, jobs[1].up = nullptr, jobs[1].down = nullptr;
+                lm::Options fuse;
+                fuse.record = true;
+                fuse.check_finite = true;
+                lm::MergeResult res = lm::run(jobs, {0, 0}, fuse, nt, isa);
+                CHECK(wa == ra);
+                CHECK(wb == rb);
+                CHECK(!res.nonfinite[0] && !res.nonfinite[1]);
+                std::vector<int64_t> noff(2);
+                for (size_t j = 0; j < 2; ++j) {
+                    const lm::JobRecords& r = res.recs[j];
+                    jobs[j].rest_off = r.off, jobs[j].rest_off64 = r.off64, jobs[j].rest_col = r.col;
+                    jobs[j].rest_val = r.val, jobs[j].rest_n = int64_t(r.n), noff[j] = int64_t(r.noff);
+                }
+                lm::Options unfuse;
+                unfuse.negate = true;
+                lm::run(jobs, noff, unfuse, nt, isa);
+                CHECK(wa == a.w0);
+                CHECK(wb == b.w0);
+            }
+    }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -244,6 +340,7 @@ int main(int argc, char** argv) {
     std::printf("merge_cpu: default ISA %s\n", lm::default_isa_name());
     for (int r = 0; r < rounds; ++r) test_fuse_unfuse(rng);
     test_nonfinite_and_bad_records(rng);
+    test_terms(rng);
     std::printf("merge_cpu: %d checks, %d failures\n", g_checks, g_failures);
     return g_failures == 0 ? 0 : 1;
 }

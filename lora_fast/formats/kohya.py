@@ -46,6 +46,7 @@ KOHYA_ROOTS = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 # Textual-inversion embeddings some kohya trainers bundle into the same file. They make the file
 # kohya-shaped, but read_kohya refuses them by name (they are not LoRA layers; never dropped silently).
 _KOHYA_EXTRA_PREFIXES = ("bundle_emb.",)
+from . import lycoris
 
 FAMILIES = ("sd15", "sd2", "sdxl")
 _NAMES_DIR = Path(__file__).resolve().parent / "names"
@@ -181,6 +182,8 @@ def _classify_suffix(source: str, key: str, suffix: str) -> str:
             raise _fail(source, key, f"LyCORIS {algo} tensors are not supported (only LoRA/LoCon)")
     head = suffix.split(".")[0]
     if head in _LYCORIS_SUFFIXES:
+    if lycoris.is_lycoris_suffix(suffix):  # LoHa / LoKr / full diff: the role is the suffix (formats/lycoris.py)
+        return suffix
         raise _fail(source, key, f"LyCORIS {_LYCORIS_SUFFIXES[head]} tensors are not supported (only LoRA/LoCon)")
     raise _fail(source, key, f"unknown kohya tensor {suffix!r} (expected one of {sorted(_SUFFIXES)})")
 
@@ -245,6 +248,8 @@ def _parse_module(source: str, name: str, group: dict) -> _Parsed:
         if role not in group:
             raise LoraFormatError(f"{source}: module {name!r} has no {name}.{partner} (found {present})")
     down_key, up_key = group["down"][0], group["up"][0]
+    if lycoris.is_lycoris_group(group):
+        return lycoris.parse_module(source, name, group)
     down = _factor(source, down_key, group["down"][1])
     up = _factor(source, up_key, group["up"][1])
     if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
@@ -282,6 +287,8 @@ def _form_fit(parsed: _Parsed, module: _Module) -> int:
         if parsed.mid is not None:
             return 0
         if down.dim() == 2:
+    if isinstance(parsed, lycoris.LycorisParsed):
+        return parsed.form_fit(module.kind, module.shape)
             return 2
         return 1 if tuple(down.shape[2:]) == (1, 1) else 0
     if parsed.kernel() != tuple(module.shape[2:]):
@@ -343,6 +350,8 @@ def _build_layer(source: str, p: _Parsed, module: _Module, strict_shapes: bool) 
     if fit == 0:
         if module.kind == "linear":
             want = "2-D factors (or 4-D with 1×1 kernels)" + (", and no lora_mid" if p.mid is not None else "")
+    if isinstance(p, lycoris.LycorisParsed):
+        return p.build(module.key, module.kind, module.shape)
         else:
             want = f"a {module.shape[2]}×{module.shape[3]} kernel"
         raise _fail(source, down_key, f"factors {tuple(p.down.shape)} do not fit {module.key} "

@@ -44,7 +44,7 @@ import torch
 from .. import kernels as _kernels_pkg
 from . import probe as _probe
 
-__all__ = ["Factor", "MergeJob", "MergeRecord", "RecordSet", "fuse", "unfuse"]
+__all__ = ["Factor", "MergeJob", "MergeRecord", "RecordSet", "Term", "fuse", "unfuse"]
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _BITS_DTYPE = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
@@ -76,6 +76,65 @@ class Factor:
                 _strided(self.down, (self.rank, cols), self.down_strides))
 
 
+@dataclass
+class Term:
+    """A delta term that is not one low-rank product (LyCORIS LoHa, LoKr, full diff). After the job's LoRA chain,
+    every element gets ``acc = fma(rn32(u[i, j] · rn32(scale)), v[i, j], acc)``, terms in order:
+
+    * ``kind="hada"`` (LoHa): u = ``u @ ub``, v = ``v @ vb`` with u ``(rows, ru)``, ub ``(ru, cols)``, v
+      ``(rows, rv)``, vb ``(rv, cols)``, each product one fp32 FMA chain over its rank from +0 (as the LoRA delta);
+    * ``kind="kron"`` (LoKr; a full diff is u = ``[[1]]``, v = the diff): u ``(um, un)`` and v ``(vm, vn)`` whole,
+      ``rows = um·vm``, ``cols = un·vn``; element (i, j) pairs ``u[i // vm, j // vn]`` with ``v[i % vm, j % vn]``.
+
+    2-D tensors of any strides, fp32/fp16/bf16 (other dtypes are converted first)."""
+
+    kind: str
+    u: torch.Tensor
+    v: torch.Tensor
+    ub: Optional[torch.Tensor] = None
+    vb: Optional[torch.Tensor] = None
+    scale: float = 1.0
+
+    def tensors(self) -> tuple:
+        return tuple(t for t in (self.u, self.ub, self.v, self.vb) if t is not None)
+
+    def check(self, rows: int, cols: int) -> Optional[str]:
+        """None when the term fits a (rows, cols) weight, else what is wrong."""
+        if self.kind == "hada":
+            if self.ub is None or self.vb is None or any(t.dim() != 2 for t in self.tensors()):
+                return "a hada term needs 2-D u, ub, v, vb"
+            if (self.u.shape[0] != rows or self.v.shape[0] != rows or self.ub.shape[1] != cols
+                    or self.vb.shape[1] != cols or self.u.shape[1] != self.ub.shape[0]
+                    or self.v.shape[1] != self.vb.shape[0] or self.u.shape[1] < 1 or self.v.shape[1] < 1):
+                return (f"hada term {tuple(self.u.shape)}@{tuple(self.ub.shape)} ⊙ {tuple(self.v.shape)}@"
+                        f"{tuple(self.vb.shape)} does not give {(rows, cols)}")
+            return None
+        if self.kind == "kron":
+            if self.u.dim() != 2 or self.v.dim() != 2 or self.ub is not None or self.vb is not None:
+                return "a kron term needs 2-D u and v only"
+            if (self.u.shape[0] * self.v.shape[0] != rows or self.u.shape[1] * self.v.shape[1] != cols
+                    or 0 in self.u.shape or 0 in self.v.shape):
+                return f"kron term {tuple(self.u.shape)} ⊗ {tuple(self.v.shape)} does not give {(rows, cols)}"
+            return None
+        return f"unknown term kind {self.kind!r}"
+
+    def for_cpu(self) -> "Term":
+        """fp32 contiguous factors (a kron term's v may stay fp16/bf16): the C++ kernel's layout."""
+        f32 = lambda t: t if (t.dtype == torch.float32 and t.is_contiguous()) else t.float().contiguous()  # noqa: E731
+        if self.kind == "hada":
+            return Term("hada", f32(self.u), f32(self.v), f32(self.ub), f32(self.vb), self.scale)
+        v = self.v if (self.v.dtype in _DTYPE_CODE and self.v.is_contiguous()) else f32(self.v)
+        return Term("kron", f32(self.u), v, None, None, self.scale)
+
+    def cpu_spec(self) -> tuple:
+        """The C++ kernel's term tuple (merge_cpu_bindings.cpp, term_from); for_cpu() layout."""
+        if self.kind == "hada":
+            return (1, self.scale, self.u.data_ptr(), self.ub.data_ptr(), self.u.shape[1], self.v.data_ptr(),
+                    self.vb.data_ptr(), self.v.shape[1], 0, 0, 0, 0, 0, 0, 0)
+        return (2, self.scale, 0, 0, 0, 0, 0, 0, self.u.data_ptr(), self.u.shape[0], self.u.shape[1],
+                self.v.data_ptr(), _DTYPE_CODE[self.v.dtype], self.v.shape[0], self.v.shape[1])
+
+
 def _strided(t: torch.Tensor, shape: tuple, strides: tuple) -> torch.Tensor:
     if tuple(t.shape) == tuple(shape) and tuple(t.stride()) == tuple(strides):
         return t
@@ -90,6 +149,8 @@ class MergeJob:
     factors: Optional[list] = None  # instead of up/down: [Factor], concatenated along the rank in order
     view: Optional[tuple] = None  # (rows, cols, row stride, col stride) from weight's first element, when
     # ``weight`` is not itself that 2-D view (e.g. a 4-D conv weight): the Triton path then needs no view op
+    terms: Optional[list] = None  # [Term] added after the LoRA chain (LoHa/LoKr/full); up/down/factors may be
+    # absent when there are terms
 
     def matrix(self) -> torch.Tensor:
         """The 2-D (rows, cols) view the job modifies (detached from autograd: a parameter may be given)."""
@@ -105,8 +166,9 @@ class MergeJob:
     def materialized(self) -> "MergeJob":
         """The same job with a 2-D weight view and float32 contiguous up/down (torch operations)."""
         w = self.matrix()
+        terms = [t.for_cpu() for t in self.terms] if self.terms else None
         if self.factors is None:
-            return MergeJob(w, self.up, self.down)
+            return MergeJob(w, self.up, self.down, terms=terms)
         rows, cols = w.shape
         ups, downs = [], []
         for f in self.factors:
@@ -115,7 +177,7 @@ class MergeJob:
             downs.append(a.float())
         up = torch.cat(ups, dim=1).contiguous() if len(ups) > 1 else ups[0].contiguous()
         down = torch.cat(downs, dim=0).contiguous() if len(downs) > 1 else downs[0].contiguous()
-        return MergeJob(w, up, down)
+        return MergeJob(w, up, down, terms=terms)
 
 
 SEG_COLS = 1 << 16  # a record's column is stored as 16 bits inside a segment of this many columns
@@ -412,7 +474,21 @@ def _prepare(jobs) -> list[MergeJob]:
                         b, a = f.matrices(rows, cols)
                         f = Factor.of(b.float(), a.float(), f.scale)
                     fs.append(f)
-                job = MergeJob(w, factors=fs, view=job.view)
+                job = MergeJob(w, factors=fs, view=job.view, terms=job.terms)
+        if job.terms:
+            for t in job.terms:
+                problem = t.check(rows, cols)
+                if problem is not None:
+                    raise ValueError(f"merge job {n}: {problem}")
+                if any(x.device != w.device for x in t.tensors()):
+                    raise ValueError(f"merge job {n}: weight and term factors must be on one device")
+            if any(x.dtype not in _DTYPE_CODE for t in job.terms for x in t.tensors()):
+                job = MergeJob(w, job.up, job.down, job.factors, job.view,
+                               [Term(t.kind, *(None if x is None else x.float() for x in (t.u, t.v, t.ub, t.vb)),
+                                     t.scale) for t in job.terms])
+            if job.factors is None and job.up is None and job.down is None:
+                out.append(job)
+                continue
             out.append(job)
             continue
         up, down = job.up, job.down
@@ -426,7 +502,8 @@ def _prepare(jobs) -> list[MergeJob]:
         if up.device != w.device or down.device != w.device:
             raise ValueError(f"merge job {n}: weight, up and down must be on one device")
         if up.dtype != torch.float32 or not up.is_contiguous() or down.dtype != torch.float32 or not down.is_contiguous():
-            job = MergeJob(w, up.to(torch.float32).contiguous(), down.to(torch.float32).contiguous(), view=job.view)
+            job = MergeJob(w, up.to(torch.float32).contiguous(), down.to(torch.float32).contiguous(), view=job.view,
+                           terms=job.terms)
         out.append(job)
     return out
 
@@ -488,8 +565,12 @@ def _cpu_run(jobs, *, negate, record, check_finite, num_threads=None, restore=No
     specs = []
     for j in jobs:
         w = j.weight
-        specs.append((w.data_ptr(), w.shape[0], w.shape[1], w.stride(0), w.stride(1), _DTYPE_CODE[w.dtype],
-                      j.up.data_ptr(), j.down.data_ptr(), j.up.shape[1]))
+        lora = (j.up.data_ptr(), j.down.data_ptr(), j.up.shape[1]) if j.up is not None else (0, 0, 0)
+        if j.terms:  # LoHa/LoKr/full terms (materialized: Term.for_cpu layout)
+            specs.append((w.data_ptr(), w.shape[0], w.shape[1], w.stride(0), w.stride(1), _DTYPE_CODE[w.dtype],
+                          *lora, [t.cpu_spec() for t in j.terms]))
+            continue
+        specs.append((w.data_ptr(), w.shape[0], w.shape[1], w.stride(0), w.stride(1), _DTYPE_CODE[w.dtype], *lora))
     # No torch op runs per job on this path: every ATen op on a record-sized tensor is an OpenMP fork/join, and on
     # a loaded machine each join can wait a scheduler slice for a descheduled peer thread (one such check per job
     # once made unfuse 10x slower than fuse). The C++ side checks the records against their jobs instead.
@@ -557,6 +638,8 @@ def _fma_chain(up64: torch.Tensor, down64: torch.Tensor) -> torch.Tensor:
     * ``s = rn64(p + acc)`` and its exact error ``e`` (TwoSum: ``p + acc = s + e``);
     * ``s`` rounded to odd (truncated towards zero, last bit set when ``e != 0``) and then to fp32 gives the
       correctly rounded ``rn32(p + acc)``: rounding to odd with 29 spare bits makes the second rounding exact,
+    if job.terms:
+        return _torch_delta_terms(job)
       including fp32 subnormals and overflow. Non-finite sums are rounded as they are (NaN payloads unspecified).
     """
     acc = torch.zeros((up64.shape[0], down64.shape[1]), dtype=torch.float32, device=up64.device)
@@ -568,6 +651,55 @@ def _fma_chain(up64: torch.Tensor, down64: torch.Tensor) -> torch.Tensor:
         inexact = e.abs() > 0  # False where s is not finite (e is NaN there)
         towards_zero = (e * s) < 0  # |p + acc| < |s|: truncation is one step below |s| (e·s cannot underflow)
         bits = (s.view(torch.int64) - towards_zero.to(torch.int64)) | inexact
+def _torch_delta_terms(job: MergeJob) -> torch.Tensor:
+    """The delta of a job with :class:`Term` s, as the kernels compute it: the LoRA chain (if any), then per term
+    ``acc = fma(rn32(u·rn32(scale)), v, acc)``, each step emulated exactly in float64 (``_fma_add``). Row blocks
+    keep the temporaries cache-sized. Without float64 (MPS): plain fp32 operations, not the kernels' bits."""
+    w = job.weight
+    rows, cols = w.shape
+    dev = w.device
+    exact = dev.type in _F64_DEVICES
+    out = torch.empty((rows, cols), dtype=torch.float32, device=dev)
+    step = max(1, _CHAIN_ELEMS // max(1, cols))
+    down64 = job.down.double() if (job.up is not None and exact) else None
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        if job.up is None:
+            acc = torch.zeros((r1 - r0, cols), dtype=torch.float32, device=dev)
+        elif exact:
+            acc = _fma_chain(job.up[r0:r1].double(), down64)
+        else:
+            acc = job.up[r0:r1] @ job.down
+        for t in job.terms:
+            if t.kind == "hada":
+                if exact:
+                    u = _fma_chain(t.u[r0:r1].double(), t.ub.double())
+                    v = _fma_chain(t.v[r0:r1].double(), t.vb.double())
+                else:
+                    u, v = t.u[r0:r1].float() @ t.ub.float(), t.v[r0:r1].float() @ t.vb.float()
+            else:
+                vm, vn = t.v.shape
+                ri = torch.arange(r0, r1, device=dev)
+                cj = torch.arange(cols, device=dev)
+                u = t.u.float()[(ri // vm)[:, None], (cj // vn)[None, :]]
+                v = t.v.float()[(ri % vm)[:, None], (cj % vn)[None, :]]
+            us = u * torch.tensor(t.scale, dtype=torch.float32, device=dev)  # rn32(u · rn32(scale))
+            acc = _fma_add(us.double() * v.double(), acc) if exact else acc + us * v
+        out[r0:r1] = acc
+    return out
+
+
+def _fma_add(p64: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
+    """fp32 ``rn32(p + acc)`` for an exact float64 product ``p`` of two fp32 values: one step of ``_fma_chain``."""
+    s = p64 + acc
+    bv = s - p64
+    e = (p64 - (s - bv)) + (acc - bv)
+    inexact = e.abs() > 0
+    towards_zero = (e * s) < 0
+    bits = (s.view(torch.int64) - towards_zero.to(torch.int64)) | inexact
+    return bits.view(torch.float64).to(torch.float32)
+
+
         acc = bits.view(torch.float64).to(torch.float32)
     return acc
 
