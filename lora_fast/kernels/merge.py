@@ -456,6 +456,20 @@ def _prepare(jobs) -> list[MergeJob]:
         for d, size in enumerate((rows, cols)):
             if size > 1 and strides[d] <= 0:
                 raise ValueError(f"merge job {n}: weight has a zero or negative stride (an expanded view?)")
+        if job.terms:
+            for t in job.terms:
+                problem = t.check(rows, cols)
+                if problem is not None:
+                    raise ValueError(f"merge job {n}: {problem}")
+                if any(x.device != w.device for x in t.tensors()):
+                    raise ValueError(f"merge job {n}: weight and term factors must be on one device")
+            if any(x.dtype not in _DTYPE_CODE for t in job.terms for x in t.tensors()):
+                job = MergeJob(w, job.up, job.down, job.factors, job.view,
+                               [Term(t.kind, *(None if x is None else x.float() for x in (t.u, t.v, t.ub, t.vb)),
+                                     t.scale) for t in job.terms])
+            if job.factors is None and job.up is None and job.down is None:
+                out.append(job)
+                continue
         if job.factors is not None:
             if not job.factors:
                 raise ValueError(f"merge job {n}: no factor")
@@ -475,20 +489,6 @@ def _prepare(jobs) -> list[MergeJob]:
                         f = Factor.of(b.float(), a.float(), f.scale)
                     fs.append(f)
                 job = MergeJob(w, factors=fs, view=job.view, terms=job.terms)
-        if job.terms:
-            for t in job.terms:
-                problem = t.check(rows, cols)
-                if problem is not None:
-                    raise ValueError(f"merge job {n}: {problem}")
-                if any(x.device != w.device for x in t.tensors()):
-                    raise ValueError(f"merge job {n}: weight and term factors must be on one device")
-            if any(x.dtype not in _DTYPE_CODE for t in job.terms for x in t.tensors()):
-                job = MergeJob(w, job.up, job.down, job.factors, job.view,
-                               [Term(t.kind, *(None if x is None else x.float() for x in (t.u, t.v, t.ub, t.vb)),
-                                     t.scale) for t in job.terms])
-            if job.factors is None and job.up is None and job.down is None:
-                out.append(job)
-                continue
             out.append(job)
             continue
         up, down = job.up, job.down
@@ -619,6 +619,8 @@ def _torch_delta(job: MergeJob) -> torch.Tensor:
     and the operands' memory alignment. On a device without float64 (MPS) the delta is a plain matmul, which
     does not reproduce the kernels' bits."""
     up, down = job.up, job.down
+    if job.terms:
+        return _torch_delta_terms(job)
     if up.device.type not in _F64_DEVICES:
         return up @ down
     rows, cols = up.shape[0], down.shape[1]
@@ -630,27 +632,6 @@ def _torch_delta(job: MergeJob) -> torch.Tensor:
     return out
 
 
-def _fma_chain(up64: torch.Tensor, down64: torch.Tensor) -> torch.Tensor:
-    """fp32 ``acc = fma(up[:, k], down[k, :], acc)`` for k = 0..R-1 from +0, each step rounded once, with
-    elementwise float64 ops (no FMA instruction needed, none of torch's kernels can change the result):
-
-    * the product of two fp32 values is exact in float64 (48 significant bits, exponents far inside its range);
-    * ``s = rn64(p + acc)`` and its exact error ``e`` (TwoSum: ``p + acc = s + e``);
-    * ``s`` rounded to odd (truncated towards zero, last bit set when ``e != 0``) and then to fp32 gives the
-      correctly rounded ``rn32(p + acc)``: rounding to odd with 29 spare bits makes the second rounding exact,
-    if job.terms:
-        return _torch_delta_terms(job)
-      including fp32 subnormals and overflow. Non-finite sums are rounded as they are (NaN payloads unspecified).
-    """
-    acc = torch.zeros((up64.shape[0], down64.shape[1]), dtype=torch.float32, device=up64.device)
-    for k in range(up64.shape[1]):
-        p = up64[:, k:k + 1] * down64[k:k + 1, :]
-        s = p + acc  # float64 (acc is promoted exactly)
-        bv = s - p
-        e = (p - (s - bv)) + (acc - bv)
-        inexact = e.abs() > 0  # False where s is not finite (e is NaN there)
-        towards_zero = (e * s) < 0  # |p + acc| < |s|: truncation is one step below |s| (e·s cannot underflow)
-        bits = (s.view(torch.int64) - towards_zero.to(torch.int64)) | inexact
 def _torch_delta_terms(job: MergeJob) -> torch.Tensor:
     """The delta of a job with :class:`Term` s, as the kernels compute it: the LoRA chain (if any), then per term
     ``acc = fma(rn32(u·rn32(scale)), v, acc)``, each step emulated exactly in float64 (``_fma_add``). Row blocks
@@ -700,6 +681,25 @@ def _fma_add(p64: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
     return bits.view(torch.float64).to(torch.float32)
 
 
+def _fma_chain(up64: torch.Tensor, down64: torch.Tensor) -> torch.Tensor:
+    """fp32 ``acc = fma(up[:, k], down[k, :], acc)`` for k = 0..R-1 from +0, each step rounded once, with
+    elementwise float64 ops (no FMA instruction needed, none of torch's kernels can change the result):
+
+    * the product of two fp32 values is exact in float64 (48 significant bits, exponents far inside its range);
+    * ``s = rn64(p + acc)`` and its exact error ``e`` (TwoSum: ``p + acc = s + e``);
+    * ``s`` rounded to odd (truncated towards zero, last bit set when ``e != 0``) and then to fp32 gives the
+      correctly rounded ``rn32(p + acc)``: rounding to odd with 29 spare bits makes the second rounding exact,
+      including fp32 subnormals and overflow. Non-finite sums are rounded as they are (NaN payloads unspecified).
+    """
+    acc = torch.zeros((up64.shape[0], down64.shape[1]), dtype=torch.float32, device=up64.device)
+    for k in range(up64.shape[1]):
+        p = up64[:, k:k + 1] * down64[k:k + 1, :]
+        s = p + acc  # float64 (acc is promoted exactly)
+        bv = s - p
+        e = (p - (s - bv)) + (acc - bv)
+        inexact = e.abs() > 0  # False where s is not finite (e is NaN there)
+        towards_zero = (e * s) < 0  # |p + acc| < |s|: truncation is one step below |s| (e·s cannot underflow)
+        bits = (s.view(torch.int64) - towards_zero.to(torch.int64)) | inexact
         acc = bits.view(torch.float64).to(torch.float32)
     return acc
 
