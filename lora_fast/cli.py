@@ -76,6 +76,7 @@ def _histogram(values) -> list[list]:
 def inspect_adapter(path: str, args=None) -> dict:
     """Everything ``lora-fast inspect`` reports, as a JSON-able dict."""
     from .adapter import COMPONENTS, split_component
+    from .formats.families import adapter_family, kohya_candidates
 
     adapter = _read_adapter(path, args, getattr(args, "component", None))
     layers = adapter.layers
@@ -94,7 +95,9 @@ def inspect_adapter(path: str, args=None) -> dict:
         "files": [os.path.relpath(f, path) if os.path.isdir(path) else os.path.basename(f) for f in files],
         "size_bytes": size,
         "format": adapter.format,
-        "family": adapter.family,
+        "family": adapter_family(adapter),
+        # every family whose kohya name table holds all the modules (SD1.x and SDXL share the LDM/SGM block names)
+        "family_candidates": list(kohya_candidates(adapter)),
         "components": {c: per_comp[c] for c in sorted(per_comp, key=lambda c: (
             COMPONENTS.index(c) if c in COMPONENTS else len(COMPONENTS), c))},
         # modules whose keys name no component (a PEFT adapter saved for one model); --component names it
@@ -123,6 +126,19 @@ def _fmt_hist(hist, unit="modules") -> str:
     return f"varies ({len(hist)} values; {unit} per value) " + ", ".join(parts)
 
 
+def _fmt_family(info) -> str:
+    from .formats.families import FAMILY_NAMES
+
+    family, others = info["family"], [f for f in info["family_candidates"] if f != info["family"]]
+    if family is None:
+        return "not told by the module names"
+    text = FAMILY_NAMES.get(family, family)
+    if others:
+        text += (" (the default; the names also fit " + ", ".join(FAMILY_NAMES.get(f, f) for f in others)
+                 + ": loading into a model of that family uses it)")
+    return text
+
+
 def _cmd_inspect(args) -> int:
     info = inspect_adapter(args.path, args)
     if args.json:
@@ -142,7 +158,9 @@ def _cmd_inspect(args) -> int:
     rows = [
         ("path", info["path"]),
         ("size", f"{_human_bytes(info['size_bytes'])} in {len(info['files'])} file(s)"),
-        ("format", info["format"] + (f" ({info['family']} layout)" if info["family"] else "")),
+        ("format", info["format"] + (f" ({info['family']} layout)" if info["family"]
+                                     and info["format"] not in ("diffusers", "peft") else "")),
+        ("family", _fmt_family(info)),
         ("components", comps),
         ("modules", f"{info['modules']} ({kinds}); {info['parameters']:,} parameters"),
         ("rank", _fmt_hist(info["ranks"])),

@@ -86,11 +86,40 @@ def target_family(target) -> Optional[str]:
     return None
 
 
+_KOHYA_TABLE_FAMILY = {"sd15": "sd", "sd2": "sd", "sdxl": "sdxl"}
+
+
+def kohya_candidates(adapter: LoraAdapter) -> tuple[str, ...]:
+    """For an adapter read from a kohya SD1.x/SD2/SDXL file: every family ("sd", "sdxl") whose kohya name table
+    holds all its modules (in lora_fast's normalized keys), else ()."""
+    if adapter.format != "kohya" or adapter.family not in ("sd", "sdxl"):
+        return ()
+    from .kohya import _lookup_key, _table
+
+    out = []
+    for table, family in _KOHYA_TABLE_FAMILY.items():
+        if family not in out and all(_lookup_key(_table(table), key) is not None for key in adapter.layers):
+            out.append(family)
+    return tuple(out)
+
+
+def resolve_family(adapter: LoraAdapter, target=None) -> Optional[str]:
+    """The adapter's family, decided by the target where the file's names fit several families (a kohya file
+    whose names both the SD1.x and the SDXL tables hold): the target's family if it is one of them, else the
+    reader's choice (``adapter_family``)."""
+    have = adapter_family(adapter)
+    if target is not None:
+        want = target_family(target)
+        if want is not None and want in kohya_candidates(adapter):
+            return want
+    return have
+
+
 def family_mismatch(adapter: LoraAdapter, target) -> Optional[str]:
     """A sentence naming the family the adapter looks like and the target's, when they differ; else None.
 
     Meant to be appended to the "no such module / component" LoraFormatError the loader raises."""
-    have, want = adapter_family(adapter), target_family(target)
+    have, want = resolve_family(adapter, target), target_family(target)
     if have is None or want is None or have == want:
         return None
     return (f"the file looks like a {FAMILY_NAMES[have]} LoRA"
@@ -110,4 +139,5 @@ def check_family(adapter: LoraAdapter, target) -> None:
         raise LoraFormatError(f"{adapter.source or '<adapter>'}: {hint}; nothing was loaded")
 
 
-__all__ = ["adapter_family", "target_family", "family_mismatch", "check_family", "FAMILY_NAMES"]
+__all__ = ["adapter_family", "target_family", "family_mismatch", "check_family", "kohya_candidates",
+           "resolve_family", "FAMILY_NAMES"]

@@ -18,6 +18,11 @@ saved 2-D), then SD1.5, SD2, SDXL in that order. A kohya name means the same mod
 family that has it (the generator checks this), so the choice never changes where a LoRA lands; it
 only decides layer kinds and the shape check.
 
+The chosen family is ``adapter.family`` (``"sdxl"``, or ``"sd"`` for SD1.x/SD2). Names that both SD1.x and SDXL
+tables hold (LDM/SGM block names such as ``lora_unet_input_blocks_4_1_proj_in`` mean the same module in both, with
+layers_per_block 2) leave the choice open: read alone, such a file is taken as SDXL (the default above); a target
+decides (``formats.families.resolve_family``), and either target loads it.
+
 Shape check on read: if at least one module's implied weight shape equals the chosen family's full-size
 shape, the file is taken to be for that full-size model and every module must match (a mismatch names
 the key). If none matches, the file is for a model with the same layout but other widths (the
@@ -402,7 +407,10 @@ def read_kohya(state_dict: dict[str, torch.Tensor], *, source: str = "<state dic
             raise _fail(source, p.keys["down"], f"module {module.key} is already targeted by {first_name[module.key]!r}")
         layers[module.key] = _build_layer(source, p, module, strict)
         first_name[module.key] = p.name
-    return LoraAdapter(layers=layers, format="kohya", source=None if source == "<state dict>" else source)
+    # adapter.family: "sdxl" or "sd" (SD1.x/SD2) as chosen above; formats.families.kohya_candidates lists every
+    # family whose table also holds all the names, and a target of one of those decides (resolve_family).
+    return LoraAdapter(layers=layers, format="kohya", source=None if source == "<state dict>" else source,
+                       family="sdxl" if table.family == "sdxl" else "sd")
 
 
 # ----------------------------------------------------------------------------------------------
