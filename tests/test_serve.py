@@ -1,7 +1,8 @@
 """lora_fast.serve: batches of requests with different adapters as one pipeline call; the Ray Serve deployment.
 
 The first part runs the batch runner without Ray; the second starts one local Ray instance for the module (skipped
-when ray is not installed: ``pip install -c constraints.txt -e ".[serve]"``).
+when ray is not installed: ``pip install -c constraints.txt -e ".[serve]"``). Every test that runs the pipeline is
+marked slow: on a loaded 2-core machine the module takes about 2 minutes (Ray start-up ~25 s of it).
 """
 
 import asyncio
@@ -81,6 +82,7 @@ def make_runner(lora_dir, mode="per_sample", device_budget=1 << 30):
     return BatchRunner(pipe, cache, mode)
 
 
+@pytest.mark.slow
 def test_one_call_serves_every_request_and_each_matches_its_single_run(lora_dir, reference):
     runner = make_runner(lora_dir)
     reqs = [request(p, a, s, **kw) for p, a, s, kw in MIXED] + [request("x", "missing-lora", 5)]
@@ -94,6 +96,7 @@ def test_one_call_serves_every_request_and_each_matches_its_single_run(lora_dir,
     assert rel_max(lat[0], lat[4]) > 100 * TOL  # same prompt and seed, another adapter: really another image
 
 
+@pytest.mark.slow
 def test_a_batch_whose_adapters_do_not_fit_together_is_split(lora_dir, reference):
     one = lora_fast.cache.adapter_nbytes(lora_fast.read_lora(str(lora_dir / "ink.safetensors")))
     runner = make_runner(lora_dir, device_budget=2 * one)
@@ -104,6 +107,7 @@ def test_a_batch_whose_adapters_do_not_fit_together_is_split(lora_dir, reference
         assert rel_max(decode_npy(o), reference(r)) <= TOL
 
 
+@pytest.mark.slow
 def test_fuse_mode_switches_exactly(lora_dir, reference):
     from lora_fast.targets import resolve_components
 
@@ -189,6 +193,7 @@ def post(url, body, adapter=None):
         return e.code, e.headers.get("content-type"), e.read()
 
 
+@pytest.mark.slow
 def test_serve_batches_concurrent_requests_with_different_adapters(serve_apps, reference):
     handle = serve_apps["batched"]
 
@@ -212,6 +217,7 @@ def test_serve_batches_concurrent_requests_with_different_adapters(serve_apps, r
     assert stats["cache"]["loads"] == 4 and stats["cache"]["load_failures"] == 1
 
 
+@pytest.mark.slow
 def test_serve_http_returns_png_and_a_bad_adapter_fails_only_its_request(serve_apps):
     from concurrent.futures import ThreadPoolExecutor
 
@@ -234,6 +240,7 @@ def test_serve_http_returns_png_and_a_bad_adapter_fails_only_its_request(serve_a
     assert post(url, {"prompt": 3})[0] == 400
 
 
+@pytest.mark.slow
 def test_serve_fuse_mode_switches_and_restores_the_weights_exactly(serve_apps):
     handle = serve_apps["fused"]
     base = handle.model_digest.remote().result()
