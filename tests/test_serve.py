@@ -254,3 +254,20 @@ def test_serve_fuse_mode_switches_and_restores_the_weights_exactly(serve_apps):
     assert outs[0] == outs[3] and outs[0] != outs[1]
     stats = handle.stats.remote().result()
     assert stats["mode"] == "fuse" and stats["switches"] == 4
+
+
+@pytest.mark.slow
+def test_serving_example_client_runs_and_checks_itself(tmp_path):
+    """examples/serving/client.py in its own process (its own Ray instance): every good request a PNG, the broken
+    adapter a LoraFormatError, several adapters in one pipeline call."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("ray")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "examples.serving.client", "--requests", "4", "--out",
+                           str(tmp_path), "--port", str(free_port())], cwd=root, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and "\nOK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert len(list(tmp_path.glob("*.png"))) == 4
