@@ -85,10 +85,12 @@ def inspect_adapter(path: str, args=None) -> dict:
     unnamed = per_comp.pop(None, 0)
     dtypes = collections.Counter()
     for layer in layers.values():
-        for t in (layer.down, layer.up):
-            dtypes[str(t.dtype).replace("torch.", "")] += 1
+        for t in (layer.down, layer.up, *layer.lycoris.values()):  # LoRA factors, or LoHa/LoKr/full tensors
+            if t is not None:
+                dtypes[str(t.dtype).replace("torch.", "")] += 1
     # a factor shared by several modules (the down matrix of a split fused projection) is one tensor: count it once
-    tensors = {id(t): t for l in layers.values() for t in (l.down, l.up, l.mid, l.magnitude, l.bias) if t is not None}
+    tensors = {id(t): t for l in layers.values()
+               for t in (l.down, l.up, l.mid, l.magnitude, l.bias, *l.lycoris.values()) if t is not None}
     params = sum(t.numel() for t in tensors.values())
     return {
         "path": os.path.abspath(path),
@@ -105,6 +107,9 @@ def inspect_adapter(path: str, args=None) -> dict:
         "modules": len(layers),
         "parameters": params,
         "kinds": dict(collections.Counter(l.kind for l in layers.values())),
+        # lora (LoRA/LoCon), loha, lokr, full (LyCORIS): per algorithm, and the algorithm of every module
+        "algorithms": dict(collections.Counter(l.algorithm for l in layers.values())),
+        "module_algorithms": {k: l.algorithm for k, l in layers.items()},
         "ranks": _histogram(l.rank for l in layers.values()),
         "alphas": _histogram(l.alpha for l in layers.values()),
         "scales": _histogram(round(l.scale, 6) for l in layers.values()),
@@ -163,6 +168,7 @@ def _cmd_inspect(args) -> int:
         ("family", _fmt_family(info)),
         ("components", comps),
         ("modules", f"{info['modules']} ({kinds}); {info['parameters']:,} parameters"),
+        ("algorithm", ", ".join(f"{a} {n}" for a, n in info["algorithms"].items())),
         ("rank", _fmt_hist(info["ranks"])),
         ("alpha", _fmt_hist(info["alphas"])),
         ("scale", _fmt_hist(info["scales"])),
@@ -172,6 +178,11 @@ def _cmd_inspect(args) -> int:
         ("rsLoRA", f"{info['rslora']} modules" if info["rslora"] else "no"),
         ("LoRA bias", f"{info['lora_bias']} modules" if info["lora_bias"] else "no"),
     ]
+    if len(info["algorithms"]) > 1 or "lora" not in info["algorithms"]:  # name each non-LoRA module (all with -v)
+        named = [(k, a) for k, a in info["module_algorithms"].items() if a != "lora"]
+        shown = named if args.verbose else named[:10]
+        rows += [(f"  {a}", k) for k, a in shown] + ([("  ...", f"{len(named) - 10} more (-v lists them)")]
+                                                       if len(named) > len(shown) else [])
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
@@ -230,6 +241,14 @@ def _cmd_convert(args) -> int:
     if os.path.exists(dst) and not args.overwrite:
         raise UsageError(f"{dst}: already exists; choose another destination or pass --overwrite")
     adapter = _read_adapter(src, args, args.component)
+    if getattr(args, "approx_rank", None) is not None:  # LoHa/LoKr/full -> rank-N LoRA, error reported per module
+        from .formats.lycoris import approximate_lora
+
+        if args.to == "kohya":
+            raise UsageError("--approx-rank is for --to diffusers/peft; kohya keeps LoHa/LoKr/full layers exactly")
+        adapter, errors = approximate_lora(adapter, args.approx_rank)
+        for key, err in errors.items():
+            print(f"approximated {key} at rank {args.approx_rank}: relative error {err:.3g} (Frobenius)")
     adapter.save(dst, format=args.to)
     comps = adapter.components()
     back_component = None
@@ -409,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", metavar="SRC")
     p.add_argument("dst", metavar="DST", help="a .safetensors file (diffusers, kohya) or a directory (peft)")
     p.add_argument("--to", required=True, choices=["diffusers", "kohya", "peft"])
+    p.add_argument("--approx-rank", type=int, default=None, metavar="N",
+                   help="LyCORIS LoHa/LoKr/full modules to diffusers/peft: replace each by its best rank-N LoRA "
+                        "(truncated SVD) and print each module's relative error; without it they are refused")
     p.add_argument("--component", help="component for keys that carry none (PEFT files), e.g. unet")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt/.ckpt files (unpickling runs code)")

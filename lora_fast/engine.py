@@ -624,7 +624,8 @@ def _merge_job(module: nn.Module, items, step: _FusedStep, staged: Optional[list
     """The merge job of one weight: its adapters' factors (scales folded in by the kernel) on its 2-D view. A weight
     with no 2-D alias (e.g. a channels_last conv weight) is merged on one staging copy, listed in ``step.staged``
     (for unfuse) and in ``staged`` (the caller copies it back once)."""
-    factors = [_layer_factor(layer, layer.scale * factor) for layer, factor in items]
+    factors = [_layer_factor(layer, layer.scale * factor) for layer, factor in items if layer.algorithm == "lora"]
+    terms = [_layer_term(layer, layer.scale * factor) for layer, factor in items if layer.algorithm != "lora"]
     wv = _weight_view(module)
     if wv is not None:
         w, view = wv
@@ -640,7 +641,19 @@ def _merge_job(module: nn.Module, items, step: _FusedStep, staged: Optional[list
     for f in factors:
         if f.up.device != wd or f.down.device != wd:
             f.up, f.down = f.up.to(wd), f.down.to(wd)
-    return merge_kernels.MergeJob(weight=w, factors=factors, view=view)
+    for t in terms:
+        t.u, t.v, t.ub, t.vb = (None if x is None else x.to(wd) for x in (t.u, t.v, t.ub, t.vb))
+    return merge_kernels.MergeJob(weight=w, factors=factors or None, view=view, terms=terms or None)
+
+
+def _layer_term(layer: LoraLayer, scale: float):
+    """A LoHa/LoKr/full layer as a merge-kernel Term (``LoraLayer.kernel_parts()``: LoHa factors in float32 with
+    Tucker cores folded in, LoKr halves whole, a full diff in its dtype); the kernel applies ``scale``."""
+    kind, *parts = layer.kernel_parts()
+    if kind == "hada":
+        u, ub, v, vb = parts
+        return merge_kernels.Term("hada", u, v, ub, vb, scale)
+    return merge_kernels.Term("kron", parts[0], parts[1], scale=scale)
 
 
 def _fuse_biases(plans, safe_fusing: bool) -> None:

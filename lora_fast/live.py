@@ -71,6 +71,8 @@ def module_kind(module: nn.Module) -> str:
 def needs_dense(module: nn.Module, layer: LoraLayer) -> bool:
     """Cases the factored forward does not cover: the delta is applied as a dense weight instead."""
     kind = module_kind(module)
+    if layer.algorithm != "lora":  # LoHa / LoKr / full diff: no factored form; delta() from the factors per forward
+        return True
     if kind == "conv" and module.groups != 1:
         return True
     if layer.magnitude is not None and (kind == "embedding" or is_fan_in_fan_out(module)):
@@ -370,11 +372,11 @@ class DenseSlot:
 
     @property
     def device(self) -> torch.device:
-        return self.layer.down.device
+        return self.layer.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.layer.down.dtype
+        return self.layer.dtype
 
     def rank_fits(self, module, layer) -> Optional[str]:
         return "the dense fallback path cannot be hotswapped"

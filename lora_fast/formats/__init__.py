@@ -205,6 +205,10 @@ def write_adapter(adapter: LoraAdapter, path, format: str = "diffusers") -> None
         raise LoraFormatError(f"write_adapter needs a LoraAdapter, got {type(adapter).__name__}")
     if not adapter.layers:
         raise LoraFormatError(f"{adapter.source or '<adapter>'}: the adapter has no layers")
+    if format != "kohya":  # LoHa/LoKr/full layers exist only in kohya/LyCORIS files (or as an explicit approximation)
+        from .lycoris import refuse_low_rank_format
+
+        refuse_low_rank_format(adapter, format)
     if format == "diffusers":
         write_diffusers(adapter, path)
     elif format == "peft":

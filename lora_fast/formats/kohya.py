@@ -46,12 +46,12 @@ import torch
 
 from ..adapter import LoraAdapter, LoraLayer, split_component
 from ..errors import LoraFormatError
+from . import lycoris
 
 KOHYA_ROOTS = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 # Textual-inversion embeddings some kohya trainers bundle into the same file. They make the file
 # kohya-shaped, but read_kohya refuses them by name (they are not LoRA layers; never dropped silently).
 _KOHYA_EXTRA_PREFIXES = ("bundle_emb.",)
-from . import lycoris
 
 FAMILIES = ("sd15", "sd2", "sdxl")
 _NAMES_DIR = Path(__file__).resolve().parent / "names"
@@ -182,13 +182,13 @@ def _classify_suffix(source: str, key: str, suffix: str) -> str:
     role = _SUFFIXES.get(suffix)
     if role is not None:
         return role
+    if lycoris.is_lycoris_suffix(suffix):  # LoHa / LoKr / full diff: the role is the suffix (formats/lycoris.py)
+        return suffix
     for prefix, algo in _LYCORIS_PREFIXES.items():
         if suffix.startswith(prefix):
             raise _fail(source, key, f"LyCORIS {algo} tensors are not supported (only LoRA/LoCon)")
     head = suffix.split(".")[0]
     if head in _LYCORIS_SUFFIXES:
-    if lycoris.is_lycoris_suffix(suffix):  # LoHa / LoKr / full diff: the role is the suffix (formats/lycoris.py)
-        return suffix
         raise _fail(source, key, f"LyCORIS {_LYCORIS_SUFFIXES[head]} tensors are not supported (only LoRA/LoCon)")
     raise _fail(source, key, f"unknown kohya tensor {suffix!r} (expected one of {sorted(_SUFFIXES)})")
 
@@ -248,13 +248,13 @@ class _Parsed:
 
 
 def _parse_module(source: str, name: str, group: dict) -> _Parsed:
+    if lycoris.is_lycoris_group(group):
+        return lycoris.parse_module(source, name, group)
     present = ", ".join(repr(k) for k, _ in group.values())
     for role, partner in (("down", "lora_down.weight"), ("up", "lora_up.weight")):
         if role not in group:
             raise LoraFormatError(f"{source}: module {name!r} has no {name}.{partner} (found {present})")
     down_key, up_key = group["down"][0], group["up"][0]
-    if lycoris.is_lycoris_group(group):
-        return lycoris.parse_module(source, name, group)
     down = _factor(source, down_key, group["down"][1])
     up = _factor(source, up_key, group["up"][1])
     if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
@@ -287,13 +287,13 @@ def _parse_module(source: str, name: str, group: dict) -> _Parsed:
 def _form_fit(parsed: _Parsed, module: _Module) -> int:
     """2 when the factors have the natural form for the module kind, 1 when they need a reshape,
     0 when they cannot belong to it."""
+    if isinstance(parsed, lycoris.LycorisParsed):
+        return parsed.form_fit(module.kind, module.shape)
     down = parsed.down
     if module.kind == "linear":
         if parsed.mid is not None:
             return 0
         if down.dim() == 2:
-    if isinstance(parsed, lycoris.LycorisParsed):
-        return parsed.form_fit(module.kind, module.shape)
             return 2
         return 1 if tuple(down.shape[2:]) == (1, 1) else 0
     if parsed.kernel() != tuple(module.shape[2:]):
@@ -350,13 +350,13 @@ def _dora_axis(source: str, key: str, magnitude: torch.Tensor, out: int, inp: in
 
 
 def _build_layer(source: str, p: _Parsed, module: _Module, strict_shapes: bool) -> LoraLayer:
+    if isinstance(p, lycoris.LycorisParsed):
+        return p.build(module.key, module.kind, module.shape, strict_shapes)
     down_key = p.keys["down"]
     fit = _form_fit(p, module)
     if fit == 0:
         if module.kind == "linear":
             want = "2-D factors (or 4-D with 1×1 kernels)" + (", and no lora_mid" if p.mid is not None else "")
-    if isinstance(p, lycoris.LycorisParsed):
-        return p.build(module.key, module.kind, module.shape)
         else:
             want = f"a {module.shape[2]}×{module.shape[3]} kernel"
         raise _fail(source, down_key, f"factors {tuple(p.down.shape)} do not fit {module.key} "
@@ -577,7 +577,7 @@ def write_kohya(adapter: LoraAdapter, *, source: str = "<adapter>") -> dict[str,
             raise LoraFormatError(f"{source}: {key}: embedding LoRA layers have no kohya form")
         if layer.fan_in_fan_out:
             raise LoraFormatError(f"{source}: {key}: fan_in_fan_out layers have no kohya form")
-        if layer.bias is not None:
+        if layer.bias is not None and layer.algorithm != "full":  # a full diff's bias is its diff_b
             raise LoraFormatError(f"{source}: {key}: a lora_B bias has no kohya form")
         module = _module_for_write(key, family)
         if module is None:
@@ -587,6 +587,13 @@ def write_kohya(adapter: LoraAdapter, *, source: str = "<adapter>") -> dict[str,
         if name in written:
             raise LoraFormatError(f"{source}: {key} and {written[name]} are the same module ({name})")
         written[name] = key
+        if layer.algorithm != "lora":  # LoHa / LoKr / full diff: its LyCORIS tensors as read (formats/lycoris.py)
+            if tuple(layer.weight_shape[2:]) not in ((), (1, 1), tuple(module.shape[2:])) or (
+                    len(layer.weight_shape) == 4 and tuple(layer.weight_shape[2:]) != tuple(module.shape[2:]) or ()):
+                raise LoraFormatError(f"{source}: {key}: a {layer.weight_shape} {layer.algorithm} layer does not fit "
+                                      f"{name} {module.shape}")
+            out.update(lycoris.write_tensors(layer, name))
+            continue
         down, up = _factors_for_write(layer, module, source, key)
         out[f"{name}.lora_down.weight"] = down.contiguous()
         out[f"{name}.lora_up.weight"] = up.contiguous()

@@ -219,10 +219,19 @@ class LycorisParsed:
 
     # ------------------------------------------------------------------ the layer
 
-    def build(self, key: str, kind: str, shape: tuple) -> LoraLayer:
-        """The layer for a target module (kind ``"linear"``/``"conv2d"``, full weight shape)."""
+    def build(self, key: str, kind: str, shape: tuple, strict: bool = True) -> LoraLayer:
+        """The layer for a target module (kind ``"linear"``/``"conv2d"``, its full-size weight shape). ``strict``:
+        the tensors must give that shape; otherwise (a file for a model of the same layout but other widths, as the
+        kohya reader decides) only the kind and kernel size must fit, and the shape is the tensors' own."""
         shape = tuple(int(d) for d in shape)
         label = ALGORITHM_NAMES[self.algorithm]
+        if not strict and self.form_fit(kind, shape):
+            if kind == "linear":
+                shape = (self.out, self.in_flat)
+            else:
+                kh, kw = self.kernel_shape or shape[2:]
+                if self.in_flat % (kh * kw) == 0:
+                    shape = (self.out, self.in_flat // (kh * kw), kh, kw)
         if (self.out, self.in_flat) != (shape[0], math.prod(shape[1:])) or self.form_fit(kind, shape) == 0:
             implied = self.implied_shape(kind)
             raise _fail(self.source, self.keys["down"], f"LyCORIS {label} tensors imply a weight of shape "
@@ -264,3 +273,50 @@ def write_tensors(layer: LoraLayer, name: str) -> dict[str, torch.Tensor]:
     if layer.bias is not None:
         out[f"{name}.diff_b"] = layer.bias.contiguous()
     return out
+
+
+def refuse_low_rank_format(adapter, format: str) -> None:
+    """LoraFormatError when ``adapter`` has LoHa/LoKr/full layers: diffusers and PEFT LoRA files hold one low-rank
+    product per module, which these are not (``approximate_lora`` makes one, with an explicit rank)."""
+    other = [(k, l.algorithm) for k, l in adapter.layers.items() if l.algorithm != "lora"]
+    if other:
+        algos = sorted({ALGORITHM_NAMES[a] for _, a in other})
+        raise LoraFormatError(
+            f"{adapter.source or '<adapter>'}: {len(other)} modules are LyCORIS {', '.join(algos)} layers "
+            f"(first: {other[0][0]}), which a {format} LoRA file cannot hold exactly (it stores one low-rank product "
+            "per module); keep the kohya/LyCORIS format, or ask for a low-rank approximation with an explicit rank "
+            "(lora-fast convert --approx-rank N, or lora_fast.formats.lycoris.approximate_lora)")
+
+
+def approximate_lora(adapter, rank: int):
+    """(adapter with every LoHa/LoKr/full layer replaced by its best rank-``rank`` LoRA approximation, {module key:
+    relative error}) where the error is ‖ΔW − ΔW_r‖_F / ‖ΔW‖_F of the flattened (out, in·kh·kw) delta (truncated SVD
+    in float64; alpha = rank, so the scale is 1). LoRA layers are kept as they are; LyCORIS layers with a DoRA
+    ``dora_scale`` are refused; a full diff's bias becomes a lora_B bias."""
+    from ..adapter import LoraAdapter
+
+    if not isinstance(rank, int) or rank < 1:
+        raise LoraFormatError(f"the approximation rank must be a positive integer, got {rank!r}")
+    layers, errors = {}, {}
+    for key, layer in adapter.layers.items():
+        if layer.algorithm == "lora":
+            layers[key] = layer
+            continue
+        if layer.magnitude is not None:
+            raise LoraFormatError(f"{adapter.source or '<adapter>'}: {key}: a LyCORIS layer with dora_scale has no "
+                                  "low-rank approximation here (the DoRA normalization is not a delta)")
+        d = layer.delta().double().reshape(layer.shape[0], -1)
+        u, s, vh = torch.linalg.svd(d, full_matrices=False)
+        r = min(rank, int(s.shape[0]))
+        root = s[:r].sqrt()
+        dtype = layer.dtype
+        up = (u[:, :r] * root).to(dtype)
+        down = (root[:, None] * vh[:r]).to(dtype)
+        approx = up.double() @ down.double()
+        norm = d.norm().item()
+        errors[key] = (d - approx).norm().item() / norm if norm > 0 else 0.0
+        if layer.kind == "conv":
+            down = down.reshape(r, *layer.shape[1:])
+            up = up.reshape(up.shape[0], r, 1, 1)
+        layers[key] = LoraLayer(down=down, up=up, alpha=float(r), kind=layer.kind, bias=layer.bias)
+    return (LoraAdapter(layers, adapter.format, dict(adapter.metadata), adapter.source, adapter.family), errors)

@@ -530,6 +530,8 @@ def _by_backend(jobs, backend):
     for i, job in enumerate(jobs):
         dev = job.weight.device.type
         be = backend if backend is not None else _DEFAULT.get(dev, "torch")
+        if be == "triton" and job.terms:  # LoHa/LoKr/full terms: the torch backend (the C++ kernel's bits)
+            be = "torch"
         if be == "cpu" and dev != "cpu":
             raise ValueError(f"merge backend 'cpu' cannot run on {dev} tensors")
         if be == "triton":
