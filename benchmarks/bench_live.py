@@ -13,7 +13,14 @@ Cases:
   first vs last load.
 * forward of the tiny SD1.5 UNet (and optionally the full one): base vs one live adapter vs fused.
 * diffusers (optional): the same set_adapters and loads on the tiny UNet pipeline.
+* step (``--step``, alone with ``--step-only``): one UNet step at batch B (default 16, CFG-shaped: 8 adapters x 2)
+  with rank-16 adapters on every attention projection: base, one live adapter for the whole batch through the
+  per-slot products and through the segmented kernels (lora_fast.live.KERNEL_ROUTE), and per_sample_adapters with
+  8 different adapters; ratios to the base step. ``--device cuda --dtype fp16`` for the GPU figure.
 Times are medians of repeats (time.perf_counter).
+
+    python benchmarks/bench_live.py --step-only --size full --batch 8 --latent 16 --dtype bf16
+    python benchmarks/bench_live.py --step-only --device cuda --dtype fp16          # SD1.5, batch 16, latent 64
 """
 
 from __future__ import annotations
@@ -156,6 +163,121 @@ def bench_forward(repeats: int, full: bool) -> dict:
     return res
 
 
+def bench_step(size: str, batch: int, latent: int, dtype_name: str, device: str, rank: int, repeats: int,
+               warmup: int) -> dict:
+    """base vs one live adapter (per-slot products, segmented kernels) vs per-sample with 8 adapters, one UNet step."""
+    from lora_fast import live
+    from lora_fast.bench import DTYPES
+
+    dtype = DTYPES[dtype_name]
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    if size == "full":
+        unet = materialize(build_unet("sd15", "full", device="meta", seed=None), dtype=dtype, device=device)
+    else:
+        unet = build_unet("sd15", "tiny", dtype=dtype, device=device, seed=0)
+    names = [f"a{i}" for i in range(8)]
+    for i, name in enumerate(names):
+        lora_fast.load_lora_weights(unet, attention_adapter(unet, i, rank=rank, dtype=dtype, device=device),
+                                    adapter_name=name)
+    g = torch.Generator().manual_seed(0)
+    cfg = unet.config
+    latents = torch.randn(batch, cfg.in_channels, latent, latent, generator=g).to(device, dtype)
+    text = torch.randn(batch, 77, cfg.cross_attention_dim, generator=g).to(device, dtype)
+    timestep = torch.tensor([500], device=device)
+    outs = {}
+
+    def step(key):
+        with torch.inference_mode():
+            outs[key] = unet(latents, timestep, text).sample
+        sync()
+
+    def case(key, select, route=None):
+        def run():
+            select()
+            saved = live.KERNEL_ROUTE
+            live.KERNEL_ROUTE = route
+            try:
+                step(key)
+            finally:
+                live.KERNEL_ROUTE = saved
+        return run
+
+    def per_sample():
+        lora_fast.enable_lora(unet)
+        with lora_fast.per_sample_adapters(unet, names):  # sample j uses adapter j mod 8 (CFG: both halves)
+            step("per_sample")
+
+    cases = {
+        "base": case("base", lambda: lora_fast.disable_lora(unet)),
+        "live_per_slot": case("live_per_slot", lambda: (lora_fast.enable_lora(unet), lora_fast.set_adapters(unet, ["a0"])),
+                              False),
+        "live_kernels": case("live_kernels", lambda: (lora_fast.enable_lora(unet), lora_fast.set_adapters(unet, ["a0"])),
+                             True),
+        "per_sample_8": per_sample,
+    }
+    rounds = {k: [] for k in cases}
+    for r in range(warmup + repeats):  # interleaved rounds: load changes on a shared machine hit every case alike
+        for key, fn in cases.items():
+            t = median_time(fn, 1, warmup=0)
+            if r >= warmup:
+                rounds[key].append(t)
+    times = {k: statistics.median(v) for k, v in rounds.items()}
+    ref = outs["live_per_slot"].double()
+    diff = ((outs["live_kernels"].double() - ref).abs().max() / ref.abs().max()).item()
+    res = {"size": size, "device": device, "dtype": dtype_name, "batch": batch, "latent": latent, "rank": rank,
+           "repeats": repeats, "segmented_backend": os.environ.get("LORA_FAST_SEGMENTED_BACKEND") or
+           ("triton" if device.startswith("cuda") else "torch"),
+           "times_ms": {k: v * 1e3 for k, v in times.items()},
+           "ratios_to_base": {k: v / times["base"] for k, v in times.items()},
+           "live_kernels_vs_per_slot_rel_max_diff": diff}
+    print(f"step {size} SD1.5 UNet {dtype_name} {device}, batch {batch}, latent {latent}, rank {rank}: "
+          + ", ".join(f"{k} {v * 1e3:.1f} ms ({v / times['base']:.2f}x)" for k, v in times.items())
+          + f"; kernels vs per-slot max rel diff {diff:.1e}", file=sys.stderr)
+    return res
+
+
+def bench_layer(dtype_name: str, device: str, repeats: int) -> dict:
+    """One attention-shaped Linear (SD1.5 mid widths) with one rank-16 adapter: the LoRA terms alone, per-slot
+    products vs the segmented kernels, median of many calls (steadier than a whole step on a loaded machine)."""
+    from lora_fast import live
+    from lora_fast.bench import DTYPES
+
+    dtype = DTYPES[dtype_name]
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    res = {}
+    for width, rows in ((320, 8 * 1024), (640, 8 * 256), (1280, 8 * 64)):
+        lin = torch.nn.Linear(width, width).to(device, dtype)
+        g = torch.Generator().manual_seed(0)
+        adapter = LoraAdapter({"": LoraLayer(down=(torch.randn(16, width, generator=g) * 0.05).to(dtype),
+                                             up=(torch.randn(width, 16, generator=g) * 0.05).to(dtype), alpha=16.0)},
+                              "diffusers")
+        lora_fast.load_lora_weights(lin, adapter, adapter_name="a")
+        x = torch.randn(rows, width, generator=g).to(device, dtype)
+        times = {}
+        for label, route in (("base", None), ("per_slot", False), ("kernels", True)):
+            saved = live.KERNEL_ROUTE
+            live.KERNEL_ROUTE = route
+            if label == "base":
+                lora_fast.disable_lora(lin)
+            else:
+                lora_fast.enable_lora(lin)
+
+            def run():
+                with torch.inference_mode():
+                    lin(x)
+                sync()
+
+            try:
+                times[label] = median_time(run, repeats, warmup=3)
+            finally:
+                live.KERNEL_ROUTE = saved
+        res[f"{width}x{rows}"] = {k: v * 1e3 for k, v in times.items()}
+        print(f"layer {dtype_name} Linear({width}) x {rows} rows, rank 16: base {times['base'] * 1e3:.3f} ms, LoRA terms "
+              f"per-slot +{(times['per_slot'] - times['base']) * 1e3:.3f} ms, kernels "
+              f"+{(times['kernels'] - times['base']) * 1e3:.3f} ms", file=sys.stderr)
+    return res
+
+
 def bench_diffusers(n_adapters: int, repeats: int) -> dict:
     """diffusers on the tiny SD1.5 pipeline: load_lora_weights per adapter and set_adapters with all of them."""
     pipe = build_pipeline("sd15", "tiny", seed=0)
@@ -195,6 +317,16 @@ def main() -> None:
     parser.add_argument("--full-forward", action="store_true", help="also time a full-size UNet forward (slow)")
     parser.add_argument("--no-diffusers", action="store_true")
     parser.add_argument("--out", default="bench-out/live.json")
+    parser.add_argument("--step", action="store_true", help="also time the UNet step case (base / live / per-sample)")
+    parser.add_argument("--step-only", action="store_true", help="only the UNet step case")
+    parser.add_argument("--size", choices=("full", "tiny"), default="full", help="step case: UNet size")
+    parser.add_argument("--batch", type=int, default=16, help="step case: batch (a multiple of 8)")
+    parser.add_argument("--latent", type=int, default=64, help="step case: latent side")
+    parser.add_argument("--rank", type=int, default=16, help="step case: adapter rank")
+    parser.add_argument("--dtype", default="fp32", help="step case: fp32, fp16 or bf16")
+    parser.add_argument("--device", default="cpu", help="step case: device")
+    parser.add_argument("--step-repeats", type=int, default=3)
+    parser.add_argument("--layer", action="store_true", help="step case: also time single attention-shaped layers")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     if args.threads:
@@ -209,11 +341,21 @@ def main() -> None:
         report["load_average"] = os.getloadavg()
     except OSError:
         pass
-    report["set_adapters"] = bench_set_adapters(args.adapters, args.repeats)
-    report["loads"] = bench_loads(args.loads, 3, full=not args.no_full)
-    report["forward"] = bench_forward(args.repeats // 2 or 1, full=args.full_forward)
-    if not args.no_diffusers:
-        report["diffusers"] = bench_diffusers(args.adapters, args.repeats)
+    if not args.step_only:
+        report["set_adapters"] = bench_set_adapters(args.adapters, args.repeats)
+        report["loads"] = bench_loads(args.loads, 3, full=not args.no_full)
+        report["forward"] = bench_forward(args.repeats // 2 or 1, full=args.full_forward)
+        if not args.no_diffusers:
+            report["diffusers"] = bench_diffusers(args.adapters, args.repeats)
+    if args.step or args.step_only:
+        if args.layer:
+            report["layer"] = bench_layer(args.dtype, args.device, 41)
+        report["step"] = bench_step(args.size, args.batch, args.latent, args.dtype, args.device, args.rank,
+                                    args.step_repeats, warmup=1)
+        try:
+            report["load_average_end"] = os.getloadavg()
+        except OSError:
+            pass
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
