@@ -113,8 +113,8 @@ class LycorisParsed:
     def _need(self, *roles) -> list:
         missing = [r for r in roles if r not in self.tensors]
         if missing:
-            raise LoraFormatError(f"{self.source}: LyCORIS {ALGORITHM_NAMES[self.algorithm]} module {self.name!r} has no "
-                                  f"{', '.join(self.name + '.' + m for m in missing)} (found {sorted(self.tensors)})")
+            raise self._bad("down", f"LyCORIS {ALGORITHM_NAMES[self.algorithm]} module {self.name!r} has no "
+                                    f"{', '.join(self.name + '.' + m for m in missing)} (found {sorted(self.tensors)})")
         return [self.tensors[r] for r in roles]
 
     def _bad(self, role: str, problem: str) -> LoraFormatError:
