@@ -40,17 +40,55 @@ CASES = {
 #: per model family: the default (targets, rank) of ``lora-fast bench --model``
 MODEL_DEFAULTS = {family: (targets, rank) for family, targets, rank in CASES.values()}
 
+#: Flux.1 (``--model flux``): the transformer alone, at Flux.1-dev's width (inner dim 3072 = 24 heads x 128, MLP
+#: 12288, the published config), with fewer blocks than the real model's 19 double + 38 single so it fits a small
+#: machine. Targets: ``linear`` is every Linear of the double/single blocks (the modules sd-scripts names
+#: ``double_blocks_N_*`` / ``single_blocks_N_*``, modulation included), ``attn`` the attention ones (img/txt qkv
+#: and proj; a single block's attention and MLP share ``linear1``/``linear2``, both included).
+MODEL_DEFAULTS["flux"] = ("linear", 16)
+FLUX_BLOCKS = (2, 4)  # default (double, single) blocks
+FLUX_FULL_BLOCKS = (19, 38)  # Flux.1-dev
+FLUX_ATTN_MODULES = ("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "linear1", "linear2")
+#: LoRA file layouts a case can be written in: diffusers/PEFT module names, or kohya sd-scripts (Flux only: fused
+#: qkv / linear1 modules, which both libraries split into modules sharing one down matrix)
+LORA_FORMATS = ("diffusers", "kohya")
+#: case name -> {"lora_format": ..., "blocks": (double, single)} for cases that are not plain diffusers-file ones
+CASE_OPTIONS: dict = {}
+#: Flux drift check: the first rows of every targeted weight (a whole-weight copy would double the model's memory)
+FLUX_DRIFT_ROWS = 512
 
-def make_case(model: str, targets: Optional[str] = None, rank: Optional[int] = None) -> str:
+
+def make_case(model: str, targets: Optional[str] = None, rank: Optional[int] = None, *,
+              lora_format: str = "diffusers", blocks: Optional[tuple] = None) -> str:
     """The case name for a model family with optional targets/rank overrides, e.g. ``sd15-attn-r4``;
-    registered in CASES so run()/run_case() accept it."""
+    registered in CASES so run()/run_case() accept it.
+
+    ``lora_format``: the layout of the LoRA file both libraries load (``kohya`` for Flux only). ``blocks``: Flux's
+    (double, single) block counts (default :data:`FLUX_BLOCKS`); the name then reads ``flux-d2s4-linear-r16`` (+
+    ``-kohya``)."""
+    if model not in MODEL_DEFAULTS:
+        raise ValueError(f"unknown model {model!r} (expected one of {sorted(MODEL_DEFAULTS)})")
     default_targets, default_rank = MODEL_DEFAULTS[model]
     targets = targets or default_targets
     rank = rank or default_rank
     if targets not in ("attn", "linear"):
         raise ValueError(f"targets must be 'attn' or 'linear', got {targets!r}")
-    name = f"{model}-{targets}-r{rank}"
-    CASES.setdefault(name, (model, targets, int(rank)))
+    if lora_format not in LORA_FORMATS:
+        raise ValueError(f"lora_format must be one of {LORA_FORMATS}, got {lora_format!r}")
+    if model != "flux":
+        if lora_format != "diffusers":
+            raise ValueError(f"--model {model}: the LoRA is written in the diffusers layout only (kohya: flux)")
+        if blocks is not None:
+            raise ValueError("blocks applies to --model flux only")
+        name = f"{model}-{targets}-r{rank}"
+        CASES.setdefault(name, (model, targets, int(rank)))
+        return name
+    double, single = FLUX_BLOCKS if blocks is None else (int(blocks[0]), int(blocks[1]))
+    if double < 0 or single < 0 or double + single == 0:
+        raise ValueError(f"Flux blocks must be >= 0 and not both 0, got {double},{single}")
+    name = f"flux-d{double}s{single}-{targets}-r{rank}" + ("-kohya" if lora_format == "kohya" else "")
+    CASES.setdefault(name, ("flux", targets, int(rank)))
+    CASE_OPTIONS.setdefault(name, dict(lora_format=lora_format, blocks=(double, single)))
     return name
 
 
@@ -131,6 +169,100 @@ def make_adapter(components: dict[str, nn.Module], targets: str, rank: int, dtyp
     return LoraAdapter(layers, "diffusers")
 
 
+def _flux_block_modules(transformer: nn.Module, targets: str):
+    """(BFL module name, [diffusers module paths]) of every targeted Flux block module of ``transformer``, in
+    the table's order: one entry per original module (``double_blocks.0.img_attn.qkv`` -> to_q, to_k, to_v)."""
+    from .formats.flux import FLUX_MODULES
+
+    counts = {"double_blocks": len(transformer.transformer_blocks),
+              "single_blocks": len(transformer.single_transformer_blocks)}
+    out = []
+    for m in FLUX_MODULES:
+        kind, _, rest = m.bfl.partition(".{i}.")
+        if kind not in counts or (targets == "attn" and rest not in FLUX_ATTN_MODULES):
+            continue
+        for i in range(counts[kind]):
+            out.append((m.bfl.format(i=i), [p.format(i=i) for p, _ in m.targets]))
+    return out
+
+
+def make_flux_adapter(transformer: nn.Module, targets: str, rank: int, dtype=torch.float32, seed: int = 0):
+    """A random Flux LoRA over the transformer's blocks, made the way sd-scripts trains one: one down/up pair per
+    original (BFL) module, fused projections (img/txt qkv, single-block linear1) whole, alpha = 2·rank (scale 2,
+    delta a few % of W as in :func:`make_adapter`). Returned as lora_fast reads that kohya file: diffusers module
+    keys, the parts of a fused projection sharing one down tensor. ``adapter.save(path, format="kohya")`` writes the
+    sd-scripts file back bit for bit; ``format="diffusers"`` the same deltas under diffusers/PEFT names."""
+    from .formats.flux import read_flux
+    from .formats.fused import kohya_name
+
+    gen = torch.Generator().manual_seed(seed)
+    mods = dict(transformer.named_modules())
+    sd = {}
+    for bfl, paths in _flux_block_modules(transformer, targets):
+        rows = sum(mods[p].out_features for p in paths)
+        in_f = mods[paths[0]].in_features
+        name = kohya_name(bfl)
+        sd[f"{name}.lora_down.weight"] = (torch.randn(rank, in_f, generator=gen) / in_f**0.5).to(dtype)
+        sd[f"{name}.lora_up.weight"] = (torch.randn(rows, rank, generator=gen) * 0.01).to(dtype)
+        sd[f"{name}.alpha"] = torch.tensor(2.0 * rank, dtype=dtype)
+    if not sd:
+        raise ValueError("this Flux transformer has no block to put a LoRA on")
+    return read_flux(sd, "kohya", source="bench")
+
+
+def flux_model_info(transformer: nn.Module, targets: str) -> dict:
+    """How the (reduced) Flux transformer compares with the real one at the same widths (19 double + 38 single
+    blocks, built on the meta device): blocks, parameters and targeted weights, and their fractions."""
+    full_cfg = {k: v for k, v in dict(transformer.config).items() if not k.startswith("_")}
+    full_cfg.update(num_layers=FLUX_FULL_BLOCKS[0], num_single_layers=FLUX_FULL_BLOCKS[1])
+    with torch.device("meta"):
+        full = type(transformer)(**full_cfg)
+
+    def targeted(model):
+        mods = dict(model.named_modules())
+        return sum(mods[p].weight.numel() for _, paths in _flux_block_modules(model, targets) for p in paths)
+
+    params = sum(p.numel() for p in transformer.parameters())
+    full_params = sum(p.numel() for p in full.parameters())
+    tw, full_tw = targeted(transformer), targeted(full)
+    return dict(
+        double_blocks=len(transformer.transformer_blocks), single_blocks=len(transformer.single_transformer_blocks),
+        full_double_blocks=FLUX_FULL_BLOCKS[0], full_single_blocks=FLUX_FULL_BLOCKS[1],
+        inner_dim=int(transformer.inner_dim), params=params, full_params=full_params,
+        param_fraction=params / full_params, targeted_weights=tw, full_targeted_weights=full_tw,
+        targeted_fraction=tw / full_tw, text_encoders=False,
+    )
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
+
+
+def _flux_note(info: dict) -> str:
+    width = "Flux.1-dev width" if info["inner_dim"] == 3072 else "test width"
+    return (f"Flux transformer only (no T5/CLIP), {width} (inner dim {info['inner_dim']}), "
+            f"{info['double_blocks']} of {info['full_double_blocks']} double and {info['single_blocks']} of "
+            f"{info['full_single_blocks']} single blocks: {100 * info['param_fraction']:.1f}% of the parameters of "
+            f"the {info['full_double_blocks']}+{info['full_single_blocks']}-block transformer at this width "
+            f"({_count(info['full_params'])}), {100 * info['targeted_fraction']:.1f}% of the weights this LoRA "
+            f"targets on it ({_count(info['full_targeted_weights'])})")
+
+
+def _flux_pipeline(size: str, dtype, device: str, blocks: tuple):
+    """A FluxPipeline around a Flux transformer with ``blocks`` = (double, single) blocks: Flux.1-dev widths at
+    ``size="full"`` (built on meta, then given random weights), the tiny test widths otherwise."""
+    from .models import build_flux_pipeline_around, build_flux_transformer, materialize
+
+    double, single = blocks
+    if size == "tiny":
+        t = build_flux_transformer("tiny", dtype=dtype, num_layers=double, num_single_layers=single)
+        t = t.to(device) if device != "cpu" else t
+    else:
+        t = materialize(build_flux_transformer("full", device="meta", num_layers=double, num_single_layers=single),
+                        dtype=dtype, device=device)
+    return build_flux_pipeline_around(t, dtype=dtype, device=device)
+
+
 @dataclass
 class CaseResult:
     case: str
@@ -141,6 +273,8 @@ class CaseResult:
     lora_fast: dict = field(default_factory=dict)
     diffusers: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
+    lora_format: str = "diffusers"
+    model: dict = field(default_factory=dict)  # Flux: blocks and fractions of the real model (flux_model_info)
 
 
 def _changed_bits(tensors, originals) -> int:
@@ -233,37 +367,63 @@ def run_case(case: str, dtype_name: str, *, floor: dict, repeats: int = REPEATS,
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
     family, targets, rank = CASES[case]
+    opts = CASE_OPTIONS.get(case, {})
+    lora_format = opts.get("lora_format", "diffusers")
     dtype = DTYPES[dtype_name]
     sync = _synchronizer(device)
-    if size == "tiny":
-        pipe = build_pipeline(family, "tiny", dtype=dtype, device="cpu")
-        if device != "cpu":
-            pipe.to(device)
+    notes, model_info = [], {}
+    if family == "flux":
+        pipe = _flux_pipeline(size, dtype, device, opts.get("blocks", FLUX_BLOCKS))
+        comps = {"transformer": pipe.transformer}
+        adapter = make_flux_adapter(pipe.transformer, targets, rank, dtype=dtype)
+        model_info = flux_model_info(pipe.transformer, targets)
+        notes.append(_flux_note(model_info))
     else:
-        pipe = build_pipeline(family, "full", dtype=dtype, device="meta")
-    comps = {k: v for k, v in pipe.components.items() if isinstance(v, nn.Module) and k != "vae"}
-    if size != "tiny":
-        for i, m in enumerate(comps.values()):
-            materialize(m, dtype=dtype, seed=i, device=device)
-        pipe.vae = materialize(pipe.vae, dtype=dtype, device=device)
-    adapter = make_adapter(comps, targets, rank, dtype=dtype)
+        if size == "tiny":
+            pipe = build_pipeline(family, "tiny", dtype=dtype, device="cpu")
+            if device != "cpu":
+                pipe.to(device)
+        else:
+            pipe = build_pipeline(family, "full", dtype=dtype, device="meta")
+        comps = {k: v for k, v in pipe.components.items() if isinstance(v, nn.Module) and k != "vae"}
+        if size != "tiny":
+            for i, m in enumerate(comps.values()):
+                materialize(m, dtype=dtype, seed=i, device=device)
+            pipe.vae = materialize(pipe.vae, dtype=dtype, device=device)
+        adapter = make_adapter(comps, targets, rank, dtype=dtype)
     weights = _targeted(comps, adapter)
     n_params = sum(w.numel() for w in weights)
     elt = torch.finfo(dtype).bits // 8
-    nbytes = 2 * n_params * elt + sum(l.down.numel() + l.up.numel() for l in adapter.layers.values()) * elt
+    # the factors are read once: a down matrix shared by the parts of a fused projection counts once
+    factors = {id(t): t for l in adapter.layers.values() for t in (l.down, l.up)}
+    nbytes = 2 * n_params * elt + sum(t.numel() for t in factors.values()) * elt
     flops = 2 * rank * n_params
     floor_s = max(nbytes / floor["copy_bytes_per_s"], flops / floor["matmul_flops_per_s"])
-    res = CaseResult(case, dtype_name, len(adapter.layers), n_params, floor_s)
-    log(f"[{case} {dtype_name}] {len(adapter.layers)} modules, {n_params / 1e6:.0f} M params, floor {floor_s * 1e3:.1f} ms")
+    res = CaseResult(case, dtype_name, len(adapter.layers), n_params, floor_s, notes=notes, lora_format=lora_format,
+                     model=model_info)
+    log(f"[{case} {dtype_name}] {len(adapter.layers)} modules, {n_params / 1e6:.0f} M params, {lora_format} file, "
+        f"floor {floor_s * 1e3:.1f} ms")
+    for note in notes:
+        log(f"  {note}")
+    if (compare_diffusers and family == "flux" and lora_format == "kohya" and model_info["single_blocks"]
+            and model_info["inner_dim"] != 3072):
+        # diffusers' kohya Flux converter splits linear1 with Flux.1's widths written in (3072 x 3 + 12288)
+        compare_diffusers = False
+        res.notes.append("diffusers not run: its kohya Flux converter splits single_blocks linear1 at Flux.1's "
+                         f"widths only (inner dim 3072; this model's is {model_info['inner_dim']})")
+        log(f"  {res.notes[-1]}")
 
     def fmt(d: dict) -> str:
         return (f"first fuse {d['first_fuse_s'] * 1e3:.1f} ms, unfuse {d['first_unfuse_s'] * 1e3:.1f} ms; warm median "
                 f"fuse {d['fuse_s'] * 1e3:.1f} ms, unfuse {d['unfuse_s'] * 1e3:.1f} ms")
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "pytorch_lora_weights.safetensors")
-        adapter.save(path, format="diffusers")
-        sample = weights[:drift_sample]
+        name = "pytorch_lora_weights.safetensors" if lora_format == "diffusers" else f"lora_{lora_format}.safetensors"
+        path = os.path.join(tmp, name)
+        adapter.save(path, format=lora_format)
+        del adapter
+        # Flux (every block weight targeted): the first rows of every weight; otherwise the first weights whole
+        sample = [w[:FLUX_DRIFT_ROWS] for w in weights] if family == "flux" else weights[:drift_sample]
         pristine = [w.detach().clone() for w in sample]
 
         # lora_fast: load (file -> registered), first fuse/unfuse, warm cycles; then fuse-on-load end to end
@@ -481,6 +641,10 @@ def format_table(report: dict) -> str:
             "-" if d_changed is None else f"{100 * d_changed / sample:.2f}%",
         ])
     lines += _table(["case", "dtype", "lora_fast (after every cycle)", "diffusers (after one cycle)"], rows)
+
+    notes = list(dict.fromkeys(f"{r['case']}: {n}" for r in results for n in r.get("notes") or ()))
+    if notes:
+        lines += ["", "Notes:"] + [f"  {n}" for n in notes]
 
     heads = [(r, headline(r)) for r in results]
     if any(h is not None for _, h in heads):

@@ -367,12 +367,33 @@ def _cmd_bench(args) -> int:
                 raise UsageError(f"--dtype {part!r}: expected fp32, fp16 or bf16")
             if part not in dtypes:
                 dtypes.append(part)
-    case = bench.make_case(args.model, targets=args.targets, rank=args.rank)
+    formats = []
+    for f in args.lora_format or (["diffusers,kohya"] if args.model == "flux" else ["diffusers"]):
+        for part in f.split(","):
+            if part not in bench.LORA_FORMATS:
+                raise UsageError(f"--lora-format {part!r}: expected diffusers or kohya")
+            if part not in formats:
+                formats.append(part)
+    if args.model != "flux" and formats != ["diffusers"]:
+        raise UsageError(f"--lora-format kohya: only --model flux writes a kohya file (--model {args.model}: diffusers)")
+    blocks = None
+    if args.flux_blocks is not None:
+        if args.model != "flux":
+            raise UsageError("--flux-blocks applies to --model flux only")
+        try:
+            blocks = tuple(int(x) for x in args.flux_blocks.split(","))
+        except ValueError:
+            blocks = ()
+        if len(blocks) != 2 or min(blocks) < 0 or sum(blocks) == 0:
+            raise UsageError(f"--flux-blocks {args.flux_blocks!r}: expected DOUBLE,SINGLE block counts, e.g. 2,4 "
+                             "(not both 0)")
+    cases = [bench.make_case(args.model, targets=args.targets, rank=args.rank, lora_format=f,
+                             blocks=blocks if args.model == "flux" else None) for f in formats]
     if not args.verbose:
         _quiet_libraries()
     compare = args.compare == "diffusers"
     log = print if args.verbose else (lambda s: print(s, file=sys.stderr))
-    report = bench.run(cases=(case,), dtypes=tuple(dtypes), repeats=args.repeats, warmup=args.warmup,
+    report = bench.run(cases=tuple(cases), dtypes=tuple(dtypes), repeats=args.repeats, warmup=args.warmup,
                        compare_diffusers=compare, size=args.size, device=args.device, log=log, threads=args.threads)
     paths = bench.write_report(report, args.out)
     print()
@@ -462,11 +483,20 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Fuse and unfuse a random LoRA on a built-in full-size model (random weights) with "
                                    "lora_fast and diffusers, next to the machine's measured floor (memory bandwidth / "
                                    "matmul rate). Prints a table and writes bench.json and bench.png to --out.")
-    p.add_argument("--model", choices=["sd15", "sdxl", "sd3"], default="sd15",
-                   help="built-in model shape (default sd15: UNet + CLIP text encoder)")
+    p.add_argument("--model", choices=["sd15", "sdxl", "sd3", "flux"], default="sd15",
+                   help="built-in model shape (default sd15: UNet + CLIP text encoder; flux: the Flux.1-dev "
+                        "transformer's width with fewer blocks, see --flux-blocks)")
     p.add_argument("--targets", choices=["attn", "linear"], default=None,
-                   help="attention projections, or every Linear (default: attn for sd15/sd3, linear for sdxl)")
-    p.add_argument("--rank", type=int, default=None, help="LoRA rank (default: 4 sd15, 32 sdxl, 16 sd3)")
+                   help="attention projections, or every Linear (default: attn for sd15/sd3, linear for sdxl and "
+                        "flux; flux: of the double/single blocks)")
+    p.add_argument("--rank", type=int, default=None, help="LoRA rank (default: 4 sd15, 32 sdxl, 16 sd3 and flux)")
+    p.add_argument("--flux-blocks", default=None, metavar="DOUBLE,SINGLE",
+                   help="--model flux: double and single transformer blocks (default 2,4; Flux.1-dev has 19,38); "
+                        "the output says what fraction of the real transformer that is")
+    p.add_argument("--lora-format", action="append", metavar="FORMAT",
+                   help="layout of the LoRA file both libraries load: diffusers (diffusers/PEFT names) or kohya "
+                        "(sd-scripts, flux only: fused qkv/linear1 modules); repeat or comma-separate (default: "
+                        "diffusers,kohya for flux, diffusers otherwise)")
     p.add_argument("--dtype", action="append", metavar="DTYPE",
                    help="fp32, fp16, bf16; repeat or comma-separate (default fp16,bf16)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")

@@ -268,6 +268,20 @@ def build_pipeline(family: str, size: str = "tiny", *, dtype=torch.float32, devi
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
+def build_flux_pipeline_around(transformer, *, dtype=torch.float32, device="cpu", seed: Optional[int] = 0):
+    """A FluxPipeline holding ``transformer`` (e.g. a full-width one with few blocks), a tiny VAE and no text
+    encoders or tokenizers: enough for diffusers' Flux LoRA loading and fusing of transformer LoRAs, and for
+    lora_fast's pipeline targets; not for generating images."""
+    import diffusers
+
+    with _seeded(seed), torch.device(device):
+        vae = _cast(diffusers.AutoencoderKL(
+            block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+            latent_channels=16, norm_num_groups=8), dtype)
+    return diffusers.FluxPipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None,
+                                  tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+
+
 def materialize(module: torch.nn.Module, *, dtype=torch.float32, device="cpu", seed: int = 0, std: float = 0.02):
     """Give a meta-device model real random weights quickly.
 
