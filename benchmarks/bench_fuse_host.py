@@ -3,7 +3,9 @@
 What a GPU fuse costs the host (building the launch, torch operations, kernel launches, host reads of device values)
 does not depend on the kernel, so it is measured here without one: the engine's ``fuse_lora`` / ``unfuse_lora`` run
 the Triton launcher on CPU tensors with the kernel replaced by a stand-in that does nothing (the counting pass
-reports no record). ``n`` Linear(64, 64) fp16 layers, one rank-4 fp16 adapter. Per size: median wall time of the
+reports no record). "fuse" is a first fuse (the fuse cache off), "repeat fuse" a fuse of the same adapter at the
+same scale after an exact unfuse (at the cached record positions), "safe fuse" a repeated ``safe_fusing`` fuse
+(counting pass and one host read on the cached table). ``n`` Linear(64, 64) fp16 layers, one rank-4 fp16 adapter. Per size: median wall time of the
 call (after warm-up), torch operations (a TorchDispatchMode counter), kernel launches and host reads (the
 launcher's counters; each is one synchronization on a GPU). ``--old REV`` runs the same on an older lora_fast
 (extracted from git into a temporary directory, with this tree's compiled ``_C``) for a before/after.
@@ -26,7 +28,7 @@ import time
 
 WORKER = textwrap.dedent(
     """
-    import json, statistics, sys, time
+    import json, os, statistics, sys, time
     import torch
     from torch import nn
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -52,6 +54,8 @@ WORKER = textwrap.dedent(
                     pass
                 if kw.get("MODE") == 1:
                     args[2].zero_()
+                if kw.get("MODE") == 2 and getattr(M, "FuseCache", None) is not None:
+                    args[7].zero_()  # the skip array: no tile skipped
             return run
     M._triton_kernel = lambda: Stub()
     M._DEFAULT["cpu"] = "triton"
@@ -88,9 +92,16 @@ WORKER = textwrap.dedent(
             else:
                 which()
             return time.perf_counter() - t0, c.n, launches[0] - l0, syncs[0] - s0
-        calls = {"fuse": lambda: lora_fast.fuse_lora(m), "safe fuse": lambda: lora_fast.fuse_lora(m, safe_fusing=True)}
+        def first(**kw):  # a fuse that cannot repeat a cached one (the cache is off)
+            os.environ["LORA_FAST_FUSE_CACHE"] = "0"
+            try:
+                lora_fast.fuse_lora(m, **kw)
+            finally:
+                os.environ.pop("LORA_FAST_FUSE_CACHE")
+        calls = {"fuse": first, "repeat fuse": lambda: lora_fast.fuse_lora(m),
+                 "safe fuse": lambda: lora_fast.fuse_lora(m, safe_fusing=True)}
         for name, fuse_call in calls.items():
-            for _ in range(2):  # warm-up
+            for _ in range(2):  # warm-up (and, for the repeats, the fuse they repeat)
                 fuse_call(); lora_fast.unfuse_lora(m)
             tf, tu = [], []
             for _ in range(repeat):
@@ -143,17 +154,18 @@ def main():
     for label, path in runs:
         res = run(path, args.layers, args.repeat)
         print(f"\n{label}")
-        print(f"{'layers':>7} | " + " | ".join(f"{w:>34}" for w in ("fuse", "unfuse", "safe fuse")))
-        print(f"{'':>7} | " + " | ".join(f"{'ms':>8} {'ops':>7} {'launch':>7} {'sync':>6}" for _ in range(3)))
+        what = [w for w in ("fuse", "repeat fuse", "unfuse", "safe fuse") if w in res[str(args.layers[0])]]
+        print(f"{'layers':>7} | " + " | ".join(f"{w:>34}" for w in what))
+        print(f"{'':>7} | " + " | ".join(f"{'ms':>8} {'ops':>7} {'launch':>7} {'sync':>6}" for _ in what))
         for n in args.layers:
             r = res[str(n)]
             cells = []
-            for w in ("fuse", "unfuse", "safe fuse"):
+            for w in what:
                 c = r[w]
                 cells.append(f"{c['ms']:8.2f} {c['ops']:7d} {c['launches']:7d} {c['syncs']:6d}")
             print(f"{n:>7} | " + " | ".join(cells))
         a, b = res[str(args.layers[0])], res[str(args.layers[-1])]
-        per = {w: (b[w]["ms"] - a[w]["ms"]) / (args.layers[-1] - args.layers[0]) * 1e3 for w in ("fuse", "unfuse", "safe fuse")}
+        per = {w: (b[w]["ms"] - a[w]["ms"]) / (args.layers[-1] - args.layers[0]) * 1e3 for w in what}
         print("host time per extra layer (us): " + ", ".join(f"{w} {v:.1f}" for w, v in per.items()))
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import math
+import os
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -80,6 +81,11 @@ class ComponentState:
     swaps: int = 0  # bumped by hotswap: tensors may have been replaced (per-sample kernel tables hold addresses)
     slot_epoch: int = 0  # bumped with version except for selection-only changes (see bump)
     gates: dict = field(default_factory=dict)  # adapter -> live.AdapterGate: what the traced forward runs
+    # repeat fuses (see _FuseMemo): cached fuse calls this component takes part in, bumped/dropped whenever its
+    # adapters change; pending checks of fuses made at cached record positions
+    fuse_gen: int = 0
+    fuse_memo: collections.OrderedDict = field(default_factory=collections.OrderedDict)
+    fuse_checks: list = field(default_factory=list)
 
     def fused_names(self) -> set[str]:
         return {n for step in self.fused for n in step.names}
@@ -348,6 +354,7 @@ def register_bound(target, comps: dict, bound: dict, adapter_name: str, max_rank
     for comp, layers in bound.items():
         root = comps[comp]
         state = component_state(root, create=True)
+        drop_fuse_cache(state)
         if max_rank is not None:
             state.max_rank = max(max_rank, state.max_rank or 0)
         weight = torch.ones((), dtype=torch.float32)
@@ -408,6 +415,7 @@ def _remove_encode_prompt_scale(target, force: bool = False) -> None:
 
 def _drop_state(module: nn.Module, state: ComponentState) -> None:
     """Remove every hook of a component and forget its state."""
+    drop_fuse_cache(state)
     for hook in state.hooks.values():
         hook.detach()
     state.hooks.clear()
@@ -455,6 +463,130 @@ def component_scales(lora_scale, comps) -> dict:
     return {c: value for c in comps}
 
 
+# ----------------------------------------------------------------------------------------- repeat fuses
+
+
+def _cache_entries() -> int:
+    try:
+        return max(0, int(os.environ.get("LORA_FAST_FUSE_CACHE", "4")))
+    except ValueError:
+        return 4
+
+
+@dataclass(eq=False)
+class _Part:
+    """One component's share of one fuse call."""
+
+    comp: Optional[str]
+    root: nn.Module
+    state: ComponentState
+    step: _FusedStep
+    idxs: list  # its jobs in the call's job list
+    biased: list  # (label, module, [(layer, factor)]) of the modules with a LoRA bias to fuse
+    dora: list  # (label, module, layer, factor)
+
+
+@dataclass(eq=False)
+class _FuseMemo:
+    """A fuse call kept for repeating it (docs/fuse.md, "On the GPU: data flow"): the merge jobs (the same objects
+    each time, so the kernels' FuseCache keyed on them hits), each job's label, the per-component bookkeeping, and
+    what the jobs were built from that the merge key cannot see: each weight's module (the parameter must still be
+    ``module.weight``) and the adapter tensors of factors that are converted copies (their ``_version``). Keyed by
+    the components' identity and ``fuse_gen``, the adapters fused, their weights and the scale; stored in every
+    component it touches (at most LORA_FAST_FUSE_CACHE per component, least recently used dropped first) and dropped
+    with any change of their adapters (load, delete, hotswap, set_lora_device, unload) or a failed check."""
+
+    key: tuple
+    states: tuple
+    parts: list  # (idxs, biased, dora) per component, in call order
+    jobs: list
+    labels: list
+    weights: list  # (module, weight parameter) per job
+    sources: list  # (adapter tensor, _version) behind converted factors
+    cache: merge_kernels.FuseCache
+
+    def current(self) -> bool:
+        for m, w in self.weights:
+            if m._parameters.get("weight") is not w:
+                return False
+        for t, v in self.sources:
+            if t._version != v:
+                return False
+        return self.cache.matches(self.jobs)
+
+
+def _forget(memo: _FuseMemo) -> None:
+    for s in memo.states:
+        if s.fuse_memo.get(memo.key) is memo:
+            del s.fuse_memo[memo.key]
+    memo.cache.clear()
+
+
+def drop_fuse_cache(state: ComponentState) -> None:
+    """Forget every cached fuse call this component takes part in (its adapters or weights changed)."""
+    state.fuse_gen += 1
+    for memo in list(state.fuse_memo.values()):
+        _forget(memo)
+
+
+def _remember(memo: _FuseMemo, limit: int) -> None:
+    for s in memo.states:
+        s.fuse_memo[memo.key] = memo
+        while len(s.fuse_memo) > limit:
+            _forget(next(iter(s.fuse_memo.values())))
+
+
+class _Check:
+    """The FuseGuards of one fuse at cached record positions, with the labels of its jobs."""
+
+    __slots__ = ("guards", "labels", "done")
+
+    def __init__(self, guards, labels):
+        self.guards, self.labels, self.done = guards, labels, False
+
+    def poll(self, wait: bool):
+        bad = []
+        for g in self.guards:
+            r = g.poll(wait)
+            if r is None:
+                return None
+            bad.extend(self.labels[i] for i in r)
+        self.done = True
+        return bad
+
+
+def check_fuses(states, wait: bool, where: str) -> None:
+    """Read the pending checks of fuses made at cached record positions (without waiting for the device unless
+    ``wait``); LoraFusionError naming the layers whose weights had changed behind torch's back. ``where`` says what
+    state the model is in."""
+    bad: list = []
+    hit = []
+    for _, _, st in states:
+        keep = []
+        for c in st.fuse_checks:
+            if c.done:
+                continue
+            r = c.poll(wait)
+            if r is None:
+                keep.append(c)
+            elif r:
+                bad.extend(x for x in r if x not in bad)
+        st.fuse_checks = keep
+        hit.append(st)
+    if not bad:
+        return
+    for st in hit:
+        drop_fuse_cache(st)
+    shown = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+    raise LoraFusionError(
+        f"the weights of {shown} changed without torch seeing it (a write through .data, a raw pointer or another "
+        "library's kernel) after lora_fast cached their fuse; the repeated fuse found record counts that no longer "
+        "matched and left those parts of the weights unfused (outputs computed while fused lacked the adapters "
+        f"there), so that unfusing stays exact. {where} The fuse cache was dropped: the next fuse_lora is a full one. "
+        "Change weights through the parameters themselves (param.copy_(...), load_state_dict), which torch tracks"
+    )
+
+
 def fuse(target, lora_scale: float = 1.0, safe_fusing: bool = False, adapter_names=None, components=None,
          adapter_weights=None) -> None:
     states = _states(target, components)
@@ -476,8 +608,9 @@ def fuse(target, lora_scale: float = 1.0, safe_fusing: bool = False, adapter_nam
         missing = [n for n in adapter_names if n not in known]
         if missing:
             raise LoraFusionError(f"no adapter named {missing} is loaded in the selected components")
+    check_fuses(states, False, "Nothing was changed by this fuse_lora call.")
 
-    plans = []  # (component, module, state, step, [(label, module, [(layer, factor)])])
+    calls = []  # (component, root, state, adapters to fuse, their weights)
     for comp, root, state in states:
         names = list(adapter_names) if adapter_names is not None else list(state.active)
         weights = {}
@@ -491,45 +624,45 @@ def fuse(target, lora_scale: float = 1.0, safe_fusing: bool = False, adapter_nam
         skipped = [n for n in names if n in already]
         if skipped:
             warnings.warn(f"{comp or 'module'}: adapters {skipped} are already fused; not fusing them again")
-        if not todo:
-            continue
-        per_module: dict[int, tuple[str, nn.Module, list]] = {}
-        for n in todo:
-            for path, b in state.adapters[n].items():
-                entry = per_module.setdefault(id(b.module), (_label(comp, path), b.module, []))
-                entry[2].append((b.layer, scales[comp] * weights[n]))
-        plans.append((comp, root, state, _FusedStep(names=todo), list(per_module.values())))
-    if not plans:
+        if todo:
+            calls.append((comp, root, state, todo, tuple(weights[n] for n in todo)))
+    if not calls:
         return
 
-    # Additive parts of every touched weight of every component: one grouped kernel call.
-    jobs, labels, owners = [], [], []
+    limit = _cache_entries()
+    key = tuple((id(st), st.fuse_gen, scales[comp], tuple(todo), ws) for comp, _, st, todo, ws in calls)
+    memo = calls[0][2].fuse_memo.get(key) if limit else None
+    if memo is not None:
+        if memo.current():
+            calls[0][2].fuse_memo.move_to_end(key)
+        else:  # the model changed under the cached call (moved, reloaded, a parameter replaced): forget them all
+            for _, _, st, _, _ in calls:
+                drop_fuse_cache(st)
+            memo = None
+            key = tuple((id(st), st.fuse_gen, scales[comp], tuple(todo), ws) for comp, _, st, todo, ws in calls)
     staged: list = []  # (parameter, staging copy) of this call's non-viewable weights, each once
-    dora_work = []
-    for comp, root, state, step, modules in plans:
-        for label, module, items in modules:
-            additive = [(l, f) for l, f in items if l.magnitude is None]
-            dora_work.extend((step, label, module, l, f) for l, f in items if l.magnitude is not None)
-            for l, f in additive:
-                if l.bias is not None:
-                    if getattr(module, "bias", None) is None:
-                        raise LoraFusionError(f"{label}: the adapter has a LoRA bias but the module has no bias")
-            if not additive:
-                continue
-            job = _merge_job(module, additive, step, staged)
-            jobs.append(job)
-            labels.append(label)
-            owners.append(step)
+    if memo is not None:
+        jobs, labels = memo.jobs, memo.labels
+        parts = [_Part(comp, root, st, _FusedStep(names=list(todo)), idxs, biased, dora)
+                 for (comp, root, st, todo, _), (idxs, biased, dora) in zip(calls, memo.parts)]
+    else:
+        jobs, labels, parts, wmods, sources = _build_jobs(calls, scales, staged)
+        if limit and not staged:
+            memo = _FuseMemo(key, tuple(c[2] for c in calls), [(p.idxs, p.biased, p.dora) for p in parts], jobs,
+                             labels, wmods, sources, merge_kernels.FuseCache())
 
     # safe_fusing: a non-finite result leaves every weight of the call untouched (nothing to attach, nothing to undo)
-    records, nonfinite = (merge_kernels.fuse(jobs, record=True, check_finite=safe_fusing, abort_nonfinite=safe_fusing)
+    records, nonfinite = (merge_kernels.fuse(jobs, record=True, check_finite=safe_fusing, abort_nonfinite=safe_fusing,
+                                             cache=memo.cache if memo is not None else None)
                           if jobs else (merge_kernels.RecordSet(), []))
     if not any(nonfinite):
-        attach_records(owners, jobs, records)
+        for p in parts:
+            p.step.jobs.extend(jobs[i] for i in p.idxs)
+            p.step.records.extend(records.subset(p.idxs))
 
     def rollback():
-        for _, _, _, step, _ in reversed(plans):
-            _undo(step)
+        for p in reversed(parts):
+            _undo(p.step)
 
     try:
         if safe_fusing and any(nonfinite):
@@ -537,21 +670,62 @@ def fuse(target, lora_scale: float = 1.0, safe_fusing: bool = False, adapter_nam
             raise LoraFusionError(f"{bad}: fusing gives non-finite weights (NaN/Inf); every weight was left unchanged")
         for param, staging in staged:
             param.copy_(staging.view(param.shape) if staging.is_contiguous() else staging.reshape(param.shape))
-        _fuse_biases(plans, safe_fusing)
-        for step, label, module, layer, factor in dora_work:
-            w = module.weight.data
-            step.backups.append((w, w.clone()))
-            new = dora_weight(_dora_view(w, module), layer, factor)
-            if safe_fusing and not torch.isfinite(new).all():
-                raise LoraFusionError(f"{label}: fusing gives non-finite weights (NaN/Inf); every weight was left unchanged")
-            _dora_view(w, module).copy_(new)
+        _fuse_biases(parts, safe_fusing)
+        for p in parts:
+            for label, module, layer, factor in p.dora:
+                w = module.weight.data
+                p.step.backups.append((w, w.clone()))
+                new = dora_weight(_dora_view(w, module), layer, factor)
+                if safe_fusing and not torch.isfinite(new).all():
+                    raise LoraFusionError(f"{label}: fusing gives non-finite weights (NaN/Inf); every weight was left "
+                                          "unchanged")
+                _dora_view(w, module).copy_(new)
     except BaseException:
         rollback()
         raise
-    for comp, root, state, step, _ in plans:
-        state.fused.append(step)
-        state.epoch += 1
-        state.bump()  # fused adapters stop running live
+    if memo is not None:
+        _remember(memo, limit)
+        if memo.cache.guards:
+            check = _Check(memo.cache.guards, labels)
+            for p in parts:
+                p.state.fuse_checks.append(check)
+    for p in parts:
+        p.state.fused.append(p.step)
+        p.state.epoch += 1
+        p.state.bump()  # fused adapters stop running live
+
+
+def _build_jobs(calls, scales, staged):
+    """The merge jobs of a fuse call (additive adapters of every touched weight of every component, one grouped
+    kernel call), their labels, the per-component parts, and what a _FuseMemo checks besides the merge key."""
+    jobs, labels, parts, wmods, sources = [], [], [], [], []
+    for comp, root, state, todo, ws in calls:
+        per_module: dict[int, tuple[str, nn.Module, list]] = {}
+        for n, w in zip(todo, ws):
+            for path, b in state.adapters[n].items():
+                entry = per_module.setdefault(id(b.module), (_label(comp, path), b.module, []))
+                entry[2].append((b.layer, scales[comp] * w))
+        part = _Part(comp, root, state, _FusedStep(names=list(todo)), [], [], [])
+        for label, module, items in per_module.values():
+            additive = [(l, f) for l, f in items if l.magnitude is None]
+            part.dora.extend((label, module, l, f) for l, f in items if l.magnitude is not None)
+            biased = [(l, f) for l, f in additive if l.bias is not None]
+            if biased:
+                if getattr(module, "bias", None) is None:
+                    raise LoraFusionError(f"{label}: the adapter has a LoRA bias but the module has no bias")
+                part.biased.append((label, module, biased))
+            if not additive:
+                continue
+            job = _merge_job(module, additive, part.step, staged)
+            part.idxs.append(len(jobs))
+            jobs.append(job)
+            labels.append(label)
+            wmods.append((module, job.weight))
+            for (layer, _), f in zip([x for x in additive if x[0].algorithm == "lora"], job.factors or ()):
+                if f.up is not layer.up and f.up is not layer.down:  # a converted copy: watch its sources
+                    sources.extend((t, t._version) for t in (layer.up, layer.down, layer.mid) if t is not None)
+        parts.append(part)
+    return jobs, labels, parts, wmods, sources
 
 
 def attach_records(owners, jobs, records) -> None:
@@ -656,12 +830,10 @@ def _layer_term(layer: LoraLayer, scale: float):
     return merge_kernels.Term("kron", parts[0], parts[1], scale=scale)
 
 
-def _fuse_biases(plans, safe_fusing: bool) -> None:
-    for comp, root, state, step, modules in plans:
-        for label, module, items in modules:
-            biased = [(l, f) for l, f in items if l.bias is not None and l.magnitude is None]
-            if not biased:
-                continue
+def _fuse_biases(parts, safe_fusing: bool) -> None:
+    for part in parts:
+        step = part.step
+        for label, module, biased in part.biased:
             b = module.bias.data
             step.backups.append((b, b.clone()))
             acc = b.float()
@@ -686,7 +858,8 @@ def _undo(step: _FusedStep) -> None:
 
 
 def unfuse(target, components=None) -> None:
-    for comp, root, state in _states(target, components):
+    states = _states(target, components)
+    for comp, root, state in states:
         if not state.fused:
             continue
         try:
@@ -695,11 +868,15 @@ def unfuse(target, components=None) -> None:
         finally:
             state.epoch += 1
             state.bump()  # after the weights are restored: the gates and DoRA caches are written from them
+    check_fuses(states, False, "unfuse_lora has restored every weight exactly.")
 
 
 def fused_record_bytes(target) -> int:
-    """Bytes held to make unfuse exact (sparse records plus DoRA/bias backups)."""
-    return sum(step.nbytes() for _, _, s in _states(target, check=False) for step in s.fused)
+    """Bytes held to make unfuse exact (sparse records plus DoRA/bias backups). Waits for the checks of fuses made
+    at cached record positions (see check_fuses) and raises if one failed."""
+    states = _states(target, check=False)
+    check_fuses(states, True, "Those weights are still fused; unfuse_lora restores them exactly.")
+    return sum(step.nbytes() for _, _, s in states for step in s.fused)
 
 
 def unload(target, components=None) -> None:
@@ -720,6 +897,7 @@ def delete(target, adapter_names: Sequence[str]) -> None:
             if n in fused:
                 raise LoraFusionError(f"adapter {n!r} is fused in {comp or 'module'}; unfuse_lora first")
     for comp, module, state in states:
+        drop_fuse_cache(state)
         for n in adapter_names:
             state.adapters.pop(n, None)
             state.weights.pop(n, None)
@@ -817,6 +995,7 @@ def set_device(target, adapter_names, device) -> None:
             raise LoraFusionError(f"set_lora_device: adapters {bad} are fused in {comp or 'module'}; unfuse_lora first")
     device = torch.device(device)
     for _, _, state in states:
+        drop_fuse_cache(state)
         for n in names:
             if n not in state.adapters:
                 continue
@@ -911,4 +1090,5 @@ def hotswap(target, adapter: LoraAdapter, adapter_name: str, components=None) ->
         state.adapters[adapter_name] = written
         # no bump: the plan (which slots run) is unchanged, only tensor values are new
         state.swaps += 1
+        drop_fuse_cache(state)
     return adapter_name

@@ -246,12 +246,15 @@ class _GroupRecords:
     ``cols`` the uint16 column inside the segment (as int16), ``vals`` the original bits. Per job (in launch
     order): ``key0``/``nkeys`` (its keys in ``row_off``), ``starts``/``ends`` (its records, host ints)."""
 
-    __slots__ = ("row_off", "cols", "vals", "dtype", "key0", "nkeys", "starts", "ends", "shapes", "plan")
+    __slots__ = ("row_off", "cols", "vals", "dtype", "key0", "nkeys", "starts", "ends", "shapes", "plan", "skip",
+                 "guard")
 
-    def __init__(self, row_off, cols, vals, dtype, key0, nkeys, starts, ends, shapes, plan=None):
+    def __init__(self, row_off, cols, vals, dtype, key0, nkeys, starts, ends, shapes, plan, skip):
         self.row_off, self.cols, self.vals, self.dtype = row_off, cols, vals, dtype
         self.key0, self.nkeys, self.starts, self.ends, self.shapes = key0, nkeys, starts, ends, shapes
         self.plan = plan  # the fuse's launch plan (its table on the device): unfuse reuses it
+        self.skip = skip  # int64 per tile of the plan: 1 where the writing pass left the tile unfused (FuseCache)
+        self.guard = None  # FuseGuard of a fuse at cached record positions
 
 
 class _GroupRef:
@@ -268,7 +271,7 @@ class _GroupRef:
     def nbytes(self) -> int:
         g = self.group
         es = 4 if g.dtype == torch.float32 else 2
-        return 8 * g.nkeys[self.pos] + len(self) * (2 + es)
+        return 8 * g.nkeys[self.pos] + len(self) * (2 + es) + 8 * g.plan.tiles[self.pos]
 
     def materialize(self) -> MergeRecord:
         """This job's record as a stand-alone :class:`MergeRecord` (the CPU kernel's layout; torch operations)."""
@@ -280,6 +283,8 @@ class _GroupRef:
         if e == s:
             return MergeRecord(torch.empty(0, dtype=off_dtype, device=dev), torch.empty(0, dtype=torch.int16, device=dev),
                                torch.empty(0, dtype=g.dtype, device=dev), (rows, cols))
+        if g.guard is not None and g.guard.poll(wait=True):
+            raise RuntimeError("a record of a fuse that left tiles unfused (FuseCache) cannot be materialized")
         k0, nk = g.key0[p], g.nkeys[p]
         off = (g.row_off[k0:k0 + nk + 1] - s).to(off_dtype)
         return MergeRecord(off, g.cols[s:e], g.vals[s:e].view(g.dtype), (rows, cols))
@@ -329,14 +334,26 @@ class RecordSet(Sequence):
 
 
 def fuse(jobs, *, record: bool = True, check_finite: bool = False, abort_nonfinite: bool = False,
-         backend: str | None = None, num_threads: int | None = None):
+         backend: str | None = None, num_threads: int | None = None, cache: FuseCache | None = None):
     """W <- rn(W + up@down) for every job in few launches.
 
     Returns ``(records, nonfinite)``: a :class:`RecordSet` parallel to the jobs (a list of ``None`` when
     ``record=False``) and per job whether the fused weight holds a NaN/Inf (computed only with ``check_finite``
     or ``abort_nonfinite``; otherwise all False). With ``abort_nonfinite=True``, when any job is flagged no weight
     of the call is changed (the Triton kernel checks before writing; the CPU and torch backends undo exactly) and
-    the records are all ``None``. ``num_threads`` is the CPU thread count (default ``torch.get_num_threads()``)."""
+    the records are all ``None``. ``num_threads`` is the CPU thread count (default ``torch.get_num_threads()``).
+
+    ``cache`` (:class:`FuseCache`, Triton backend, ``record=True``): a fuse whose key matches the cached one
+    writes at the cached record positions, one launch per launch group and no host read (with ``check_finite`` or
+    ``abort_nonfinite``: the cached tables, and the counting pass with its one host read); otherwise the fuse runs
+    as usual and fills the cache when every job went to the Triton kernel."""
+    key = None
+    if cache is not None:
+        if record:
+            key = cache._key_for(jobs, backend)
+            if key == cache.key:
+                return _triton_cached(cache, len(jobs), check=check_finite or abort_nonfinite, abort=abort_nonfinite)
+        cache.clear()
     jobs = _prepare(jobs)
     if not jobs:
         return (RecordSet() if record else []), []
@@ -344,11 +361,13 @@ def fuse(jobs, *, record: bool = True, check_finite: bool = False, abort_nonfini
     out_records: list = [None] * len(jobs)
     out_flags = [False] * len(jobs)
     done = []  # (backend, idxs, prepared jobs, records) for an abort's undo
-    for be, idxs in _by_backend(jobs, backend).items():
+    by_backend = _by_backend(jobs, backend)
+    for be, idxs in by_backend.items():
         if be == "triton":
             sub = [jobs[i] for i in idxs]
+            fill = cache if key is not None and len(by_backend) == 1 else None
             recs, flags = _triton_run(sub, negate=False, record=record or abort_nonfinite, check_finite=check,
-                                      abort_nonfinite=abort_nonfinite)
+                                      abort_nonfinite=abort_nonfinite, cache=fill, key=key)
         else:
             sub = [jobs[i].materialized() for i in idxs]
             if be == "cpu":
@@ -772,8 +791,8 @@ BLOCK_M, BLOCK_N = 32, 64
 SEARCH_STEPS = 17  # binary search over one row segment's records (at most SEG_COLS = 2^16)
 # job table fields
 (_J_W, _J_ROWS, _J_COLS, _J_SR, _J_SC, _J_PART, _J_NPART, _J_TILE0, _J_KEY0, _J_NSEG, _J_HAS, _J_RO, _J_RC,
- _J_RV) = range(14)
-_NJ = 14
+ _J_RV, _J_SK, _J_ST) = range(16)
+_NJ = 16
 # factor table fields
 _P_UP, _P_USR, _P_USK, _P_UDT, _P_DN, _P_DSK, _P_DSC, _P_DDT, _P_RANK, _P_SCALE = range(10)
 _NP = 10
@@ -985,21 +1004,39 @@ def _triton_kernel():
             if MODE == 1:
                 tl.store(counts + slots, tl.sum(d, axis=1))
             else:
-                start = tl.load(incl + slots).to(tl.int64) - tl.load(counts + slots).to(tl.int64)
+                # each slot's records go to [incl[slot - 1], incl[slot]): the scan of this fuse's counting pass, or
+                # the one a FuseCache kept. A row whose count differs from its slot's (weights changed since the
+                # scan was made, behind torch's back) makes the whole tile write nothing: no weight, no record outside
+                # its slots; the tile is marked in ``nonfinite`` (here the skip array: per tile, 0 or 1) and unfuse
+                # leaves it alone, so the round trip stays exact and the mismatch is reported (FuseCache).
+                end = tl.load(incl + slots).to(tl.int64)
+                start = tl.load(incl + slots - 1, mask=slots > 0, other=0).to(tl.int64)
+                expect = end - start
+                nbad = tl.sum(((tl.sum(d, axis=1).to(tl.int64) != expect) & mm).to(tl.int32), axis=0)
                 pos = (tl.cumsum(d, axis=1) - d).to(tl.int64)
                 dst = start[:, None] + pos
-                keep = d != 0
+                keep = _broadcast_mask(d != 0, nbad == 0)
                 colv = (offs_n % SEG).to(tl.int16)
                 tl.store(rec_col + dst, colv[None, :] + tl.zeros((BM, BN), dtype=tl.int16), mask=keep)
                 tl.store(rec_val + dst, wbits, mask=keep)
-                # the first tile of a row segment gives each of its rows' offset
+                # a skipped tile fills its slots with its first column: the columns of every row stay ascending for
+                # the other tiles' binary search, and no other tile's restore can match them
                 seg = (tc * BN) // SEG
+                c0 = ((tc * BN) - seg * SEG).to(tl.int16)
+                fill = _broadcast_mask(ar_n[None, :] < expect[:, None], nbad > 0)
+                tl.store(rec_col + start[:, None] + ar_n[None, :], c0 + tl.zeros((BM, BN), dtype=tl.int16), mask=fill)
+                tl.store(nonfinite + t, nbad.to(tl.int64))
+                wmask = _broadcast_mask(mask, nbad == 0)
+                # the first tile of a row segment gives each of its rows' offset
                 first = (tc * BN) - seg * SEG == 0
                 key0 = tl.load(jrow + 8)
                 nseg = tl.load(jrow + 9)
                 tl.store(row_off + key0 + offs_m * nseg + seg, start, mask=_broadcast_mask(mm, first))
 
+        if MODE == 0:
+            wmask = mask
         if MODE == 3:  # records named per job in the table (any number of record buffers)
+            skipped = local * 0
             if tl.load(jrow + 10) != 0:
                 ro = tl.load(jrow + 11).to(tl.pointer_type(tl.int64))
                 rc = tl.load(jrow + 12).to(tl.pointer_type(tl.int16))
@@ -1008,12 +1045,17 @@ def _triton_kernel():
                 else:
                     rv = tl.load(jrow + 13).to(tl.pointer_type(tl.int16))
                 h = _restore(h, ro, rc, rv, tl.load(jrow + 8), tl.load(jrow + 9), tc, offs_m, mm, ar_n, BN, SEG, STEPS)
-        if MODE == 4:  # the fuse's own table and record buffer
+                sk = tl.load(jrow + 14)
+                if sk != 0:  # the fuse's skip array: a tile it left unfused is left alone
+                    skipped = tl.load(sk.to(tl.pointer_type(tl.int64)) + tl.load(jrow + 15) + local)
+            wmask = _broadcast_mask(mask, skipped == 0)
+        if MODE == 4:  # the fuse's own table and record buffer (and its skip array in ``nonfinite``)
             h = _restore(h, row_off, rec_col, rec_val, tl.load(jrow + 8), tl.load(jrow + 9), tc, offs_m, mm, ar_n,
                          BN, SEG, STEPS)
+            wmask = _broadcast_mask(mask, tl.load(nonfinite + t) == 0)
 
         if MODE != 1:
-            tl.store(wptr, h, mask=mask)
+            tl.store(wptr, h, mask=wmask)
         if CHECK:
             h32 = h.to(tl.int32)
             if DT == 0:
@@ -1076,11 +1118,12 @@ class _Plan:
             if isinstance(rec, _GroupRef):
                 g = rec.group
                 jt += (w.data_ptr(), rows, cols, sr, sc, p_at, len(fs), tile_acc, g.key0[rec.pos], nseg, 1,
-                       g.row_off.data_ptr(), g.cols.data_ptr(), g.vals.data_ptr())
+                       g.row_off.data_ptr(), g.cols.data_ptr(), g.vals.data_ptr(), g.skip.data_ptr(),
+                       g.plan.tile0s[rec.pos])
             else:
                 if rec is not None and len(rec):
                     self.legacy.append((q, rec))  # a stand-alone MergeRecord: scattered after the pass
-                jt += (w.data_ptr(), rows, cols, sr, sc, p_at, len(fs), tile_acc, key_acc, nseg, 0, 0, 0, 0)
+                jt += (w.data_ptr(), rows, cols, sr, sc, p_at, len(fs), tile_acc, key_acc, nseg, 0, 0, 0, 0, 0, 0)
             tiles.append(ntiles)
             end_slot.append(max(0, (tile_acc + ntiles) * BLOCK_M - 1))
             self.key0.append(key_acc)
@@ -1127,7 +1170,7 @@ def _running(values):
 
 def _triton_restore_own(runs) -> None:
     """Unfuse with the fuse's own table and record buffer (MODE 4): per run of consecutive jobs one launch over
-    their tiles, no table built, no host read."""
+    their tiles, no table built, no host read. Tiles the fuse skipped (its skip array) are left as they are."""
     if _probe._faults:
         _probe._fault("merge")  # test hook: a forced launch failure
     kernel = _triton_kernel()
@@ -1138,94 +1181,279 @@ def _triton_restore_own(runs) -> None:
             continue
         with _device_guard(pl.device):
             tile_job = pl.tile_job if (ta == 0 and tb == pl.n_tiles) else pl.tile_job[ta:tb]
-            _launch(kernel, (tb - ta,), pl.table, tile_job, pl.table, pl.table, g.row_off, g.cols, g.vals, pl.table,
+            _launch(kernel, (tb - ta,), pl.table, tile_job, pl.table, pl.table, g.row_off, g.cols, g.vals, g.skip,
                     NJ=_NJ, NP=_NP, DT=_DTYPE_CODE[pl.dtype], MODE=MODE_RESTORE_OWN, NEGATE=True, CHECK=False,
                     BM=BLOCK_M, BN=BLOCK_N, SEG=SEG_COLS, STEPS=SEARCH_STEPS)
 
 
-def _triton_run(jobs, *, negate, record, check_finite, abort_nonfinite=False, restore=None):
+def _read_per_device(plans, pieces_of) -> dict:
+    """One host read per device of the small tensors ``pieces_of(plan)`` gives (the synchronization of a call):
+    {id(plan): [host list per piece]}."""
+    by_dev: dict = {}
+    for pl in plans:
+        by_dev.setdefault(pl.device, []).append(pl)
+    out = {}
+    for device, pls in by_dev.items():
+        with _device_guard(device):
+            pieces = [(pl, p) for pl in pls for p in pieces_of(pl)]
+            host = _to_host(torch.cat([p.to(torch.int64) for _, p in pieces]) if len(pieces) > 1 else pieces[0][1])
+        at = 0
+        for pl, p in pieces:
+            out.setdefault(id(pl), []).append(host[at:at + p.numel()])
+            at += p.numel()
+    return out
+
+
+class _Scan:
+    """Where one launch group's records go: the inclusive scan of its slot counts (on the device), each job's record
+    start and end (host ints) and the total. Made by a counting pass; a :class:`FuseCache` keeps it."""
+
+    __slots__ = ("plan", "incl", "starts", "ends", "total")
+
+    def __init__(self, plan, incl, ends):
+        self.plan, self.incl = plan, incl
+        ends = [e if t else 0 for e, t in zip(ends, plan.has_tiles)]
+        starts, prev = [], 0
+        for q in range(plan.n):  # a job without tiles has no slot: its records are empty
+            starts.append(prev)
+            if plan.has_tiles[q]:
+                prev = ends[q]
+            else:
+                ends[q] = prev
+        self.starts, self.ends, self.total = starts, ends, prev
+
+    def nbytes(self) -> int:
+        return self.incl.numel() * self.incl.element_size()
+
+
+class FuseGuard:
+    """The check of one launch group's fuse with a cached scan (:class:`FuseCache`): the writing pass compares each
+    slot's record count with the cached one and skips (writes nothing in) a tile where one differs. Whether any tile
+    was skipped is copied to the host without waiting (pinned memory and an event on CUDA) and read later, at a
+    point that can afford it: :meth:`poll`."""
+
+    __slots__ = ("plan", "skip", "host", "event", "result")
+
+    def __init__(self, plan, skip):
+        self.plan, self.skip, self.result = plan, skip, None
+        anybad = skip[:plan.n_tiles].amax(0, keepdim=True)
+        if skip.device.type == "cuda":
+            self.host = torch.empty(1, dtype=torch.int64, pin_memory=True)
+            self.host.copy_(anybad, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host, self.event = anybad, None  # the launch has finished: the value is there
+
+    def poll(self, wait: bool = False):
+        """Indices (into the fuse call's job list) of the jobs with a skipped tile, ``[]`` when none, or ``None``
+        when the fuse has not finished on the device yet and ``wait`` is False. A positive answer is rare (weights
+        written behind torch's back) and finding which jobs costs a synchronization."""
+        if self.result is not None:
+            return self.result
+        if self.event is not None and not self.event.query():
+            if not wait:
+                return None
+            triton_stats.syncs += 1
+            self.event.synchronize()
+        if int(self.host.numpy()[0]) == 0:
+            self.result = []
+        else:
+            pl = self.plan
+            with _device_guard(pl.device):
+                qs = _to_host(torch.unique(pl.tile_job[self.skip[:pl.n_tiles] != 0]))
+            self.result = [pl.idxs[q] for q in qs]
+        self.host = self.event = None
+        return self.result
+
+
+class FuseCache:
+    """What a recording Triton fuse of a job list computed, kept so that fusing the same jobs again costs one launch
+    per launch group and no host read (docs/fuse.md, "On the GPU: data flow"): per (device, dtype) group the job
+    table and tile map on the device (:class:`_Plan`), the inclusive scan of its slot counts and each job's record
+    start and end, under a key of everything that determines them (:func:`_cache_key`: the weight tensors' identity,
+    address, shape, strides, dtype and ``_version``, the factors' identity, address, ``_version``, strides, rank and
+    scale, the backend choice). Owned by the caller and given to :func:`fuse` with the same jobs each time; a key
+    that differs refills it. The scan is 4 bytes per row of each 64-column tile (1/32 of an fp16/bf16 weight's
+    bytes, 1/64 of an fp32 one), on the weights' device.
+
+    A weight changed without torch seeing it (through ``.data``, a raw pointer, another library's kernel) keeps the
+    key; the writing pass then finds a slot whose count differs, leaves that tile unfused and marks it, so unfuse
+    stays exact. :attr:`guards` holds each group's :class:`FuseGuard` of the last cached fuse."""
+
+    __slots__ = ("key", "scans", "guards", "_probe_key")
+
+    def __init__(self):
+        self.key, self.scans, self.guards, self._probe_key = None, [], [], None
+
+    def clear(self) -> None:
+        self.key, self.scans, self.guards, self._probe_key = None, [], [], None
+
+    def nbytes(self) -> int:
+        """Device bytes the cache keeps (the scans; the tables are kept by the fuse's records anyway)."""
+        return sum(sc.nbytes() for sc in self.scans)
+
+    def matches(self, jobs, backend: str | None = None) -> bool:
+        """Whether :func:`fuse` of ``jobs`` would repeat the cached fuse (the key is kept for that call)."""
+        key = _cache_key(jobs, backend)
+        self._probe_key = (jobs, key)
+        return key == self.key
+
+    def _key_for(self, jobs, backend):
+        pk = self._probe_key
+        self._probe_key = None
+        if pk is not None and pk[0] is jobs:
+            return pk[1]
+        return _cache_key(jobs, backend)
+
+
+def _cache_key(jobs, backend) -> tuple:
+    """Everything that determines a recording fuse's table and scan (attribute reads only; the cache keeps the jobs,
+    so identities stay unique). ``_version`` changes with every in-place torch operation on a tensor (copy_,
+    load_state_dict, optimizer steps); writes that bypass it are caught by the writing pass (FuseCache)."""
+    k = [backend, os.environ.get("LORA_FAST_MERGE_BACKEND"), _DEFAULT.get("cpu"), _DEFAULT.get("cuda")]
+    add = k.extend
+    for j in jobs:
+        w = j.weight
+        add((id(j), id(w), w.data_ptr(), w._version, w.dtype, w.device, w.shape, w.stride(), j.view))
+        for t in j.terms or ():  # LoHa/LoKr/full terms
+            add((t.kind, t.scale) + tuple((id(x), x.data_ptr(), x._version, x.dtype, x.shape, x.stride())
+                                          for x in t.tensors()))
+        if j.factors is None:
+            if j.up is not None:
+                add((id(j.up), j.up.data_ptr(), j.up._version, id(j.down), j.down.data_ptr(), j.down._version))
+            continue
+        for f in j.factors:
+            u, d = f.up, f.down
+            add((id(u), u.data_ptr(), u._version, u.dtype, f.up_strides, id(d), d.data_ptr(), d._version, d.dtype,
+                 f.down_strides, f.rank, f.scale))
+    return tuple(k)
+
+
+def _write_records(kernel, pl, scan, *, guard: bool):
+    """Record buffers at their exact sizes and the writing pass (MODE 2) of one group: its :class:`_GroupRecords`."""
+    total = scan.total
+    dev = pl.device
+    row_off = torch.empty(pl.n_keys + 1, dtype=torch.int64, device=dev)
+    row_off[pl.n_keys:].fill_(total)
+    rec_col = torch.empty(max(1, total), dtype=torch.int16, device=dev)
+    rec_val = torch.empty(max(1, total), dtype=_BITS_DTYPE[pl.dtype], device=dev)
+    skip = torch.empty(max(1, pl.n_tiles), dtype=torch.int64, device=dev)  # the kernel writes every tile's entry
+    pl.launch(kernel, MODE_WRITE, incl=scan.incl, row_off=row_off, rec_col=rec_col, rec_val=rec_val, nonfinite=skip)
+    g = _GroupRecords(row_off, rec_col, rec_val, pl.dtype, pl.key0, pl.nkeys, scan.starts, scan.ends, pl.shapes, pl,
+                      skip)
+    if guard and pl.n_tiles:
+        g.guard = FuseGuard(pl, skip)
+    return g
+
+
+def _record_passes(kernel, plans, n, *, record, check_finite, abort_nonfinite):
+    """Counting pass, scan, the one host read, exact buffers and writing pass (or nothing after a flagged
+    ``abort_nonfinite``): (record items, flags, scans)."""
+    items: list = [None] * n
+    flags = [False] * n
+    tmp = {}
+    for pl in plans:
+        with _device_guard(pl.device):
+            nonfinite = torch.zeros(pl.n, dtype=torch.int32, device=pl.device) if check_finite else None
+            counts = torch.empty(max(1, pl.n_tiles * BLOCK_M), dtype=torch.int32, device=pl.device)
+            pl.launch(kernel, MODE_COUNT, check=check_finite, counts=counts, nonfinite=nonfinite)
+            big = pl.numel >= 1 << 31
+            incl = torch.cumsum(counts, 0, dtype=torch.int64 if big else torch.int32)
+            tmp[id(pl)] = (incl, nonfinite)
+            del counts
+
+    def pieces(pl):
+        incl, nonfinite = tmp[id(pl)]
+        out = [incl.index_select(0, pl.table[pl.end_at:pl.end_at + pl.n])]
+        if check_finite:
+            out.append(nonfinite)
+        return out
+
+    host = _read_per_device(plans, pieces)  # the one host read per device: record ends and non-finite flags
+    scans = []
+    for pl in plans:
+        got = host[id(pl)]
+        if check_finite:
+            for q, v in enumerate(got[1]):
+                flags[pl.idxs[q]] = bool(v)
+        scans.append(_Scan(pl, tmp[id(pl)][0], got[0]))
+    if abort_nonfinite and any(flags):
+        return items, flags, None  # nothing was written
+    for pl, scan in zip(plans, scans):
+        with _device_guard(pl.device):
+            if record:
+                g = _write_records(kernel, pl, scan, guard=False)
+                for q, i in enumerate(pl.idxs):
+                    items[i] = _GroupRef(g, q)
+            else:
+                pl.launch(kernel, MODE_PLAIN)
+    return items, flags, scans
+
+
+def _triton_cached(cache: FuseCache, n: int, *, check: bool, abort: bool):
+    """A fuse of the jobs ``cache`` was filled with: per group one writing pass at the cached record positions, no
+    table built, no host read (``check``: the counting pass and its one host read run too, on the cached table, and
+    the scan is refreshed)."""
+    if _probe._faults:
+        _probe._fault("merge")  # test hook: a forced launch failure
+    kernel = _triton_kernel()
+    plans = [sc.plan for sc in cache.scans]
+    if check:
+        items, flags, scans = _record_passes(kernel, plans, n, record=True, check_finite=True, abort_nonfinite=abort)
+        if scans is not None:
+            cache.scans = scans
+        cache.guards = []
+        return RecordSet(items), flags
+    items = [None] * n
+    guards = []
+    for scan in cache.scans:
+        pl = scan.plan
+        with _device_guard(pl.device):
+            g = _write_records(kernel, pl, scan, guard=True)
+        if g.guard is not None:
+            guards.append(g.guard)
+        for q, i in enumerate(pl.idxs):
+            items[i] = _GroupRef(g, q)
+    cache.guards = guards
+    return RecordSet(items), [False] * n
+
+
+def _triton_run(jobs, *, negate, record, check_finite, abort_nonfinite=False, restore=None, cache=None, key=None):
     """The Triton launcher: (RecordSet or [None] * n, non-finite flags). ``restore`` (unfuse): per job a record
-    (a RecordSet item) or None. See the section comment for the passes and what runs on the host."""
+    (a RecordSet item) or None. ``cache`` (with its ``key``): filled with this fuse's tables and scans. See the
+    section comment for the passes and what runs on the host."""
     if _probe._faults and _probe._fault("merge") == "wrong":  # test hook (probe._set_fault)
         jobs = [MergeJob(m.weight, m.up + 0.25, m.down) for m in (j.materialized() for j in jobs)]
+        cache = None
     kernel = _triton_kernel()
     record = record and not negate
     two_pass = record or abort_nonfinite
     n = len(jobs)
     flags = [False] * n
-    items: list = [None] * n
     plans = []
     for (device, dtype), idxs in _group_jobs(jobs).items():
         with _device_guard(device):
-            pl = _Plan(jobs, idxs, device, dtype, None if restore is None else [restore[i] for i in idxs])
-            plans.append(pl)
-            if check_finite:
-                pl.nonfinite = torch.zeros(pl.n, dtype=torch.int32, device=device)
-            else:
-                pl.nonfinite = None
-            if two_pass:
-                pl.counts = torch.empty(max(1, pl.n_tiles * BLOCK_M), dtype=torch.int32, device=device)
-                pl.launch(kernel, MODE_COUNT, check=check_finite, counts=pl.counts, nonfinite=pl.nonfinite)
-                big = pl.numel >= 1 << 31
-                pl.incl = torch.cumsum(pl.counts, 0, dtype=torch.int64 if big else torch.int32)
-            else:
-                mode = MODE_RESTORE if restore is not None else MODE_PLAIN
-                pl.launch(kernel, mode, negate=negate, check=check_finite, nonfinite=pl.nonfinite)
-    # the one host read per device: record ends and non-finite flags
-    if two_pass or check_finite:
-        by_dev: dict = {}
-        for pl in plans:
-            by_dev.setdefault(pl.device, []).append(pl)
-        for device, pls in by_dev.items():
-            with _device_guard(device):
-                pieces = []
-                for pl in pls:
-                    if two_pass:
-                        pieces.append(pl.incl.index_select(0, pl.table[pl.end_at:pl.end_at + pl.n]))
-                    if check_finite:
-                        pieces.append(pl.nonfinite)
-                host = _to_host(torch.cat([p.to(torch.int64) for p in pieces]) if len(pieces) > 1
-                                else pieces[0])
-            at = 0
-            for pl in pls:
-                if two_pass:
-                    pl.ends = host[at:at + pl.n]
-                    at += pl.n
-                if check_finite:
-                    for q, v in enumerate(host[at:at + pl.n]):
-                        flags[pl.idxs[q]] = bool(v)
-                    at += pl.n
-    if two_pass and abort_nonfinite and any(flags):
-        return (RecordSet(items) if record else [None] * n), flags  # nothing was written
+            plans.append(_Plan(jobs, idxs, device, dtype, None if restore is None else [restore[i] for i in idxs]))
     if two_pass:
+        items, flags, scans = _record_passes(kernel, plans, n, record=record, check_finite=check_finite,
+                                             abort_nonfinite=abort_nonfinite)
+        if cache is not None and record and scans is not None:
+            cache.key, cache.scans, cache.guards = key, scans, []
+        return (RecordSet(items) if record else [None] * n), flags
+    nonf = {}
+    for pl in plans:
+        with _device_guard(pl.device):
+            nonf[id(pl)] = torch.zeros(pl.n, dtype=torch.int32, device=pl.device) if check_finite else None
+            pl.launch(kernel, MODE_RESTORE if restore is not None else MODE_PLAIN, negate=negate, check=check_finite,
+                      nonfinite=nonf[id(pl)])
+    if check_finite:  # the one host read per device: the non-finite flags
+        host = _read_per_device(plans, lambda pl: [nonf[id(pl)]])
         for pl in plans:
-            with _device_guard(pl.device):
-                ends = [e if t else 0 for e, t in zip(pl.ends, pl.has_tiles)]
-                starts, prev = [], 0
-                for q in range(pl.n):  # a job without tiles has no slot: its records are empty
-                    if pl.has_tiles[q]:
-                        starts.append(prev)
-                        prev = ends[q]
-                    else:
-                        starts.append(prev)
-                        ends[q] = prev
-                total = prev
-                if record:
-                    row_off = torch.empty(pl.n_keys + 1, dtype=torch.int64, device=pl.device)
-                    row_off[pl.n_keys:].fill_(total)
-                    rec_col = torch.empty(max(1, total), dtype=torch.int16, device=pl.device)
-                    rec_val = torch.empty(max(1, total), dtype=_BITS_DTYPE[pl.dtype], device=pl.device)
-                    pl.launch(kernel, MODE_WRITE, counts=pl.counts, incl=pl.incl, row_off=row_off, rec_col=rec_col,
-                              rec_val=rec_val)
-                    g = _GroupRecords(row_off, rec_col, rec_val, pl.dtype, pl.key0, pl.nkeys, starts, ends, pl.shapes,
-                                      pl)
-                    for q, i in enumerate(pl.idxs):
-                        items[i] = _GroupRef(g, q)
-                else:
-                    pl.launch(kernel, MODE_PLAIN)
-                pl.counts = pl.incl = pl.nonfinite = None  # temporaries: a record keeps only its plan's table
+            for q, v in enumerate(host[id(pl)][0]):
+                flags[pl.idxs[q]] = bool(v)
     for pl in plans:
         for q, rec in pl.legacy:  # records made elsewhere (not by this kernel's fuse): scattered per job
             job = jobs[pl.idxs[q]]
             _scatter(job.matrix(), rec.materialize() if isinstance(rec, _GroupRef) else rec)
-    return (RecordSet(items) if record else [None] * n), flags
+    return [None] * n, flags
