@@ -647,7 +647,7 @@ def fuse(target, lora_scale: float = 1.0, safe_fusing: bool = False, adapter_nam
                  for (comp, root, st, todo, _), (idxs, biased, dora) in zip(calls, memo.parts)]
     else:
         jobs, labels, parts, wmods, sources = _build_jobs(calls, scales, staged)
-        if limit and not staged:
+        if limit and not staged and all(m is not None for m, _ in wmods):
             memo = _FuseMemo(key, tuple(c[2] for c in calls), [(p.idxs, p.biased, p.dora) for p in parts], jobs,
                              labels, wmods, sources, merge_kernels.FuseCache())
 
@@ -720,7 +720,8 @@ def _build_jobs(calls, scales, staged):
             part.idxs.append(len(jobs))
             jobs.append(job)
             labels.append(label)
-            wmods.append((module, job.weight))
+            # LoHa/LoKr/full layers (terms built from copies of their tensors, torch backend): not kept for repeats
+            wmods.append((None, None) if job.terms else (module, job.weight))
             for (layer, _), f in zip([x for x in additive if x[0].algorithm == "lora"], job.factors or ()):
                 if f.up is not layer.up and f.up is not layer.down:  # a converted copy: watch its sources
                     sources.extend((t, t._version) for t in (layer.up, layer.down, layer.mid) if t is not None)
