@@ -402,12 +402,11 @@ def segmented_expand(out: torch.Tensor, shrunk: Shrunk, groups: AdapterGroups, r
     (made by :func:`segmented_shrink` with the same ``rows`` and groups whose down factors equal these)."""
     if shrunk.backend == "triton":
         return lora_expand(out, shrunk.h, groups, rows, lam, backend)
-    if out.dim() != 2 or out.shape[1] != groups.out_features or out.stride(1) != 1 or out.dtype != groups.dtype:
-        raise ValueError(f"out must be (M, {groups.out_features}) in {groups.dtype} with unit column stride, got "
-                         f"{tuple(out.shape)} {out.dtype}")
+    if out.dim() != 2 or out.shape[1] != groups.out_features or out.dtype != groups.dtype:
+        raise ValueError(f"out must be (M, {groups.out_features}) in {groups.dtype}, got {tuple(out.shape)} {out.dtype}")
     if out.shape[0] != rows.batch * rows.rows_per_sample:
         raise ValueError(f"out has {out.shape[0]} rows, the row map {rows.batch} x {rows.rows_per_sample}")
-    if not _is_canonical32(out):
+    if not _is_canonical32(out) or out.stride(1) != 1:  # the batched expand writes rows of unit column stride
         return _staged(out, lambda o: segmented_expand(o, shrunk, groups, rows, lam, backend))
     for p, hb in enumerate(shrunk.batched):
         if hb is not None:
