@@ -284,20 +284,6 @@ def test_terms_same_bits_every_isa_and_torch_and_unfuse_exact(dt, lora, monkeypa
     assert ((first.double() - want).abs() <= want.abs() * ulp + d64.abs().max() * 1e-5 + 1e-6).all()
 
 
-def test_terms_on_the_triton_backend_take_the_exact_torch_route():
-    """The Triton kernel has no LoHa/LoKr terms yet: such jobs go to the torch backend, which gives the C++ bits."""
-    w, terms, factors = _terms_job(torch.float16, rows=32, cols=77)
-    base = w.clone()
-    mk.fuse([mk.MergeJob(base, factors=factors, terms=terms)], backend="cpu")
-    ww = w.clone()
-    job = mk.MergeJob(ww, factors=factors, terms=terms)
-    assert list(mk._by_backend([job], "triton")) == ["torch"]
-    recs, _ = mk.fuse([job], backend="triton")
-    assert torch.equal(_bits(ww), _bits(base))
-    mk.unfuse([job], recs, backend="triton")
-    assert torch.equal(_bits(ww), _bits(w))
-
-
 def test_nonfinite_term_is_flagged_and_aborted_untouched():
     w, terms, factors = _terms_job(torch.float16)
     terms[1].v[0, 0] = float("inf")

@@ -86,7 +86,9 @@ class Term:
     * ``kind="kron"`` (LoKr; a full diff is u = ``[[1]]``, v = the diff): u ``(um, un)`` and v ``(vm, vn)`` whole,
       ``rows = um·vm``, ``cols = un·vn``; element (i, j) pairs ``u[i // vm, j // vn]`` with ``v[i % vm, j % vn]``.
 
-    2-D tensors of any strides, fp32/fp16/bf16 (other dtypes are converted first)."""
+    2-D tensors of any strides, fp32/fp16/bf16 (other dtypes are converted first). Every backend gives the same
+    bits: the C++ kernel (from float32 contiguous copies, :meth:`for_cpu`), the Triton kernel (reads the tensors as
+    they are, from the job table) and the torch backend (float64 emulation)."""
 
     kind: str
     u: torch.Tensor
@@ -549,8 +551,6 @@ def _by_backend(jobs, backend):
     for i, job in enumerate(jobs):
         dev = job.weight.device.type
         be = backend if backend is not None else _DEFAULT.get(dev, "torch")
-        if be == "triton" and job.terms:  # LoHa/LoKr/full terms: the torch backend (the C++ kernel's bits)
-            be = "torch"
         if be == "cpu" and dev != "cpu":
             raise ValueError(f"merge backend 'cpu' cannot run on {dev} tensors")
         if be == "triton":
@@ -770,7 +770,9 @@ def _torch_run(jobs, *, negate, record, check_finite):
 #   weight address, shape and strides, its factors' row in the same table, its first tile and record key; per
 #   factor the addresses, strides, dtypes, rank and fp32 scale of B and A. The kernel loads the factors in their
 #   own dtype and folds the scale in as it loads them (rn32(fp32(B) * rn32(scale)), exactly what ``B.float() *
-#   scale`` gives), so no torch operation runs per job;
+#   scale`` gives), so no torch operation runs per job; after a job's factors, its LyCORIS terms (Term, _T_* fields:
+#   kind, fp32 scale, the tensors' addresses, strides and dtypes), added in the tile after the LoRA chain exactly as
+#   the C++ kernel's apply_terms does (LoHa: both rank chains in the tile; LoKr/full: u and v gathered per element);
 # * ``tile_job`` (tile -> job) by one repeat_interleave on the device.
 #
 # Fuse with records (two passes, no sort, no overflow):
@@ -791,11 +793,17 @@ BLOCK_M, BLOCK_N = 32, 64
 SEARCH_STEPS = 17  # binary search over one row segment's records (at most SEG_COLS = 2^16)
 # job table fields
 (_J_W, _J_ROWS, _J_COLS, _J_SR, _J_SC, _J_PART, _J_NPART, _J_TILE0, _J_KEY0, _J_NSEG, _J_HAS, _J_RO, _J_RC,
- _J_RV, _J_SK, _J_ST) = range(16)
-_NJ = 16
+ _J_RV, _J_SK, _J_ST, _J_TERM, _J_NTERM) = range(18)
+_NJ = 18
 # factor table fields
 _P_UP, _P_USR, _P_USK, _P_UDT, _P_DN, _P_DSK, _P_DSC, _P_DDT, _P_RANK, _P_SCALE = range(10)
 _NP = 10
+# term table fields (LyCORIS Term, after a job's factor rows): kind (1 hada, 2 kron), fp32 scale bits, then four
+# matrices A, B, C, D as (address, stride 0, stride 1, dtype) with two sizes: hada u = A·B over rank N_A, v = C·D over
+# rank N_B; kron u = A, v = C with N_A = vm and N_B = vn (B and D unused). The kernel's term loop steps 20 fields.
+(_T_KIND, _T_SCALE, _T_A, _T_AS0, _T_AS1, _T_ADT, _T_B, _T_BS0, _T_BS1, _T_BDT, _T_NA, _T_C, _T_CS0, _T_CS1, _T_CDT,
+ _T_D, _T_DS0, _T_DS1, _T_DDT, _T_NB) = range(20)
+_NT = 20
 MODE_PLAIN, MODE_COUNT, MODE_WRITE, MODE_RESTORE, MODE_RESTORE_OWN = 0, 1, 2, 3, 4
 
 
@@ -985,6 +993,50 @@ def _triton_kernel():
                 b = _load_factor(dn, k * dsk + offs_n * dsc, mn, ddt)
                 acc = tl.fma(a[:, None], b[None, :], acc)
 
+        # LyCORIS terms after the LoRA chain, in order, as the C++ kernel's apply_terms: acc = fma(rn32(u·s), v, acc)
+        t0 = tl.load(jrow + 16)
+        nterm = tl.load(jrow + 17)
+        for q in range(0, nterm):
+            trow = table + t0 + q * 20  # _NT fields per term
+            kind = tl.load(trow + 0)
+            ts = tl.load(trow + 1).to(tl.int32).to(tl.float32, bitcast=True)
+            pa = tl.load(trow + 2)
+            as0 = tl.load(trow + 3)
+            as1 = tl.load(trow + 4)
+            adt = tl.load(trow + 5)
+            na = tl.load(trow + 10)
+            pc = tl.load(trow + 11)
+            cs0 = tl.load(trow + 12)
+            cs1 = tl.load(trow + 13)
+            cdt = tl.load(trow + 14)
+            nb = tl.load(trow + 19)
+            if kind == 1:  # LoHa: u = A·B and v = C·D, each one fp32 FMA chain over its rank from +0, in the tile
+                pb = tl.load(trow + 6)
+                bs0 = tl.load(trow + 7)
+                bs1 = tl.load(trow + 8)
+                bdt = tl.load(trow + 9)
+                pd = tl.load(trow + 15)
+                ds0 = tl.load(trow + 16)
+                ds1 = tl.load(trow + 17)
+                ddt2 = tl.load(trow + 18)
+                tu = tl.zeros((BM, BN), dtype=tl.float32)
+                for k in range(0, na):
+                    a = _load_factor(pa, offs_m * as0 + k * as1, mm, adt)
+                    b = _load_factor(pb, k * bs0 + offs_n * bs1, mn, bdt)
+                    tu = tl.fma(a[:, None], b[None, :], tu)
+                tv = tl.zeros((BM, BN), dtype=tl.float32)
+                for k in range(0, nb):
+                    a = _load_factor(pc, offs_m * cs0 + k * cs1, mm, cdt)
+                    b = _load_factor(pd, k * ds0 + offs_n * ds1, mn, ddt2)
+                    tv = tl.fma(a[:, None], b[None, :], tv)
+                acc = tl.fma(tu * ts, tv, acc)
+            else:  # LoKr / full diff: u[i // vm, j // vn] paired with v[i % vm, j % vn], v in its own dtype
+                iu = offs_m // na
+                ju = offs_n // nb
+                u = _load_factor(pa, iu[:, None] * as0 + ju[None, :] * as1, mask, adt)
+                v = _load_factor(pc, (offs_m - iu * na)[:, None] * cs0 + (offs_n - ju * nb)[None, :] * cs1, mask, cdt)
+                acc = tl.fma(u * ts, v, acc)
+
         if DT == 0:
             wp = tl.load(jrow + 0).to(tl.pointer_type(tl.int32))
         else:
@@ -1085,6 +1137,20 @@ def _f32_bits(x: float) -> int:
     return b
 
 
+def _term_row(t: Term) -> tuple:
+    """A :class:`Term`'s ``_NT`` fields of the Triton table (see _T_*): its tensors as they are (any strides,
+    fp32/fp16/bf16), the scale as fp32 bits; attribute reads only."""
+    codes = _DTYPE_CODE
+    u, v = t.u, t.v
+    if t.kind == "hada":
+        ub, vb = t.ub, t.vb
+        return (1, _f32_bits(t.scale), u.data_ptr(), u.stride(0), u.stride(1), codes[u.dtype], ub.data_ptr(),
+                ub.stride(0), ub.stride(1), codes[ub.dtype], u.shape[1], v.data_ptr(), v.stride(0), v.stride(1),
+                codes[v.dtype], vb.data_ptr(), vb.stride(0), vb.stride(1), codes[vb.dtype], v.shape[1])
+    return (2, _f32_bits(t.scale), u.data_ptr(), u.stride(0), u.stride(1), codes[u.dtype], 0, 0, 0, 0, v.shape[0],
+            v.data_ptr(), v.stride(0), v.stride(1), codes[v.dtype], 0, 0, 0, 0, v.shape[1])
+
+
 class _Plan:
     """One (device, dtype) launch group: its jobs' table on the device and the tile bookkeeping."""
 
@@ -1108,22 +1174,30 @@ class _Plan:
                 (rows, cols), (sr, sc) = w.shape, w.stride()
             ntiles = -(-rows // BLOCK_M) * -(-cols // BLOCK_N) if rows and cols else 0
             nseg = 1 if cols <= SEG_COLS else -(-cols // SEG_COLS)
-            fs = job.factors if job.factors is not None else (Factor.of(job.up, job.down),)
+            if job.factors is not None:
+                fs = job.factors
+            else:
+                fs = (Factor.of(job.up, job.down),) if job.up is not None else ()  # a terms-only job: no factor
             p_at = part_base + len(parts)
             for f in fs:
                 up, dn = f.up, f.down
                 parts += (up.data_ptr(), f.up_strides[0], f.up_strides[1], codes[up.dtype], dn.data_ptr(),
                           f.down_strides[0], f.down_strides[1], codes[dn.dtype], f.rank, _f32_bits(f.scale))
+            t_at = part_base + len(parts)
+            terms = job.terms or ()
+            for tm in terms:
+                parts += _term_row(tm)
             rec = restore[q] if restore is not None else None
             if isinstance(rec, _GroupRef):
                 g = rec.group
                 jt += (w.data_ptr(), rows, cols, sr, sc, p_at, len(fs), tile_acc, g.key0[rec.pos], nseg, 1,
                        g.row_off.data_ptr(), g.cols.data_ptr(), g.vals.data_ptr(), g.skip.data_ptr(),
-                       g.plan.tile0s[rec.pos])
+                       g.plan.tile0s[rec.pos], t_at, len(terms))
             else:
                 if rec is not None and len(rec):
                     self.legacy.append((q, rec))  # a stand-alone MergeRecord: scattered after the pass
-                jt += (w.data_ptr(), rows, cols, sr, sc, p_at, len(fs), tile_acc, key_acc, nseg, 0, 0, 0, 0, 0, 0)
+                jt += (w.data_ptr(), rows, cols, sr, sc, p_at, len(fs), tile_acc, key_acc, nseg, 0, 0, 0, 0, 0, 0,
+                       t_at, len(terms))
             tiles.append(ntiles)
             end_slot.append(max(0, (tile_acc + ntiles) * BLOCK_M - 1))
             self.key0.append(key_acc)
@@ -1424,7 +1498,9 @@ def _triton_run(jobs, *, negate, record, check_finite, abort_nonfinite=False, re
     (a RecordSet item) or None. ``cache`` (with its ``key``): filled with this fuse's tables and scans. See the
     section comment for the passes and what runs on the host."""
     if _probe._faults and _probe._fault("merge") == "wrong":  # test hook (probe._set_fault)
-        jobs = [MergeJob(m.weight, m.up + 0.25, m.down) for m in (j.materialized() for j in jobs)]
+        jobs = [MergeJob(m.weight, m.up + 0.25, m.down, terms=m.terms) if m.up is not None else
+                MergeJob(m.weight, terms=[Term(t.kind, t.u, t.v, t.ub, t.vb, t.scale + 0.25) for t in m.terms])
+                for m in (j.materialized() for j in jobs)]
         cache = None
     kernel = _triton_kernel()
     record = record and not negate

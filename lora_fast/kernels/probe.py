@@ -2,7 +2,7 @@
 
 The first time a Triton kernel is about to run on a given ``(device, dtype)``, a small probe runs it on a few jobs
 of awkward shapes (odd sizes, rank 1, strided and transposed views, denormal and huge values, -0.0/Inf/NaN, NaN
-under the non-finite check) and compares the results with the kernel's twin:
+under the non-finite check, LyCORIS LoHa/LoKr/full terms) and compares the results with the kernel's twin:
 
 * ``"merge"`` (:mod:`.merge`): every fused element must have the same bits as the CPU kernel (NaN positions must
   match; NaN payloads may differ), and so must the records and the non-finite flags, for each kernel variant the
@@ -208,7 +208,8 @@ def _same_bits(got: torch.Tensor, ref: torch.Tensor, what: str) -> Optional[str]
 def _merge_cases(dtype: torch.dtype):
     """(storage, view, up, down) on the CPU: each job's weight is ``view(storage)``, and the whole storage is
     compared so elements outside the view must stay untouched. ``up`` may instead be a list of
-    ``(B, A, scale)`` factors (``down`` then the job's (rows, cols, row stride, col stride) view of the storage)."""
+    ``(B, A, scale)`` factors (``down`` then the job's (rows, cols, row stride, col stride) view of the storage), or
+    a dict of such ``"factors"`` and LyCORIS ``"terms"`` ``(kind, u, v, ub, vb, scale)`` (merge.Term)."""
     g = torch.Generator().manual_seed(20261204)
     fi = torch.finfo(dtype)
 
@@ -244,6 +245,15 @@ def _merge_cases(dtype: torch.dtype):
     a2 = rnd(16, 2, scale=0.3).bfloat16().t()
     factors = [(b1, a1, 0.7 * 0.123), (b2, a2, 3e-38)]
     cases.append((rnd(6, 4, 2, 2, scale=0.05).to(dtype), lambda t: t, factors, (6, 16, 16, 1)))
+    # LyCORIS terms after a bf16 LoRA factor on a transposed view (50 x 30): a LoHa term (u = A·B with an fp16,
+    # transposed B; v = C·D with a bf16 C), a LoKr term (a bf16 W2 of 10 x 5 blocks, which straddle the tiles) and a
+    # full diff in fp16; deltas about as large as the weights (many records)
+    terms = [("hada", rnd(50, 2, scale=0.5), rnd(50, 3, scale=0.5).bfloat16(), rnd(30, 2, scale=0.5).half().t(),
+              rnd(3, 30, scale=0.5), 0.3),
+             ("kron", rnd(5, 6, scale=0.3), rnd(10, 5, scale=0.3).bfloat16(), None, None, 1.3),
+             ("kron", torch.ones(1, 1), rnd(50, 30, scale=0.05).half(), None, None, 0.6)]
+    cases.append((rnd(30, 50, scale=0.05).to(dtype), lambda t: t.t(),
+                  {"factors": [(rnd(50, 2, scale=0.1).bfloat16(), rnd(2, 30, scale=0.1), 0.4)], "terms": terms}, None))
     return cases
 
 
@@ -254,6 +264,11 @@ def _probe_merge(device: torch.device, dtype: torch.dtype) -> Optional[str]:
 
     def job(s, case, dev):
         _, view, up, down = case
+        if isinstance(up, dict):  # LoRA factors and LyCORIS terms
+            fs = [M.Factor.of(b.to(dev), a.to(dev), scale) for b, a, scale in up["factors"]]
+            ts = [M.Term(kind, u.to(dev), v.to(dev), None if ub is None else ub.to(dev),
+                         None if vb is None else vb.to(dev), scale) for kind, u, v, ub, vb, scale in up["terms"]]
+            return M.MergeJob(view(s), factors=fs, terms=ts, view=down)
         if isinstance(up, list):
             fs = []
             for b, a, scale in up:
