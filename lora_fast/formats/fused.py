@@ -11,7 +11,8 @@ such tables; adding a family or a layout is a table entry, not code.
 A LoRA on a fused projection becomes one LoRA per diffusers module: every split module gets the same down
 (A) matrix (the same tensor, not a copy) and its rows of the up (B) matrix, so ΔW_part = s·B_part·A is
 exactly the part's rows of s·B·A. The scale is that of the fused module (alpha / rank of the file's module,
-alpha = rank when missing or 0, as sd-scripts trains it) for every part.
+alpha = rank when missing or 0, as sd-scripts trains it) for every part. LyCORIS LoHa/LoKr/full modules in the
+kohya-style layouts split by rows too (see "LyCORIS modules" below and docs/formats.md).
 """
 
 from __future__ import annotations
@@ -146,11 +147,21 @@ def family_table(name: str) -> Optional[FusedFamily]:
 # detection
 
 
+#: Layouts whose files may hold LyCORIS LoHa/LoKr/full modules (``<module>.hada_w1_a``..., formats/lycoris.py).
+_LYCORIS_LAYOUTS = ("kohya", "onetrainer")
+
+
 def _split_key(key: str, layout: str) -> Optional[tuple[str, str]]:
-    """(module name, role) of a key in a layout, or None."""
+    """(module name, role) of a key in a layout, or None. A LyCORIS tensor's role is its suffix."""
     for suffix, role in SUFFIXES[layout].items():
         if key.endswith("." + suffix):
             return key[: -len(suffix) - 1], role
+    if layout in _LYCORIS_LAYOUTS:
+        from .lycoris import is_lycoris_suffix
+
+        name, dot, suffix = key.rpartition(".")
+        if dot and name and (is_lycoris_suffix(suffix) or suffix == "dora_scale"):
+            return name, suffix
     return None
 
 
@@ -259,6 +270,109 @@ def _split_layers(source: str, candidates, group: dict, alpha: Optional[float], 
 FAMILY_LABELS = {"flux": "Flux.1", "sd3": "SD3/SD3.5", "wan": "Wan 2.x"}
 
 
+# ---------------------------------------------------------------------------------------------- LyCORIS modules
+#
+# A LoHa, LoKr or full-diff module of the original model becomes one layer per diffusers module it maps to. One to
+# one: the layer as the kohya reader builds it (its tensors as read). Split by output rows (qkv, linear1, a swapped
+# adaLN): each part's delta is exactly the rows of the whole module's delta,
+#
+# * LoHa ΔW = s·(w1_a w1_b) ⊙ (w2_a w2_b): the rows of w1_a and w2_a (w?_b shared, the same tensors), scale unchanged;
+# * full: the rows of diff (and of diff_b);
+# * LoKr ΔW = s·kron(W1, W2), W2 (c, d): row i is W1's row i // c times W2's row i % c, so a part whose row bounds are
+#   multiples of c is kron(W1[rows / c], W2): the rows of lokr_w1 (or lokr_w1_a), W2 shared, scale unchanged. A part
+#   whose bounds are not multiples of c is no Kronecker product: it becomes a full-diff slice in float32, the rows of
+#   rn32(rn32(W1·rn32(s)) · W2), which is what the merge kernels add for the unsplit module at strength 1 (same bits
+#   when fused alone at weight 1; at another weight the diff is scaled after that rounding). That costs 4 bytes per
+#   element of the part (Flux's linear1 with the LyCORIS default factorization, W2 of 168 rows: 264 MB per block).
+#
+# Row tensors per algorithm: (suffixes, rows of the weight per tensor row) -> see _row_tensors.
+
+
+def _lokr_w1_rows(t: dict) -> int:
+    return int((t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"]).shape[0])
+
+
+def _row_tensors(algorithm: str, t: dict, out: int) -> tuple[tuple, int]:
+    """(the suffixes whose rows are the weight's rows, weight rows per tensor row) of a LyCORIS module."""
+    if algorithm == "loha":
+        return ("hada_w1_a", "hada_w2_a"), 1
+    if algorithm == "full":
+        return ("diff",), 1
+    return ("lokr_w1" if "lokr_w1" in t else "lokr_w1_a",), out // _lokr_w1_rows(t)
+
+
+def _take_rows(x: torch.Tensor, spans) -> torch.Tensor:
+    pieces = [x[a:b] for a, b in spans]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 0)
+
+
+def _lycoris_layers(source: str, candidates, name: str, group: dict, family: str) -> dict:
+    """{diffusers key: LoraLayer} for one LyCORIS module of a table family (see the section comment)."""
+    from . import lycoris
+
+    p = lycoris.parse_module(source, name, group)
+    algo = lycoris.ALGORITHM_NAMES[p.algorithm]
+    first_key = p.keys["down"]
+    fitting = [(m, i) for m, i in candidates if m.fits(p.out, p.in_flat)]
+    if not fitting:
+        m, i = candidates[0]
+        raise _fail(source, first_key, f"{p.out} output rows do not fit {m.bfl.format(i=i)}")
+    fused, index = fitting[0]
+    where = fused.bfl.format(i=index)
+    if fused.kind == "conv":
+        if p.kernel_shape is None:
+            raise _fail(source, first_key, f"{where} is a Conv2d, but these LyCORIS {algo} tensors do not say its "
+                                           "kernel size (a flattened (r, in·kh·kw) factor)")
+        kind, shape = "conv2d", tuple(p.implied_shape("conv2d"))
+    else:
+        if p.kernel_shape not in (None, (1, 1)):
+            raise _fail(source, first_key, f"a {FAMILY_LABELS.get(family, family)} module here is a Linear; got "
+                                           f"LyCORIS {algo} conv tensors (kernel {p.kernel_shape})")
+        kind, shape = "linear", (p.out, p.in_flat)
+    total = sum(fused.parts)
+    if p.out % total:
+        raise _fail(source, first_key, f"{p.out} output rows do not split into parts {fused.parts} of {where}")
+    if len(fused.targets) == 1 and tuple(fused.targets[0][1]) == tuple(range(len(fused.parts))):  # one to one
+        key = f"{fused.component}.{fused.targets[0][0].format(i=index)}"
+        return {key: p.build(key, kind, shape)}
+    unit = p.out // total
+    bounds, start = [], 0
+    for part in fused.parts:
+        bounds.append((start, start + part * unit))
+        start += part * unit
+    if p.dora_scale is not None:
+        raise _fail(source, p.keys["dora_scale"], f"{where} is split into {len(fused.targets)} diffusers modules, "
+                                                  f"and a DoRA {algo} module's column norms cover all of its rows: "
+                                                  "no split form is exact")
+    if any(n in p.tensors for n in ("hada_t1", "hada_t2")):
+        raise _fail(source, first_key, f"a Tucker LoHa module on {where}, a Linear, is not supported")
+    whole = p.build(f"{fused.component}.{where}", kind, shape)  # checks and the layer's own alpha/scale rules
+    rows_of, per = _row_tensors(p.algorithm, p.tensors, p.out)
+    out = {}
+    for path, take in fused.targets:
+        key = f"{fused.component}.{path.format(i=index)}"
+        spans = [bounds[t] for t in take]
+        n = sum(b - a for a, b in spans)
+        if any(a % per or b % per for a, b in spans):  # LoKr rows not on W2's row blocks: a full-diff slice
+            w1, w2 = whole.halves()
+            s32 = torch.tensor(whole.scale, dtype=torch.float32)
+            pieces = []
+            for a, b in spans:
+                k0, k1 = a // per, -(-b // per)
+                block = torch.kron(w1[k0:k1] * s32, w2)  # rn32(rn32(u·s)·v) per element
+                pieces.append(block[a - k0 * per:b - k0 * per])
+            diff = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 0)
+            out[key] = LoraLayer(kind="linear", algorithm="full", lycoris={"diff": diff.contiguous()}, shape=(n, p.in_flat))
+            continue
+        tensors = dict(p.tensors)
+        for suffix in rows_of:
+            tensors[suffix] = _take_rows(tensors[suffix], [(a // per, b // per) for a, b in spans])
+        bias = None if p.diff_b is None else _take_rows(p.diff_b, spans)
+        out[key] = LoraLayer(alpha=whole.alpha, kind="linear", bias=bias, algorithm=p.algorithm, lycoris=tensors,
+                             shape=(n, p.in_flat))
+    return out
+
+
 def _t5_key(fam: FusedFamily, name: str) -> Optional[str]:
     if fam.t5 is None:
         return None
@@ -271,6 +385,8 @@ def read_fused(state_dict: dict, fam: FusedFamily, layout: str, *, source: str =
                metadata: Optional[dict] = None) -> LoraAdapter:
     """A state dict in one of a family's layouts as a LoraAdapter with diffusers module keys."""
     from .kohya import _Module, _build_layer, _classify_suffix, _parse_module, _scalar, _table
+
+    from .lycoris import is_lycoris_group
 
     label = FAMILY_LABELS.get(fam.family, fam.family)
     te_keys = {k: v for k, v in state_dict.items()
@@ -293,11 +409,20 @@ def read_fused(state_dict: dict, fam: FusedFamily, layout: str, *, source: str =
         if not found:
             raise _fail(source, next(iter(group.values()))[0], f"unknown {label} module {name!r}")
         for role in ("down", "up"):
-            if role not in group:
+            if role not in group and not is_lycoris_group(group):
                 raise LoraFormatError(f"{source}: {label} module {name!r} has no {role} tensor "
                                       f"(found {[k for k, _ in group.values()]})")
-        alpha = _scalar(source, group["alpha"][0], group["alpha"][1]) if "alpha" in group else None
-        for key, layer in _split_layers(source, found, group, alpha, fam.family).items():
+        from .lycoris import is_lycoris_group
+
+        if is_lycoris_group(group):
+            split = _lycoris_layers(source, found, name, group, fam.family)
+        else:
+            if "dora_scale" in group:
+                raise _fail(source, group["dora_scale"][0], f"a DoRA {label} LoRA module in this layout is not "
+                                                            "supported (dora_scale)")
+            alpha = _scalar(source, group["alpha"][0], group["alpha"][1]) if "alpha" in group else None
+            split = _split_layers(source, found, group, alpha, fam.family)
+        for key, layer in split.items():
             if key in layers:
                 raise LoraFormatError(f"{source}: {name!r} and {origin[key]!r} both target {key}")
             layers[key], origin[key] = layer, name
@@ -343,7 +468,8 @@ def _fused_of(fam: FusedFamily, path: str, layer: LoraLayer):
             if fused.rows_per_in is not None:
                 taken = sum(fused.parts[t] for t in take)
                 unit, rem = divmod(layer.out_features, taken)
-                if rem or not fused.fits(unit * sum(fused.parts), int(layer.down.shape[1])):
+                inp = int(layer.down.shape[1]) if layer.algorithm == "lora" else layer.in_features
+                if rem or not fused.fits(unit * sum(fused.parts), inp):
                     continue
             return fused, (m.group(1) if m.groups() else None), pos
     return None
@@ -367,7 +493,9 @@ def write_fused_kohya(adapter: LoraAdapter, fam: FusedFamily, *, source: str = "
     out: dict[str, torch.Tensor] = {}
     for key, layer in adapter.layers.items():
         component, path = split_component(key)
-        if layer.kind not in ("linear", "conv") or layer.mid is not None or layer.magnitude is not None \
+        if layer.algorithm != "lora":  # LyCORIS LoHa/LoKr/full: written as read, split parts re-fused below
+            pass
+        elif layer.kind not in ("linear", "conv") or layer.mid is not None or layer.magnitude is not None \
                 or layer.bias is not None or layer.fan_in_fan_out:
             raise LoraFormatError(f"{source}: {key}: only plain LoRA layers have an sd-scripts {label} form")
         if component == "transformer":
@@ -389,11 +517,19 @@ def write_fused_kohya(adapter: LoraAdapter, fam: FusedFamily, *, source: str = "
                 name = next((n for n in module.names if n.startswith(root)), None) if module else None
         if name is None:
             raise LoraFormatError(f"{source}: module {key!r} has no sd-scripts {label} name")
+        if layer.algorithm != "lora":
+            from .lycoris import write_tensors
+
+            out.update(write_tensors(layer, name))
+            continue
         out[f"{name}.lora_down.weight"] = layer.down.contiguous()
         out[f"{name}.lora_up.weight"] = layer.up.contiguous()
         out[f"{name}.alpha"] = _stored_alpha(layer, source, key)
     for (bfl, index), (fused, members) in groups.items():
         (first_key, first), *rest = members.values()
+        if any(layer.algorithm != "lora" for _, layer in members.values()):
+            out.update(_write_lycoris_group(fused, bfl.format(i=index), members, source))
+            continue
         for key, layer in rest:
             if (layer.rank != first.rank or layer.alpha != first.alpha or layer.use_rslora != first.use_rslora
                     or layer.down.dtype != first.down.dtype or layer.up.dtype != first.up.dtype
@@ -427,6 +563,83 @@ def write_fused_kohya(adapter: LoraAdapter, fam: FusedFamily, *, source: str = "
         out[f"{name}.lora_up.weight"] = up
         out[f"{name}.alpha"] = _stored_alpha(first, source, first_key)
     return out
+
+
+def _write_lycoris_group(fused: FusedModule, where: str, members: dict, source: str) -> dict:
+    """The sd-scripts tensors of one original module whose diffusers parts are LyCORIS layers: one to one as read;
+    split parts re-fused by rows (the inverse of _lycoris_layers: the row tensors of the parts concatenated in the
+    original order, a part the adapter lacks as zero rows, every other tensor and alpha shared)."""
+    from .lycoris import ALGORITHM_NAMES, write_tensors
+
+    name = kohya_name(where)
+    (first_key, first), *rest = members.values()
+    algos = {layer.algorithm for _, layer in members.values()}
+    if len(algos) > 1:
+        found = ", ".join(sorted(f"{k} ({layer.algorithm})" for k, layer in members.values()))
+        raise LoraFormatError(
+            f"{source}: the parts of {where} are of different algorithms ({found}); an sd-scripts file holds one "
+            "module there. (A LoKr module whose W2 row blocks do not line up with the split is read as full-diff "
+            "slices for those parts: write diffusers/PEFT with an approximation, or keep the original file.)")
+    if len(fused.targets) == 1 and tuple(fused.targets[0][1]) == tuple(range(len(fused.parts))):
+        return write_tensors(first, name)
+    label = ALGORITHM_NAMES[first.algorithm]
+    t0 = first.lycoris
+    total_rows = None
+    pos0 = next(iter(members))
+    taken = sum(fused.parts[t] for t in fused.targets[pos0][1])
+    unit, rem = divmod(first.out_features, taken)
+    if rem:
+        raise LoraFormatError(f"{source}: {first_key}: {first.out_features} rows do not fit {where}")
+    total_rows = unit * sum(fused.parts)
+    rows_of, per = _row_tensors(first.algorithm, t0, first.out_features)
+    if first.algorithm == "lokr":  # rows of W2 (the weight rows per W1 row): the same in every part and the whole
+        per = first.out_features // _lokr_w1_rows(t0)
+    for key, layer in rest:
+        shared = [n for n in set(t0) | set(layer.lycoris) if n not in rows_of]
+        same = (set(t0) == set(layer.lycoris) and layer.alpha == first.alpha and layer.in_features == first.in_features
+                and layer.magnitude is None and first.magnitude is None
+                and all(t0[n].dtype == layer.lycoris[n].dtype and t0[n].shape == layer.lycoris[n].shape
+                        and torch.equal(t0[n], layer.lycoris[n]) for n in shared)
+                and all(t0[n].dtype == layer.lycoris[n].dtype for n in rows_of))
+        if not same:
+            raise LoraFormatError(
+                f"{source}: {key} and {first_key} are {label} parts of {where} but do not share their "
+                f"{', '.join(sorted(shared)) or 'tensors'} and alpha: an sd-scripts file cannot hold them exactly")
+    if first.magnitude is not None:
+        raise LoraFormatError(f"{source}: {first_key}: a DoRA {label} part of {where} has no sd-scripts form")
+    if any(layer.bias is not None for _, layer in members.values()) and first.algorithm != "full":
+        raise LoraFormatError(f"{source}: {first_key}: only a full diff carries a bias (diff_b)")
+    pieces: dict = {n: [None] * len(fused.parts) for n in rows_of}
+    bias_parts: list = [None] * len(fused.parts)
+    for pos, (key, layer) in members.items():
+        take = fused.targets[pos][1]
+        if layer.out_features != unit * sum(fused.parts[t] for t in take):
+            raise LoraFormatError(f"{source}: {key}: {layer.out_features} rows do not fit {where} next to {first_key}")
+        start = 0
+        for t in take:
+            n_rows = fused.parts[t] * unit
+            if n_rows % per or start % per:
+                raise LoraFormatError(f"{source}: {key}: its LoKr rows do not line up with {where}'s parts")
+            for n in rows_of:
+                pieces[n][t] = layer.lycoris[n][start // per:(start + n_rows) // per]
+            if layer.bias is not None:
+                bias_parts[t] = layer.bias[start:start + n_rows]
+            start += n_rows
+    tensors = dict(t0)
+    for n in rows_of:
+        ref = t0[n]
+        full = [p if p is not None else ref.new_zeros((fused.parts[t] * unit // per, *ref.shape[1:]))
+                for t, p in enumerate(pieces[n])]
+        tensors[n] = torch.cat(full, 0)
+    shape = (total_rows, *first.shape[1:])
+    bias = None
+    if any(b is not None for b in bias_parts):
+        ref = next(b for b in bias_parts if b is not None)
+        bias = torch.cat([b if b is not None else ref.new_zeros(fused.parts[t] * unit)
+                          for t, b in enumerate(bias_parts)], 0)
+    whole = LoraLayer(alpha=first.alpha, kind=first.kind, bias=bias, algorithm=first.algorithm, lycoris=tensors,
+                      shape=shape)
+    return write_tensors(whole, name)
 
 
 __all__ = ["FusedModule", "FusedFamily", "one", "register_family", "families", "family_table",
