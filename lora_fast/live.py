@@ -212,7 +212,10 @@ class LiveSlot:
 
     def rank_fits(self, module: nn.Module, layer: LoraLayer) -> Optional[str]:
         """None if ``layer`` can be written into this slot in place, else why not."""
+        if layer.algorithm != "lora":
+            return _algorithm_change("LoRA", _ALGORITHM_LABELS[layer.algorithm] + " (computed densely)")
         if needs_dense(module, layer):
+
             return "needs the dense fallback path"
         if (layer.magnitude is None) != (self.magnitude is None):
             return "DoRA magnitudes present in one adapter and not the other"
@@ -365,7 +368,7 @@ class DenseSlot:
         self.layer = layer.to(device=module.weight.device)
         self.weight = weight
         self.pinned = False
-        self.owned = True
+        self.owned = False  # the layer's tensors may be the adapter's own: a hotswap copies them first (load)
         self.capacity = layer.rank
         self.magnitude = layer.magnitude
         self.cache_key = None
@@ -379,7 +382,42 @@ class DenseSlot:
         return self.layer.dtype
 
     def rank_fits(self, module, layer) -> Optional[str]:
-        return "the dense fallback path cannot be hotswapped"
+        """None if ``layer`` can be written into this slot's tensors in place (same algorithm, the same tensors with
+        the same shapes and dtypes, DoRA and bias alike), else why not."""
+        old = self.layer
+        if layer.algorithm != old.algorithm or not needs_dense(module, layer):
+            new = _ALGORITHM_LABELS[layer.algorithm] + ("" if needs_dense(module, layer) else " (factored live path)")
+            return _algorithm_change(_ALGORITHM_LABELS[old.algorithm] + " (computed densely)", new)
+        a, b = _dense_tensors(old), _dense_tensors(layer)
+        if set(a) != set(b):
+            return (f"the new adapter's {_ALGORITHM_LABELS[layer.algorithm]} layer has tensors {sorted(b)}, the loaded "
+                    f"one {sorted(a)} (another factor form): load it as a new adapter")
+        for name, t in a.items():
+            if tuple(t.shape) != tuple(b[name].shape) or t.dtype != b[name].dtype:
+                return (f"{name} is {tuple(b[name].shape)} {b[name].dtype} in the new adapter, "
+                        f"{tuple(t.shape)} {t.dtype} in the loaded one")
+        if layer.magnitude is not None and layer.magnitude_axis != old.magnitude_axis:
+            return "DoRA magnitude axis differs"
+        return None
+
+    def load(self, module: nn.Module, layer: LoraLayer) -> None:
+        """Hotswap (after :meth:`rank_fits`): the new values written into this slot's tensors. The first swap gives
+        the slot its own copies (the loaded tensors are the first file's), later ones write in place."""
+        if not self.owned:
+            old = self.layer
+            self.layer = LoraLayer(
+                down=_clone(old.down), up=_clone(old.up), alpha=old.alpha, kind=old.kind, use_rslora=old.use_rslora,
+                magnitude=_clone(old.magnitude), magnitude_axis=old.magnitude_axis,
+                fan_in_fan_out=old.fan_in_fan_out, bias=_clone(old.bias), mid=_clone(old.mid),
+                algorithm=old.algorithm, lycoris={k: v.clone() for k, v in old.lycoris.items()}, shape=old.shape)
+            self.owned = True
+        new = _dense_tensors(layer)
+        with torch.no_grad():
+            for name, t in _dense_tensors(self.layer).items():
+                t.copy_(new[name])
+        self.layer.alpha, self.layer.use_rslora = layer.alpha, layer.use_rslora
+        self.layer.__dict__.pop("_kron_halves", None)  # LoKr: rebuilt from the new values
+        self.magnitude = self.layer.magnitude
 
     def to(self, device=None, dtype=None) -> None:
         self.layer = self.layer.to(device=device)
@@ -415,6 +453,30 @@ class DenseSlot:
             b = self.layer.bias.to(device=w.device, dtype=w.dtype) * (self.layer.scale * factor)
             d = d + _channel_view(b, self.kind)
         return out + d.to(out.dtype)
+
+
+_ALGORITHM_LABELS = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "full": "full diff"}
+
+
+def _algorithm_change(loaded: str, new: str) -> str:
+    return (f"the loaded adapter is a {loaded} layer here and the new one a {new} layer: a hotswap writes new "
+            "values into the loaded tensors and keeps the forward's code path, so it cannot change the algorithm "
+            "(LoRA, LoHa, LoKr, full diff) or the path; load it as a new adapter (load_lora_weights with another "
+            "adapter_name, then delete the old one)")
+
+
+def _dense_tensors(layer: LoraLayer) -> dict:
+    """Every tensor a DenseSlot's forward reads from its layer, by name."""
+    out = {f"lycoris.{k}": v for k, v in layer.lycoris.items()}
+    for name in ("down", "up", "mid", "magnitude", "bias"):
+        t = getattr(layer, name)
+        if t is not None:
+            out[name] = t
+    return out
+
+
+def _clone(t):
+    return None if t is None else t.clone()
 
 
 def make_slot(module: nn.Module, layer: LoraLayer, weight: torch.Tensor, capacity: Optional[int] = None):
