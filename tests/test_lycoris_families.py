@@ -255,3 +255,25 @@ def test_detect_and_load_a_flux_lycoris_file(tmp_path, flux_dims):
     save_file(sd, str(path))
     adapter = read_lora(str(path))
     assert adapter.family == "flux" and adapter.layers[D + "attn.to_q"].algorithm == "loha"
+
+
+def test_wan_one_to_one_lycoris_modules_read_and_write_back(tmp_path):
+    from safetensors.torch import save_file
+
+    from lora_fast.formats import read_lora
+    from lora_fast.formats.wan import WAN
+
+    sd = {}
+    sd.update(loha("lora_unet_blocks_0_self_attn_q", 24, 24, seed=8, dtype=torch.bfloat16))
+    sd.update(lokr("lora_unet_blocks_0_ffn_0", 64, 24, 4, 4, seed=9))
+    sd.update(full("lora_unet_blocks_1_cross_attn_k_img", 24, 16, seed=10, dtype=torch.float16))
+    path = tmp_path / "wan_lyco.safetensors"
+    save_file(sd, str(path))
+    adapter = read_lora(str(path))
+    assert adapter.family == "wan"
+    want = {"transformer.blocks.0.attn1.to_q": "loha", "transformer.blocks.0.ffn.net.0.proj": "lokr",
+            "transformer.blocks.1.attn2.add_k_proj": "full"}
+    assert {k: l.algorithm for k, l in adapter.layers.items()} == want
+    assert adapter.layers["transformer.blocks.0.attn1.to_q"].lycoris["hada_w1_a"].dtype == torch.bfloat16
+    back = write_fused_kohya(adapter, WAN)
+    assert sorted(back) == sorted(sd) and all(torch.equal(back[k], v) for k, v in sd.items())
