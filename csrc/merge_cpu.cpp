@@ -11,6 +11,13 @@
 //    dtype ulp from the infinitely precise rn(W + delta); making that exact cost ~25% of the epilogue.)
 //  * The record keeps (flat index, original bits) wherever rn(W' - delta) differs bitwise from W, so
 //    unfuse = same kernel with -delta, then scatter the records.
+//  * fp8 weights (DT_E4M3, DT_E5M2): the fp32 sum is formed by TwoSum and rounded to odd (its last bit made sticky
+//    when the add was inexact), then encoded; rounding to odd with 20 spare bits makes that one rounding of the
+//    exact W + delta (no false tie from the fp32 add), so fp8 results are rn_fp8(W + delta) exactly. The encoding
+//    is torch's cast (c10 fp8e4m3fn_from_fp32_value / fp8e5m2_from_fp32_value): nearest even; e4m3fn has no Inf,
+//    and a finite value beyond +-464 or an Inf becomes +-448 (saturation, torch >= 2.9), NaN becomes 0x7F|sign;
+//    e5m2 overflows to +-Inf, NaN becomes 0x7F|sign. The non-finite flag also flags an e4m3fn result that
+//    saturated (|W + delta| > 464): fp8's range was exceeded.
 //  * MXCSR is pinned to round-to-nearest without FTZ/DAZ in every worker, so a caller's flush-denormal setting
 //    cannot change the bits.
 
@@ -156,7 +163,7 @@ private:
     size_t size_ = 0;  // of the last chunk
 };
 
-inline int elem_size(int dt) { return dt == DT_F32 ? 4 : 2; }
+constexpr int elem_size(int dt) { return dt == DT_F32 ? 4 : is_fp8(dt) ? 1 : 2; }
 
 // ---------------------------------------------------------------- scalar conversions (exact, portable)
 inline uint32_t f2u(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
@@ -193,31 +200,92 @@ inline uint32_t f32_to_bf16(float f) {
     return (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
 }
 
+// fp8 e4m3fn -> fp32, exact: the 7 magnitude bits placed at fp32's exponent/mantissa boundary, scaled by 2^120
+// (fp8 subnormals arrive as fp32 subnormals; DAZ is off). 0x7F|sign is NaN (quiet, sign kept).
+inline float e4m3_to_f32(uint32_t v) {
+    const uint32_t mag = v & 0x7Fu, sign = (v & 0x80u) << 24;
+    if (mag == 0x7Fu) return u2f(sign | 0x7FC00000u);
+    return u2f(sign | f2u(u2f(mag << 20) * 0x1p120f));
+}
+// fp32 -> e4m3fn as torch's cast (c10::detail::fp8e4m3fn_from_fp32_value): nearest even; NaN -> 0x7F|sign; a
+// finite value that rounds past 448, and +-Inf, saturate to +-448 (0x7E).
+inline uint32_t f32_to_e4m3(float f) {
+    const uint32_t b = f2u(f), sign = b & 0x80000000u, a = b ^ sign;
+    uint32_t r;
+    if (a >= (1087u << 20)) r = a > 0x7F800000u ? 0x7Fu : 0x7Eu;
+    else if (a < (121u << 23)) r = f2u(u2f(a) + u2f(141u << 23)) - (141u << 23);
+    else {
+        r = (a + (static_cast<uint32_t>(7 - 127) << 23) + 0x7FFFFu + ((a >> 20) & 1u)) >> 20;
+        if (r == 0x7Fu) r = 0x7Eu;
+    }
+    return r | (sign >> 24);
+}
+// fp8 e5m2 is the upper byte of an fp16: exact through f16_to_f32 (NaN quieted as vcvtph2ps does).
+inline float e5m2_to_f32(uint32_t v) { return f16_to_f32(v << 8); }
+// fp32 -> e5m2 as torch's cast (c10::detail::fp8e5m2_from_fp32_value): nearest even, overflow to +-Inf (0x7C),
+// NaN -> 0x7F|sign.
+inline uint32_t f32_to_e5m2(float f) {
+    const uint32_t b = f2u(f), sign = b & 0x80000000u, a = b ^ sign;
+    uint32_t r;
+    if (a >= (143u << 23)) r = a > 0x7F800000u ? 0x7Fu : 0x7Cu;
+    else if (a < (113u << 23)) r = f2u(u2f(a) + u2f(134u << 23)) - (134u << 23);
+    else r = (a + (static_cast<uint32_t>(15 - 127) << 23) + 0xFFFFFu + ((a >> 21) & 1u)) >> 21;
+    return (r | (sign >> 24)) & 0xFFu;
+}
+
+// x + b rounded to odd in fp32 (TwoSum: s + e == x + b exactly; where e != 0 and s's last bit is even, s steps one
+// ulp towards e). Not finite: s as it is (e is NaN there), except that a NaN x is returned as it is: with two NaN
+// operands the hardware's pick (and the compiler's operand order) would decide the sign, the only payload an fp8
+// NaN has, and fuse, its record check and unfuse must agree on it. fp8 rounding of this is rn_fp8(x + b) exactly.
+inline float sum_odd_s(float x, float b) {
+    if (x != x) return x;
+    const float s = x + b, bv = s - x, e = (x - (s - bv)) + (b - bv);
+    uint32_t sb = f2u(s);
+    if ((e < 0.0f || e > 0.0f) && !(sb & 1u)) sb += ((sb ^ f2u(e)) >> 31) ? 0xFFFFFFFFu : 1u;
+    return u2f(sb);
+}
+
 template <int DT> inline float decode_s(uint32_t raw) {
     if constexpr (DT == DT_F32) return u2f(raw);
     else if constexpr (DT == DT_F16) return f16_to_f32(raw);
+    else if constexpr (DT == DT_E4M3) return e4m3_to_f32(raw);
+    else if constexpr (DT == DT_E5M2) return e5m2_to_f32(raw);
     else return u2f(raw << 16);
 }
 template <int DT> inline uint32_t encode_s(float f) {
     if constexpr (DT == DT_F32) return f2u(f);
     else if constexpr (DT == DT_F16) return f32_to_f16(f);
+    else if constexpr (DT == DT_E4M3) return f32_to_e4m3(f);
+    else if constexpr (DT == DT_E5M2) return f32_to_e5m2(f);
     else return f32_to_bf16(f);
 }
 
-// rn_dtype(x + d): the fp32 sum, rounded once to the weight dtype.
-template <int DT> inline uint32_t add_round_s(float x, float d) { return encode_s<DT>(x + d); }
+// rn_dtype(x + d): the fp32 sum, rounded once to the weight dtype (fp8: the exact sum, through rounding to odd).
+template <int DT> inline uint32_t add_round_s(float x, float d) {
+    if constexpr (is_fp8(DT)) return encode_s<DT>(sum_odd_s(x, d));
+    else return encode_s<DT>(x + d);
+}
+// e4m3fn: did rn(x + d) saturate (|x + d| > 464, or Inf)? Under check_finite that is flagged like a non-finite.
+template <int DT> inline bool overflow_s(float x, float d) {
+    if constexpr (DT == DT_E4M3) return std::fabs(sum_odd_s(x, d)) > 464.0f;
+    else return false;
+}
 
 template <int DT> inline uint32_t load_raw_s(const char* p) {
     if constexpr (DT == DT_F32) { uint32_t v; std::memcpy(&v, p, 4); return v; }
+    else if constexpr (is_fp8(DT)) { uint8_t v; std::memcpy(&v, p, 1); return v; }
     else { uint16_t v; std::memcpy(&v, p, 2); return v; }
 }
 template <int DT> inline void store_raw_s(char* p, uint32_t v) {
     if constexpr (DT == DT_F32) std::memcpy(p, &v, 4);
+    else if constexpr (is_fp8(DT)) { uint8_t h = static_cast<uint8_t>(v); std::memcpy(p, &h, 1); }
     else { uint16_t h = static_cast<uint16_t>(v); std::memcpy(p, &h, 2); }
 }
 template <int DT> inline bool nonfinite_raw(uint32_t v) {
     if constexpr (DT == DT_F32) return (v & 0x7F800000u) == 0x7F800000u;
     else if constexpr (DT == DT_F16) return (v & 0x7C00u) == 0x7C00u;
+    else if constexpr (DT == DT_E4M3) return (v & 0x7Fu) == 0x7Fu;
+    else if constexpr (DT == DT_E5M2) return (v & 0x7Cu) == 0x7Cu;
     else return (v & 0x7F80u) == 0x7F80u;
 }
 
@@ -236,7 +304,7 @@ inline int epilogue_elem(char* wp, float delta, int32_t col, const Options& o, R
     float d = o.negate ? -delta : delta;
     uint32_t h = add_round_s<DT>(decode_s<DT>(w), d);
     store_raw_s<DT>(wp, h);
-    if (o.check_finite && nonfinite_raw<DT>(h)) nonfinite = true;
+    if (o.check_finite && (nonfinite_raw<DT>(h) || overflow_s<DT>(decode_s<DT>(w), d))) nonfinite = true;
     if (o.record && add_round_s<DT>(decode_s<DT>(h), -d) != w) {
         rr.col[0] = col;
         return 1;
@@ -341,6 +409,22 @@ struct Avx512 {
     LF_T512 static inline F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
     LF_T512 static inline F add(F a, F b) { return _mm512_add_ps(a, b); }
     LF_T512 static inline F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+    LF_T512 static inline F neg(F a) { return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a), _mm512_set1_epi32(INT32_MIN))); }
+    // x + b rounded to odd (as sum_odd_s)
+    LF_T512 static inline F sum_odd(F x, F b) {
+        const F s = add(x, b), bv = sub(s, x), e = add(sub(x, sub(s, bv)), sub(b, bv));
+        const __mmask16 inexact = _mm512_cmp_ps_mask(e, zero(), _CMP_NEQ_OQ);
+        const __m512i sb = _mm512_castps_si512(s), one = _mm512_set1_epi32(1);
+        const __mmask16 even = _mm512_testn_epi32_mask(sb, one);
+        const __m512i adj = _mm512_or_si512(_mm512_srai_epi32(_mm512_xor_si512(sb, _mm512_castps_si512(e)), 31), one);
+        const F r = _mm512_castsi512_ps(_mm512_mask_add_epi32(sb, inexact & even, sb, adj));
+        return _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), x);  // a NaN x as it is (sum_odd_s)
+    }
+    // lanes with |v| > 464 (e4m3fn saturation; NaN: no)
+    LF_T512 static inline uint32_t above464(F v) {
+        const F a = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7FFFFFFF)));
+        return _mm512_cmp_ps_mask(a, _mm512_set1_ps(464.0f), _CMP_GT_OQ);
+    }
     // Record staging without a branch: the differing lanes' columns are compressed to the scratch row (which has
     // W entries of slack); the original bits were already copied aside. At a few % of records about a third of
     // vectors hold one, so a branch per vector would mispredict constantly.
@@ -361,6 +445,20 @@ struct Avx2 {
     LF_T256 static inline F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
     LF_T256 static inline F add(F a, F b) { return _mm256_add_ps(a, b); }
     LF_T256 static inline F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+    LF_T256 static inline F neg(F a) { return _mm256_xor_ps(a, _mm256_castsi256_ps(_mm256_set1_epi32(INT32_MIN))); }
+    LF_T256 static inline F sum_odd(F x, F b) {
+        const F s = add(x, b), bv = sub(s, x), e = add(sub(x, sub(s, bv)), sub(b, bv));
+        const __m256i inexact = _mm256_castps_si256(_mm256_cmp_ps(e, zero(), _CMP_NEQ_OQ));
+        const __m256i sb = _mm256_castps_si256(s), one = _mm256_set1_epi32(1);
+        const __m256i even = _mm256_cmpeq_epi32(_mm256_and_si256(sb, one), _mm256_setzero_si256());
+        const __m256i adj = _mm256_or_si256(_mm256_srai_epi32(_mm256_xor_si256(sb, _mm256_castps_si256(e)), 31), one);
+        const F r = _mm256_castsi256_ps(_mm256_add_epi32(sb, _mm256_and_si256(_mm256_and_si256(inexact, even), adj)));
+        return _mm256_blendv_ps(r, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));  // a NaN x as it is (sum_odd_s)
+    }
+    LF_T256 static inline uint32_t above464(F v) {
+        const F a = _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF)));
+        return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(a, _mm256_set1_ps(464.0f), _CMP_GT_OQ)));
+    }
     LF_T256 static inline int emit(uint32_t differ, int32_t j, int32_t* col) {
         int c = 0;
         while (differ) {
@@ -464,6 +562,110 @@ template <> struct Ep<Avx2, DT_BF16> {
     }
 };
 
+// fp8 (e4m3fn, e5m2): one byte per lane, zero-extended to 32-bit lanes; decode and encode as the scalar
+// e4m3_to_f32 / f32_to_e4m3 / e5m2_to_f32 / f32_to_e5m2 (torch's cast), lane by lane with integer ops.
+template <class V> struct Fp8Ops;
+template <> struct Fp8Ops<Avx512> {
+    using I = __m512i;
+    using F = __m512;
+    LF_T512 static inline I load(const char* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+    LF_T512 static inline void store(char* p, I v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(v)); }
+    LF_T512 static inline I set(int32_t v) { return _mm512_set1_epi32(v); }
+    LF_T512 static inline I band(I a, I b) { return _mm512_and_si512(a, b); }
+    LF_T512 static inline I bor(I a, I b) { return _mm512_or_si512(a, b); }
+    LF_T512 static inline I bxor(I a, I b) { return _mm512_xor_si512(a, b); }
+    LF_T512 static inline I addi(I a, I b) { return _mm512_add_epi32(a, b); }
+    LF_T512 static inline I subi(I a, I b) { return _mm512_sub_epi32(a, b); }
+    template <int N> LF_T512 static inline I shl(I a) { return _mm512_slli_epi32(a, N); }
+    template <int N> LF_T512 static inline I shr(I a) { return _mm512_srli_epi32(a, N); }
+    LF_T512 static inline I sel(I mask, I a, I b) { return _mm512_mask_mov_epi32(b, _mm512_test_epi32_mask(mask, mask), a); }  // mask ? a : b
+    LF_T512 static inline I eq(I a, I b) { return _mm512_movm_epi32(_mm512_cmpeq_epi32_mask(a, b)); }
+    LF_T512 static inline I ge_u(I a, I b) { return _mm512_movm_epi32(_mm512_cmpge_epu32_mask(a, b)); }
+    LF_T512 static inline I gt_u(I a, I b) { return _mm512_movm_epi32(_mm512_cmpgt_epu32_mask(a, b)); }
+    LF_T512 static inline F asf(I a) { return _mm512_castsi512_ps(a); }
+    LF_T512 static inline I asi(F a) { return _mm512_castps_si512(a); }
+    LF_T512 static inline F mulf(F a, F b) { return _mm512_mul_ps(a, b); }
+    LF_T512 static inline F addf(F a, F b) { return _mm512_add_ps(a, b); }
+    LF_T512 static inline uint32_t differ(I a, I b) { return _mm512_cmpneq_epi32_mask(a, b); }
+    LF_T512 static inline uint32_t bits(I m) { return _mm512_movepi32_mask(m); }
+    LF_T512 static inline F f16_to_f32(I v) { return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v)); }  // lanes < 2^16
+};
+template <> struct Fp8Ops<Avx2> {
+    using I = __m256i;
+    using F = __m256;
+    LF_T256 static inline I load(const char* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
+    LF_T256 static inline void store(char* p, I v) {  // lanes hold values < 2^8
+        const __m128i w = _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(v, v), 0x08));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packus_epi16(w, w));
+    }
+    LF_T256 static inline I set(int32_t v) { return _mm256_set1_epi32(v); }
+    LF_T256 static inline I band(I a, I b) { return _mm256_and_si256(a, b); }
+    LF_T256 static inline I bor(I a, I b) { return _mm256_or_si256(a, b); }
+    LF_T256 static inline I bxor(I a, I b) { return _mm256_xor_si256(a, b); }
+    LF_T256 static inline I addi(I a, I b) { return _mm256_add_epi32(a, b); }
+    LF_T256 static inline I subi(I a, I b) { return _mm256_sub_epi32(a, b); }
+    template <int N> LF_T256 static inline I shl(I a) { return _mm256_slli_epi32(a, N); }
+    template <int N> LF_T256 static inline I shr(I a) { return _mm256_srli_epi32(a, N); }
+    LF_T256 static inline I sel(I mask, I a, I b) { return _mm256_blendv_epi8(b, a, mask); }
+    LF_T256 static inline I eq(I a, I b) { return _mm256_cmpeq_epi32(a, b); }
+    LF_T256 static inline I ge_u(I a, I b) { return _mm256_cmpeq_epi32(_mm256_max_epu32(a, b), a); }
+    LF_T256 static inline I gt_u(I a, I b) { return _mm256_andnot_si256(_mm256_cmpeq_epi32(a, b), ge_u(a, b)); }
+    LF_T256 static inline F asf(I a) { return _mm256_castsi256_ps(a); }
+    LF_T256 static inline I asi(F a) { return _mm256_castps_si256(a); }
+    LF_T256 static inline F mulf(F a, F b) { return _mm256_mul_ps(a, b); }
+    LF_T256 static inline F addf(F a, F b) { return _mm256_add_ps(a, b); }
+    LF_T256 static inline uint32_t differ(I a, I b) { return Avx2::mask32(_mm256_cmpeq_epi32(a, b)) ^ 0xFFu; }
+    LF_T256 static inline uint32_t bits(I m) { return Avx2::mask32(m); }
+    LF_T256 static inline F f16_to_f32(I v) {  // lanes < 2^16
+        return _mm256_cvtph_ps(_mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(v, v), 0x08)));
+    }
+};
+
+template <class V> struct Ep<V, DT_E4M3> {
+    using O = Fp8Ops<V>;
+    using Raw = typename O::I;
+    using F = typename O::F;
+    static inline Raw load(const char* p) { return O::load(p); }
+    static inline void store(char* p, Raw v) { O::store(p, v); }
+    static inline F decode(Raw v) {
+        const Raw mag = O::band(v, O::set(0x7F)), sign = O::template shl<24>(O::band(v, O::set(0x80)));
+        const F f = O::mulf(O::asf(O::template shl<20>(mag)), O::asf(O::set(0x7B800000)));  // * 2^120
+        const Raw r = O::sel(O::eq(mag, O::set(0x7F)), O::set(0x7FC00000), O::asi(f));
+        return O::asf(O::bor(r, sign));
+    }
+    static inline Raw encode(F s) {
+        const Raw b = O::asi(s), sign = O::band(b, O::set(INT32_MIN)), a = O::bxor(b, sign);
+        Raw nrm = O::template shr<20>(O::addi(O::addi(a, O::set(static_cast<int32_t>((static_cast<uint32_t>(7 - 127) << 23) + 0x7FFFFu))),
+                                     O::band(O::template shr<20>(a), O::set(1))));
+        nrm = O::sel(O::eq(nrm, O::set(0x7F)), O::set(0x7E), nrm);
+        const Raw den = O::subi(O::asi(O::addf(O::asf(a), O::asf(O::set(141 << 23)))), O::set(141 << 23));
+        const Raw big = O::sel(O::gt_u(a, O::set(0x7F800000)), O::set(0x7F), O::set(0x7E));
+        Raw r = O::sel(O::ge_u(a, O::set(1087 << 20)), big, O::sel(O::gt_u(O::set(121 << 23), a), den, nrm));
+        return O::bor(r, O::template shr<24>(sign));
+    }
+    static inline uint32_t differ(Raw a, Raw b) { return O::differ(a, b); }
+    static inline uint32_t nonfinite(Raw h) { return O::bits(O::eq(O::band(h, O::set(0x7F)), O::set(0x7F))); }
+};
+template <class V> struct Ep<V, DT_E5M2> {
+    using O = Fp8Ops<V>;
+    using Raw = typename O::I;
+    using F = typename O::F;
+    static inline Raw load(const char* p) { return O::load(p); }
+    static inline void store(char* p, Raw v) { O::store(p, v); }
+    static inline F decode(Raw v) { return O::f16_to_f32(O::template shl<8>(v)); }
+    static inline Raw encode(F s) {
+        const Raw b = O::asi(s), sign = O::band(b, O::set(INT32_MIN)), a = O::bxor(b, sign);
+        const Raw nrm = O::template shr<21>(O::addi(O::addi(a, O::set(static_cast<int32_t>((static_cast<uint32_t>(15 - 127) << 23) + 0xFFFFFu))),
+                                           O::band(O::template shr<21>(a), O::set(1))));
+        const Raw den = O::subi(O::asi(O::addf(O::asf(a), O::asf(O::set(134 << 23)))), O::set(134 << 23));
+        const Raw big = O::sel(O::gt_u(a, O::set(0x7F800000)), O::set(0x7F), O::set(0x7C));
+        Raw r = O::sel(O::ge_u(a, O::set(143 << 23)), big, O::sel(O::gt_u(O::set(113 << 23), a), den, nrm));
+        return O::bor(r, O::template shr<24>(sign));
+    }
+    static inline uint32_t differ(Raw a, Raw b) { return O::differ(a, b); }
+    static inline uint32_t nonfinite(Raw h) { return O::bits(O::eq(O::band(h, O::set(0x7C)), O::set(0x7C))); }
+};
+
 // bf16 on AVX-512 CPUs with AVX512_BF16: the weight's own 16-bit lanes, rounded by vcvtneps2bf16. That instruction
 // rounds to nearest even and quiets NaN exactly as the integer ops above, except that it flushes denormal inputs to
 // zero; vectors holding one take the integer path for those lanes, so the bits are those of every other path.
@@ -490,9 +692,11 @@ template <> struct Ep<Avx512Bf16, DT_BF16> {
 };
 
 // rn_dtype(x ± d): the fp32 sum, rounded once to the weight dtype (as add_round_s; x - d is exactly x + (-d)).
+// fp8: the sum rounded to odd first (sum_odd), so the encode is one rounding of the exact sum.
 template <class V, int DT, bool SUB>
 __attribute__((always_inline)) inline typename Ep<V, DT>::Raw add_round(const typename V::F& x, const typename V::F& d) {
-    return Ep<V, DT>::encode(SUB ? V::sub(x, d) : V::add(x, d));
+    if constexpr (is_fp8(DT)) return Ep<V, DT>::encode(V::sum_odd(x, SUB ? V::neg(d) : d));
+    else return Ep<V, DT>::encode(SUB ? V::sub(x, d) : V::add(x, d));
 }
 
 template <class V, int DT, bool REC>
@@ -516,7 +720,10 @@ __attribute__((always_inline)) inline int64_t epilogue_row_vec(char* w, const fl
         F d = V::loadf(drow + j);
         typename E::Raw h = neg ? add_round<V, DT, true>(x, d) : add_round<V, DT, false>(x, d);
         E::store(p, h);
-        if (chk) nf |= E::nonfinite(h);
+        if (chk) {
+            nf |= E::nonfinite(h);
+            if constexpr (DT == DT_E4M3) nf |= V::above464(V::sum_odd(x, neg ? V::neg(d) : d));
+        }
         if constexpr (REC) {
             typename E::Raw r = add_round<V, DT, true>(E::decode(h), d);  // REC implies fuse (d not negated)
             E::store(rr.orig + j * es, wr);
@@ -599,6 +806,7 @@ inline void restore_row(const Job& jb, int64_t row, int64_t c0, int64_t c1) {
     for (; it != end && *it < hi_c; ++it) {
         const int64_t q = it - jb.rest_col;
         if (es == 4) std::memcpy(base + *it * jb.sc * 4, vals + q * 4, 4);
+        else if (es == 1) base[*it * jb.sc] = vals[q];
         else std::memcpy(base + *it * jb.sc * 2, vals + q * 2, 2);
     }
 }
@@ -608,7 +816,7 @@ template <int DT>
 inline void flush_row(TileRecs* rec, const RowRecs& rr, int64_t cnt, int64_t tile_row, int64_t seg_c0) {
     rec->row_n[tile_row] = static_cast<int32_t>(cnt);
     if (cnt == 0) return;
-    constexpr int es = DT == DT_F32 ? 4 : 2;
+    constexpr int es = elem_size(DT);
     uint16_t* c = rec->col + rec->n;
     char* v = rec->val + rec->n * es;
     for (int64_t q = 0; q < cnt; ++q) {
@@ -730,6 +938,8 @@ TileFn pick_tile_fn(int isa, int dt, bool rec) {
     if (isa == ISA_AVX512) {
         if (dt == DT_F32) return rec ? run_tile_avx512<DT_F32, true> : run_tile_avx512<DT_F32, false>;
         if (dt == DT_F16) return rec ? run_tile_avx512<DT_F16, true> : run_tile_avx512<DT_F16, false>;
+        if (dt == DT_E4M3) return rec ? run_tile_avx512<DT_E4M3, true> : run_tile_avx512<DT_E4M3, false>;
+        if (dt == DT_E5M2) return rec ? run_tile_avx512<DT_E5M2, true> : run_tile_avx512<DT_E5M2, false>;
         if (has_avx512bf16() && !std::getenv("LORA_FAST_MERGE_NO_BF16"))
             return rec ? run_tile_avx512bf16<true> : run_tile_avx512bf16<false>;
         return rec ? run_tile_avx512<DT_BF16, true> : run_tile_avx512<DT_BF16, false>;
@@ -737,6 +947,8 @@ TileFn pick_tile_fn(int isa, int dt, bool rec) {
     if (isa == ISA_AVX2) {
         if (dt == DT_F32) return rec ? run_tile_avx2<DT_F32, true> : run_tile_avx2<DT_F32, false>;
         if (dt == DT_F16) return rec ? run_tile_avx2<DT_F16, true> : run_tile_avx2<DT_F16, false>;
+        if (dt == DT_E4M3) return rec ? run_tile_avx2<DT_E4M3, true> : run_tile_avx2<DT_E4M3, false>;
+        if (dt == DT_E5M2) return rec ? run_tile_avx2<DT_E5M2, true> : run_tile_avx2<DT_E5M2, false>;
         return rec ? run_tile_avx2<DT_BF16, true> : run_tile_avx2<DT_BF16, false>;
     }
 #else
@@ -744,6 +956,8 @@ TileFn pick_tile_fn(int isa, int dt, bool rec) {
 #endif
     if (dt == DT_F32) return run_tile_scalar<DT_F32>;
     if (dt == DT_F16) return run_tile_scalar<DT_F16>;
+    if (dt == DT_E4M3) return run_tile_scalar<DT_E4M3>;
+    if (dt == DT_E5M2) return run_tile_scalar<DT_E5M2>;
     return run_tile_scalar<DT_BF16>;
 }
 

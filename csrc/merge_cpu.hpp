@@ -11,7 +11,10 @@
 
 namespace lora_fast::merge {
 
-enum : int { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };
+// Weight dtypes. DT_E4M3 / DT_E5M2: torch.float8_e4m3fn / torch.float8_e5m2 (one byte; the sum is rounded exactly,
+// see merge_cpu.cpp, and encoded as torch's cast does: e4m3fn saturates to +-448, e5m2 overflows to +-Inf).
+enum : int { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2, DT_E4M3 = 3, DT_E5M2 = 4 };
+constexpr bool is_fp8(int dt) { return dt == DT_E4M3 || dt == DT_E5M2; }
 
 // LORA_FAST_MERGE_PROFILE=1 prints the wall time of each phase of a merge_cpu call to stderr.
 struct PhaseTimer {

@@ -83,7 +83,7 @@ py::list merge_cpu_py(py::sequence job_specs, bool negate, bool record, bool che
         jb.up = reinterpret_cast<const float*>(t[6].cast<uintptr_t>());
         jb.down = reinterpret_cast<const float*>(t[7].cast<uintptr_t>());
         jb.R = t[8].cast<int64_t>();
-        if (jb.dtype < DT_F32 || jb.dtype > DT_BF16) throw std::invalid_argument("merge_cpu: unknown dtype code");
+        if (jb.dtype < DT_F32 || jb.dtype > DT_E5M2) throw std::invalid_argument("merge_cpu: unknown dtype code");
         terms.emplace_back();
         if (t.size() == 10 && !t[9].is_none())
             for (py::handle th : t[9].cast<py::sequence>()) terms.back().push_back(term_from(th, jb));
@@ -145,6 +145,7 @@ py::list merge_cpu_py(py::sequence job_specs, bool negate, bool record, bool che
             else off = view_array<int32_t>(jr.off, jr.noff, owner);
             col = view_array<uint16_t>(jr.col, jr.n, owner);
             if (jobs[j].dtype == DT_F32) val = view_array<uint32_t>(jr.val, jr.n, owner);
+            else if (is_fp8(jobs[j].dtype)) val = view_array<uint8_t>(jr.val, jr.n, owner);
             else val = view_array<uint16_t>(jr.val, jr.n, owner);
         }
         out.append(py::make_tuple(off, col, val, static_cast<bool>(res.nonfinite[j])));

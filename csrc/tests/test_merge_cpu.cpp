@@ -8,6 +8,9 @@
 //  * unfuse with the fuse's records restores every weight bit for bit;
 //  * the non-finite flag, and records that do not fit their job are refused before anything is written;
 //  * LyCORIS terms (LoHa, LoKr, full diff) after the LoRA chain: reference bits, every ISA, unfuse exact.
+//  * fp8 weights (e4m3fn, e5m2; every byte value, NaN included): the exact sum rounded once (a reference on the fp8
+//    grid in double, torch's saturation/overflow rules), the flag (NaN/Inf, e4m3fn beyond +-464), every ISA and
+//    thread count, unfuse exact.
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -70,7 +73,7 @@ uint16_t bf16_encode(float f) {
     return uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
-int elem_size(int dt) { return dt == lm::DT_F32 ? 4 : 2; }
+int elem_size(int dt) { return dt == lm::DT_F32 ? 4 : lm::is_fp8(dt) ? 1 : 2; }
 
 float load(const std::vector<uint8_t>& w, int dt, int64_t i) {
     if (dt == lm::DT_F32) {
@@ -332,6 +335,124 @@ void test_terms(std::mt19937& rng) {
     }
 }
 
+// fp8 code -> value (independent of the kernel); NaN for e4m3fn 0x7F|s and e5m2 exponent 31 with a mantissa.
+double fp8_value(int dt, int c) {
+    const double sign = (c & 0x80) ? -1.0 : 1.0;
+    if (dt == lm::DT_E4M3) {
+        const int e = (c >> 3) & 15, m = c & 7;
+        if ((c & 0x7F) == 0x7F) return NAN;
+        return sign * (e == 0 ? std::ldexp(double(m), -9) : std::ldexp(1.0 + m / 8.0, e - 7));
+    }
+    const int e = (c >> 2) & 31, m = c & 3;
+    if (e == 31) return m ? NAN : sign * INFINITY;
+    return sign * (e == 0 ? std::ldexp(double(m), -16) : std::ldexp(1.0 + m / 4.0, e - 15));
+}
+
+// rn_fp8(x) of a double by search on the grid: nearest, ties to the even code; e4m3fn saturates beyond 464 (torch's
+// cast), e5m2 overflows to Inf from 61440; NaN -> 0x7F with x's sign.
+int fp8_round(int dt, double x) {
+    const int sign = std::signbit(x) ? 0x80 : 0;
+    if (std::isnan(x)) return 0x7F | sign;
+    const double a = std::fabs(x);
+    const int last = dt == lm::DT_E4M3 ? 0x7E : 0x7B;
+    if (dt == lm::DT_E4M3 && a > 464.0) return 0x7E | sign;
+    if (dt == lm::DT_E5M2 && a >= 61440.0) return 0x7C | sign;
+    int best = 0;
+    for (int c = 1; c <= last; ++c) {
+        const double d = std::fabs(a - fp8_value(dt, c)), db = std::fabs(a - fp8_value(dt, best));
+        if (d < db || (d == db && (c & 1) == 0)) best = c;
+    }
+    return best | sign;
+}
+
+void test_fp8(std::mt19937& rng) {
+    std::normal_distribution<float> normal(0.f, 1.f);
+    const int dts[] = {lm::DT_E4M3, lm::DT_E5M2};
+    const int isas[] = {lm::ISA_SCALAR, lm::ISA_AVX2, lm::ISA_AUTO};
+    const int threads[] = {1, 4};
+    for (int dt : dts) {
+        // every byte value twice per row, 37 rows of 512 columns (vector bodies and tails), rank 3; the delta is
+        // scaled per row from 1e-3 to 300 so rows see small moves, binade crossings, and (large rows) overflow
+        const int64_t rows = 37, cols = 512, R = 3;
+        Case c{dt, rows, cols, R, false, {}, {}, {}};
+        c.w0.resize(size_t(rows * cols));
+        for (int64_t i = 0; i < rows * cols; ++i) c.w0[size_t(i)] = uint8_t((i * 7 + i / cols) & 0xFF);
+        c.up.resize(size_t(rows * R));
+        c.down.resize(size_t(R * cols));
+        for (int64_t i = 0; i < rows; ++i)
+            for (int64_t k = 0; k < R; ++k) c.up[size_t(i * R + k)] = normal(rng) * float(std::pow(10.0, -3.0 + 5.5 * i / rows));
+        for (auto& v : c.down) v = normal(rng);
+        std::vector<uint8_t> ref(c.w0.size());
+        std::vector<uint8_t> ref_flag(1, 0);
+        for (int64_t i = 0; i < rows; ++i)
+            for (int64_t j = 0; j < cols; ++j) {
+                float acc = 0.f;
+                for (int64_t k = 0; k < R; ++k) acc = std::fma(c.up[size_t(i * R + k)], c.down[size_t(k * cols + j)], acc);
+                const int w = c.w0[size_t(i * cols + j)];
+                const double x = fp8_value(dt, w);
+                const double sum = std::isnan(x) ? std::copysign(NAN, (w & 0x80) ? -1.0 : 1.0) : x + double(acc);
+                const int h = fp8_round(dt, sum);
+                ref[size_t(i * cols + j)] = uint8_t(h);
+                const bool nf = dt == lm::DT_E4M3 ? ((h & 0x7F) == 0x7F || std::fabs(sum) > 464.0) : (h & 0x7C) == 0x7C;
+                ref_flag[0] |= nf;
+            }
+        for (int isa : isas)
+            for (int nt : threads) {
+                std::vector<uint8_t> w = c.w0;
+                std::vector<lm::Job> jobs{job_for(c, w)};
+                lm::Options fuse;
+                fuse.record = true;
+                fuse.check_finite = true;
+                lm::MergeResult res = lm::run(jobs, {0}, fuse, nt, isa);
+                int64_t bad = 0;
+                for (size_t q = 0; q < w.size(); ++q) bad += w[q] != ref[q];
+                CHECK(bad == 0);
+                if (bad) std::fprintf(stderr, "  fp8 dtype %d isa %d: %lld elements differ from the reference\n", dt, isa, (long long)bad);
+                CHECK(res.nonfinite[0] == ref_flag[0]);
+                const lm::JobRecords& r = res.recs[0];
+                jobs[0].rest_off = r.off, jobs[0].rest_off64 = r.off64, jobs[0].rest_col = r.col;
+                jobs[0].rest_val = r.val, jobs[0].rest_n = int64_t(r.n);
+                lm::Options unfuse;
+                unfuse.negate = true;
+                lm::run(jobs, {int64_t(r.noff)}, unfuse, nt, isa);
+                CHECK(w == c.w0);
+            }
+        // the flag alone: e4m3fn 448 + 20 saturates (flagged); e5m2 57344 + 8192 overflows to Inf (flagged)
+        Case o{dt, 1, 16, 1, false, std::vector<uint8_t>(16, uint8_t(dt == lm::DT_E4M3 ? 0x7E : 0x7B)),
+               std::vector<float>{1.f}, std::vector<float>(16, 0.f)};
+        o.down[5] = dt == lm::DT_E4M3 ? 20.f : 8192.f;
+        for (int isa : isas) {
+            std::vector<uint8_t> w = o.w0;
+            lm::Options chk;
+            chk.check_finite = true;
+            lm::MergeResult res = lm::run({job_for(o, w)}, {0}, chk, 1, isa);
+            CHECK(res.nonfinite[0]);
+            CHECK(w[5] == (dt == lm::DT_E4M3 ? 0x7E : 0x7C));
+        }
+        // NaN weights of both signs plus a NaN delta of the other sign (row 0): the weight's NaN is kept, so every
+        // path gives the same bytes and unfuse is exact
+        Case n{dt, 2, 40, 1, false, std::vector<uint8_t>(80), std::vector<float>{std::copysign(NAN, -1.f), 1.f},
+               std::vector<float>(40, 1.f)};
+        for (int q = 0; q < 80; ++q) n.w0[size_t(q)] = uint8_t(q % 3 == 0 ? 0x7F : q % 3 == 1 ? 0xFF : 0x3C);
+        for (int isa : isas) {
+            std::vector<uint8_t> w = n.w0;
+            std::vector<lm::Job> jobs{job_for(n, w)};
+            lm::Options fuse;
+            fuse.record = true;
+            lm::MergeResult res = lm::run(jobs, {0}, fuse, 1, isa);
+            for (int q = 0; q < 40; ++q)
+                CHECK(w[size_t(q)] == (q % 3 == 2 ? 0xFF : n.w0[size_t(q)]));  // NaN weights kept; 0x3C + (-NaN)
+            const lm::JobRecords& r = res.recs[0];
+            jobs[0].rest_off = r.off, jobs[0].rest_off64 = r.off64, jobs[0].rest_col = r.col;
+            jobs[0].rest_val = r.val, jobs[0].rest_n = int64_t(r.n);
+            lm::Options unfuse;
+            unfuse.negate = true;
+            lm::run(jobs, {int64_t(r.noff)}, unfuse, 1, isa);
+            CHECK(w == n.w0);
+        }
+    }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -341,6 +462,7 @@ int main(int argc, char** argv) {
     for (int r = 0; r < rounds; ++r) test_fuse_unfuse(rng);
     test_nonfinite_and_bad_records(rng);
     test_terms(rng);
+    test_fp8(rng);
     std::printf("merge_cpu: %d checks, %d failures\n", g_checks, g_failures);
     return g_failures == 0 ? 0 : 1;
 }

@@ -46,8 +46,11 @@ from . import probe as _probe
 
 __all__ = ["Factor", "MergeJob", "MergeRecord", "RecordSet", "Term", "fuse", "unfuse"]
 
-_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_BITS_DTYPE = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # weights, factors, term tensors
+# weights only: fp8 (e4m3fn, e5m2) as well, rounded exactly and encoded as torch's cast (docs/fuse.md, fp8 weights)
+_WEIGHT_CODE = {**_DTYPE_CODE, torch.float8_e4m3fn: 3, torch.float8_e5m2: 4}
+_BITS_DTYPE = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
+               torch.float8_e4m3fn: torch.int8, torch.float8_e5m2: torch.int8}
 _BACKENDS = ("cpu", "triton", "torch")
 
 
@@ -272,7 +275,7 @@ class _GroupRef:
 
     def nbytes(self) -> int:
         g = self.group
-        es = 4 if g.dtype == torch.float32 else 2
+        es = g.dtype.itemsize  # 4, 2, or 1 (fp8)
         return 8 * g.nkeys[self.pos] + len(self) * (2 + es) + 8 * g.plan.tiles[self.pos]
 
     def materialize(self) -> MergeRecord:
@@ -466,8 +469,9 @@ def _prepare(jobs) -> list[MergeJob]:
             raise ValueError(f"merge job {n}: weight must be a tensor")
         if job.view is None and w.dim() != 2:
             raise ValueError(f"merge job {n}: weight must be a 2-D tensor view")
-        if w.dtype not in _DTYPE_CODE:
-            raise ValueError(f"merge job {n}: weight dtype {w.dtype} is not float32/float16/bfloat16")
+        if w.dtype not in _WEIGHT_CODE:
+            raise ValueError(f"merge job {n}: weight dtype {w.dtype} is not float32/float16/bfloat16/float8_e4m3fn/"
+                             "float8_e5m2")
         if job.view is not None:
             rows, cols, sr, sc = (int(v) for v in job.view)
             strides = (sr, sc)
@@ -588,10 +592,10 @@ def _cpu_run(jobs, *, negate, record, check_finite, num_threads=None, restore=No
         w = j.weight
         lora = (j.up.data_ptr(), j.down.data_ptr(), j.up.shape[1]) if j.up is not None else (0, 0, 0)
         if j.terms:  # LoHa/LoKr/full terms (materialized: Term.for_cpu layout)
-            specs.append((w.data_ptr(), w.shape[0], w.shape[1], w.stride(0), w.stride(1), _DTYPE_CODE[w.dtype],
+            specs.append((w.data_ptr(), w.shape[0], w.shape[1], w.stride(0), w.stride(1), _WEIGHT_CODE[w.dtype],
                           *lora, [t.cpu_spec() for t in j.terms]))
             continue
-        specs.append((w.data_ptr(), w.shape[0], w.shape[1], w.stride(0), w.stride(1), _DTYPE_CODE[w.dtype], *lora))
+        specs.append((w.data_ptr(), w.shape[0], w.shape[1], w.stride(0), w.stride(1), _WEIGHT_CODE[w.dtype], *lora))
     # No torch op runs per job on this path: every ATen op on a record-sized tensor is an OpenMP fork/join, and on
     # a loaded machine each join can wait a scheduler slice for a descheduled peer thread (one such check per job
     # once made unfuse 10x slower than fuse). The C++ side checks the records against their jobs instead.
@@ -620,7 +624,8 @@ def _cpu_run(jobs, *, negate, record, check_finite, num_threads=None, restore=No
             records.append(None)
             continue
         bits = _BITS_DTYPE[j.weight.dtype]
-        val_t = torch.from_numpy(val.view("int32" if bits == torch.int32 else "int16")).view(j.weight.dtype)
+        val_t = torch.from_numpy(val.view({torch.int32: "int32", torch.int16: "int16"}.get(bits, "int8"))).view(
+            j.weight.dtype)
         records.append(MergeRecord(torch.from_numpy(off), torch.from_numpy(col.view("int16")), val_t,
                                    tuple(j.weight.shape)))
     return records, flags
@@ -725,11 +730,57 @@ def _fma_chain(up64: torch.Tensor, down64: torch.Tensor) -> torch.Tensor:
     return acc
 
 
+def _sum_odd(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """fp32 ``x + d`` rounded to odd, as the kernels form an fp8 weight's sum: TwoSum gives ``s + e == x + d``
+    exactly; where ``e != 0`` and ``s``'s last bit is even, ``s`` steps one ulp towards ``e``. Rounding that to fp8
+    is the one rounding of the exact sum (20 spare bits). Not finite: ``s`` as it is, except a NaN ``x`` is returned
+    as it is (with two NaNs the sign, an fp8 NaN's only payload, would otherwise be the hardware's pick)."""
+    s = x + d
+    bv = s - x
+    e = (x - (s - bv)) + (d - bv)
+    sb = s.view(torch.int32)
+    fix = ((e < 0) | (e > 0)) & ((sb & 1) == 0)
+    adj = torch.where((sb ^ e.view(torch.int32)) < 0, -1, 1).to(torch.int32)
+    return torch.where(torch.isnan(x), x, torch.where(fix, sb + adj, sb).view(torch.float32))
+
+
+def _fp8_encode(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 -> float8_e4m3fn / float8_e5m2 with integer operations, as torch's cast (c10's
+    fp8e4m3fn_from_fp32_value / fp8e5m2_from_fp32_value in torch 2.13) and the kernels: nearest even; e4m3fn
+    saturates finite overflow and +-Inf to +-448, e5m2 overflows to +-Inf; NaN -> 0x7F | sign. Independent of the
+    installed torch's own conversion (older releases made e4m3fn overflow NaN)."""
+    b = s.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    sign = b & 0x80000000
+    a = b ^ sign
+    af = a.to(torch.int32).view(torch.float32)
+    if dtype == torch.float8_e4m3fn:
+        big = torch.where(a > 0x7F800000, 0x7F, 0x7E)
+        den = (af + 16384.0).view(torch.int32).to(torch.int64) - (141 << 23)
+        nrm = (a - (120 << 23) + 0x7FFFF + ((a >> 20) & 1)) >> 20
+        nrm = torch.where(nrm == 0x7F, 0x7E, nrm)
+        r = torch.where(a >= (1087 << 20), big, torch.where(a < (121 << 23), den, nrm))
+    else:
+        big = torch.where(a > 0x7F800000, 0x7F, 0x7C)
+        den = (af + 128.0).view(torch.int32).to(torch.int64) - (134 << 23)
+        nrm = (a - (112 << 23) + 0xFFFFF + ((a >> 21) & 1)) >> 21
+        r = torch.where(a >= (143 << 23), big, torch.where(a < (113 << 23), den, nrm))
+    return ((r | (sign >> 24)) & 0xFF).to(torch.uint8).view(dtype)
+
+
+def _fp8_add_round(x: torch.Tensor, d: torch.Tensor, dtype: torch.dtype) -> tuple:
+    """rn_fp8(x + d) exactly (fp32 ``x``, ``d``) and, for e4m3fn, where it saturated (|x + d| > 464)."""
+    s = _sum_odd(x, d)
+    over = s.abs() > 464.0 if dtype == torch.float8_e4m3fn else None
+    return _fp8_encode(s, dtype), over
+
+
 def _round_to(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """fp32 -> dtype, nearest even, as the kernels round (NaN keeps its sign and top payload bits, quieted;
     torch's own conversion of a NaN differs between its CPU code paths)."""
     if dtype == torch.float32:
         return s
+    if dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return _fp8_encode(s, dtype)
     r = s.to(dtype)
     b = s.view(torch.int32)
     if dtype == torch.bfloat16:
@@ -745,15 +796,27 @@ def _torch_run(jobs, *, negate, record, check_finite):
         w = j.weight
         delta = _torch_delta(j)
         x = w.float()
-        new = _round_to(x - delta if negate else x + delta, w.dtype)
+        over = None
+        if w.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # the exact sum's one rounding (_sum_odd)
+            new, over = _fp8_add_round(x, -delta if negate else delta, w.dtype)
+        else:
+            new = _round_to(x - delta if negate else x + delta, w.dtype)
         rec = None
         if record:
-            back = _round_to(new.float() - delta, w.dtype)
+            if over is not None or w.dtype == torch.float8_e5m2:
+                back = _fp8_add_round(new.float(), -delta, w.dtype)[0]
+            else:
+                back = _round_to(new.float() - delta, w.dtype)
             bits = _BITS_DTYPE[w.dtype]
             diff = (back.view(bits) != w.contiguous().view(bits)).reshape(-1)
             idx = diff.nonzero().reshape(-1)
             rec = MergeRecord.from_flat(idx, w.contiguous().reshape(-1)[idx], w.shape)
-        flags.append(bool(check_finite and not torch.isfinite(new).all()))
+        if w.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # NaN/Inf bits, or e4m3fn saturation
+            m = 0x7F if w.dtype == torch.float8_e4m3fn else 0x7C
+            bad = bool(((new.view(torch.uint8) & m) == m).any()) or (over is not None and bool(over.any()))
+        else:
+            bad = not torch.isfinite(new).all()
+        flags.append(bool(check_finite and bad))
         w.copy_(new)
         records.append(rec)
     return records, flags
@@ -858,7 +921,8 @@ def _upload(values: array.array, device: torch.device) -> torch.Tensor:
 
 
 def _triton_kernel():
-    global _TRITON, triton, tl, _f16_bits_to_f32, _bf16_bits_to_f32, _decode, _encode, _load_factor, \
+    global _TRITON, triton, tl, _f16_bits_to_f32, _bf16_bits_to_f32, _decode, _encode, _sum_odd_tl, _add_round, \
+        _load_factor, \
         _broadcast_mask, _restore
     if _TRITON is not None:
         return _TRITON
@@ -877,6 +941,17 @@ def _triton_kernel():
     def _decode(bits, DT: tl.constexpr):  # weight bits -> fp32, exact
         if DT == 0:
             x = bits.to(tl.float32, bitcast=True)
+        elif DT == 3:  # e4m3fn by integer ops (no subnormal fp32 operand): 0x7F|sign is NaN
+            v = bits.to(tl.int32) & 0xFF
+            mag = v & 0x7F
+            e = mag >> 3
+            m = mag & 7
+            nrm = ((e + 120) << 23) | (m << 20)
+            sub = (m.to(tl.float32) * 0.001953125).to(tl.int32, bitcast=True)  # m * 2^-9, exact
+            r = tl.where(mag == 0x7F, 0x7FC00000, tl.where(e == 0, sub, nrm))
+            x = (r | ((v & 0x80) << 24)).to(tl.float32, bitcast=True)
+        elif DT == 4:  # e5m2: the upper byte of an fp16
+            x = _f16_bits_to_f32(((bits.to(tl.int32) & 0xFF) << 8).to(tl.int16))
         elif DT == 1:
             x = _f16_bits_to_f32(bits)
         else:
@@ -887,6 +962,24 @@ def _triton_kernel():
     def _encode(s, DT: tl.constexpr):  # fp32 -> weight bits, one rounding to nearest even
         if DT == 0:
             h = s.to(tl.int32, bitcast=True)
+        elif DT >= 3:  # fp8 as torch's cast, by integer ops in int64 (C++ f32_to_e4m3 / f32_to_e5m2)
+            b = s.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+            sign = b & 0x80000000
+            a = b ^ sign
+            af = a.to(tl.int32).to(tl.float32, bitcast=True)
+            if DT == 3:
+                big = tl.where(a > 0x7F800000, 0x7F, 0x7E)
+                den = (af + 16384.0).to(tl.int32, bitcast=True).to(tl.int64) - (141 << 23)
+                nrm = (a - (120 << 23) + 0x7FFFF + ((a >> 20) & 1)) >> 20
+                nrm = tl.where(nrm == 0x7F, 0x7E, nrm)
+                r = tl.where(a >= (1087 << 20), big, tl.where(a < (121 << 23), den, nrm))
+            else:
+                big = tl.where(a > 0x7F800000, 0x7F, 0x7C)
+                den = (af + 128.0).to(tl.int32, bitcast=True).to(tl.int64) - (134 << 23)
+                nrm = (a - (112 << 23) + 0xFFFFF + ((a >> 21) & 1)) >> 21
+                r = tl.where(a >= (143 << 23), big, tl.where(a < (113 << 23), den, nrm))
+            r = (r | (sign >> 24)) & 0xFF
+            h = tl.where(r > 127, r - 256, r).to(tl.int8)
         elif DT == 1:
             h = s.to(tl.float16, fp_downcast_rounding="rtne").to(tl.int16, bitcast=True)
         else:
@@ -895,6 +988,24 @@ def _triton_kernel():
             hi = b >> 16
             rb = (b + 0x7FFF + (hi & 1)) >> 16
             h = tl.where(s != s, hi | 0x40, rb).to(tl.int16)
+        return h
+
+    @triton.jit
+    def _sum_odd_tl(x, d):  # fp32 x + d rounded to odd (TwoSum), as the C++ kernel's sum_odd for fp8 weights
+        s = x + d
+        bv = s - x
+        e = (x - (s - bv)) + (d - bv)
+        sb = s.to(tl.int32, bitcast=True)
+        adj = tl.where((sb ^ e.to(tl.int32, bitcast=True)) < 0, -1, 1)
+        fix = (((e < 0) | (e > 0)).to(tl.int32) * ((sb & 1) == 0).to(tl.int32)) != 0
+        return tl.where(x != x, x, tl.where(fix, sb + adj, sb).to(tl.float32, bitcast=True))  # a NaN x as it is
+
+    @triton.jit
+    def _add_round(x, d, DT: tl.constexpr):  # rn_dtype(x + d): fp8 through the sum rounded to odd (exact)
+        if DT >= 3:
+            h = _encode(_sum_odd_tl(x, d), DT)
+        else:
+            h = _encode(x + d, DT)
         return h
 
     @triton.jit
@@ -1039,18 +1150,20 @@ def _triton_kernel():
 
         if DT == 0:
             wp = tl.load(jrow + 0).to(tl.pointer_type(tl.int32))
+        elif DT >= 3:
+            wp = tl.load(jrow + 0).to(tl.pointer_type(tl.int8))
         else:
             wp = tl.load(jrow + 0).to(tl.pointer_type(tl.int16))
         wptr = wp + offs_m[:, None] * sr + offs_n[None, :] * sc
         wbits = tl.load(wptr, mask=mask, other=0)
         x = _decode(wbits, DT)
         if NEGATE:
-            h = _encode(x - acc, DT)
+            h = _add_round(x, -acc, DT)
         else:
-            h = _encode(x + acc, DT)
+            h = _add_round(x, acc, DT)
 
         if MODE == 1 or MODE == 2:
-            r = _encode(_decode(h, DT) - acc, DT)
+            r = _add_round(_decode(h, DT), -acc, DT)
             d = ((r != wbits) & mask).to(tl.int32)
             slots = tile0 * BM + offs_m * nct + tc  # (row, tile column) slots of this job, row-major
             if MODE == 1:
@@ -1094,6 +1207,8 @@ def _triton_kernel():
                 rc = tl.load(jrow + 12).to(tl.pointer_type(tl.int16))
                 if DT == 0:
                     rv = tl.load(jrow + 13).to(tl.pointer_type(tl.int32))
+                elif DT >= 3:
+                    rv = tl.load(jrow + 13).to(tl.pointer_type(tl.int8))
                 else:
                     rv = tl.load(jrow + 13).to(tl.pointer_type(tl.int16))
                 h = _restore(h, ro, rc, rv, tl.load(jrow + 8), tl.load(jrow + 9), tc, offs_m, mm, ar_n, BN, SEG, STEPS)
@@ -1114,6 +1229,14 @@ def _triton_kernel():
                 bad = (h32 & 0x7F800000) == 0x7F800000
             elif DT == 1:
                 bad = (h32 & 0x7C00) == 0x7C00
+            elif DT == 3:  # NaN, or the exact sum beyond +-464 (saturated to +-448)
+                if NEGATE:
+                    sat = tl.abs(_sum_odd_tl(x, -acc)) > 464.0
+                else:
+                    sat = tl.abs(_sum_odd_tl(x, acc)) > 464.0
+                bad = ((h32 & 0x7F) == 0x7F) | sat
+            elif DT == 4:
+                bad = (h32 & 0x7C) == 0x7C
             else:
                 bad = (h32 & 0x7F80) == 0x7F80
             nbad = tl.sum(tl.reshape((bad & mask).to(tl.int32), [BM * BN]), axis=0)
@@ -1231,7 +1354,7 @@ class _Plan:
                 dummy if incl is None else incl, dummy if row_off is None else row_off,
                 dummy if rec_col is None else rec_col, dummy if rec_val is None else rec_val,
                 dummy if nonfinite is None else nonfinite,
-                NJ=_NJ, NP=_NP, DT=_DTYPE_CODE[self.dtype], MODE=mode, NEGATE=bool(negate), CHECK=bool(check),
+                NJ=_NJ, NP=_NP, DT=_WEIGHT_CODE[self.dtype], MODE=mode, NEGATE=bool(negate), CHECK=bool(check),
                 BM=BLOCK_M, BN=BLOCK_N, SEG=SEG_COLS, STEPS=SEARCH_STEPS)
 
 
@@ -1256,7 +1379,7 @@ def _triton_restore_own(runs) -> None:
         with _device_guard(pl.device):
             tile_job = pl.tile_job if (ta == 0 and tb == pl.n_tiles) else pl.tile_job[ta:tb]
             _launch(kernel, (tb - ta,), pl.table, tile_job, pl.table, pl.table, g.row_off, g.cols, g.vals, g.skip,
-                    NJ=_NJ, NP=_NP, DT=_DTYPE_CODE[pl.dtype], MODE=MODE_RESTORE_OWN, NEGATE=True, CHECK=False,
+                    NJ=_NJ, NP=_NP, DT=_WEIGHT_CODE[pl.dtype], MODE=MODE_RESTORE_OWN, NEGATE=True, CHECK=False,
                     BM=BLOCK_M, BN=BLOCK_N, SEG=SEG_COLS, STEPS=SEARCH_STEPS)
 
 

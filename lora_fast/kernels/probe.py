@@ -177,7 +177,8 @@ def _fault(kernel: str) -> Optional[str]:
 
 # ----------------------------------------------------------------------------------------------- comparisons
 
-_BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+_BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
+         torch.float8_e4m3fn: torch.int8, torch.float8_e5m2: torch.int8}
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
