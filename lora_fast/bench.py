@@ -187,7 +187,7 @@ def _flux_block_modules(transformer: nn.Module, targets: str):
 
 
 def make_flux_adapter(transformer: nn.Module, targets: str, rank: int, dtype=torch.float32, seed: int = 0):
-    """A random Flux LoRA over the transformer's blocks, made the way sd-scripts trains one: one down/up pair per
+    """A random Flux LoRA over the transformer's blocks in the form of an sd-scripts file: one down/up pair per
     original (BFL) module, fused projections (img/txt qkv, single-block linear1) whole, alpha = 2·rank (scale 2,
     delta a few % of W as in :func:`make_adapter`). Returned as lora_fast reads that kohya file: diffusers module
     keys, the parts of a fused projection sharing one down tensor. ``adapter.save(path, format="kohya")`` writes the
