@@ -375,7 +375,8 @@ def _cmd_bench(args) -> int:
             if part not in formats:
                 formats.append(part)
     if args.model != "flux" and formats != ["diffusers"]:
-        raise UsageError(f"--lora-format kohya: only --model flux writes a kohya file (--model {args.model}: diffusers)")
+        raise UsageError(f"--lora-format kohya: only --model flux writes a kohya file (--model {args.model}: "
+                         "diffusers)")
     blocks = None
     if args.flux_blocks is not None:
         if args.model != "flux":
