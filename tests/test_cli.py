@@ -711,7 +711,7 @@ def test_bench_defaults_are_documented():
 def test_bench_errors():
     proc = cli_here("bench", "--dtype", "fp8", "--size", "tiny")
     assert_user_error(proc, "fp8")
-    proc = cli_here("bench", "--model", "flux")
+    proc = cli_here("bench", "--model", "sd9")
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
     for bad, needle in ((("--repeats", "0"), "--repeats must be >= 1"), (("--warmup", "-1"), "--warmup must be >= 0"),
                         (("--threads", "0"), "--threads must be >= 1")):
