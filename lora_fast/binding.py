@@ -95,12 +95,24 @@ def plan_bind(target, adapter: LoraAdapter, adapter_name: Optional[str], compone
     """Validate every layer and pick the adapter name, changing nothing: (name, components, bound layers).
 
     ``move=False`` keeps each layer's tensors where they are (fuse-on-load streams them to the device itself).
-    A file for another model family (an SDXL LoRA on a Flux pipeline) gets that said in the error."""
+    A file for another model family (an SDXL LoRA on a Flux pipeline) gets that said in the error; where the reader
+    knows the file's family from its own names it is refused up front, even if every module happens to fit
+    (:func:`lora_fast.formats.families.check_family`)."""
+    from .formats.families import check_family, family_mismatch
+
+    try:
+        check_family(adapter, target)
+    except LoraFormatError as refused:
+        # refused before planning (nothing moved to the device); where a module does not fit, that is said first,
+        # as when the planning below fails
+        try:
+            _plan_bind(target, adapter, adapter_name, components, max_rank, False)
+        except LoraFormatError as e:
+            raise LoraFormatError(f"{e}; {family_mismatch(adapter, target)}") from refused
+        raise
     try:
         return _plan_bind(target, adapter, adapter_name, components, max_rank, move)
     except LoraFormatError as e:
-        from .formats.families import family_mismatch
-
         hint = family_mismatch(adapter, target)
         if hint is None:
             raise

@@ -382,3 +382,26 @@ def test_check_family_refuses_a_known_family_on_another_target():
         check_family(adapter, flux)
     check_family(adapter, _base())  # same family: fine
     check_family(adapter, torch.nn.Linear(2, 2))  # unknown target family: nothing to say
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_load_refuses_an_sd3_lora_on_flux_even_where_every_module_fits(fuse, monkeypatch, tmp_path):
+    """The bind path calls check_family before planning: an SD3 kohya LoRA of joint-block modules only (which the
+    tiny Flux pipeline's double blocks would take, same names and widths) is refused with both families named, and the
+    pipeline is left unchanged (the plain load and the streaming fuse-on-load of the file alike)."""
+    t = _base().transformer
+    sd = _kohya_sd(_make_lora(t, ["joint_blocks.0.x_block.attn.qkv", "joint_blocks.1.x_block.mlp.fc1"]))
+    if fuse:
+        monkeypatch.setenv("LORA_FAST_STREAM_FUSE", "1")
+        st_save(sd, str(tmp_path / "sd3.safetensors"))
+        sd = str(tmp_path / "sd3.safetensors")
+    flux = build_pipeline("flux", "tiny", seed=0)
+    before = {(c, k): v.clone() for c in ("transformer", "text_encoder", "text_encoder_2")
+              for k, v in getattr(flux, c).state_dict().items()}
+    with pytest.raises(LoraFormatError, match="looks like a SD3/SD3.5 LoRA .*Flux.1 FluxPipeline"):
+        lora_fast.load_lora_weights(flux, sd, fuse=fuse)
+    after = {(c, k): v for c in ("transformer", "text_encoder", "text_encoder_2")
+             for k, v in getattr(flux, c).state_dict().items()}
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert lora_fast.get_list_adapters(flux) == {}
+    assert lora_fast.engine.component_state(flux.transformer) is None
