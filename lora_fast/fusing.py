@@ -20,14 +20,15 @@ from torch import nn
 from .errors import LoraFusionError
 from .kernels import merge as merge_kernels
 from .live import dora_weight
-from .merge_jobs import _merge_job
-from .state import ComponentState, _label, _states
+from .merge_jobs import fp8_scale, merge_job
+from .state import ComponentState, component_states, layer_label
 from .targets import is_fan_in_fan_out, resolve_components
 
 
 @dataclass(eq=False)
-class _FusedStep:
-    """What one fuse call did to one component, enough to undo it exactly."""
+class FusedStep:
+    """What one fuse call did to one component, enough to undo it exactly.
+    Internal: for lora_fast's own modules, not public API."""
 
     names: list[str]
     jobs: list = field(default_factory=list)  # merge_kernels.MergeJob
@@ -91,7 +92,7 @@ class _Part:
     comp: Optional[str]
     root: nn.Module
     state: ComponentState
-    step: _FusedStep
+    step: FusedStep
     idxs: list  # its jobs in the call's job list
     biased: list  # (label, module, [(layer, factor)]) of the modules with a LoRA bias to fuse
     dora: list  # (label, module, layer, factor)
@@ -200,7 +201,7 @@ def check_fuses(states, wait: bool, where: str) -> None:
 
 def fuse(target, lora_scale: float = 1.0, safe_fusing: bool = False, adapter_names=None, components=None,
          adapter_weights=None) -> None:
-    states = _states(target, components)
+    states = component_states(target, components)
     refuse_during_per_sample(states, "fuse_lora")
     scales = component_scales(lora_scale, resolve_components(target))
     if adapter_names is not None and isinstance(adapter_names, str):
@@ -254,7 +255,7 @@ def fuse(target, lora_scale: float = 1.0, safe_fusing: bool = False, adapter_nam
     staged: list = []  # (parameter, staging copy) of this call's non-viewable weights, each once
     if memo is not None:
         jobs, labels = memo.jobs, memo.labels
-        parts = [_Part(comp, root, st, _FusedStep(names=list(todo)), idxs, biased, dora)
+        parts = [_Part(comp, root, st, FusedStep(names=list(todo)), idxs, biased, dora)
                  for (comp, root, st, todo, _), (idxs, biased, dora) in zip(calls, memo.parts)]
     else:
         jobs, labels, parts, wmods, sources = _build_jobs(calls, scales, staged)
@@ -273,12 +274,13 @@ def fuse(target, lora_scale: float = 1.0, safe_fusing: bool = False, adapter_nam
 
     def rollback():
         for p in reversed(parts):
-            _undo(p.step)
+            undo_step(p.step)
 
     try:
         if safe_fusing and any(nonfinite):
             bad = labels[nonfinite.index(True)]
-            raise LoraFusionError(f"{bad}: fusing gives non-finite weights (NaN/Inf); every weight was left unchanged")
+            raise LoraFusionError(f"{bad}: fusing gives non-finite weights (NaN/Inf, or beyond fp8's range); every "
+                                  "weight was left unchanged")
         for param, staging in staged:
             param.copy_(staging.view(param.shape) if staging.is_contiguous() else staging.reshape(param.shape))
         _fuse_biases(parts, safe_fusing)
@@ -314,12 +316,14 @@ def _build_jobs(calls, scales, staged):
         per_module: dict[int, tuple[str, nn.Module, list]] = {}
         for n, w in zip(todo, ws):
             for path, b in state.adapters[n].items():
-                entry = per_module.setdefault(id(b.module), (_label(comp, path), b.module, []))
+                entry = per_module.setdefault(id(b.module), (layer_label(comp, path), b.module, []))
                 entry[2].append((b.layer, scales[comp] * w))
-        part = _Part(comp, root, state, _FusedStep(names=list(todo)), [], [], [])
+        part = _Part(comp, root, state, FusedStep(names=list(todo)), [], [], [])
         for label, module, items in per_module.values():
             additive = [(l, f) for l, f in items if l.magnitude is None]
             part.dora.extend((label, module, l, f) for l, f in items if l.magnitude is not None)
+            if any(l.magnitude is not None for l, _ in items) and fp8_scale(module, label) is not None:
+                raise LoraFusionError(f"{label}: DoRA on a scaled fp8 weight is not supported; nothing was changed")
             biased = [(l, f) for l, f in additive if l.bias is not None]
             if biased:
                 if getattr(module, "bias", None) is None:
@@ -327,12 +331,15 @@ def _build_jobs(calls, scales, staged):
                 part.biased.append((label, module, biased))
             if not additive:
                 continue
-            job = _merge_job(module, additive, part.step, staged)
+            job = merge_job(module, additive, part.step, staged)
             part.idxs.append(len(jobs))
             jobs.append(job)
             labels.append(label)
             # LoHa/LoKr/full layers (terms built from copies of their tensors, torch backend): not kept for repeats
             wmods.append((None, None) if job.terms else (module, job.weight))
+            scale = fp8_scale(module, label)
+            if scale is not None:  # a repeat must see a changed scale
+                sources.append((scale, scale._version))
             for (layer, _), f in zip([x for x in additive if x[0].algorithm == "lora"], job.factors or ()):
                 if f.up is not layer.up and f.up is not layer.down:  # a converted copy: watch its sources
                     sources.extend((t, t._version) for t in (layer.up, layer.down, layer.mid) if t is not None)
@@ -364,7 +371,9 @@ def _fuse_biases(parts, safe_fusing: bool) -> None:
             b.copy_(acc.to(b.dtype))
 
 
-def _undo(step: _FusedStep) -> None:
+def undo_step(step: FusedStep) -> None:
+    """Restore exactly what one fuse step changed (backups, records, staged weights) and empty it.
+    Internal: for lora_fast's own modules, not public API."""
     for tensor, backup in reversed(step.backups):
         tensor.copy_(backup)
     step.backups.clear()
@@ -378,13 +387,13 @@ def _undo(step: _FusedStep) -> None:
 
 
 def unfuse(target, components=None) -> None:
-    states = _states(target, components)
+    states = component_states(target, components)
     for comp, root, state in states:
         if not state.fused:
             continue
         try:
             while state.fused:
-                _undo(state.fused.pop())
+                undo_step(state.fused.pop())
         finally:
             state.epoch += 1
             state.bump()  # after the weights are restored: the gates and DoRA caches are written from them
@@ -394,6 +403,6 @@ def unfuse(target, components=None) -> None:
 def fused_record_bytes(target) -> int:
     """Bytes held to make unfuse exact (sparse records plus DoRA/bias backups). Waits for the checks of fuses made
     at cached record positions (see check_fuses) and raises if one failed."""
-    states = _states(target, check=False)
+    states = component_states(target, check=False)
     check_fuses(states, True, "Those weights are still fused; unfuse_lora restores them exactly.")
     return sum(step.nbytes() for _, _, s in states for step in s.fused)

@@ -60,6 +60,23 @@ from .targets import is_fan_in_fan_out
 SCALE_KWARGS = ("cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs")
 
 
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def live_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a module's live LoRA branch runs in: its weight's, except for a weight stored in fp8, whose module
+    computes in another dtype: diffusers' layerwise casting upcasts the weight to its ``compute_dtype`` for the
+    forward and back to fp8 after it (before forward hooks run), so the factors are kept and multiplied in that
+    compute dtype (never in fp8); an fp8 weight without that hook (ComfyUI/Forge-style casting layers) uses bf16."""
+    dtype = module.weight.dtype
+    if dtype not in FP8_DTYPES:
+        return dtype
+    registry = getattr(module, "_diffusers_hook", None)
+    hook = registry.get_hook("layerwise_casting") if registry is not None else None
+    compute = getattr(hook, "compute_dtype", None)
+    return compute if isinstance(compute, torch.dtype) and compute not in FP8_DTYPES else torch.bfloat16
+
+
 def module_kind(module: nn.Module) -> str:
     if isinstance(module, nn.Embedding):
         return "embedding"
@@ -140,7 +157,7 @@ class LiveSlot:
         self.pinned = False  # set_lora_device parked it: it no longer follows the module's device/dtype
         self.cache_key = None  # what the DoRA caches were computed for
         w = module.weight
-        down, up = self._live_factors(module, layer, w.device, w.dtype)
+        down, up = self._live_factors(module, layer, w.device, live_dtype(module))
         rank = self._rank_of(down)
         cap = max(rank, capacity or 0)
         if cap == rank:  # no padding: keep the factors as they are (views of the file's tensors when possible)
@@ -151,7 +168,7 @@ class LiveSlot:
             self.owned = True
             self._write(down, up)
         self.capacity = cap
-        self.bias = None if layer.bias is None else layer.bias.to(device=w.device, dtype=w.dtype)
+        self.bias = None if layer.bias is None else layer.bias.to(device=w.device, dtype=live_dtype(module))
         self.magnitude_axis = layer.magnitude_axis if layer.magnitude is not None else None
         self.magnitude = None if layer.magnitude is None else layer.magnitude.float().reshape(-1).to(w.device)
         self._caches = None
@@ -439,18 +456,19 @@ class DenseSlot:
                 delta = delta.t()
         else:
             delta = self.layer.delta().to(w.device) * factor
-        delta = delta.reshape(w.shape).to(w.dtype)
+        cdt = live_dtype(module)
+        delta = delta.reshape(w.shape).to(cdt)
         if self.kind == "embedding":
             d = F.embedding(x, delta)
         elif self.kind == "conv":
             xin, pad = _conv_input(module, x)
             d = F.conv2d(xin, delta, None, module.stride, pad, module.dilation, module.groups)
         elif is_fan_in_fan_out(module):
-            d = x.to(w.dtype) @ delta
+            d = x.to(cdt) @ delta
         else:
-            d = F.linear(x.to(w.dtype), delta)
+            d = F.linear(x.to(cdt), delta)
         if self.layer.bias is not None and self.layer.magnitude is None:
-            b = self.layer.bias.to(device=w.device, dtype=w.dtype) * (self.layer.scale * factor)
+            b = self.layer.bias.to(device=w.device, dtype=cdt) * (self.layer.scale * factor)
             d = d + _channel_view(b, self.kind)
         return out + d.to(out.dtype)
 
@@ -531,13 +549,13 @@ class ModuleHook:
         name_of = {id(s): n for n, s in self.slots.items()}
         self.plan_names = tuple(name_of[id(s)] for s in self.plan)
         self.kernel_ok = bool(self.plan) and all(kernel_slot(s, module) for s in self.plan)
-        self.device, self.dtype = w.device, w.dtype
+        self.device, self.dtype = w.device, live_dtype(module)
         self.version = self.state.version
 
     def ready(self, slot, module: nn.Module) -> bool:
         """Bring a slot to the module's device/dtype and its DoRA caches up to date; False if it is parked."""
         w = module.weight
-        device, dtype = w.device, w.dtype
+        device, dtype = w.device, live_dtype(module)
         if slot.device != device or (slot.dtype != dtype and not slot.dense):
             if slot.pinned:
                 if slot.device != device:
@@ -556,7 +574,7 @@ class ModuleHook:
         if torch.compiler.is_compiling():
             return self._traced(module, args, kwargs, output)
         w = module.weight
-        if self.version != state.version or w.device != self.device or w.dtype != self.dtype:
+        if self.version != state.version or w.device != self.device or live_dtype(module) != self.dtype:
             self.refresh(module)
         plan = self.plan
         if not plan:
@@ -654,7 +672,7 @@ class ModuleHook:
             if gate is None:  # not registered yet (cannot happen after a load): nothing runs
                 continue
             gate = gate.on
-            if slot.device != w.device or (slot.dtype != w.dtype and not slot.dense):
+            if slot.device != w.device or (slot.dtype != live_dtype(module) and not slot.dense):
                 # parked by set_lora_device, or the model moved after the load: as eagerly (moving the slot here
                 # is a side effect of the trace: one more compile)
                 if not self.ready(slot, module):
@@ -934,7 +952,7 @@ def sync_state(state, slots: bool = True) -> None:
         if on:
             for module, slot in gate.dora:
                 w = module.weight
-                if slot.device != w.device or slot.dtype != w.dtype:
+                if slot.device != w.device or slot.dtype != live_dtype(module):
                     continue  # parked or not moved yet: ModuleHook.ready refreshes it when it moves
                 key = (state.epoch, w.device, w.dtype)
                 if slot.cache_key != key:

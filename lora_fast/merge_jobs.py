@@ -11,11 +11,12 @@ import torch
 from torch import nn
 
 from .adapter import LoraLayer
+from .errors import LoraFusionError
 from .kernels import merge as merge_kernels
 from .targets import is_fan_in_fan_out
 
 if TYPE_CHECKING:
-    from .fusing import _FusedStep
+    from .fusing import FusedStep
 
 
 _FACTOR_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -74,12 +75,46 @@ def _weight_view(module: nn.Module):
     return w, (w.shape[0], math.prod(w.shape[1:]), w.stride(0), sc)
 
 
-def _merge_job(module: nn.Module, items, step: _FusedStep, staged: Optional[list] = None):
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+FP8_SCALE_NAMES = ("scale_weight", "weight_scale")  # ComfyUI's scaled fp8 ops; vLLM/compressed-tensors/modelopt
+
+
+def fp8_scale(module: nn.Module, label: str = "") -> Optional[torch.Tensor]:
+    """The per-tensor scale of an fp8 weight stored scaled (``W_real = fp32(W_fp8) · s``): the module's
+    ``scale_weight`` (ComfyUI) or ``weight_scale`` tensor, or None (not fp8, or no scale). A scale with more than one
+    element (per-channel) or that is zero or not finite is refused (LoraFusionError)."""
+    w = getattr(module, "weight", None)
+    if w is None or w.dtype not in _FP8:
+        return None
+    for name in FP8_SCALE_NAMES:
+        s = getattr(module, name, None)
+        if isinstance(s, torch.Tensor):
+            if s.numel() != 1:
+                raise LoraFusionError(f"{label}: fp8 weight with a {name} of shape {tuple(s.shape)}: only a per-tensor "
+                                      "scale (one element) is supported")
+            v = float(s.detach().float().reshape(()).cpu())
+            if v == 0.0 or not math.isfinite(v):
+                raise LoraFusionError(f"{label}: fp8 weight with {name} = {v}: cannot fuse in its dequantized domain")
+            return s
+    return None
+
+
+def merge_job(module: nn.Module, items, step: FusedStep, staged: Optional[list] = None):
     """The merge job of one weight: its adapters' factors (scales folded in by the kernel) on its 2-D view. A weight
     with no 2-D alias (e.g. a channels_last conv weight) is merged on one staging copy, listed in ``step.staged``
-    (for unfuse) and in ``staged`` (the caller copies it back once)."""
-    factors = [_layer_factor(layer, layer.scale * factor) for layer, factor in items if layer.algorithm == "lora"]
-    terms = [_layer_term(layer, layer.scale * factor) for layer, factor in items if layer.algorithm != "lora"]
+    (for unfuse) and in ``staged`` (the caller copies it back once).
+    Internal: for lora_fast's own modules, not public API."""
+    # A per-tensor scaled fp8 weight (W_real = W·s) fuses in its dequantized domain: W' = rn_fp8(W + delta/s), the
+    # 1/s folded into each adapter's scale (the kernel rounds that scale to fp32 once); the scale stays as it is.
+    s = fp8_scale(module)
+    sv = None if s is None else float(s.detach().float().reshape(()).cpu())
+
+    def scaled(c: float) -> float:  # in float64: λ·w·α/r, divided by the weight's scale
+        return c if sv is None else c / sv
+
+    factors = [_layer_factor(layer, scaled(layer.scale * factor))
+               for layer, factor in items if layer.algorithm == "lora"]
+    terms = [_layer_term(layer, scaled(layer.scale * factor)) for layer, factor in items if layer.algorithm != "lora"]
     wv = _weight_view(module)
     if wv is not None:
         w, view = wv

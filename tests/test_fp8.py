@@ -394,7 +394,7 @@ def test_fuse_lora_cycles_exact_and_equal_to_the_reference(dtype, tmp_path):
                 w0 = base[f"{m}.weight"].view(dtype)
                 mod = getattr(model, m)
                 ref = w0.clone()
-                jobs = [lora_fast.engine._merge_job(_Stub(ref), [(lora_fast.engine.component_state(model).adapters[n][m].layer, f)
+                jobs = [lora_fast.engine.merge_job(_Stub(ref), [(lora_fast.engine.component_state(model).adapters[n][m].layer, f)
                                                                   for n, f in (("x", wx), ("y", wy))], _Step())]
                 M.fuse(jobs, record=False)
                 assert torch.equal(u8(mod.weight), u8(ref)), m
@@ -405,7 +405,7 @@ def test_fuse_lora_cycles_exact_and_equal_to_the_reference(dtype, tmp_path):
 
 
 class _Stub(nn.Module):
-    """A module holding just a weight, for _merge_job (same 2-D view rules as the real module)."""
+    """A module holding just a weight, for merge_job (same 2-D view rules as the real module)."""
 
     def __init__(self, w):
         super().__init__()
@@ -437,4 +437,176 @@ def test_safe_fusing_refuses_a_result_beyond_fp8s_range(dtype, tmp_path):
     row = u8(model.b.weight)[3]
     assert torch.all(row == (0x7E if dtype == E4M3 else 0x7C))
     lora_fast.unfuse_lora(model)
+    assert same_state(state_bytes(model), base)
+
+
+# ---------------------------------------------------------------- live adapters on a diffusers layerwise-casted model
+
+
+def _casted(unet):
+    u = copy.deepcopy(unet)
+    u.enable_layerwise_casting(storage_dtype=E4M3, compute_dtype=torch.bfloat16)
+    return u
+
+
+def _unet_lora_file(unet, directory) -> str:
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    src = copy.deepcopy(unet)
+    src.add_adapter(LoraConfig(init_lora_weights=False, r=4, lora_alpha=8,
+                               target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1", "proj_in"]))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in src.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.15)
+    StableDiffusionPipeline.save_lora_weights(str(directory), unet_lora_layers=get_peft_model_state_dict(src))
+    return os.path.join(str(directory), "pytorch_lora_weights.safetensors")
+
+
+def test_live_on_layerwise_casted_unet_matches_peft(_sd15_template, tmp_path):
+    """A tiny SD1.5 UNet with diffusers' enable_layerwise_casting(float8_e4m3fn storage, bf16 compute): lora_fast's
+    live adapter keeps its factors in bf16 and runs its branch in bf16, as the casted layers compute; its output
+    matches diffusers/PEFT's own LoRA on the same casted model (factors in bf16 too: PEFT would otherwise store them
+    in fp8, and its conv branch then fails on the CPU) within bf16 tolerance, and is no further than PEFT's from an
+    fp32 computation on the same fp8-rounded weights. fuse_lora on the casted model fuses into the fp8 storage, and
+    unfuse_lora restores every byte."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convolutions on a shared 2-core machine
+    try:
+        _live_casted(_sd15_template["unet"], tmp_path)
+    finally:
+        torch.set_num_threads(n)
+
+
+def _live_casted(unet, tmp_path):
+    path = _unet_lora_file(unet, tmp_path)
+    g = torch.Generator().manual_seed(1)
+    inp = dict(sample=torch.randn(1, 4, 8, 8, generator=g).bfloat16(), timestep=torch.tensor([500]),
+               encoder_hidden_states=torch.randn(1, 7, 32, generator=g).bfloat16())
+
+    theirs = _casted(unet)
+    theirs.load_lora_adapter(path, adapter_name="a", prefix="unet")
+    for name, mod in theirs.named_modules():
+        if name.endswith(("lora_A.a", "lora_B.a")):
+            mod.to(torch.bfloat16)
+    ours = _casted(unet)
+    lora_fast.load_lora_weights(ours, path, adapter_name="a")
+    base = _casted(unet)
+    with torch.no_grad():
+        y_theirs, y_ours, y_base = (m(**inp).sample.float() for m in (theirs, ours, base))
+    q = ours.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    assert q.weight.dtype == E4M3
+    slot = lora_fast.engine.component_state(ours).slot_hooks["a"]
+    slot = next(iter(slot.values())).slots["a"]
+    assert slot.down.dtype == torch.bfloat16 and slot.up.dtype == torch.bfloat16
+
+    # fp32 on the same fp8-rounded weights (the casted modules' parameters, upcast), PEFT LoRA in fp32
+    ref = copy.deepcopy(unet)
+    with torch.no_grad():
+        for (_, m32), (_, mc) in zip(ref.named_modules(), base.named_modules()):
+            reg = getattr(mc, "_diffusers_hook", None)
+            if reg is not None and reg.get_hook("layerwise_casting") is not None:
+                for p32, pc in zip(m32.parameters(recurse=False), mc.parameters(recurse=False)):
+                    p32.copy_(pc.float())
+    ref.load_lora_adapter(path, adapter_name="a", prefix="unet")
+    with torch.no_grad():
+        y_ref = ref(**{k: (v.float() if v.is_floating_point() else v) for k, v in inp.items()}).sample
+    effect = float((y_ref - y_base).abs().max())
+    assert effect > 0.1  # the adapter matters
+    assert float((y_ours - y_theirs).abs().max()) <= 0.1 * effect
+    assert float((y_ours - y_ref).abs().max()) <= float((y_theirs - y_ref).abs().max()) + 0.02 * effect
+
+    before = state_bytes(ours)
+    lora_fast.fuse_lora(ours, adapter_names=["a"])
+    assert q.weight.dtype == E4M3
+    with torch.no_grad():
+        y_fused = ours(**inp).sample.float()
+    assert float((y_fused - y_ref).abs().max()) <= 0.15 * effect  # fp8 rounding of the fused weights
+    lora_fast.unfuse_lora(ours)
+    assert same_state(state_bytes(ours), before)
+
+
+# ---------------------------------------------------------------------------------- per-tensor scaled fp8 weights
+
+
+class ScaledLinear(nn.Linear):
+    """ComfyUI-style scaled fp8 layer: the payload in fp8, ``W_real = fp32(W) · scale_weight``, computed in bf16."""
+
+    def forward(self, x):
+        w = self.weight.to(torch.bfloat16) * self.scale_weight.to(torch.bfloat16)
+        return nn.functional.linear(x.to(torch.bfloat16), w, None if self.bias is None else self.bias.to(torch.bfloat16))
+
+
+class ScaledNet(nn.Module):
+    def __init__(self, dtype, name="scale_weight", per_channel=False):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.a = ScaledLinear(48, 40)
+        self.b = ScaledLinear(40, 33, bias=False)
+        with torch.no_grad():
+            for m in (self.a, self.b):
+                w = torch.randn(m.weight.shape, generator=g) * 0.05
+                s = w.abs().amax(dim=1, keepdim=True) if per_channel else w.abs().max()
+                s = s / (448.0 if dtype == E4M3 else 57344.0)
+                m.weight = nn.Parameter((w / s).to(dtype), requires_grad=False)
+                m.register_parameter(name, nn.Parameter(s.float().reshape(-1) if per_channel else s.float(),
+                                                        requires_grad=False))
+                if name != "scale_weight":
+                    m.scale_weight = getattr(m, name)  # the forward reads scale_weight
+
+    def forward(self, x):
+        return self.b(self.a(x).float())
+
+
+@pytest.mark.parametrize("name", ["scale_weight", "weight_scale"])
+@pytest.mark.parametrize("dtype", FP8, ids=["e4m3fn", "e5m2"])
+def test_scaled_fp8_fuses_in_the_dequantized_domain(dtype, name, tmp_path):
+    """W' = rn_fp8(W + delta / s): the adapter's scale λ·w·α/r is divided by the weight's scale s (float64) and
+    rounded to fp32 by the kernel like any adapter scale; the scale tensor is unchanged; W'·s is W·s + Δ to within
+    one fp8 rounding; unfuse restores every byte; the live branch (which never sees s) computes the same function."""
+    model = ScaledNet(dtype, name)
+    base = state_bytes(model)
+    ad = adapter(5, scale=0.05)
+    ad.layers = {k: ad.layers[k] for k in ("a", "b")}
+    x = torch.randn(3, 48, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        plain = model(x)
+    load(model, ad, "x", tmp_path)
+    with torch.no_grad():
+        live = model(x)
+    lora_fast.fuse_lora(model, adapter_names=["x"], lora_scale=0.8)
+    for m in "ab":
+        mod, layer = getattr(model, m), ad.layers[m]
+        s = float(getattr(mod, name))
+        assert torch.equal(getattr(mod, name), base[f"{m}.{name}"])  # the scale stays
+        w0 = base[f"{m}.weight"].view(dtype)
+        c = torch.tensor(layer.scale * 0.8 / s, dtype=torch.float32)  # rn32(λ·α/r / s)
+        up = (layer.up.float() * c).contiguous()
+        delta = M._torch_delta(M.MergeJob(w0.clone(), up, layer.down.float().contiguous()))
+        want = rn_fp8(w0.double() + delta.double(), dtype)
+        assert torch.equal(u8(mod.weight), want), m
+        real = mod.weight.double() * s
+        exact = w0.double() * s + 0.8 * layer.scale * (layer.up.double() @ layer.down.double())
+        spacing = (w0.double().abs() * s).clamp(min=s * 2.0 ** -6) * (2.0 ** -3 if dtype == E4M3 else 2.0 ** -2)
+        assert bool(((real - exact).abs() <= spacing + exact.abs() * 2.0 ** -2).all())
+    with torch.no_grad():
+        fused = model(x)
+    lora_fast.unfuse_lora(model)
+    assert same_state(state_bytes(model), base)
+    # the fused weights carry one fp8 rounding more than live (comparable to a small adapter's delta: see fuse.md)
+    spacing = 2.0 ** -3 if dtype == E4M3 else 2.0 ** -2
+    assert float((live.float() - plain.float()).abs().max()) > 0
+    assert float((fused.float() - live.float()).abs().max()) <= spacing * float(live.float().abs().max())
+
+
+def test_scaled_fp8_per_channel_scale_is_refused(tmp_path):
+    model = ScaledNet(E4M3, "weight_scale", per_channel=True)
+    base = state_bytes(model)
+    ad = adapter(6)
+    ad.layers = {k: ad.layers[k] for k in ("a", "b")}
+    load(model, ad, "x", tmp_path)
+    with pytest.raises(LoraFusionError, match="per-tensor"):
+        lora_fast.fuse_lora(model, adapter_names=["x"])
     assert same_state(state_bytes(model), base)
