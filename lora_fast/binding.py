@@ -12,12 +12,14 @@ from .adapter import LoraAdapter, LoraLayer, split_component
 from .errors import LoraFormatError
 from .fusing import drop_fuse_cache
 from .live import ModuleHook, make_slot
-from .state import (BoundLayer, _adapter_names, _install_encode_prompt_scale, _label, _peft_layer_type, _refuse_peft,
-                    check_no_peft_root, check_one_library, component_state)
+from .state import (BoundLayer, check_no_peft_root, check_one_library, component_state, install_encode_prompt_scale,
+                    layer_label, loaded_adapter_names, peft_layer_type, refuse_peft)
 from .targets import is_fan_in_fan_out, resolve_components, resolve_module
 
 
-def _check_shape(layer: LoraLayer, module: nn.Module, key: str) -> None:
+def check_shape(layer: LoraLayer, module: nn.Module, key: str) -> None:
+    """LoraFormatError unless ``layer`` adapts ``module``'s weight (kind and shape).
+    Internal: for lora_fast's own modules, not public API."""
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
         raise LoraFormatError(f"{key}: target module {type(module).__name__} has no weight tensor to adapt")
@@ -32,8 +34,9 @@ def _check_shape(layer: LoraLayer, module: nn.Module, key: str) -> None:
         )
 
 
-def _assign(adapter: LoraAdapter, comps: dict, components: Optional[Sequence[str]]):
-    """Map every adapter layer to (component, path) of the target. Raises before anything changes."""
+def assign_layers(adapter: LoraAdapter, comps: dict, components: Optional[Sequence[str]]):
+    """Map every adapter layer to (component, path) of the target. Raises before anything changes.
+    Internal: for lora_fast's own modules, not public API."""
     present = adapter.components()
     has_plain = any(split_component(k)[0] is None for k in adapter.layers)
     plain_target = list(comps) == [None]
@@ -122,11 +125,11 @@ def plan_bind(target, adapter: LoraAdapter, adapter_name: Optional[str], compone
 def _plan_bind(target, adapter: LoraAdapter, adapter_name: Optional[str], components, max_rank, move):
     comps = resolve_components(target)
     check_one_library(comps)
-    plan = _assign(adapter, comps, components)
+    plan = assign_layers(adapter, comps, components)
     for comp in comps:  # one library per pipeline: any component holding PEFT layers refuses the load
         check_no_peft_root(comp, comps[comp])
-    peft_layer = _peft_layer_type()
-    existing = _adapter_names(target)
+    peft_layer = peft_layer_type()
+    existing = loaded_adapter_names(target)
     if adapter_name is None:
         k = len(existing)
         while f"default_{k}" in existing:
@@ -143,13 +146,13 @@ def _plan_bind(target, adapter: LoraAdapter, adapter_name: Optional[str], compon
         state = component_state(root)
         cap = max_rank if max_rank is not None else (state.max_rank if state is not None else None)
         for path, layer in layers.items():
-            key = _label(comp, path)
+            key = layer_label(comp, path)
             module = resolve_module(root, path)
             if module is None:
                 raise LoraFormatError(f"{adapter.source or 'adapter'}: {key}: no such module in the target")
             if peft_layer is not None and isinstance(module, peft_layer):
-                _refuse_peft(key, type(module).__name__)
-            _check_shape(layer, module, f"{adapter.source or 'adapter'}: {key}")
+                refuse_peft(key, type(module).__name__)
+            check_shape(layer, module, f"{adapter.source or 'adapter'}: {key}")
             live_rank = int(layer.mid.shape[0]) if layer.mid is not None else layer.rank
             if cap is not None and live_rank > cap:
                 raise LoraFormatError(
@@ -184,4 +187,4 @@ def register_bound(target, comps: dict, bound: dict, adapter_name: str, max_rank
         state.active = [adapter_name]  # as in diffusers: a newly loaded adapter is the only active one
         state.bump()
     if any(c and c.startswith("text_encoder") for c in bound):
-        _install_encode_prompt_scale(target)
+        install_encode_prompt_scale(target)

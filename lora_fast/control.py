@@ -10,12 +10,12 @@ import torch
 from torch import nn
 
 from .adapter import COMPONENTS, LoraAdapter
-from .binding import _assign, _check_shape
+from .binding import assign_layers, check_shape
 from .errors import LoraFormatError, LoraFusionError
 from .fusing import drop_fuse_cache
 from .live import make_slot
-from .state import (BoundLayer, ComponentState, _label, _remove_encode_prompt_scale, _states, check_no_peft_root,
-                    check_one_library, component_state)
+from .state import (BoundLayer, ComponentState, check_no_peft_root, check_one_library, component_state, component_states,
+                    layer_label, remove_encode_prompt_scale)
 from .targets import resolve_components, resolve_module
 
 
@@ -33,16 +33,16 @@ def _drop_state(module: nn.Module, state: ComponentState) -> None:
 
 def unload(target, components=None) -> None:
     """Drop adapters, hooks and exact-unfuse records; fused weights stay baked in."""
-    for comp, module, state in _states(target, components):
+    for comp, module, state in component_states(target, components):
         _drop_state(module, state)
-    _remove_encode_prompt_scale(target, force=components is None)
+    remove_encode_prompt_scale(target, force=components is None)
 
 
 def delete(target, adapter_names: Sequence[str]) -> None:
     """Forget adapters that are not fused."""
     if isinstance(adapter_names, str):
         adapter_names = [adapter_names]
-    states = _states(target)
+    states = component_states(target)
     for comp, module, state in states:
         fused = state.fused_names()
         for n in adapter_names:
@@ -64,7 +64,7 @@ def delete(target, adapter_names: Sequence[str]) -> None:
         state.bump()
         if not state.adapters and not state.fused:
             _drop_state(module, state)
-    _remove_encode_prompt_scale(target)
+    remove_encode_prompt_scale(target)
 
 
 # --------------------------------------------------------------------------------------------- live control
@@ -86,7 +86,7 @@ def _require_known(states, names, what: str) -> None:
 def set_adapters(target, adapter_names, adapter_weights=None) -> None:
     """Activate adapters with weights; O(adapters): hooks pick the change up at their next forward."""
     names = _as_names(adapter_names)
-    states = _states(target)
+    states = component_states(target)
     _require_known(states, names, "set_adapters")
     if isinstance(adapter_weights, dict):
         comps_known = {c for c, _, _ in states}
@@ -120,17 +120,17 @@ def set_adapters(target, adapter_names, adapter_weights=None) -> None:
 
 def get_active_adapters(target) -> list[str]:
     out = []
-    for _, _, state in _states(target, check=False):
+    for _, _, state in component_states(target, check=False):
         out.extend(n for n in state.active if n not in out)
     return out
 
 
 def get_list_adapters(target) -> dict:
-    return {comp: list(state.adapters) for comp, _, state in _states(target, check=False) if state.adapters}
+    return {comp: list(state.adapters) for comp, _, state in component_states(target, check=False) if state.adapters}
 
 
 def set_enabled(target, enabled: bool) -> None:
-    for _, _, state in _states(target):
+    for _, _, state in component_states(target):
         state.enabled = bool(enabled)
         state.bump(slots=False)
 
@@ -138,7 +138,7 @@ def set_enabled(target, enabled: bool) -> None:
 def set_device(target, adapter_names, device) -> None:
     """Move adapters' tensors (only those). A slot not on its module's device is unused until moved back."""
     names = _as_names(adapter_names)
-    states = _states(target)
+    states = component_states(target)
     _require_known(states, names, "set_lora_device")
     for comp, _, state in states:
         fused = state.fused_names()
@@ -177,7 +177,7 @@ def prepare_hotswap(target, max_rank: int) -> None:
             for path, hook in by_path.items():
                 slot = hook.slots[n]
                 if not slot.dense and slot.capacity > max_rank:
-                    raise LoraFormatError(f"prepare_hotswap: {_label(comp, path)} of adapter {n!r} has rank "
+                    raise LoraFormatError(f"prepare_hotswap: {layer_label(comp, path)} of adapter {n!r} has rank "
                                           f"{slot.capacity} > max_rank {max_rank}")
     for comp, root in comps.items():
         state = component_state(root, create=True)
@@ -198,7 +198,7 @@ def hotswap(target, adapter: LoraAdapter, adapter_name: str, components=None) ->
     """Replace an adapter's weights in place: same tensors, same shapes, so compiled code keeps running."""
     comps = resolve_components(target)
     check_one_library(comps)
-    plan = _assign(adapter, comps, components)
+    plan = assign_layers(adapter, comps, components)
     holders = {c: component_state(m) for c, m in comps.items()}
     holders = {c: s for c, s in holders.items() if s is not None and adapter_name in s.adapters}
     src = adapter.source or "adapter"
@@ -215,15 +215,15 @@ def hotswap(target, adapter: LoraAdapter, adapter_name: str, components=None) ->
                                   "loaded adapter, so it cannot be swapped in place")
         root = comps[comp]
         by_path = state.slot_hooks.get(adapter_name, {})
-        extra = sorted(_label(comp, p) for p in layers if p not in by_path)
+        extra = sorted(layer_label(comp, p) for p in layers if p not in by_path)
         if extra:
             shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
             raise LoraFormatError(f"{src}: hotswap into {adapter_name!r}: the new adapter targets modules the loaded "
                                   f"one does not ({shown}); load it as a new adapter instead")
         for path, layer in layers.items():
-            key = _label(comp, path)
+            key = layer_label(comp, path)
             module = resolve_module(root, path)
-            _check_shape(layer, module, f"{src}: {key}")
+            check_shape(layer, module, f"{src}: {key}")
             slot = by_path[path].slots[adapter_name]
             why = slot.rank_fits(module, layer)
             if why is not None:

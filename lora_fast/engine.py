@@ -16,17 +16,19 @@ from __future__ import annotations
 from .binding import bind, plan_bind, register_bound
 from .control import (delete, get_active_adapters, get_list_adapters, hotswap, prepare_hotswap, set_adapters,
                       set_device, set_enabled, unload)
-from .fusing import (_FusedStep, _undo, attach_records, component_scales, fuse, fused_record_bytes,
-                     refuse_during_per_sample, unfuse)
-from .merge_jobs import _merge_job
-from .state import BoundLayer, ComponentState, _adapter_names, _label, _states, component_state
+from .fusing import (FusedStep, attach_records, component_scales, fuse, fused_record_bytes, refuse_during_per_sample,
+                     undo_step, unfuse)
+from .merge_jobs import merge_job
+from .state import BoundLayer, ComponentState, component_state, component_states, layer_label, loaded_adapter_names
 from .targets import resolve_components
 
 __all__ = [
-    "BoundLayer", "ComponentState", "attach_records", "bind", "component_scales", "component_state", "delete", "fuse",
-    "fused_record_bytes", "get_active_adapters", "get_list_adapters", "hotswap", "plan_bind", "prepare_hotswap",
-    "refuse_during_per_sample", "register_bound", "resolve_components", "set_adapters", "set_device", "set_enabled",
-    "unfuse", "unload",
-    # used by fuse_on_load / per_sample until they get names of their own
-    "_FusedStep", "_adapter_names", "_label", "_merge_job", "_states", "_undo",
+    # the public API's engine (lora_fast/__init__.py)
+    "bind", "component_scales", "delete", "fuse", "get_active_adapters", "get_list_adapters", "hotswap",
+    "prepare_hotswap", "resolve_components", "set_adapters", "set_device", "set_enabled", "unfuse", "unload",
+    # state and diagnostics (tests, bench, gpu_checks)
+    "BoundLayer", "ComponentState", "component_state", "component_states", "fused_record_bytes", "layer_label",
+    "loaded_adapter_names",
+    # the fast paths: fuse-on-load binds, builds merge jobs and keeps fuse steps itself; per_sample reads the state
+    "FusedStep", "attach_records", "merge_job", "plan_bind", "refuse_during_per_sample", "register_bound", "undo_step",
 ]

@@ -128,7 +128,7 @@ def load_and_fuse(target, path, adapter_name=None, *, components=None, max_rank=
     adapter_names=[name])`` (``lora_scale``: a number, or ``{component: number}`` with 1.0 for the others).
     On any error every weight is left bit-identical and no adapter is registered."""
     path = os.fsdecode(os.fspath(path))
-    engine.refuse_during_per_sample(engine._states(target, components), "load_lora_weights(fuse=True)")
+    engine.refuse_during_per_sample(engine.component_states(target, components), "load_lora_weights(fuse=True)")
     adapter, header, base, _views = _read_with_views(path)
     name, comps, bound = engine.plan_bind(target, adapter, adapter_name, components, max_rank, move=False)
     scales = engine.component_scales(lora_scale, comps)  # each layer's factor, as fuse_lora forms it (x 1.0 weight)
@@ -164,7 +164,7 @@ def load_and_fuse(target, path, adapter_name=None, *, components=None, max_rank=
             else:
                 ready.append(item)  # nothing to wait for in the file (a derived tensor): copied up front
 
-    steps = {comp: engine._FusedStep(names=[name]) for comp in bound}
+    steps = {comp: engine.FusedStep(names=[name]) for comp in bound}
     arrived: dict[str, torch.Tensor] = {}
     device_layers: dict = {}
 
@@ -175,9 +175,9 @@ def load_and_fuse(target, path, adapter_name=None, *, components=None, max_rank=
             module = item.bound.module
             dev = device_layers[(item.comp, item.path)]
             step = steps[item.comp]
-            jobs.append(engine._merge_job(module, [(dev, scales[item.comp] * 1.0)], step, staged))
+            jobs.append(engine.merge_job(module, [(dev, scales[item.comp] * 1.0)], step, staged))
             owners.append(step)
-            labels.append(engine._label(item.comp, item.path))
+            labels.append(engine.layer_label(item.comp, item.path))
         # the same batched path as fuse_lora; under safe_fusing a non-finite batch writes nothing
         records, nonfinite = merge_kernels.fuse(jobs, record=True, check_finite=safe_fusing,
                                                 abort_nonfinite=safe_fusing)
@@ -233,8 +233,8 @@ def load_and_fuse(target, path, adapter_name=None, *, components=None, max_rank=
         engine.register_bound(target, comps, bound, name, max_rank)
     except BaseException:
         for step in reversed(list(steps.values())):
-            engine._undo(step)
-        if name in engine._adapter_names(target):  # registration itself failed part way
+            engine.undo_step(step)
+        if name in engine.loaded_adapter_names(target):  # registration itself failed part way
             engine.delete(target, [name])
         raise
     for comp, step in steps.items():

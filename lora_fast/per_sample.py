@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .engine import _label, _states
+from .engine import component_states as _states, layer_label as _label
 from .errors import LoraFormatError, LoraFusionError
 from .kernels.shrink_expand import RowMap, build_row_map, lora_expand, lora_shrink, segmented_expand, segmented_shrink
 from .live import _sharing, cached_row_map, conv_terms, kernel_slot, shared_shrink, slot_groups

@@ -27,7 +27,7 @@ from .live import CallScaleHooks, EncodePromptScale, ModuleHook, sync_state
 from .targets import resolve_components
 
 if TYPE_CHECKING:
-    from .fusing import _FusedStep
+    from .fusing import FusedStep
 
 
 @dataclass(eq=False)
@@ -44,7 +44,7 @@ class ComponentState:
     adapters: dict[str, dict[str, BoundLayer]] = field(default_factory=dict)
     weights: dict[str, float] = field(default_factory=dict)
     active: list[str] = field(default_factory=list)
-    fused: list[_FusedStep] = field(default_factory=list)
+    fused: list[FusedStep] = field(default_factory=list)
     # live path
     weight_t: dict[str, torch.Tensor] = field(default_factory=dict)  # adapter -> 0-d float32 (w of set_adapters)
     hooks: dict[int, ModuleHook] = field(default_factory=dict)  # id(module) -> its forward hook
@@ -99,12 +99,13 @@ def component_state(module: nn.Module, create: bool = False) -> Optional[Compone
     return state
 
 
-def _states(target, components: Optional[Iterable[str]] = None,
-            check: bool = True) -> list[tuple[Optional[str], nn.Module, ComponentState]]:
+def component_states(target, components: Optional[Iterable[str]] = None,
+                     check: bool = True) -> list[tuple[Optional[str], nn.Module, ComponentState]]:
     """(component, root, state) of every component holding lora_fast state (within ``components`` if given).
 
     ``check`` (every call that acts on the target; only the read-only queries pass False) first refuses a target
-    on which diffusers/PEFT LoRA layers were loaded after lora_fast's (:func:`check_one_library`)."""
+    on which diffusers/PEFT LoRA layers were loaded after lora_fast's (:func:`check_one_library`).
+    Internal: for lora_fast's own modules, not public API."""
     comps = resolve_components(target)
     if check:
         check_one_library(comps)
@@ -119,19 +120,24 @@ def _states(target, components: Optional[Iterable[str]] = None,
     return out
 
 
-def _label(component: Optional[str], path: str) -> str:
+def layer_label(component: Optional[str], path: str) -> str:
+    """``component.path`` (just ``path`` for a plain module): how errors and records name a layer.
+    Internal: for lora_fast's own modules, not public API."""
     return f"{component}.{path}" if component else path
 
 
-def _adapter_names(target) -> set[str]:
+def loaded_adapter_names(target) -> set[str]:
+    """The names of every adapter loaded in any component of ``target``.
+    Internal: for lora_fast's own modules, not public API."""
     names = set()
-    for _, _, state in _states(target, check=False):
+    for _, _, state in component_states(target, check=False):
         names.update(state.adapters)
     return names
 
 
-def _peft_layer_type():
-    """PEFT's BaseTunerLayer if peft is already imported (no PEFT import: if it is not, no PEFT layer exists)."""
+def peft_layer_type():
+    """PEFT's BaseTunerLayer if peft is already imported (no PEFT import: if it is not, no PEFT layer exists).
+    Internal: for lora_fast's own modules, not public API."""
     if "peft" not in sys.modules:
         return None
     try:
@@ -141,7 +147,9 @@ def _peft_layer_type():
     return BaseTunerLayer
 
 
-def _refuse_peft(where: str, what: str) -> None:
+def refuse_peft(where: str, what: str) -> None:
+    """Raise the error for a target that already holds diffusers/PEFT LoRA layers.
+    Internal: for lora_fast's own modules, not public API."""
     raise LoraFormatError(
         f"{where}: the target already holds diffusers/PEFT LoRA layers ({what}); lora_fast would apply its adapters "
         "on top of them. Remove them first (diffusers: pipe.unload_lora_weights(); PEFT: model.unload()) or fuse "
@@ -155,7 +163,7 @@ def _peft_marker(root: nn.Module) -> Optional[str]:
     ``unload_lora_weights`` / ``delete_adapters`` of the last adapter remove it again)."""
     if getattr(root, "_hf_peft_config_loaded", False) or getattr(root, "peft_config", None):
         return "peft_config is set"
-    peft_layer = _peft_layer_type()
+    peft_layer = peft_layer_type()
     if peft_layer is not None and isinstance(root, peft_layer):
         return type(root).__name__
     return None
@@ -166,7 +174,7 @@ def check_no_peft_root(comp: Optional[str], root: nn.Module) -> None:
     by other means are caught per targeted module in bind (every module a LoRA touches is checked)."""
     why = _peft_marker(root)
     if why is not None:
-        _refuse_peft(comp or type(root).__name__, why)
+        refuse_peft(comp or type(root).__name__, why)
 
 
 def check_one_library(comps: dict) -> None:
@@ -208,8 +216,9 @@ def _text_encoder_states(pipe) -> list[ComponentState]:
     return out
 
 
-def _install_encode_prompt_scale(target) -> None:
-    """diffusers pipelines hand the text-encoder LoRA scale to ``encode_prompt(lora_scale=...)``: observe it."""
+def install_encode_prompt_scale(target) -> None:
+    """diffusers pipelines hand the text-encoder LoRA scale to ``encode_prompt(lora_scale=...)``: observe it.
+    Internal: for lora_fast's own modules, not public API."""
     if isinstance(target, (nn.Module, dict)):
         return
     method = getattr(type(target), "encode_prompt", None)
@@ -225,7 +234,9 @@ def _install_encode_prompt_scale(target) -> None:
     target.__dict__["encode_prompt"] = EncodePromptScale(target, _text_encoder_states)
 
 
-def _remove_encode_prompt_scale(target, force: bool = False) -> None:
+def remove_encode_prompt_scale(target, force: bool = False) -> None:
+    """Undo install_encode_prompt_scale once no text encoder holds adapters (or at once with ``force``).
+    Internal: for lora_fast's own modules, not public API."""
     if isinstance(target, (nn.Module, dict)):
         return
     d = getattr(target, "__dict__", {})
