@@ -351,15 +351,20 @@ class LoraAdapter:
             self.family,
         )
 
-    def save(self, path, format: str = "diffusers") -> None:
+    def save(self, path, format: str = "diffusers", *, block_diagonal: bool = False) -> None:
         """Write this adapter as a diffusers or kohya ``.safetensors`` file, or a PEFT directory.
 
         Every module's delta is preserved exactly; what the target format cannot express raises
-        LoraFormatError before anything is written.
+        LoraFormatError before anything is written. ``block_diagonal`` (kohya, Flux/SD3): split modules of one
+        fused projection that do not share their down matrix are written in the exact block-diagonal form (rank
+        the sum of theirs) instead of being refused.
         """
         if _adapter_writer is None:
             raise RuntimeError("no LoRA writer registered: import lora_fast (its formats package registers one)")
-        _adapter_writer(self, path, format)
+        if block_diagonal:
+            _adapter_writer(self, path, format, block_diagonal=True)
+        else:
+            _adapter_writer(self, path, format)
 
     def __repr__(self) -> str:
         ranks = sorted({l.rank for l in self.layers.values()})

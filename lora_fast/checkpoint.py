@@ -14,6 +14,7 @@ fsync; folders are assembled in a temporary folder that is renamed at the end.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -201,6 +202,7 @@ class WeightGroup:
     index: Optional[str] = None  # the *.safetensors.index.json, for a sharded group
     headers: dict = field(default_factory=dict)  # file -> SafetensorsHeader
     component: Optional[str] = None  # chosen adapter component
+    _places: Optional[dict] = field(default=None, repr=False)  # see _original_places
 
     def names(self) -> dict[str, tuple[str, TensorHeader]]:
         out = {}
@@ -319,8 +321,11 @@ def open_base(path: str) -> BaseCheckpoint:
 def _refuse_ldm(base: BaseCheckpoint) -> None:
     for g in base.groups:
         for f in g.files:
-            for name in g.headers[f].tensors:
+            tensors = g.headers[f].tensors
+            for name in tensors:
                 if name.startswith(_LDM_PREFIXES) or name.endswith("in_proj_weight"):
+                    if name.startswith("model.diffusion_model.") and _original_family(tensors) is not None:
+                        continue  # ComfyUI's prefix on a table family's original names (flux1-dev.safetensors)
                     raise LoraFormatError(
                         f"{f}: this is a single-file LDM/SGM checkpoint ({name!r}); merge handles diffusers-named "
                         "checkpoints only for now. Convert it first (diffusers: Pipeline.from_single_file(...)"
@@ -345,6 +350,37 @@ class _Target:
     dora: list = field(default_factory=list)
     bias: list = field(default_factory=list)
     label: str = ""
+    rows: Optional[tuple] = None  # (start, stop): this target is that row range of its tensor (see ``parts``)
+    parts: dict = field(default_factory=dict)  # (start, stop) -> _Target: a fused tensor's rows, each on its view
+
+
+def _original_family(tensors: dict):
+    from .formats.fused import original_places
+
+    return original_places({n: th.shape for n, th in tensors.items()})[0]
+
+
+def _original_places(group: WeightGroup) -> dict:
+    """{component.path: OriginalPlace} of a group whose tensors carry a table family's original names (BFL Flux:
+    ``double_blocks.0.img_attn.qkv.weight``...), {} otherwise; computed once per group."""
+    if group._places is None:
+        from .formats.fused import original_places
+
+        group._places = original_places({n: th.shape for n, (_, th) in group.names().items()})[1]
+    return group._places
+
+
+def _resolve(group: WeightGroup, names: dict, component: Optional[str], path: str):
+    """(hit, place) of an adapter module: its diffusers-named weight (place None), or the original-named tensor that
+    holds its rows (place: formats.fused.OriginalPlace); (None, None) when the base has neither."""
+    for p in alternative_paths(path):
+        hit = names.get(p + ".weight")
+        if hit is not None:
+            return hit, None
+    place = _original_places(group).get(f"{component or 'transformer'}.{path}")
+    if place is None or place.tensor not in names:
+        return None, None
+    return names[place.tensor], place
 
 
 def _layers_by_component(loras: list[LoraSpec], component_override: Optional[str]):
@@ -359,15 +395,28 @@ def _layers_by_component(loras: list[LoraSpec], component_override: Optional[str
     return out
 
 
+def _row_problem(layer, place, th: TensorHeader) -> Optional[str]:
+    """Why ``layer`` cannot be merged into its rows of an original fused tensor, or None."""
+    rows = sum(b - a for a, b, _ in place.chunks)
+    if len(th.shape) != 2 or not layer.fits_weight((rows, th.shape[1])):
+        return (f"LoRA implies weight shape {tuple(layer.weight_shape)}, {th.name} {tuple(th.shape)} has "
+                f"{rows} rows for it")
+    if th.torch_dtype is None or not th.torch_dtype.is_floating_point or th.dtype == "F4":
+        return f"{th.name} has dtype {th.dtype}, which cannot be merged into"
+    if layer.magnitude is not None or layer.bias is not None:
+        return f"a DoRA/LoRA-bias module on some rows of the fused {th.name} is not supported"
+    if len(place.chunks) > 1 and layer.algorithm != "lora":
+        return f"a LyCORIS {layer.algorithm} module whose rows are reordered in {th.name} is not supported"
+    return None
+
+
 def _match_count(group: WeightGroup, items) -> int:
     names = group.names()
     n = 0
-    for _, path, _, layer in items:
-        for p in alternative_paths(path):
-            hit = names.get(p + ".weight")
-            if hit is not None:
-                n += layer.fits_weight(hit[1].shape, layer.fan_in_fan_out)
-                break
+    for comp, path, _, layer in items:
+        hit, place = _resolve(group, names, comp, path)
+        if hit is not None:
+            n += layer.fits_weight(hit[1].shape, layer.fan_in_fan_out) if place is None or place.whole else 1
     return n
 
 
@@ -404,7 +453,7 @@ def plan_merge(base: BaseCheckpoint, loras: list[LoraSpec], component: Optional[
         elif g.component_hint in by_comp:
             g.component = g.component_hint
         else:
-            counts = {c: _match_count(g, items) for c, items in by_comp.items()}
+            counts = {c: _match_count(g, [(c, *it[1:]) for it in items]) for c, items in by_comp.items()}
             best = max(counts.values(), default=0)
             winners = [c for c, n in counts.items() if n == best and n > 0]
             if len(winners) > 1:
@@ -421,15 +470,25 @@ def plan_merge(base: BaseCheckpoint, loras: list[LoraSpec], component: Optional[
         items = by_comp.get(g.component, [])
         names = g.names()
         for spec_i, path, key, layer in items:
-            hit = None
-            for p in alternative_paths(path):
-                hit = names.get(p + ".weight")
-                if hit is not None:
-                    break
+            hit, place = _resolve(g, names, g.component, path)
             if hit is None:
                 continue
             f, th = hit
             label = f"{loras[spec_i].label}: {key}"
+            if place is not None and not place.whole:  # some rows of an original fused tensor (qkv, linear1...)
+                problem = _row_problem(layer, place, th)
+                if problem:
+                    mismatched.append(f"{label}: {problem}")
+                    continue
+                t = targets.setdefault((f, th.name), _Target(label=f"{g.component or 'model'}.{th.name}"))
+                for a, b, at in place.chunks:
+                    rows = (at, at + b - a)
+                    part = t.parts.setdefault(rows, _Target(label=f"{t.label}[{rows[0]}:{rows[1]}]", rows=rows))
+                    part.additive.append((layer if (a, b) == (0, layer.out_features) else
+                                          dataclasses.replace(layer, up=layer.up[a:b]), loras[spec_i].weight))
+                matched_keys.add((spec_i, key))
+                merged_modules += 1
+                continue
             if not layer.fits_weight(th.shape, layer.fan_in_fan_out):
                 mismatched.append(f"{label}: LoRA implies weight shape {tuple(layer.weight_shape)}, "
                                   f"{os.path.basename(f)} has {th.name} {tuple(th.shape)}")
@@ -468,6 +527,8 @@ def _fuse_tensor(tensor: torch.Tensor, target: _Target, in_dtype: str, out_dtype
 
     work_dtype = in_dtype if (in_dtype == out_dtype and in_dtype in _MERGEABLE) else "F32"
     w = tensor.to(_torch_of(work_dtype)) if tensor.dtype != _torch_of(work_dtype) else tensor
+    for (a, b), part in target.parts.items():  # disjoint row ranges of a fused tensor: each fused in place on its view
+        _fuse_tensor(w[a:b], part, work_dtype, work_dtype)
     if target.additive:
         # Same construction as the engine's merge job: up = [factor·s_i·B_i], down = [A_i], concatenated.
         ups, downs = [], []

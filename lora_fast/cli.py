@@ -209,6 +209,8 @@ def compare_adapters(a, b) -> list[str]:
     problems = []
     for key in sorted(set(a.layers) | set(b.layers)):
         la, lb = a.layers.get(key), b.layers.get(key)
+        if la is None and lb.magnitude is None and lb.bias is None and not lb.delta().any():
+            continue  # a split part the source lacks, re-fused as zero rows (kohya Flux/SD3): the same zero delta
         if la is None or lb is None:
             problems.append(f"{key}: only in {'the source' if lb is None else 'the converted file'}")
             continue
@@ -249,7 +251,12 @@ def _cmd_convert(args) -> int:
         adapter, errors = approximate_lora(adapter, args.approx_rank)
         for key, err in errors.items():
             print(f"approximated {key} at rank {args.approx_rank}: relative error {err:.3g} (Frobenius)")
-    adapter.save(dst, format=args.to)
+    if getattr(args, "block_diagonal", False):
+        if args.to != "kohya":
+            raise UsageError("--block-diagonal is for --to kohya (sd-scripts' fused Flux/SD3 modules)")
+        adapter.save(dst, format=args.to, block_diagonal=True)
+    else:
+        adapter.save(dst, format=args.to)
     comps = adapter.components()
     back_component = None
     if args.to == "peft" and len(comps) == 1 and not os.path.isdir(os.path.join(dst, comps[0])):
@@ -453,6 +460,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--approx-rank", type=int, default=None, metavar="N",
                    help="LyCORIS LoHa/LoKr/full modules to diffusers/peft: replace each by its best rank-N LoRA "
                         "(truncated SVD) and print each module's relative error; without it they are refused")
+    p.add_argument("--block-diagonal", action="store_true",
+                   help="--to kohya, Flux/SD3: split modules of one fused projection (to_q/to_k/to_v...) that do not "
+                        "share their down matrix are written as one exact block-diagonal module (rank the sum of "
+                        "theirs); without it they are refused")
     p.add_argument("--component", help="component for keys that carry none (PEFT files), e.g. unet")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt/.ckpt files (unpickling runs code)")

@@ -740,3 +740,99 @@ def test_inspect_names_the_flux_layout_and_counts_a_shared_down_once(tmp_path, c
     assert info["parameters"] == down.numel() + up.numel()  # one down matrix, the up rows split three ways
     assert main(["inspect", str(path)]) == 0
     assert "kohya (flux layout)" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------ block-diagonal kohya output
+
+
+def _independent_layer(module, rank, alpha, g, dtype=torch.float32):
+    """A LoRA layer of its own (own down) on ``module``, factors exact in bf16."""
+    down = (torch.randn(rank, module.in_features, generator=g) / module.in_features ** 0.5).bfloat16().to(dtype)
+    up = (torch.randn(module.out_features, rank, generator=g) * 0.1).bfloat16().to(dtype)
+    return lora_fast.LoraLayer(down=down, up=up, alpha=alpha)
+
+
+def _delta64(layer) -> torch.Tensor:
+    r = layer.rank
+    return layer.scale * (layer.up.double().reshape(layer.up.shape[0], r) @ layer.down.double().reshape(r, -1))
+
+
+def _diffusers_trained_flux_adapter(seed=0, k_alpha=2.0):
+    """Independent to_q/to_k/to_v LoRAs (diffusers training: one down each; ranks 4, 2, 4, scales 2, k_alpha/2, 1),
+    linear1's to_q and proj_mlp only (fp16 and bf16 factors), and a swapped final adaLN alone."""
+    t = _base().transformer
+    g = torch.Generator().manual_seed(seed)
+    mods = dict(t.named_modules())
+    spec = {"transformer_blocks.0.attn.to_q": (4, 8.0, torch.float32),
+            "transformer_blocks.0.attn.to_k": (2, k_alpha, torch.float32),
+            "transformer_blocks.0.attn.to_v": (4, 4.0, torch.float32),
+            "single_transformer_blocks.1.attn.to_q": (2, 2.0, torch.float16),
+            "single_transformer_blocks.1.proj_mlp": (3, 6.0, torch.bfloat16),
+            "norm_out.linear": (2, 1.0, torch.float32)}
+    layers = {f"transformer.{p}": _independent_layer(mods[p], r, a, g, dt) for p, (r, a, dt) in spec.items()}
+    return lora_fast.LoraAdapter(layers, "diffusers", family="flux")
+
+
+def test_kohya_output_refuses_parts_without_a_shared_down_and_names_the_module(tmp_path):
+    adapter = _diffusers_trained_flux_adapter()
+    path = tmp_path / "k.safetensors"
+    with pytest.raises(LoraFormatError, match=r"double_blocks\.0\.img_attn\.qkv: its parts .*to_q.*to_k.*do not share "
+                                              r"their down matrix.*ranks 4 and 2.*block_diagonal=True.*rank 10"):
+        adapter.save(path, format="kohya")
+    assert not path.exists()
+
+
+def test_block_diagonal_kohya_output_keeps_every_delta_exactly(tmp_path):
+    """down = the parts' downs stacked, up = block-diagonal; the scale ratio 2 of to_q folded into its up block (a
+    power of two: exact); read back, every module's float64 delta (and the float32 delta the engine uses) is equal."""
+    adapter = _diffusers_trained_flux_adapter()
+    path = tmp_path / "k.safetensors"
+    adapter.save(path, format="kohya", block_diagonal=True)
+    sd = lora_fast.load_file(str(path))
+    qkv = "lora_unet_double_blocks_0_img_attn_qkv"
+    inner = _base().transformer.inner_dim
+    down, up = sd[f"{qkv}.lora_down.weight"], sd[f"{qkv}.lora_up.weight"]
+    assert down.shape == (10, inner) and up.shape == (3 * inner, 10)
+    assert not up[:inner, 4:].any() and not up[inner:2 * inner, :4].any() and not up[inner:2 * inner, 6:].any()
+    assert not up[2 * inner:, :6].any()
+    assert sd[f"{qkv}.alpha"].item() / 10 == 1.0  # the smallest scale; q's 2 is in its up block
+    l1 = "lora_unet_single_blocks_1_linear1"
+    assert sd[f"{l1}.lora_down.weight"].dtype == torch.float32 and sd[f"{l1}.lora_down.weight"].shape[0] == 5
+    assert not sd[f"{l1}.lora_up.weight"][inner:3 * inner].any()  # the parts the adapter lacks: zero rows
+    back = lora_fast.read_lora(str(path))
+    assert back.format == "kohya"
+    for key, layer in adapter.layers.items():
+        assert torch.equal(_delta64(back.layers[key]), _delta64(layer)), key
+        assert torch.equal(back.layers[key].delta(), layer.delta()), key
+    extra = set(back.layers) - set(adapter.layers)  # linear1's to_k / to_v: zero rows
+    assert extra == {f"transformer.single_transformer_blocks.1.attn.to_{c}" for c in "kv"}
+    assert all(not back.layers[k].up.any() for k in extra)
+    # a file that needed no block-diagonal form is written as before under the flag (shared downs)
+    modules, _ = _make_flux_lora(_base().transformer, _TINY_NAMES, alphas=[2.0, 0.5, 8.0])
+    sd0 = _kohya_sd(modules)
+    again = tmp_path / "again.safetensors"
+    lora_fast.read_lora(sd0).save(again, format="kohya", block_diagonal=True)
+    got = lora_fast.load_file(str(again))
+    assert sorted(got) == sorted(sd0) and all(_bits_equal(got[k], sd0[k].contiguous()) for k in sd0)
+
+
+def test_block_diagonal_refuses_a_scale_ratio_that_is_not_a_power_of_two(tmp_path):
+    adapter = _diffusers_trained_flux_adapter(k_alpha=3.0)  # scales 2, 1.5, 1
+    path = tmp_path / "k.safetensors"
+    with pytest.raises(LoraFormatError, match=r"double_blocks\.0\.img_attn\.qkv: the scales .* not a power of two"):
+        adapter.save(path, format="kohya", block_diagonal=True)
+    assert not path.exists()
+
+
+def test_cli_convert_block_diagonal(tmp_path, capsys):
+    from lora_fast.cli import main
+
+    src = tmp_path / "diffusers.safetensors"
+    _diffusers_trained_flux_adapter().save(src, format="diffusers")
+    dst = tmp_path / "kohya.safetensors"
+    assert main(["convert", str(src), str(dst), "--to", "kohya"]) == 2
+    err = capsys.readouterr().err
+    assert "img_attn.qkv" in err and "--block-diagonal" in err and not dst.exists()
+    assert main(["convert", str(src), str(dst), "--to", "kohya", "--block-diagonal"]) == 0
+    assert "identical" in capsys.readouterr().out
+    assert main(["convert", str(src), str(tmp_path / "p"), "--to", "peft", "--block-diagonal"]) == 2

@@ -405,3 +405,41 @@ def test_load_refuses_an_sd3_lora_on_flux_even_where_every_module_fits(fuse, mon
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
     assert lora_fast.get_list_adapters(flux) == {}
     assert lora_fast.engine.component_state(flux.transformer) is None
+
+
+def test_block_diagonal_kohya_sd3_from_independent_parts_equals_diffusers_conversion(tmp_path):
+    """Independent to_q/to_k/to_v LoRAs (ranks 2, 3, 4; scales 1, 4, 0.5) and a lone add_k_proj: refused for kohya
+    without the flag (module and reason named); with block_diagonal=True the written sd-scripts modules, read back and
+    put through diffusers' single-file SD3 conversion as float64 ΔW, give every part's float64 delta exactly."""
+    t = _base().transformer
+    mods = dict(t.named_modules())
+    g = torch.Generator().manual_seed(11)
+    spec = {"transformer_blocks.0.attn.to_q": (2, 2.0), "transformer_blocks.0.attn.to_k": (3, 12.0),
+            "transformer_blocks.0.attn.to_v": (4, 2.0), "transformer_blocks.1.attn.add_k_proj": (2, 2.0)}
+    layers = {}
+    for path, (r, alpha) in spec.items():
+        m = mods[path]
+        layers[f"transformer.{path}"] = lora_fast.LoraLayer(
+            down=(torch.randn(r, m.in_features, generator=g) * 0.1).half().float(),
+            up=(torch.randn(m.out_features, r, generator=g) * 0.1).half().float(), alpha=alpha)
+    adapter = lora_fast.LoraAdapter(layers, "diffusers", family="sd3")
+    path = tmp_path / "sd3.safetensors"
+    with pytest.raises(LoraFormatError, match=r"joint_blocks\.0\.x_block\.attn\.qkv: its parts .*ranks 2 and 3"):
+        adapter.save(path, format="kohya")
+    assert not path.exists()
+    adapter.save(path, format="kohya", block_diagonal=True)
+    sd = lora_fast.load_file(str(path))
+    qkv = "lora_unet_joint_blocks_0_x_block_attn_qkv"
+    assert sd[f"{qkv}.lora_down.weight"].shape[0] == 9 and sd[f"{qkv}.alpha"].item() == 0.5 * 9
+    back = lora_fast.read_lora(str(path))
+    for key, layer in layers.items():
+        assert torch.equal(_layer_delta64(back.layers[key]), _layer_delta64(layer)), key
+    lora = {}
+    for k in sd:
+        if k.endswith(".lora_down.weight"):
+            name = k[: -len(".lora_down.weight")]
+            mm = next(n for n in _mmdit_modules(t) if "lora_unet_" + n.replace(".", "_") == name)
+            lora[mm] = (sd[k], sd[f"{name}.lora_up.weight"], float(sd[f"{name}.alpha"]))
+    conv = _converted_deltas(t, lora)
+    for key, layer in layers.items():
+        assert torch.equal(conv[key[len("transformer."):]], _layer_delta64(layer)), key

@@ -187,12 +187,6 @@ def test_bfl_state_dict_helper_inverts_the_table():
     assert torch.equal(sd["final_layer.adaLN_modulation.1.weight"][:inner], t.norm_out.linear.weight[inner:])
 
 
-@pytest.mark.xfail(raises=LoraFormatError, strict=True, reason=(
-    "checkpoint.py matches each adapter module (diffusers path, e.g. transformer_blocks.0.attn.to_q) to the tensor "
-    "'<path>.weight' of the base (targets.alternative_paths only adds/drops CLIP's 'text_model.'); it has no "
-    "BFL/original-name table and cannot write one fused BFL tensor (img_attn.qkv, linear1, the swapped "
-    "final_layer.adaLN_modulation.1) from the rows of several split modules, so plan_merge matches nothing and "
-    "merge raises 'no adapter module matches any weight of this checkpoint'"))
 def test_merge_kohya_flux_into_bfl_named_single_file(tmp_path, lora_files):
     kohya, _ = lora_files
     t = _tiny_transformer(torch.bfloat16)
@@ -203,6 +197,46 @@ def test_merge_kohya_flux_into_bfl_named_single_file(tmp_path, lora_files):
     checkpoint.merge(str(base), [checkpoint.LoraSpec(lora_fast.read_lora(str(kohya)), 1.0, kohya.name)], str(out))
     lora_fast.load_lora_weights({"transformer": t}, str(kohya), fuse=True)
     want, got = _bfl_state_dict(t), io.load_file(str(out))
-    assert list(got) == list(want)
+    assert list(got) == list(io.read_header(str(base)).tensors) and sorted(got) == sorted(want)  # the base's order
     bad = [k for k in want if not _bits_equal(got[k], want[k])]
     assert not bad, f"{len(bad)} tensors differ, e.g. {bad[:3]}"
+
+
+def test_merge_two_weighted_adapters_into_comfyui_prefixed_bfl_file(tmp_path, lora_files):
+    """ComfyUI's full-model spelling (``model.diffusion_model.double_blocks...``, plus tensors no LoRA targets) is
+    accepted for Flux-named tensors: a kohya file x0.75 and a diffusers-layout file x-0.5, one rounding per element,
+    through the command, in bf16: equals fuse_lora(adapter_names=[...], adapter_weights=[...]) on the diffusers model."""
+    kohya, second = lora_files
+    t = _tiny_transformer(torch.bfloat16)
+    prefix = "model.diffusion_model."
+    sd = {prefix + k: v for k, v in _bfl_state_dict(t).items()}
+    sd[prefix + "double_blocks.0.img_attn.norm.query_norm.scale"] = torch.ones(8, dtype=torch.bfloat16)
+    base = tmp_path / "flux1-dev.safetensors"
+    io.save_file(sd, str(base))
+    out = tmp_path / "merged.safetensors"
+    assert _merge("--base", base, "--lora", f"{kohya}:0.75", "--lora", f"{second}:-0.5", "-o", out) == 0
+    target = {"transformer": t}
+    lora_fast.load_lora_weights(target, str(kohya), adapter_name="a")
+    lora_fast.load_lora_weights(target, str(second), adapter_name="b")
+    lora_fast.fuse_lora(target, adapter_names=["a", "b"], adapter_weights=[0.75, -0.5])
+    want = {prefix + k: v for k, v in _bfl_state_dict(t).items()}
+    want[prefix + "double_blocks.0.img_attn.norm.query_norm.scale"] = sd[prefix + "double_blocks.0.img_attn.norm.query_norm.scale"]
+    got = io.load_file(str(out))
+    assert sorted(got) == sorted(want)
+    bad = [k for k in want if not _bits_equal(got[k], want[k])]
+    assert not bad, f"{len(bad)} tensors differ, e.g. {bad[:3]}"
+
+
+def test_merge_refuses_an_adapter_that_does_not_fit_the_bfl_rows(tmp_path, lora_files):
+    """A Flux LoRA of another width: the fused tensor's rows for it are named in the error; nothing is written."""
+    kohya, _ = lora_files
+    t = build_flux_transformer("tiny", dtype=torch.float32, seed=0)
+    sd = _bfl_state_dict(t)
+    q = sd["double_blocks.0.img_attn.qkv.weight"]
+    sd["double_blocks.0.img_attn.qkv.weight"] = torch.cat([q, q[:3]])  # rows no longer 3 x inner
+    base = tmp_path / "flux1-dev.safetensors"
+    io.save_file(sd, str(base))
+    out = tmp_path / "merged.safetensors"
+    with pytest.raises(LoraFormatError, match="does not fit this base model"):
+        checkpoint.merge(str(base), [checkpoint.LoraSpec(lora_fast.read_lora(str(kohya)), 1.0, kohya.name)], str(out))
+    assert not out.exists()

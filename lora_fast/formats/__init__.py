@@ -191,9 +191,10 @@ def read_lora(source, *, weight_name=None, allow_pickle=False, component=None, d
     return _read_file(path, allow_pickle=allow_pickle, component=component, device=device)
 
 
-def write_adapter(adapter: LoraAdapter, path, format: str = "diffusers") -> None:
+def write_adapter(adapter: LoraAdapter, path, format: str = "diffusers", *, block_diagonal: bool = False) -> None:
     """Write ``adapter``: "diffusers" -> one .safetensors file (a directory gets
     pytorch_lora_weights.safetensors), "kohya" -> one .safetensors file, "peft" -> a directory.
+    ``block_diagonal``: kohya only (see ``formats.fused.write_fused_kohya``).
 
     What the target cannot express raises LoraFormatError before anything is written.
     """
@@ -205,6 +206,8 @@ def write_adapter(adapter: LoraAdapter, path, format: str = "diffusers") -> None
         raise LoraFormatError(f"write_adapter needs a LoraAdapter, got {type(adapter).__name__}")
     if not adapter.layers:
         raise LoraFormatError(f"{adapter.source or '<adapter>'}: the adapter has no layers")
+    if block_diagonal and format != "kohya":
+        raise LoraFormatError(f"block_diagonal is for kohya output (sd-scripts' fused Flux/SD3 modules), not {format!r}")
     if format != "kohya":  # LoHa/LoKr/full layers exist only in kohya/LyCORIS files (or as an explicit approximation)
         from .lycoris import refuse_low_rank_format
 
@@ -216,7 +219,7 @@ def write_adapter(adapter: LoraAdapter, path, format: str = "diffusers") -> None
     else:
         from .kohya import write_kohya
 
-        tensors = write_kohya(adapter, source=adapter.source or "<adapter>")
+        tensors = write_kohya(adapter, source=adapter.source or "<adapter>", block_diagonal=block_diagonal)
         path = os.fspath(path)
         if os.path.isdir(path):
             raise LoraFormatError(f"{path}: a kohya LoRA is one .safetensors file; give a file path, not a directory")

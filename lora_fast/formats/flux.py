@@ -130,10 +130,12 @@ def read_flux(state_dict: dict, layout: str, *, source: str = "<state dict>",
     return read_fused(state_dict, FLUX, layout, source=source, metadata=metadata)
 
 
-def write_flux_kohya(adapter: LoraAdapter, *, source: str = "<adapter>") -> dict[str, torch.Tensor]:
+def write_flux_kohya(adapter: LoraAdapter, *, source: str = "<adapter>",
+                     block_diagonal: bool = False) -> dict[str, torch.Tensor]:
     """A Flux adapter as an sd-scripts state dict (see ``fused.write_fused_kohya``): split modules re-fused,
-    CLIP-L modules ``lora_te1_``, T5 modules ``lora_te3_``; a kohya file read and written again is bit-identical."""
-    return write_fused_kohya(adapter, FLUX, source=source)
+    CLIP-L modules ``lora_te1_``, T5 modules ``lora_te3_``; a kohya file read and written again is bit-identical.
+    ``block_diagonal``: parts that do not share their down matrix in the exact block-diagonal form."""
+    return write_fused_kohya(adapter, FLUX, source=source, block_diagonal=block_diagonal)
 
 
 __all__ = ["FLUX", "FLUX_MODULES", "XLABS_NAMES", "FusedModule", "detect_flux_layout", "read_flux", "write_flux_kohya"]

@@ -17,6 +17,7 @@ kohya-style layouts split by rows too (see "LyCORIS modules" below and docs/form
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Optional
@@ -453,6 +454,71 @@ def read_fused(state_dict: dict, fam: FusedFamily, layout: str, *, source: str =
 
 
 # ----------------------------------------------------------------------------------------------
+# checkpoints in original names (lora-fast merge into flux1-dev.safetensors...)
+
+#: Prefixes a single-file checkpoint may put before a family's original names (ComfyUI's full-model files).
+CHECKPOINT_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+
+
+@dataclass(frozen=True)
+class OriginalPlace:
+    """Where one diffusers module lives in a checkpoint of original names.
+
+    tensor: the checkpoint's weight name (its prefix included), e.g. ``double_blocks.0.img_attn.qkv.weight``.
+    chunks: ((module row start, module row stop, tensor row start), ...): the module's output rows, chunk by chunk,
+      and where each chunk starts in the tensor (a swapped adaLN has two chunks in the other order).
+    whole: the module is the whole tensor, rows in order (a plain rename).
+    """
+
+    tensor: str
+    chunks: tuple
+    whole: bool
+
+
+def _strip_checkpoint_prefix(name: str) -> str:
+    for prefix in CHECKPOINT_PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
+def original_places(shapes: dict) -> tuple[Optional[FusedFamily], dict]:
+    """(family, {``component.diffusers path``: OriginalPlace}) for a checkpoint whose tensors (``shapes``: name ->
+    shape) name a table family's modules by their original names (BFL ``double_blocks.0.img_attn.qkv.weight``, SD3
+    ``joint_blocks.0.x_block.attn.qkv.weight``..., optionally with ComfyUI's ``model.diffusion_model.`` prefix);
+    (None, {}) when no family's fused (split) module is named there. The reverse of the reader: the row bounds come
+    from the family table and the tensor's rows, so a family or a layout is still a table entry."""
+    weights = {}
+    for name, shape in shapes.items():
+        if name.endswith(".weight") and len(shape) >= 2:
+            weights.setdefault(_strip_checkpoint_prefix(name)[: -len(".weight")], (name, tuple(shape)))
+    for fam in families():
+        compiled = [(compile_template(m.bfl), m) for m in fam.modules]
+        if not any(len(m.parts) > 1 and p.match(stem) for p, m in compiled for stem in weights):
+            continue
+        places: dict = {}
+        for stem, (name, shape) in weights.items():
+            rows, inp = shape[0], math.prod(shape[1:])
+            for pattern, fused in compiled:
+                m = pattern.match(stem)
+                if not m or not fused.fits(rows, inp) or rows % sum(fused.parts):
+                    continue
+                index = m.group(1) if m.groups() else None
+                unit = rows // sum(fused.parts)
+                starts = [unit * sum(fused.parts[:t]) for t in range(len(fused.parts))]
+                for path, take in fused.targets:
+                    chunks, at = [], 0
+                    for t in take:
+                        chunks.append((at, at + fused.parts[t] * unit, starts[t]))
+                        at += fused.parts[t] * unit
+                    whole = tuple(take) == tuple(range(len(fused.parts)))
+                    places[f"{fused.component}.{path.format(i=index)}"] = OriginalPlace(name, tuple(chunks), whole)
+                break
+        return fam, places
+    return None, {}
+
+
+# ----------------------------------------------------------------------------------------------
 # writing kohya (sd-scripts) files
 
 
@@ -475,14 +541,17 @@ def _fused_of(fam: FusedFamily, path: str, layer: LoraLayer):
     return None
 
 
-def write_fused_kohya(adapter: LoraAdapter, fam: FusedFamily, *, source: str = "<adapter>") -> dict[str, torch.Tensor]:
+def write_fused_kohya(adapter: LoraAdapter, fam: FusedFamily, *, source: str = "<adapter>",
+                      block_diagonal: bool = False) -> dict[str, torch.Tensor]:
     """An adapter of a table family as an sd-scripts state dict: split modules re-fused into the original module
     they came from.
 
-    The split modules of one original module must share their down matrix (equal values), rank and alpha, as
-    ``read_fused`` produces them; a split module the adapter lacks gets zero rows in the fused up matrix (the
-    same delta). Split modules with different down matrices have no exact sd-scripts form and raise
-    LoraFormatError. CLIP modules are written with the family's ``lora_te1_`` / ``lora_te2_`` roots, T5 modules
+    The split modules of one original module share their down matrix (equal values), rank and alpha when
+    ``read_fused`` produced them: one sd-scripts module, the parts' up rows stacked; a split module the adapter lacks
+    gets zero rows in the fused up matrix (the same delta). Split modules that do not share them (independent
+    ``to_q``/``to_k``/``to_v`` LoRAs trained in diffusers names) raise LoraFormatError naming the module and what
+    differs, unless ``block_diagonal``: then the exact block-diagonal form is written (see :func:`_block_diagonal`:
+    rank the sum of the parts' ranks). CLIP modules are written with the family's ``lora_te1_`` / ``lora_te2_`` roots, T5 modules
     ``lora_te3_``. Reading the result back gives every module's delta unchanged; a kohya file read and written
     again is bit-identical.
     """
@@ -530,13 +599,18 @@ def write_fused_kohya(adapter: LoraAdapter, fam: FusedFamily, *, source: str = "
         if any(layer.algorithm != "lora" for _, layer in members.values()):
             out.update(_write_lycoris_group(fused, bfl.format(i=index), members, source))
             continue
-        for key, layer in rest:
-            if (layer.rank != first.rank or layer.alpha != first.alpha or layer.use_rslora != first.use_rslora
-                    or layer.down.dtype != first.down.dtype or layer.up.dtype != first.up.dtype
-                    or not torch.equal(layer.down, first.down)):
+        why = next((w for w in (_unshared(first, layer) for _, layer in rest) if w), None)
+        if why is not None:
+            where = bfl.format(i=index)
+            if fused.kind != "linear" or not block_diagonal:
+                keys = ", ".join(k for k, _ in members.values())
                 raise LoraFormatError(
-                    f"{source}: {key} and {first_key} are parts of {bfl.format(i=index)} but do not share their down "
-                    "matrix, rank and alpha: an sd-scripts file cannot hold them exactly (write diffusers or PEFT)")
+                    f"{source}: {where}: its parts ({keys}) do not share their down matrix, rank and alpha ({why}); an "
+                    f"sd-scripts module has one down matrix, so the file cannot hold them as they are. Pass "
+                    f"block_diagonal=True (lora-fast convert --block-diagonal) for the exact block-diagonal form "
+                    f"(rank {sum(layer.rank for _, layer in members.values())}), or write diffusers or PEFT")
+            out.update(_block_diagonal(fused, index, members, source))
+            continue
         pos0 = next(iter(members))
         taken = sum(fused.parts[t] for t in fused.targets[pos0][1])
         unit, rem = divmod(first.out_features, taken)
@@ -563,6 +637,115 @@ def write_fused_kohya(adapter: LoraAdapter, fam: FusedFamily, *, source: str = "
         out[f"{name}.lora_up.weight"] = up
         out[f"{name}.alpha"] = _stored_alpha(first, source, first_key)
     return out
+
+
+def _unshared(first: LoraLayer, layer: LoraLayer) -> Optional[str]:
+    """What two parts of one original module do not share (None: one sd-scripts module holds both)."""
+    if layer.rank != first.rank:
+        return f"ranks {first.rank} and {layer.rank}"
+    if layer.alpha != first.alpha or layer.use_rslora != first.use_rslora:
+        return f"scales {first.scale:g} and {layer.scale:g}" if layer.scale != first.scale else "alphas differ"
+    if layer.down.dtype != first.down.dtype or layer.up.dtype != first.up.dtype:
+        return f"dtypes {first.down.dtype}/{first.up.dtype} and {layer.down.dtype}/{layer.up.dtype}"
+    if layer.down.shape != first.down.shape or not torch.equal(layer.down, first.down):
+        return "different down matrices"
+    return None
+
+
+def _power_of_two(f) -> bool:
+    n, d = abs(f.numerator), f.denominator
+    return n > 0 and n & (n - 1) == 0 and d & (d - 1) == 0
+
+
+def _block_diagonal(fused: FusedModule, index, members: dict, source: str) -> dict:
+    """The exact block-diagonal sd-scripts module of split parts that do not share their down matrix.
+
+    down = the parts' downs stacked (rank R = Σ r_i, in the original module's part order); up = block-diagonal: each
+    part's up in its own rows and its own r_i columns, zeros elsewhere (a part the adapter lacks: zero rows). Reading it
+    back gives part i the rows [0 … B_i … 0] and the whole down, so ΔW_i = S·B_i·A_i exactly. Scales: the file has one,
+    S = alpha / R with S the smallest part scale and alpha chosen so that alpha / R == S in float64 (stored as float32
+    when float32 holds it, else float64). A part whose scale s_i is 2^k·S gets 2^k folded into its up block: scaling by
+    a power of two is exact in every float dtype (checked: no overflow or underflow in the file's dtype), and commutes
+    with the rounding of every product, so the delta and the merge kernels' rn32(B·rn32(s)) keep their bits. A ratio
+    that is not a power of two would change the rounding (the kernels round B·s, not B·s_i) and is refused, as are
+    rsLoRA/plain mixes that give such ratios. Factor dtypes that differ are widened (fp16 + bf16 -> fp32: exact)."""
+    from fractions import Fraction
+
+    where = fused.bfl.format(i=index)
+    order = sorted(members)  # target positions: the original module's part order
+    layers = [members[p][1] for p in order]
+    for p in order:
+        key, layer = members[p]
+        if layer.kind != "linear" or layer.down.dim() != 2:
+            raise LoraFormatError(f"{source}: {key}: only Linear parts have a block-diagonal sd-scripts form")
+    down_dtype = layers[0].down.dtype
+    up_dtype = layers[0].up.dtype
+    for layer in layers[1:]:
+        down_dtype = torch.promote_types(down_dtype, layer.down.dtype)
+        up_dtype = torch.promote_types(up_dtype, layer.up.dtype)
+    scales = [layer.scale for layer in layers]
+    if any(not math.isfinite(s) or s == 0 for s in scales):
+        raise LoraFormatError(f"{source}: {where}: a part has scale {scales} (alpha 0 or not finite): no kohya form")
+    base = min(scales, key=abs)
+    ratios = []
+    for p, s in zip(order, scales):
+        f = Fraction(s) / Fraction(base)
+        if not _power_of_two(f):
+            raise LoraFormatError(
+                f"{source}: {where}: the scales of its parts ({', '.join(f'{members[q][0]}: {v:g}' for q, v in zip(order, scales))}) "
+                f"differ by {float(f):g}, not a power of two: folding that into {members[p][0]}'s up matrix would round "
+                "(one scale per sd-scripts module); write diffusers or PEFT")
+        ratios.append(float(f))
+    first_key, first = members[order[0]]
+    taken = sum(fused.parts[t] for t in fused.targets[order[0]][1])
+    unit, rem = divmod(first.out_features, taken)
+    if rem:
+        raise LoraFormatError(f"{source}: {first_key}: {first.out_features} rows do not fit {where}")
+    starts = [unit * sum(fused.parts[:t]) for t in range(len(fused.parts))]
+    rank = sum(layer.rank for layer in layers)
+    up = torch.zeros(unit * sum(fused.parts), rank, dtype=up_dtype)
+    col = 0
+    for p, layer, ratio in zip(order, layers, ratios):
+        key = members[p][0]
+        take = fused.targets[p][1]
+        if layer.out_features != unit * sum(fused.parts[t] for t in take) or layer.in_features != first.in_features:
+            raise LoraFormatError(f"{source}: {key}: a {tuple(layer.weight_shape)} module does not fit {where} next to "
+                                  f"{first_key} {tuple(first.weight_shape)}")
+        u = layer.up.reshape(layer.up.shape[0], -1).to(up_dtype)
+        if ratio != 1.0:
+            scaled = u * ratio
+            if not torch.equal(scaled.double(), u.double() * ratio):
+                raise LoraFormatError(f"{source}: {key}: folding its scale ratio {ratio:g} into its up matrix "
+                                      f"overflows or underflows in {up_dtype}: no exact block-diagonal form")
+            u = scaled
+        at = 0
+        for t in take:
+            n = fused.parts[t] * unit
+            up[starts[t]:starts[t] + n, col:col + layer.rank] = u[at:at + n]
+            at += n
+        col += layer.rank
+    down = torch.cat([layer.down.to(down_dtype) for layer in layers], 0).contiguous()
+    alpha = _alpha_for_scale(base, rank)
+    if alpha is None:
+        raise LoraFormatError(f"{source}: {where}: no alpha gives scale {base!r} at rank {rank} exactly")
+    name = kohya_name(where)
+    return {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": alpha}
+
+
+def _alpha_for_scale(scale: float, rank: int) -> Optional[torch.Tensor]:
+    """The 0-d alpha tensor with alpha / rank == scale in float64 (as the readers divide), float32 when it holds one."""
+    guess = scale * rank
+    candidates = [guess]
+    lo = hi = guess
+    for _ in range(4):
+        hi, lo = math.nextafter(hi, math.inf), math.nextafter(lo, -math.inf)
+        candidates += [hi, lo]
+    exact = [c for c in candidates if c / rank == scale and c != 0]
+    for c in exact:
+        c32 = float(torch.tensor(c, dtype=torch.float32))
+        if c32 == c:
+            return torch.tensor(c, dtype=torch.float32)
+    return torch.tensor(exact[0], dtype=torch.float64) if exact else None
 
 
 def _write_lycoris_group(fused: FusedModule, where: str, members: dict, source: str) -> dict:

@@ -546,12 +546,14 @@ def _factors_for_write(layer: LoraLayer, module: _Module, source: str, key: str)
     return down, up
 
 
-def write_kohya(adapter: LoraAdapter, *, source: str = "<adapter>") -> dict[str, torch.Tensor]:
+def write_kohya(adapter: LoraAdapter, *, source: str = "<adapter>",
+                block_diagonal: bool = False) -> dict[str, torch.Tensor]:
     """The adapter as a kohya state dict: kohya's own names, one ``.alpha`` per module.
 
     SD1.x/SD2 adapters get diffusers-style UNet names and ``lora_te_``; SDXL adapters get LDM UNet
     names and ``lora_te1_`` / ``lora_te2_`` (see ``_writer_family`` for how the family is decided);
-    Flux.1 / SD3 adapters get sd-scripts' names from their family table (``formats.fused.write_fused_kohya``).
+    Flux.1 / SD3 adapters get sd-scripts' names from their family table (``formats.fused.write_fused_kohya``;
+    ``block_diagonal`` applies there: split modules that do not share their down matrix).
     Every module's delta is unchanged by ``read_kohya(write_kohya(adapter))``. Everything is checked
     before anything is returned; what kohya cannot express raises LoraFormatError naming the module.
     """
@@ -563,7 +565,7 @@ def write_kohya(adapter: LoraAdapter, *, source: str = "<adapter>") -> dict[str,
 
         table = family_table(adapter_family(adapter) or "")
         if table is not None:  # sd-scripts' Flux / SD3 names (fused projections re-fused)
-            return write_fused_kohya(adapter, table, source=source)
+            return write_fused_kohya(adapter, table, source=source, block_diagonal=block_diagonal)
     for key in adapter.layers:
         component, _ = split_component(key)
         if component not in ("unet", "text_encoder", "text_encoder_2"):
