@@ -443,3 +443,43 @@ def test_block_diagonal_kohya_sd3_from_independent_parts_equals_diffusers_conver
     conv = _converted_deltas(t, lora)
     for key, layer in layers.items():
         assert torch.equal(conv[key[len("transformer."):]], _layer_delta64(layer)), key
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
+def test_merge_kohya_sd3_into_mmdit_named_file_equals_fuse_lora_through_diffusers_conversion(tmp_path, prefix):
+    """`lora-fast merge` into a transformer file in sd-scripts'/SAI's MMDiT names (joint_blocks.N.x_block.attn.qkv.
+    weight..., optionally ComfyUI-prefixed): every module placed by the table into its rows (the last block's 2-part
+    context adaLN swapped, the patch-embedding conv whole). Oracle: diffusers' single-file SD3 conversion of the base
+    is the model fused in memory; its conversion of the merged file equals that model after fuse_lora, bit for bit."""
+    from lora_fast import checkpoint, io
+
+    t = copy.deepcopy(_base().transformer).to(torch.bfloat16)
+    cfg = t.config
+    g = torch.Generator().manual_seed(5)
+    mmdit = {"pos_embed": t.pos_embed.pos_embed.detach().clone()}
+    for name, shape in _mmdit_modules(t).items():
+        mmdit[f"{name}.weight"] = (torch.randn(shape, generator=g) * 0.1).bfloat16()
+        mmdit[f"{name}.bias"] = (torch.randn(shape[0], generator=g) * 0.1).bfloat16()
+    for i in range(cfg.num_layers):
+        if cfg.qk_norm:
+            for s in ("x_block.attn", "context_block.attn") + (
+                    ("x_block.attn2",) if i in tuple(cfg.dual_attention_layers) else ()):
+                for q in ("ln_q", "ln_k"):
+                    mmdit[f"joint_blocks.{i}.{s}.{q}.weight"] = torch.ones(cfg.attention_head_dim, dtype=torch.bfloat16)
+    t.load_state_dict(convert_sd3_transformer_checkpoint_to_diffusers(dict(mmdit)), strict=True)
+    base = tmp_path / "sd3.safetensors"
+    io.save_file({prefix + k: v for k, v in mmdit.items()}, str(base))
+    lora_path = tmp_path / "lora.safetensors"
+    st_save(_kohya_sd(_make_lora(t, _all_names(t), seed=4)), str(lora_path))
+    out = tmp_path / "merged.safetensors"
+    checkpoint.merge(str(base), [checkpoint.LoraSpec(lora_fast.read_lora(str(lora_path)), 0.75, "lora")], str(out))
+    merged = {k[len(prefix):]: v for k, v in io.load_file(str(out)).items()}
+    got = convert_sd3_transformer_checkpoint_to_diffusers(merged)
+    lora_fast.load_lora_weights({"transformer": t}, str(lora_path), fuse=True, lora_scale=0.75)
+    want = t.state_dict()
+    assert sorted(got) == sorted(want)
+    changed = [k for k in want if not torch.equal(want[k], convert_sd3_transformer_checkpoint_to_diffusers(
+        {k2: v for k2, v in mmdit.items()})[k])]
+    assert len(changed) > 20
+    bad = [k for k in want if not torch.equal(got[k].contiguous().view(torch.int16), want[k].view(torch.int16))]
+    assert not bad, f"{len(bad)} tensors differ, e.g. {bad[:3]}"

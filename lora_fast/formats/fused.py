@@ -492,10 +492,16 @@ def original_places(shapes: dict) -> tuple[Optional[FusedFamily], dict]:
     for name, shape in shapes.items():
         if name.endswith(".weight") and len(shape) >= 2:
             weights.setdefault(_strip_checkpoint_prefix(name)[: -len(".weight")], (name, tuple(shape)))
-    for fam in families():
+    best, best_count = None, 0
+    for fam in families():  # the family naming the most of the tensors (Flux and SD3 share final_layer.*)
         compiled = [(compile_template(m.bfl), m) for m in fam.modules]
-        if not any(len(m.parts) > 1 and p.match(stem) for p, m in compiled for stem in weights):
+        if not any(len(m.targets) > 1 and p.match(stem) for p, m in compiled for stem in weights):
             continue
+        count = sum(any(p.match(stem) for p, _ in compiled) for stem in weights)
+        if count > best_count:
+            best, best_count = (fam, compiled), count
+    if best is not None:
+        fam, compiled = best
         places: dict = {}
         for stem, (name, shape) in weights.items():
             rows, inp = shape[0], math.prod(shape[1:])
