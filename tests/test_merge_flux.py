@@ -4,7 +4,10 @@ sharing one down matrix) into Flux transformer checkpoints.
 * a sharded diffusers-named checkpoint (``save_pretrained(..., max_shard_size=...)``: shards + index), given as the
   model folder or as the index file: the merged checkpoint, loaded back with diffusers, equals lora_fast.fuse_lora
   on the model in memory bit for bit, in fp32 and bf16, with adapter weights;
-* the original BFL-named single file (``double_blocks.N.img_attn.qkv.weight``...): not supported yet (xfail, strict).
+* the original BFL-named single file (``double_blocks.N.img_attn.qkv.weight``..., optionally with ComfyUI's
+  ``model.diffusion_model.`` prefix): each diffusers module fused into its row range of the fused BFL tensor; equal to
+  fuse_lora on the diffusers model written back in BFL names, and (the independent oracle) diffusers' own single-file
+  conversion of the merged file equals the model fused in memory, bit for bit.
 """
 
 import json
@@ -289,4 +292,21 @@ def test_merged_bfl_file_read_by_diffusers_single_file_conversion_equals_fuse_lo
     want = t.state_dict()
     assert sorted(got) == sorted(want)
     bad = [k for k in want if not _bits_equal(got[k].contiguous(), want[k])]
+    assert not bad, f"{len(bad)} tensors differ, e.g. {bad[:3]}"
+
+
+def test_merge_into_bfl_file_with_dtype_conversion(tmp_path, lora_files):
+    """fp32 BFL base, --dtype bf16: each part summed in fp32 on its rows and rounded once to bf16 (= fuse_lora on the
+    fp32 model, then cast); untouched tensors are cast."""
+    kohya, _ = lora_files
+    t = _tiny_transformer(torch.float32)
+    base = tmp_path / "flux1-dev.safetensors"
+    io.save_file(_full_bfl_state_dict(t), str(base))
+    out = tmp_path / "merged.safetensors"
+    assert _merge("--base", base, "--lora", kohya, "--dtype", "bf16", "-o", out) == 0
+    lora_fast.load_lora_weights({"transformer": t}, str(kohya), fuse=True)
+    want = {k: v.bfloat16() for k, v in _full_bfl_state_dict(t).items()}
+    got = io.load_file(str(out))
+    assert sorted(got) == sorted(want)
+    bad = [k for k in want if not _bits_equal(got[k], want[k])]
     assert not bad, f"{len(bad)} tensors differ, e.g. {bad[:3]}"
