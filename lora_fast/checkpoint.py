@@ -18,7 +18,6 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
@@ -26,7 +25,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from . import _C
-from .adapter import COMPONENTS, LoraAdapter, LoraLayer, split_component
+from .adapter import COMPONENTS, LoraAdapter, split_component
 from .errors import LoraFormatError
 from .formats import PICKLE_SUFFIXES
 from .io import SafetensorsHeader, TensorHeader, read_header, tensor_nbytes
@@ -519,28 +518,33 @@ def plan_merge(base: BaseCheckpoint, loras: list[LoraSpec], component: Optional[
 # ----------------------------------------------------------------------------------------------- merging
 
 
+class _Weight:
+    """A checkpoint tensor as :func:`lora_fast.merge_jobs.merge_job` reads a module: just its ``weight`` (what the
+    merge works on: a Conv1D tensor transposed to (out, in); no fp8 scale, fp8 tensors are merged in fp32)."""
+
+    __slots__ = ("weight",)
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
+
+
 def _fuse_tensor(tensor: torch.Tensor, target: _Target, in_dtype: str, out_dtype: str) -> torch.Tensor:
     """The merged tensor in ``out_dtype``: same dtype -> the kernel rounds once into it; otherwise the sum is
     formed in fp32 (the input upcast exactly when it is narrower) and rounded to the output dtype."""
+    from .fusing import FusedStep
     from .kernels import merge as merge_kernels
     from .live import dora_weight  # the DoRA merge fuse_lora uses: merged files match it bit for bit
+    from .merge_jobs import merge_job
 
     work_dtype = in_dtype if (in_dtype == out_dtype and in_dtype in _MERGEABLE) else "F32"
     w = tensor.to(_torch_of(work_dtype)) if tensor.dtype != _torch_of(work_dtype) else tensor
     for (a, b), part in target.parts.items():  # disjoint row ranges of a fused tensor: each fused in place on its view
         _fuse_tensor(w[a:b], part, work_dtype, work_dtype)
     if target.additive:
-        # Same construction as the engine's merge job: up = [factor·s_i·B_i], down = [A_i], concatenated.
-        ups, downs = [], []
-        for layer, factor in target.additive:
-            b, a = layer.factors()
-            ups.append(b * (layer.scale * factor))
-            downs.append(a)
-        up = torch.cat(ups, dim=1).contiguous() if len(ups) > 1 else ups[0].contiguous()
-        down = torch.cat(downs, dim=0).contiguous() if len(downs) > 1 else downs[0].contiguous()
+        # fuse_lora's own merge job (same factors, scales folded in by the kernel, same bits)
         fan_in_fan_out = target.additive[0][0].fan_in_fan_out
-        w2 = w.t() if fan_in_fan_out else w.view(w.shape[0], -1)
-        merge_kernels.fuse([merge_kernels.MergeJob(weight=w2, up=up, down=down)], record=False)
+        job = merge_job(_Weight(w.t() if fan_in_fan_out else w), target.additive, FusedStep(names=[]))
+        merge_kernels.fuse([job], record=False)
     for layer, factor in target.dora:
         view = w.t() if layer.fan_in_fan_out else w
         view.copy_(dora_weight(view, layer, factor))
