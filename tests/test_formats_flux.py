@@ -822,6 +822,11 @@ def test_block_diagonal_refuses_a_scale_ratio_that_is_not_a_power_of_two(tmp_pat
     with pytest.raises(LoraFormatError, match=r"double_blocks\.0\.img_attn\.qkv: the scales .* not a power of two"):
         adapter.save(path, format="kohya", block_diagonal=True)
     assert not path.exists()
+    adapter = _diffusers_trained_flux_adapter()
+    adapter.layers["transformer.transformer_blocks.0.attn.to_v"].down[0, 0] = float("inf")
+    with pytest.raises(LoraFormatError, match=r"attn\.to_v: its down matrix holds Inf/NaN"):
+        adapter.save(path, format="kohya", block_diagonal=True)
+    assert not path.exists()
 
 
 def test_cli_convert_block_diagonal(tmp_path, capsys):

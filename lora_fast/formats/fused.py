@@ -684,6 +684,8 @@ def _block_diagonal(fused: FusedModule, index, members: dict, source: str) -> di
         key, layer = members[p]
         if layer.kind != "linear" or layer.down.dim() != 2:
             raise LoraFormatError(f"{source}: {key}: only Linear parts have a block-diagonal sd-scripts form")
+        if not bool(torch.isfinite(layer.down).all()):  # 0 · Inf in the other parts' rows would be NaN
+            raise LoraFormatError(f"{source}: {key}: its down matrix holds Inf/NaN: no exact block-diagonal form")
     down_dtype = layers[0].down.dtype
     up_dtype = layers[0].up.dtype
     for layer in layers[1:]:
