@@ -621,50 +621,56 @@ template <> struct Fp8Ops<Avx2> {
     }
 };
 
-template <class V> struct Ep<V, DT_E4M3> {
-    using O = Fp8Ops<V>;
-    using Raw = typename O::I;
-    using F = typename O::F;
-    static inline Raw load(const char* p) { return O::load(p); }
-    static inline void store(char* p, Raw v) { O::store(p, v); }
-    static inline F decode(Raw v) {
-        const Raw mag = O::band(v, O::set(0x7F)), sign = O::template shl<24>(O::band(v, O::set(0x80)));
-        const F f = O::mulf(O::asf(O::template shl<20>(mag)), O::asf(O::set(0x7B800000)));  // * 2^120
-        const Raw r = O::sel(O::eq(mag, O::set(0x7F)), O::set(0x7FC00000), O::asi(f));
-        return O::asf(O::bor(r, sign));
-    }
-    static inline Raw encode(F s) {
-        const Raw b = O::asi(s), sign = O::band(b, O::set(INT32_MIN)), a = O::bxor(b, sign);
-        Raw nrm = O::template shr<20>(O::addi(O::addi(a, O::set(static_cast<int32_t>((static_cast<uint32_t>(7 - 127) << 23) + 0x7FFFFu))),
-                                     O::band(O::template shr<20>(a), O::set(1))));
-        nrm = O::sel(O::eq(nrm, O::set(0x7F)), O::set(0x7E), nrm);
-        const Raw den = O::subi(O::asi(O::addf(O::asf(a), O::asf(O::set(141 << 23)))), O::set(141 << 23));
-        const Raw big = O::sel(O::gt_u(a, O::set(0x7F800000)), O::set(0x7F), O::set(0x7E));
-        Raw r = O::sel(O::ge_u(a, O::set(1087 << 20)), big, O::sel(O::gt_u(O::set(121 << 23), a), den, nrm));
-        return O::bor(r, O::template shr<24>(sign));
-    }
-    static inline uint32_t differ(Raw a, Raw b) { return O::differ(a, b); }
-    static inline uint32_t nonfinite(Raw h) { return O::bits(O::eq(O::band(h, O::set(0x7F)), O::set(0x7F))); }
+// Both ISAs' fp8 epilogue ops, each with its ISA's target attribute (so no vector value crosses a function
+// compiled for the baseline ISA).
+#define LF_EP_FP8(LF_V, LF_A) \
+template <> struct Ep<LF_V, DT_E4M3> {                                                                                                   \
+    using O = Fp8Ops<LF_V>;                                                                                                              \
+    using Raw = O::I;                                                                                                                    \
+    using F = O::F;                                                                                                                      \
+    LF_A static inline Raw load(const char* p) { return O::load(p); }                                                                    \
+    LF_A static inline void store(char* p, Raw v) { O::store(p, v); }                                                                    \
+    LF_A static inline F decode(Raw v) {                                                                                                 \
+        const Raw mag = O::band(v, O::set(0x7F)), sign = O::shl<24>(O::band(v, O::set(0x80)));                                           \
+        const F f = O::mulf(O::asf(O::shl<20>(mag)), O::asf(O::set(0x7B800000)));  /* * 2^120 */                                         \
+        const Raw r = O::sel(O::eq(mag, O::set(0x7F)), O::set(0x7FC00000), O::asi(f));                                                   \
+        return O::asf(O::bor(r, sign));                                                                                                  \
+    }                                                                                                                                    \
+    LF_A static inline Raw encode(F s) {                                                                                                 \
+        const Raw b = O::asi(s), sign = O::band(b, O::set(INT32_MIN)), a = O::bxor(b, sign);                                             \
+        Raw nrm = O::shr<20>(O::addi(O::addi(a, O::set(static_cast<int32_t>((static_cast<uint32_t>(7 - 127) << 23) + 0x7FFFFu))),        \
+                                     O::band(O::shr<20>(a), O::set(1))));                                                                \
+        nrm = O::sel(O::eq(nrm, O::set(0x7F)), O::set(0x7E), nrm);                                                                       \
+        const Raw den = O::subi(O::asi(O::addf(O::asf(a), O::asf(O::set(141 << 23)))), O::set(141 << 23));                               \
+        const Raw big = O::sel(O::gt_u(a, O::set(0x7F800000)), O::set(0x7F), O::set(0x7E));                                              \
+        Raw r = O::sel(O::ge_u(a, O::set(1087 << 20)), big, O::sel(O::gt_u(O::set(121 << 23), a), den, nrm));                            \
+        return O::bor(r, O::shr<24>(sign));                                                                                              \
+    }                                                                                                                                    \
+    LF_A static inline uint32_t differ(Raw a, Raw b) { return O::differ(a, b); }                                                         \
+    LF_A static inline uint32_t nonfinite(Raw h) { return O::bits(O::eq(O::band(h, O::set(0x7F)), O::set(0x7F))); }                      \
+};                                                                                                                                       \
+template <> struct Ep<LF_V, DT_E5M2> {                                                                                                   \
+    using O = Fp8Ops<LF_V>;                                                                                                              \
+    using Raw = O::I;                                                                                                                    \
+    using F = O::F;                                                                                                                      \
+    LF_A static inline Raw load(const char* p) { return O::load(p); }                                                                    \
+    LF_A static inline void store(char* p, Raw v) { O::store(p, v); }                                                                    \
+    LF_A static inline F decode(Raw v) { return O::f16_to_f32(O::shl<8>(v)); }                                                           \
+    LF_A static inline Raw encode(F s) {                                                                                                 \
+        const Raw b = O::asi(s), sign = O::band(b, O::set(INT32_MIN)), a = O::bxor(b, sign);                                             \
+        const Raw nrm = O::shr<21>(O::addi(O::addi(a, O::set(static_cast<int32_t>((static_cast<uint32_t>(15 - 127) << 23) + 0xFFFFFu))), \
+                                           O::band(O::shr<21>(a), O::set(1))));                                                          \
+        const Raw den = O::subi(O::asi(O::addf(O::asf(a), O::asf(O::set(134 << 23)))), O::set(134 << 23));                               \
+        const Raw big = O::sel(O::gt_u(a, O::set(0x7F800000)), O::set(0x7F), O::set(0x7C));                                              \
+        Raw r = O::sel(O::ge_u(a, O::set(143 << 23)), big, O::sel(O::gt_u(O::set(113 << 23), a), den, nrm));                             \
+        return O::bor(r, O::shr<24>(sign));                                                                                              \
+    }                                                                                                                                    \
+    LF_A static inline uint32_t differ(Raw a, Raw b) { return O::differ(a, b); }                                                         \
+    LF_A static inline uint32_t nonfinite(Raw h) { return O::bits(O::eq(O::band(h, O::set(0x7C)), O::set(0x7C))); }                      \
 };
-template <class V> struct Ep<V, DT_E5M2> {
-    using O = Fp8Ops<V>;
-    using Raw = typename O::I;
-    using F = typename O::F;
-    static inline Raw load(const char* p) { return O::load(p); }
-    static inline void store(char* p, Raw v) { O::store(p, v); }
-    static inline F decode(Raw v) { return O::f16_to_f32(O::template shl<8>(v)); }
-    static inline Raw encode(F s) {
-        const Raw b = O::asi(s), sign = O::band(b, O::set(INT32_MIN)), a = O::bxor(b, sign);
-        const Raw nrm = O::template shr<21>(O::addi(O::addi(a, O::set(static_cast<int32_t>((static_cast<uint32_t>(15 - 127) << 23) + 0xFFFFFu))),
-                                           O::band(O::template shr<21>(a), O::set(1))));
-        const Raw den = O::subi(O::asi(O::addf(O::asf(a), O::asf(O::set(134 << 23)))), O::set(134 << 23));
-        const Raw big = O::sel(O::gt_u(a, O::set(0x7F800000)), O::set(0x7F), O::set(0x7C));
-        Raw r = O::sel(O::ge_u(a, O::set(143 << 23)), big, O::sel(O::gt_u(O::set(113 << 23), a), den, nrm));
-        return O::bor(r, O::template shr<24>(sign));
-    }
-    static inline uint32_t differ(Raw a, Raw b) { return O::differ(a, b); }
-    static inline uint32_t nonfinite(Raw h) { return O::bits(O::eq(O::band(h, O::set(0x7C)), O::set(0x7C))); }
-};
+LF_EP_FP8(Avx512, LF_T512)
+LF_EP_FP8(Avx2, LF_T256)
+#undef LF_EP_FP8
 
 // bf16 on AVX-512 CPUs with AVX512_BF16: the weight's own 16-bit lanes, rounded by vcvtneps2bf16. That instruction
 // rounds to nearest even and quiets NaN exactly as the integer ops above, except that it flushes denormal inputs to
