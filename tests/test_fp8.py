@@ -610,3 +610,22 @@ def test_scaled_fp8_per_channel_scale_is_refused(tmp_path):
     with pytest.raises(LoraFusionError, match="per-tensor"):
         lora_fast.fuse_lora(model, adapter_names=["x"])
     assert same_state(state_bytes(model), base)
+
+
+def test_scaled_fp8_changed_scale_is_seen_by_a_repeated_fuse(tmp_path):
+    """Changing the scale tensor in place between fuses: the next fuse uses the new scale. (A cached repeat, which
+    holds 1/s in its jobs, is dropped through the scale's version; on the CPU, where the merge kernels keep no
+    cache, every call rebuilds its jobs anyway, so this checks the behaviour, not the watch.)"""
+    model, again = ScaledNet(E4M3), ScaledNet(E4M3)
+    ad = adapter(7, scale=0.05)
+    ad.layers = {k: ad.layers[k] for k in ("a", "b")}
+    load(model, ad, "x", tmp_path)
+    load(again, ad, "x", tmp_path)
+    lora_fast.fuse_lora(model, adapter_names=["x"])
+    lora_fast.unfuse_lora(model)
+    with torch.no_grad():
+        model.a.scale_weight.mul_(2.0)
+        again.a.scale_weight.mul_(2.0)
+    lora_fast.fuse_lora(model, adapter_names=["x"])
+    lora_fast.fuse_lora(again, adapter_names=["x"])  # a first fuse with the new scale
+    assert torch.equal(u8(model.a.weight), u8(again.a.weight))
