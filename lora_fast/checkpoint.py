@@ -321,10 +321,14 @@ def _refuse_ldm(base: BaseCheckpoint) -> None:
     for g in base.groups:
         for f in g.files:
             tensors = g.headers[f].tensors
+            original = None  # whether the file names a table family's modules (decided once, when first needed)
             for name in tensors:
                 if name.startswith(_LDM_PREFIXES) or name.endswith("in_proj_weight"):
-                    if name.startswith("model.diffusion_model.") and _original_family(tensors) is not None:
-                        continue  # ComfyUI's prefix on a table family's original names (flux1-dev.safetensors)
+                    if name.startswith("model.diffusion_model."):
+                        if original is None:
+                            original = _original_family(tensors) is not None
+                        if original:
+                            continue  # ComfyUI's prefix on a table family's original names (flux1-dev.safetensors)
                     raise LoraFormatError(
                         f"{f}: this is a single-file LDM/SGM checkpoint ({name!r}); merge handles diffusers-named "
                         "checkpoints only for now. Convert it first (diffusers: Pipeline.from_single_file(...)"
