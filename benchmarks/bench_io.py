@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from lora_fast import io  # noqa: E402
+from lora_fast import io, io_stream  # noqa: E402
 
 MB = 1 << 20
 SIZES = {"lora-3M": 3 * MB, "lora-50M": 50 * MB, "lora-400M": 400 * MB, "model-2G": 2048 * MB, "model-5G": 5 * 1024 * MB}
@@ -162,7 +162,7 @@ def cpu_loaders(ring: bool, fast: bool):
         touch(io.load_file(path).values())
 
     def lora_fast_ring(path):
-        touch(io.load_file(path, ring_bytes=io._CPU_RING["ring_bytes"]).values())
+        touch(io.load_file(path, ring_bytes=io_stream._CPU_RING["ring_bytes"]).values())
 
     def safetensors_load_file(path):
         touch(st_load_file(path).values())

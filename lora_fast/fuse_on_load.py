@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from . import engine, io
+from . import engine, io, io_stream
 from .adapter import LoraAdapter, LoraLayer
 from .errors import LoraFusionError
 from .kernels import merge as merge_kernels
@@ -205,7 +205,7 @@ def load_and_fuse(target, path, adapter_name=None, *, components=None, max_rank=
     try:
         for item in ready:
             admit(item)
-        with io.stream_tensors(path, stream_device, ring_bytes=ring_bytes, chunk_bytes=chunk_bytes,
+        with io_stream.stream_tensors(path, stream_device, ring_bytes=ring_bytes, chunk_bytes=chunk_bytes,
                                threads=threads) as stream:
             for tname, tensor in stream:
                 if tname not in waiting:

@@ -15,7 +15,7 @@ from torch import nn
 warnings.filterwarnings("ignore")
 
 import lora_fast  # noqa: E402
-from lora_fast import LoraAdapter, LoraFormatError, LoraFusionError, LoraLayer, _C, io  # noqa: E402
+from lora_fast import LoraAdapter, LoraFormatError, LoraFusionError, LoraLayer, _C, io, io_stream  # noqa: E402
 from lora_fast import fuse_on_load  # noqa: E402
 from lora_fast.engine import component_state  # noqa: E402
 from lora_fast.models import build_pipeline  # noqa: E402
@@ -290,12 +290,12 @@ def test_failure_mid_stream_leaves_the_model_untouched(tmp_path, monkeypatch, fa
     header = io.read_header(path)
     chunks = -(-(header.file_size - header.data_start) // 1024)
     at = {"first": 0, "middle": chunks // 2, "late": chunks - 2, "after_last": chunks}[at]
-    real = io.TensorStream
+    real = io_stream.TensorStream
 
     def faulty(p, device, dtype, ring_bytes, chunk_bytes, threads):
         return real(p, device, dtype, ring_bytes, chunk_bytes, threads, _fault=(fault, at, 0))
 
-    monkeypatch.setattr(io, "TensorStream", faulty)
+    monkeypatch.setattr(io_stream, "TensorStream", faulty)
     pipe = _pipeline()
     before = _weights(pipe)
     with pytest.raises(LoraFormatError) as info:

@@ -1,4 +1,4 @@
-"""Streaming loader (lora_fast.io.stream_tensors / load_file with a ring): the CPU ring path in CI, CUDA when present.
+"""Streaming loader (io_stream.stream_tensors, io.load_file with a ring): the CPU ring path in CI, CUDA when present.
 
 The CPU ring runs the same C++ readers, slots, in-order delivery and slot recycling as the CUDA path; only the copy
 differs (memcpy instead of an asynchronous copy on a stream). Results are compared bit for bit with the mmap path.
@@ -13,7 +13,7 @@ import threading
 import pytest
 import torch
 
-from lora_fast import _C, io
+from lora_fast import _C, io, io_stream
 from tensor_bits import EVERY_DTYPE, F4, as_bytes, random_bits
 from lora_fast.errors import LoraFormatError
 
@@ -79,7 +79,8 @@ def test_ring_path_is_bit_identical_to_mmap_for_every_dtype(mixed_file, ring_byt
     want = io.load_file(mixed_file)
     got = io.load_file(mixed_file, ring_bytes=ring_bytes, chunk_bytes=chunk_bytes, threads=threads)
     assert_same(got, want)
-    streamed = dict(io.stream_tensors(mixed_file, "cpu", ring_bytes=ring_bytes, chunk_bytes=chunk_bytes, threads=threads))
+    streamed = dict(io_stream.stream_tensors(mixed_file, "cpu", ring_bytes=ring_bytes, chunk_bytes=chunk_bytes,
+                                             threads=threads))
     assert_same(streamed, want)
 
 
@@ -118,7 +119,7 @@ def test_zero_size_and_scalar_tensors_and_empty_files(tmp_path):
         io.save_file(tensors, path)
         want = io.load_file(path)
         assert_same(io.load_file(path, ring_bytes=64, chunk_bytes=4, threads=2), want)
-        assert [n for n, _ in io.stream_tensors(path, "cpu", ring_bytes=64)] == list(want)
+        assert [n for n, _ in io_stream.stream_tensors(path, "cpu", ring_bytes=64)] == list(want)
 
 
 def test_misaligned_tensors_are_placed_aligned_in_the_destination(tmp_path):
@@ -164,7 +165,7 @@ def test_tensors_arrive_in_file_order_and_stay_valid_after_the_stream_moves_on(t
     path = tmp_path / "f.safetensors"
     io.save_file(tensors, path)
     seen = []
-    with io.stream_tensors(path, "cpu", ring_bytes=256, chunk_bytes=128, threads=3) as stream:
+    with io_stream.stream_tensors(path, "cpu", ring_bytes=256, chunk_bytes=128, threads=3) as stream:
         for name, tensor in stream:
             seen.append((name, tensor))
     assert [n for n, _ in seen] == list(io.read_header(path).tensors)
@@ -178,7 +179,7 @@ def test_first_tensors_are_yielded_before_the_end_of_the_file_is_read(tmp_path):
     tensors = {f"t{i:02d}": torch.full((16,), float(i)) for i in range(40)}
     path = tmp_path / "f.safetensors"
     io.save_file(tensors, path)
-    stream = io.TensorStream(path, "cpu", None, 128, 64, 2, _fault=("io_error", 39, 0))
+    stream = io_stream.TensorStream(path, "cpu", None, 128, 64, 2, _fault=("io_error", 39, 0))
     first = [next(stream) for _ in range(5)]
     assert [n for n, _ in first] == [f"t{i:02d}" for i in range(5)]
     with pytest.raises(LoraFormatError, match="I/O error"):
@@ -201,7 +202,7 @@ def test_failure_during_the_read_raises_format_error_naming_the_file(tmp_path, f
     index = {"first": 0, "middle": chunks // 2, "after_last": chunks}[at]
     expected = {"truncate": "truncated|changed", "io_error": "I/O error", "modify": "changed while being read"}
     with pytest.raises(LoraFormatError, match=expected[fault]) as info:
-        list(io.TensorStream(path, "cpu", None, 512, 128, threads, _fault=(fault, index, 0)))
+        list(io_stream.TensorStream(path, "cpu", None, 512, 128, threads, _fault=(fault, index, 0)))
     assert str(path) in str(info.value)
 
 
@@ -215,7 +216,7 @@ def test_repeated_failures_leak_nothing(tmp_path):
         kind = ("truncate", "io_error", "modify")[i % 3]
         os.utime(path, (1_000_000_000, 1_000_000_000))
         with pytest.raises(LoraFormatError):
-            list(io.TensorStream(path, "cpu", None, 8192, 1024, 1 + i % 4, _fault=(kind, i % 70, 0)))
+            list(io_stream.TensorStream(path, "cpu", None, 8192, 1024, 1 + i % 4, _fault=(kind, i % 70, 0)))
         path.write_bytes(good)
 
     for i in range(10):  # warm up allocator caches
@@ -235,7 +236,7 @@ def test_header_that_lies_about_sizes_fails_before_any_thread_starts(tmp_path):
     path = raw_file(tmp_path / "liar.safetensors", header, b"\0" * 100)
     for _ in range(20):
         with pytest.raises(LoraFormatError, match="liar.safetensors"):
-            io.stream_tensors(path, "cpu", ring_bytes=256)
+            io_stream.stream_tensors(path, "cpu", ring_bytes=256)
         with pytest.raises(LoraFormatError, match="liar.safetensors"):
             io.load_file(path, ring_bytes=256)
         assert counters_are_zero()
@@ -255,9 +256,9 @@ def test_missing_file_and_bad_arguments(tmp_path, mixed_file):
         io.load_file(tmp_path / "absent.safetensors", ring_bytes=64)
     for kwargs in [{"ring_bytes": 0}, {"ring_bytes": -1}, {"chunk_bytes": 0}, {"threads": 0}, {"threads": 1.5}]:
         with pytest.raises(ValueError):
-            io.stream_tensors(mixed_file, "cpu", **{"ring_bytes": 64, **kwargs})
+            io_stream.stream_tensors(mixed_file, "cpu", **{"ring_bytes": 64, **kwargs})
     with pytest.raises(ValueError, match="meta"):
-        io.stream_tensors(mixed_file, "meta")
+        io_stream.stream_tensors(mixed_file, "meta")
 
 
 # ------------------------------------------------------------------------------------------------- lifetime
@@ -270,7 +271,7 @@ def test_abandoning_a_stream_stops_the_threads_and_frees_the_ring(tmp_path, how)
     io.save_file(tensors, path)
     kept = []
     # Slow reads so that reads are in flight (and readers wait for slots) when the stream is abandoned.
-    stream = io.TensorStream(path, "cpu", None, 4096, 1024, 3, _fault=("", 0, 2000))
+    stream = io_stream.TensorStream(path, "cpu", None, 4096, 1024, 3, _fault=("", 0, 2000))
     assert _C.stream_counters()["threads"] == 3
     if how == "close":
         kept.append(next(stream))
@@ -303,7 +304,7 @@ def test_closing_early_drops_the_unyielded_tensors_and_releases_the_destination(
     tensors = {f"t{i}": random_bits(torch.float16, (256,), i) for i in range(32)}
     path = tmp_path / "f.safetensors"
     io.save_file(tensors, path)
-    stream = io.stream_tensors(path, "cpu", ring_bytes=1 << 14, chunk_bytes=1 << 12)
+    stream = io_stream.stream_tensors(path, "cpu", ring_bytes=1 << 14, chunk_bytes=1 << 12)
     name, first = next(stream)
     assert torch.equal(as_bytes(first), as_bytes(tensors[name]))
     dest = weakref.ref(first._base)
@@ -320,7 +321,7 @@ def test_stream_never_holds_more_than_its_ring(tmp_path):
     path = tmp_path / "f.safetensors"
     io.save_file(tensors, path)
     peak = 0
-    with io.stream_tensors(path, "cpu", ring_bytes=3000, chunk_bytes=1000, threads=4) as stream:
+    with io_stream.stream_tensors(path, "cpu", ring_bytes=3000, chunk_bytes=1000, threads=4) as stream:
         for _ in stream:
             peak = max(peak, _C.stream_counters()["owned_slot_bytes"])
     assert peak == 3000
@@ -380,7 +381,7 @@ def test_cuda_load_matches_the_cpu_load(mixed_file, ring_bytes, chunk_bytes, thr
 def test_cuda_stream_and_dtype_cast(mixed_file):
     want = io.load_file(mixed_file, dtype=torch.float32)
     got = {}
-    with io.stream_tensors(mixed_file, "cuda:0", dtype=torch.float32, ring_bytes=1024, chunk_bytes=256) as s:
+    with io_stream.stream_tensors(mixed_file, "cuda:0", dtype=torch.float32, ring_bytes=1024, chunk_bytes=256) as s:
         for name, tensor in s:
             got[name] = tensor.clone()  # work on the current stream, ordered after the copy
     assert list(got) == list(want)
@@ -404,9 +405,10 @@ def test_cuda_failures_and_abandonment_leak_neither_pinned_nor_device_memory(tmp
     pinned_before = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)
     for i in range(20):
         with pytest.raises(LoraFormatError):
-            list(io.TensorStream(path, "cuda", None, 1 << 16, 1 << 14, 1 + i % 4, _fault=("truncate", i % 30, 0)))
+            list(io_stream.TensorStream(path, "cuda", None, 1 << 16, 1 << 14, 1 + i % 4,
+                                        _fault=("truncate", i % 30, 0)))
         path.write_bytes(good)
-        stream = io.stream_tensors(path, "cuda", ring_bytes=1 << 16, chunk_bytes=1 << 14)
+        stream = io_stream.stream_tensors(path, "cuda", ring_bytes=1 << 16, chunk_bytes=1 << 14)
         next(stream)
         stream.close()
         assert counters_are_zero()
@@ -416,3 +418,11 @@ def test_cuda_failures_and_abandonment_leak_neither_pinned_nor_device_memory(tmp
     # The pinned cache may hold one more ring (slots freed while their last copy was pending), never one per run.
     pinned_after = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)
     assert pinned_after - pinned_before <= 1 << 16
+
+
+def test_io_reexports_the_streaming_loader():
+    """The streaming loader lives in lora_fast.io_stream; lora_fast.io keeps its two names (the documented API)."""
+    from lora_fast.io import TensorStream, stream_tensors
+
+    assert stream_tensors is io_stream.stream_tensors and TensorStream is io_stream.TensorStream
+    assert {"stream_tensors", "TensorStream"} <= set(io.__all__)
