@@ -26,7 +26,7 @@ import torch
 
 from . import _C
 from .adapter import COMPONENTS, LoraAdapter, split_component
-from .errors import LoraFormatError
+from .errors import LoraFormatError, LoraFusionError
 from .formats import PICKLE_SUFFIXES
 from .io import SafetensorsHeader, TensorHeader, read_header, tensor_nbytes
 from .targets import alternative_paths
@@ -42,7 +42,8 @@ def _torch_of(st_dtype: str) -> torch.dtype:
     return dt
 
 _CASTABLE = ("F32", "F16", "BF16", "F64")  # floating dtypes --dtype converts; everything else is copied as is
-_MERGEABLE = ("F32", "F16", "BF16")  # weight dtypes the merge kernel rounds to
+_MERGEABLE = ("F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")  # weight dtypes the merge kernel rounds to
+_FP8 = ("F8_E4M3", "F8_E5M2")
 
 _COPY_CHUNK = 8 << 20
 
@@ -355,6 +356,7 @@ class _Target:
     label: str = ""
     rows: Optional[tuple] = None  # (start, stop): this target is that row range of its tensor (see ``parts``)
     parts: dict = field(default_factory=dict)  # (start, stop) -> _Target: a fused tensor's rows, each on its view
+    scale: Optional[tuple] = None  # (file, TensorHeader, name) of an fp8 weight's per-tensor scale beside it
 
 
 def _original_family(tensors: dict):
@@ -484,6 +486,7 @@ def plan_merge(base: BaseCheckpoint, loras: list[LoraSpec], component: Optional[
                     mismatched.append(f"{label}: {problem}")
                     continue
                 t = targets.setdefault((f, th.name), _Target(label=f"{g.component or 'model'}.{th.name}"))
+                t.scale = _fp8_scale_of(names, th)
                 for a, b, at in place.chunks:
                     rows = (at, at + b - a)
                     part = t.parts.setdefault(rows, _Target(label=f"{t.label}[{rows[0]}:{rows[1]}]", rows=rows))
@@ -501,6 +504,7 @@ def plan_merge(base: BaseCheckpoint, loras: list[LoraSpec], component: Optional[
                 continue
             factor = loras[spec_i].weight
             t = targets.setdefault((f, th.name), _Target(label=f"{g.component or 'model'}.{th.name[:-len('.weight')]}"))
+            t.scale = _fp8_scale_of(names, th)
             if layer.magnitude is not None:
                 t.dora.append((layer, factor))
             else:
@@ -522,33 +526,85 @@ def plan_merge(base: BaseCheckpoint, loras: list[LoraSpec], component: Optional[
 # ----------------------------------------------------------------------------------------------- merging
 
 
+def _fp8_scale_of(names: dict, th: TensorHeader) -> Optional[tuple]:
+    """(file, header, attribute name) of the per-tensor scale stored beside an fp8 weight (``<module>.scale_weight``,
+    ComfyUI; ``<module>.weight_scale``, vLLM and others), None when the weight is not fp8 or has none."""
+    from .merge_jobs import FP8_SCALE_NAMES
+
+    if th.dtype not in _FP8 or not th.name.endswith(".weight"):
+        return None
+    for attr in FP8_SCALE_NAMES:
+        hit = names.get(th.name[: -len("weight")] + attr)
+        if hit is not None:
+            return hit[0], hit[1], attr
+    return None
+
+
+def _fp8_scale_names(header: SafetensorsHeader) -> set:
+    """Names of the fp8 weights' scale tensors in one file: copied as they are, whatever --dtype says."""
+    from .merge_jobs import FP8_SCALE_NAMES
+
+    return {n for n in header.tensors if n.endswith(tuple("." + a for a in FP8_SCALE_NAMES))
+            and getattr(header.tensors.get(n[: n.rindex(".")] + ".weight"), "dtype", None) in _FP8}
+
+
 class _Weight:
-    """A checkpoint tensor as :func:`lora_fast.merge_jobs.merge_job` reads a module: just its ``weight`` (what the
-    merge works on: a Conv1D tensor transposed to (out, in); no fp8 scale, fp8 tensors are merged in fp32)."""
+    """A checkpoint tensor as :func:`lora_fast.merge_jobs.merge_job` reads a module: its ``weight`` (what the merge
+    works on: a Conv1D tensor transposed to (out, in)) and, for a scaled fp8 weight, its per-tensor scale under the
+    name the file gives it (``scale_weight`` or ``weight_scale``)."""
 
-    __slots__ = ("weight",)
-
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, scale: Optional[tuple] = None):
         self.weight = weight
+        if scale is not None:
+            setattr(self, scale[0], scale[1])
 
 
-def _fuse_tensor(tensor: torch.Tensor, target: _Target, in_dtype: str, out_dtype: str) -> torch.Tensor:
-    """The merged tensor in ``out_dtype``: same dtype -> the kernel rounds once into it; otherwise the sum is
-    formed in fp32 (the input upcast exactly when it is narrower) and rounded to the output dtype."""
+def _read_scale(target: _Target) -> Optional[tuple]:
+    """(attribute name, tensor) of the target's fp8 scale, read from its file; None when it has none."""
+    if target.scale is None:
+        return None
+    f, th, attr = target.scale
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        return attr, read_tensor(fd, th, f)
+    finally:
+        os.close(fd)
+
+
+def _finite(w: torch.Tensor) -> bool:
+    return bool(torch.isfinite(w.float() if w.element_size() == 1 else w).all())  # no isfinite for fp8
+
+
+def _fuse_tensor(tensor: torch.Tensor, target: _Target, in_dtype: str, out_dtype: str,
+                 scale: Optional[tuple] = None) -> torch.Tensor:
+    """The merged tensor in ``out_dtype``: same dtype -> the kernel rounds once into it (fp8 included; a scaled fp8
+    weight in its dequantized domain, as fuse_lora does, the scale unchanged); otherwise the sum is formed in fp32 (the
+    input upcast exactly when it is narrower) and rounded to the output dtype."""
     from .fusing import FusedStep
     from .kernels import merge as merge_kernels
     from .live import dora_weight  # the DoRA merge fuse_lora uses: merged files match it bit for bit
     from .merge_jobs import merge_job
 
     work_dtype = in_dtype if (in_dtype == out_dtype and in_dtype in _MERGEABLE) else "F32"
+    if work_dtype not in _FP8:
+        scale = None  # an fp8 weight converted (not possible with --dtype today) would not be scaled any more
     w = tensor.to(_torch_of(work_dtype)) if tensor.dtype != _torch_of(work_dtype) else tensor
     for (a, b), part in target.parts.items():  # disjoint row ranges of a fused tensor: each fused in place on its view
-        _fuse_tensor(w[a:b], part, work_dtype, work_dtype)
+        _fuse_tensor(w[a:b], part, work_dtype, work_dtype, scale)
     if target.additive:
-        # fuse_lora's own merge job (same factors, scales folded in by the kernel, same bits)
+        # fuse_lora's own merge job (same factors, scales folded in by the kernel, same bits); the kernel flags a
+        # NaN/Inf result, or one beyond fp8's range (which its cast would saturate or overflow)
         fan_in_fan_out = target.additive[0][0].fan_in_fan_out
-        job = merge_job(_Weight(w.t() if fan_in_fan_out else w), target.additive, FusedStep(names=[]))
-        merge_kernels.fuse([job], record=False)
+        try:
+            job = merge_job(_Weight(w.t() if fan_in_fan_out else w, scale), target.additive, FusedStep(names=[]))
+        except LoraFusionError as e:  # a per-channel, zero or non-finite fp8 scale
+            raise LoraFormatError(f"{target.label}: {str(e).lstrip(': ')}") from None
+        _, flags = merge_kernels.fuse([job], record=False, check_finite=True)
+        if any(flags):
+            raise LoraFormatError(f"{target.label}: merging gives non-finite weights (NaN/Inf, or beyond fp8's range); "
+                                  "nothing was written")
+    if target.dora and scale is not None:
+        raise LoraFormatError(f"{target.label}: DoRA on a scaled fp8 weight is not supported; nothing was written")
     for layer, factor in target.dora:
         view = w.t() if layer.fan_in_fan_out else w
         view.copy_(dora_weight(view, layer, factor))
@@ -559,26 +615,27 @@ def _fuse_tensor(tensor: torch.Tensor, target: _Target, in_dtype: str, out_dtype
         w = acc.to(w.dtype)
     if w.dtype != _torch_of(out_dtype):
         w = w.to(_torch_of(out_dtype))
-    if not torch.isfinite(w).all():
+    if not _finite(w):
         raise LoraFormatError(f"{target.label}: merging gives non-finite weights (NaN/Inf); nothing was written")
     return w
 
 
-def _out_dtype(st_dtype: str, dtype: Optional[str]) -> str:
-    return dtype if (dtype is not None and st_dtype in _CASTABLE) else st_dtype
+def _out_dtype(st_dtype: str, dtype: Optional[str], keep: bool = False) -> str:
+    return dtype if (dtype is not None and st_dtype in _CASTABLE and not keep) else st_dtype
 
 
 def _merge_file(src: str, header: SafetensorsHeader, dst: str, plan: MergePlan, dtype: Optional[str],
                 progress: Callable[[int], None]) -> int:
     """Rewrite one weight file; returns the output's tensor data bytes."""
-    entries = [(n, _out_dtype(th.dtype, dtype), th.shape) for n, th in header.tensors.items()]
+    keep = _fp8_scale_names(header) if dtype is not None else set()
+    entries = [(n, _out_dtype(th.dtype, dtype, n in keep), th.shape) for n, th in header.tensors.items()]
     fd = os.open(src, os.O_RDONLY)
     try:
         copy_buf = None
         with StreamingSafetensorsWriter(dst, entries, header.metadata) as writer:
             for name, _ in writer.order:
                 th = header.tensors[name]
-                out_dt = _out_dtype(th.dtype, dtype)
+                out_dt = _out_dtype(th.dtype, dtype, name in keep)
                 target = plan.targets.get((src, name))
                 if target is None and out_dt == th.dtype:
                     if copy_buf is None:
@@ -587,7 +644,7 @@ def _merge_file(src: str, header: SafetensorsHeader, dst: str, plan: MergePlan, 
                 else:
                     t = read_tensor(fd, th, src)
                     if target is not None:
-                        t = _fuse_tensor(t, target, th.dtype, out_dt)
+                        t = _fuse_tensor(t, target, th.dtype, out_dt, _read_scale(target))
                     else:
                         t = t.to(_torch_of(out_dt))
                     writer.write(name, t)
