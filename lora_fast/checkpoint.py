@@ -540,11 +540,13 @@ def _fp8_scale_of(names: dict, th: TensorHeader) -> Optional[tuple]:
     return None
 
 
-def _fp8_scale_names(header: SafetensorsHeader) -> set:
-    """Names of the fp8 weights' scale tensors in one file: copied as they are, whatever --dtype says."""
-    from .merge_jobs import FP8_SCALE_NAMES
+# the scales of an fp8 module: its weight's (FP8_SCALE_NAMES) and its input's (ComfyUI, vLLM)
+_FP8_MODULE_SCALES = (".scale_weight", ".weight_scale", ".scale_input", ".input_scale")
 
-    return {n for n in header.tensors if n.endswith(tuple("." + a for a in FP8_SCALE_NAMES))
+
+def _fp8_scale_names(header: SafetensorsHeader) -> set:
+    """Names of the fp8 modules' scale tensors in one file: copied as they are, whatever --dtype says."""
+    return {n for n in header.tensors if n.endswith(_FP8_MODULE_SCALES)
             and getattr(header.tensors.get(n[: n.rindex(".")] + ".weight"), "dtype", None) in _FP8}
 
 
@@ -572,7 +574,11 @@ def _read_scale(target: _Target) -> Optional[tuple]:
 
 
 def _finite(w: torch.Tensor) -> bool:
-    return bool(torch.isfinite(w.float() if w.element_size() == 1 else w).all())  # no isfinite for fp8
+    if w.dtype == torch.float8_e4m3fn:  # no torch.isfinite for fp8: read the codes (NaN: all exponent and mantissa
+        return not bool(((w.view(torch.uint8) & 0x7F) == 0x7F).any())  # bits set; e4m3fn has no Inf)
+    if w.dtype == torch.float8_e5m2:  # Inf and NaN: all exponent bits set
+        return not bool(((w.view(torch.uint8) & 0x7C) == 0x7C).any())
+    return bool(torch.isfinite(w).all())
 
 
 def _fuse_tensor(tensor: torch.Tensor, target: _Target, in_dtype: str, out_dtype: str,
