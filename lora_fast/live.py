@@ -232,7 +232,6 @@ class LiveSlot:
         if layer.algorithm != "lora":
             return _algorithm_change("LoRA", _ALGORITHM_LABELS[layer.algorithm] + " (computed densely)")
         if needs_dense(module, layer):
-
             return "needs the dense fallback path"
         if (layer.magnitude is None) != (self.magnitude is None):
             return "DoRA magnitudes present in one adapter and not the other"
