@@ -51,17 +51,17 @@ def _read_with_views(path: str):
     """(adapter, file tensor headers, mapping base address): the adapter built from zero-copy views of the file."""
     from . import formats
 
-    tensors, header_meta = formats._load_tensors(path, False)
+    tensors, header_meta = formats.load_tensors(path, False)
     config = None
     if os.path.basename(path).startswith("adapter_model"):
-        config = formats._read_peft_config(os.path.dirname(path) or ".", path)
+        config = formats.read_peft_config(os.path.dirname(path) or ".", path)
     header = io.read_header(path)
     # Every aligned, non-empty view sits at base + its file offset (misaligned ones were copied: they vote elsewhere).
     votes = collections.Counter(
         t.data_ptr() - header.tensors[n].file_offset for n, t in tensors.items() if t.numel() and n in header.tensors
     )
     base = votes.most_common(1)[0][0] if votes else None
-    adapter = formats._from_state_dict(tensors, header=header_meta, config=config, component=None, where=path)
+    adapter = formats.adapter_from_state_dict(tensors, header=header_meta, config=config, component=None, where=path)
     return adapter, header, base, tensors
 
 

@@ -35,8 +35,9 @@ def _pickle_refused(path: str) -> LoraFormatError:
     )
 
 
-def _load_tensors(path: str, allow_pickle: bool, device=None) -> tuple[dict, dict]:
-    """(state dict, header metadata) of one file; tensors land on ``device`` (streamed for accelerators)."""
+def load_tensors(path: str, allow_pickle: bool, device=None) -> tuple[dict, dict]:
+    """(state dict, header metadata) of one file; tensors land on ``device`` (streamed for accelerators).
+    Internal (read_lora and the fuse-on-load path)."""
     from .. import io
 
     if path.lower().endswith(PICKLE_SUFFIXES):
@@ -62,7 +63,8 @@ def _load_tensors(path: str, allow_pickle: bool, device=None) -> tuple[dict, dic
     return tensors, dict(header)
 
 
-def _read_peft_config(directory: str, where: str) -> Optional[dict]:
+def read_peft_config(directory: str, where: str) -> Optional[dict]:
+    """The adapter_config.json beside a PEFT file, parsed, or None. Internal (read_lora, fuse-on-load)."""
     cfg_path = os.path.join(directory, PEFT_CONFIG_NAME)
     if not os.path.isfile(cfg_path):
         return None
@@ -75,8 +77,9 @@ def _read_peft_config(directory: str, where: str) -> Optional[dict]:
     return parse_config_json(text, cfg_path)
 
 
-def _from_state_dict(state_dict: dict, *, header: dict, config: Optional[dict], component: Optional[str],
-                     where: str) -> LoraAdapter:
+def adapter_from_state_dict(state_dict: dict, *, header: dict, config: Optional[dict], component: Optional[str],
+                            where: str) -> LoraAdapter:
+    """The adapter in a loaded state dict, its layout detected. Internal (read_lora, fuse-on-load)."""
     from .fused import detect_fused_layout, read_fused
 
     found = detect_fused_layout(state_dict.keys())  # Flux.1 / SD3 / Wan original-module layouts (tables)
@@ -96,11 +99,11 @@ def _from_state_dict(state_dict: dict, *, header: dict, config: Optional[dict], 
 
 
 def _read_file(path: str, *, allow_pickle: bool, component: Optional[str], device=None) -> LoraAdapter:
-    tensors, header = _load_tensors(path, allow_pickle, device)
+    tensors, header = load_tensors(path, allow_pickle, device)
     config = None
     if os.path.basename(path).startswith("adapter_model"):
-        config = _read_peft_config(os.path.dirname(path) or ".", path)
-    return _from_state_dict(tensors, header=header, config=config, component=component, where=path)
+        config = read_peft_config(os.path.dirname(path) or ".", path)
+    return adapter_from_state_dict(tensors, header=header, config=config, component=component, where=path)
 
 
 def _read_directory(directory: str, *, weight_name, allow_pickle: bool, component: Optional[str], device=None) -> LoraAdapter:
@@ -122,8 +125,8 @@ def _read_directory(directory: str, *, weight_name, allow_pickle: bool, componen
                 continue
             name = PEFT_WEIGHTS_NAME if os.path.isfile(os.path.join(sub, PEFT_WEIGHTS_NAME)) else PEFT_PICKLE_NAME
             path = os.path.join(sub, name)
-            tensors, header = _load_tensors(path, allow_pickle, device)
-            part = read_peft(tensors, config=_read_peft_config(sub, path), component=comp, source=path, metadata=header)
+            tensors, header = load_tensors(path, allow_pickle, device)
+            part = read_peft(tensors, config=read_peft_config(sub, path), component=comp, source=path, metadata=header)
             layers.update(part.layers)
             metadata.update(part.metadata)
         if not layers:
@@ -174,7 +177,7 @@ def read_lora(source, *, weight_name=None, allow_pickle=False, component=None, d
         sd = dict(source)
         if device is not None:
             sd = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in sd.items()}
-        return _from_state_dict(sd, header={}, config=None, component=component, where="<state dict>")
+        return adapter_from_state_dict(sd, header={}, config=None, component=component, where="<state dict>")
     try:
         path = os.fspath(source)
     except TypeError:
