@@ -176,9 +176,15 @@ class LoraDiffusionServer:
     # ------------------------------------------------------------------------------------------ stats, metrics
 
     def stats(self) -> dict:
-        """The cache's counters (:meth:`AdapterCache.stats`), the batch sizes so far, and the runner's counts."""
+        """The cache's counters (:meth:`AdapterCache.stats`), the batch sizes so far, the runner's counts, and
+        ``replica`` / ``pid`` (this replica's id and process: a handle call reaches one replica, so several calls
+        tell them apart)."""
         s = self.runner.stats
-        return {"cache": self.cache.stats(), "batch_sizes": list(s.batch_sizes), "requests": s.requests,
+        try:
+            replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # not inside a Serve replica (the class used directly)
+            replica = None
+        return {"replica": replica, "pid": os.getpid(), "cache": self.cache.stats(), "batch_sizes": list(s.batch_sizes), "requests": s.requests,
                 "failed": s.failed, "switches": s.switches, "splits": s.splits, "mode": self.runner.mode,
                 "device_ids": self.cache.device_ids(), "host_ids": self.cache.host_ids()}
 
