@@ -176,7 +176,8 @@ class LoraDiffusionServer:
     # ------------------------------------------------------------------------------------------ stats, metrics
 
     def stats(self) -> dict:
-        """The cache's counters (:meth:`AdapterCache.stats`), the batch sizes so far, the runner's counts, and
+        """The cache's counters (:meth:`AdapterCache.stats`), the batch sizes so far, the runner's counts
+        (``outcomes``: ``(requests, failed)`` per ``@serve.batch``), and
         ``replica`` / ``pid`` (this replica's id and process: a handle call reaches one replica, so several calls
         tell them apart)."""
         s = self.runner.stats
@@ -184,8 +185,9 @@ class LoraDiffusionServer:
             replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # not inside a Serve replica (the class used directly)
             replica = None
-        return {"replica": replica, "pid": os.getpid(), "cache": self.cache.stats(), "batch_sizes": list(s.batch_sizes), "requests": s.requests,
-                "failed": s.failed, "switches": s.switches, "splits": s.splits, "mode": self.runner.mode,
+        return {"replica": replica, "pid": os.getpid(), "cache": self.cache.stats(),
+                "batch_sizes": list(s.batch_sizes), "requests": s.requests, "failed": s.failed,
+                "outcomes": list(s.outcomes), "switches": s.switches, "splits": s.splits, "mode": self.runner.mode,
                 "device_ids": self.cache.device_ids(), "host_ids": self.cache.host_ids()}
 
     def model_digest(self) -> str:

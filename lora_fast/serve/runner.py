@@ -162,6 +162,7 @@ class RunnerStats:
     failed: int = 0
     switches: int = 0  # fuse mode: fuse/unfuse switches
     splits: int = 0  # per-sample groups split because their adapters did not fit the device budget together
+    outcomes: list = field(default_factory=list)  # (requests, failed) per run() call (one @serve.batch), in order
 
 
 class BatchRunner:
@@ -201,8 +202,10 @@ class BatchRunner:
                 out = self._run_per_sample(batch) if self.mode == "per_sample" else self._run_fused(batch)
                 for i, res in zip(idx, out):
                     results[i] = res
+            failed = sum(isinstance(r, BaseException) for r in results)
             self.stats.requests += len(requests)
-            self.stats.failed += sum(isinstance(r, BaseException) for r in results)
+            self.stats.failed += failed
+            self.stats.outcomes.append((len(requests), failed))
             return results
 
     def close(self) -> None:
