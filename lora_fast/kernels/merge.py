@@ -1005,7 +1005,9 @@ def _triton_kernel():
         if DT >= 3:
             h = _encode(_sum_odd_tl(x, d), DT)
         else:
-            h = _encode(x + d, DT)
+            # a NaN weight keeps its own bits, as the CPU's x + d does for a quiet NaN; a GPU's add gives the canonical
+            # NaN instead, which would cost the record an element the CPU kernel does not write
+            h = _encode(tl.where(x != x, x, x + d), DT)
         return h
 
     @triton.jit
