@@ -687,16 +687,17 @@ class ModuleHook:
 
 #: Whether eager forwards of plain factored LoRA slots go through the segmented shrink/expand kernels
 #: (lora_fast.kernels.shrink_expand, the per-sample machinery) instead of per-slot torch products.
-#: None: for CUDA tensors (where the kernels' default backend is Triton), and for any tensor while
-#: LORA_FAST_SEGMENTED_BACKEND names a backend; True / False: always / never. On the CPU the per-slot products
-#: are the faster route (benchmarks/RESULTS.md, "Live single adapter through the segmented kernels").
+#: None: only while LORA_FAST_SEGMENTED_BACKEND names a backend; True / False: always / never. The per-slot
+#: products are the faster route on the CPU and, measured once on an H200 (SD1.5 UNet fp16, batch 16, latent 64),
+#: on CUDA too: 1.23x the base step against 1.29x through the kernels (benchmarks/RESULTS.md, "Live single adapter
+#: through the segmented kernels" and "First GPU run of this session").
 KERNEL_ROUTE: Optional[bool] = None
 
 
 def kernel_route_on(device: torch.device) -> bool:
     if KERNEL_ROUTE is not None:
         return KERNEL_ROUTE
-    return device.type == "cuda" or bool(os.environ.get("LORA_FAST_SEGMENTED_BACKEND"))
+    return bool(os.environ.get("LORA_FAST_SEGMENTED_BACKEND"))
 
 
 def kernel_slot(slot, module: nn.Module) -> bool:
