@@ -80,7 +80,7 @@ _TORCH_DTYPES: dict[str, torch.dtype] = {
 assert set(_TORCH_DTYPES) <= set(DTYPE_BITS), "a torch mapping for a dtype the core does not know"
 _SAFETENSORS_DTYPES: dict[torch.dtype, str] = {dt: name for name, dt in _TORCH_DTYPES.items()}
 # torch packs two F4 values per element along the last dimension; the file's shape counts single values.
-_PACKED_F4 = _TORCH_DTYPES.get("F4")
+PACKED_F4 = _TORCH_DTYPES.get("F4")
 
 
 @dataclass(frozen=True)
@@ -113,8 +113,8 @@ class SafetensorsHeader:
     file_size: int
 
 
-def _fspath(path: PathLike) -> tuple[bytes, str]:
-    """(path for the C++ side, path for messages)."""
+def fspath_of(path: PathLike) -> tuple[bytes, str]:
+    """(path for the C++ side, path for messages). Internal (io and io_stream)."""
     raw = os.fsencode(os.fspath(path))
     return raw, os.fsdecode(raw)
 
@@ -128,14 +128,15 @@ def _header_from_tuple(header: tuple) -> SafetensorsHeader:
     return SafetensorsHeader(tensors, dict(metadata or {}), data_start, file_size)
 
 
-def _torch_dtype_and_shape(entry: tuple, source: str) -> tuple[torch.dtype, tuple[int, ...]]:
+def torch_dtype_and_shape(entry: tuple, source: str) -> tuple[torch.dtype, tuple[int, ...]]:
+    """(torch dtype, shape) of one header entry, or LoraFormatError naming the tensor. Internal (io and io_stream)."""
     name, st_dtype, shape, _, _ = entry
     dtype = _TORCH_DTYPES.get(st_dtype)
     if dtype is None:
         raise LoraFormatError(
             f"{source}: tensor {name!r} has dtype {st_dtype}, which torch {torch.__version__} cannot represent"
         )
-    if dtype is _PACKED_F4:
+    if dtype is PACKED_F4:
         if not shape or shape[-1] % 2:
             raise LoraFormatError(
                 f"{source}: tensor {name!r}: F4 needs an even last dimension to load as torch.float4_e2m1fn_x2, "
@@ -152,7 +153,7 @@ def _tensors_from_buffer(buffer, header: tuple, source: str, device, dtype) -> d
     out: dict[str, torch.Tensor] = {}
     for entry in entries:
         name, _, _, begin, end = entry
-        tdtype, shape = _torch_dtype_and_shape(entry, source)
+        tdtype, shape = torch_dtype_and_shape(entry, source)
         nbytes = end - begin
         offset = data_start + begin
         if nbytes == 0:  # frombuffer rejects empty ranges
@@ -165,7 +166,7 @@ def _tensors_from_buffer(buffer, header: tuple, source: str, device, dtype) -> d
             # Misaligned for its dtype (legal in the format, not written by safetensors): copy to aligned memory.
             raw = torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes, offset=offset).clone()
             tensor = raw.view(tdtype).view(shape)
-        cast = dtype if (dtype is not None and tensor.is_floating_point() and tdtype is not _PACKED_F4) else None
+        cast = dtype if (dtype is not None and tensor.is_floating_point() and tdtype is not PACKED_F4) else None
         if target.type != "cpu" or (cast is not None and cast != tdtype):
             tensor = tensor.to(device=target, dtype=cast)
         out[name] = tensor
@@ -206,7 +207,7 @@ def load_file(
         if target.type == "cuda":
             torch.cuda.current_stream(target).synchronize()
         return out
-    raw, shown = _fspath(path)
+    raw, shown = fspath_of(path)
     mapping = _C.safetensors_mmap(raw)
     return _tensors_from_buffer(mapping, mapping.header, shown, device, dtype)
 
@@ -222,7 +223,7 @@ def load(data) -> dict[str, torch.Tensor]:
 
 def read_header(path: PathLike) -> SafetensorsHeader:
     """Validate and return a file's header (names, dtypes, shapes, offsets, metadata) without reading its data."""
-    raw, _ = _fspath(path)
+    raw, _ = fspath_of(path)
     return _header_from_tuple(_C.safetensors_read_header(raw))
 
 
@@ -297,7 +298,7 @@ def _prepare_for_save(tensors, metadata, shown: str):
             raise LoraFormatError(f"{shown}: {name!r} is on the meta device and has no data")
         if t.dtype not in _SAFETENSORS_DTYPES:
             raise LoraFormatError(f"{shown}: {name!r} has dtype {t.dtype}, which safetensors cannot store")
-        if t.dtype is _PACKED_F4 and t.dim() == 0:
+        if t.dtype is PACKED_F4 and t.dim() == 0:
             raise LoraFormatError(f"{shown}: {name!r} is a 0-d float4_e2m1fn_x2 tensor, which safetensors cannot store")
     _check_no_aliasing(tensors, shown)
 
@@ -309,7 +310,7 @@ def _prepare_for_save(tensors, metadata, shown: str):
         # Lazy conjugate/negative views would otherwise be written unresolved; non-contiguous tensors are copied.
         t = t.resolve_conj().resolve_neg().contiguous()
         shape = list(t.shape)
-        if t.dtype is _PACKED_F4:
+        if t.dtype is PACKED_F4:
             shape[-1] *= 2
         nbytes = t.numel() * t.element_size()
         entries.append((name, _SAFETENSORS_DTYPES[t.dtype], shape, t.data_ptr() if nbytes else 0, nbytes))
@@ -319,7 +320,7 @@ def _prepare_for_save(tensors, metadata, shown: str):
 
 
 def _save_file(tensors, path: PathLike, metadata=None, *, _fail_after_bytes: int = -1) -> None:
-    raw, shown = _fspath(path)
+    raw, shown = fspath_of(path)
     entries, md, keep_alive = _prepare_for_save(tensors, metadata, shown)
     _C.safetensors_save(raw, entries, md, _fail_after_bytes)
     del keep_alive  # the C++ writer read from these tensors' memory

@@ -14,7 +14,7 @@ from typing import Optional, Union
 import torch
 
 from . import _C
-from .io import _PACKED_F4, PathLike, _fspath, _torch_dtype_and_shape
+from .io import PACKED_F4, PathLike, fspath_of, torch_dtype_and_shape
 
 __all__ = ["stream_tensors", "TensorStream"]
 
@@ -115,7 +115,7 @@ class TensorStream:
     """
 
     def __init__(self, path: PathLike, device, dtype, ring_bytes, chunk_bytes, threads, _fault=None):
-        raw, self.path = _fspath(path)
+        raw, self.path = fspath_of(path)
         self._reader = None
         self._closed = False
         self._ready: collections.deque = collections.deque()
@@ -143,7 +143,7 @@ class TensorStream:
             offsets = self._reader.dest_offsets
             # Every tensor's torch dtype is checked before a byte is read: a bad one fails the whole load up front.
             self._plan = [
-                (entry[0], *_torch_dtype_and_shape(entry, self.path), offset, entry[4] - entry[3])
+                (entry[0], *torch_dtype_and_shape(entry, self.path), offset, entry[4] - entry[3])
                 for entry, offset in zip(entries, offsets)
             ]
             self._cast = dtype
@@ -190,7 +190,7 @@ class TensorStream:
             tensor = torch.empty(shape, dtype=tdtype, device=self._device)
         else:
             tensor = self._dest[offset : offset + nbytes].view(tdtype).view(shape)
-        if self._cast is not None and tensor.is_floating_point() and tdtype is not _PACKED_F4 and self._cast != tdtype:
+        if self._cast is not None and tensor.is_floating_point() and tdtype is not PACKED_F4 and self._cast != tdtype:
             tensor = tensor.to(self._cast)
         return name, tensor
 

@@ -18,6 +18,38 @@ import textwrap
 import pytest
 from triton_support import exact_fma_interpreter
 
+# The blocks both worker scripts fuse: per block a Linear, a 3x3 conv and an embedding (``dtype`` set by the script),
+# and an adapter over them with factors in ``fdtype`` (``nan``: one NaN factor element).
+BLOCKS = textwrap.dedent(
+    """
+    def model(n, seed=0):
+        torch.manual_seed(seed)
+        m = nn.ModuleDict()
+        for i in range(n):
+            m[f"l{i}"] = nn.Linear(24, 40)
+            m[f"c{i}"] = nn.Conv2d(6, 10, 3, padding=1)
+            m[f"e{i}"] = nn.Embedding(11, 9)
+        return m.to(dtype)
+
+    def adapter(n, seed, fdtype, nan=False):
+        g = torch.Generator().manual_seed(seed)
+        r = lambda *s: (torch.randn(*s, generator=g) * 0.3).to(fdtype)
+        layers = {}
+        for i in range(n):
+            layers[f"l{i}"] = LoraLayer(down=r(4, 24), up=r(40, 4), alpha=3.0, kind="linear")
+            layers[f"c{i}"] = LoraLayer(down=r(2, 6, 3, 3), up=r(10, 2, 1, 1), alpha=2.0, kind="conv")
+            layers[f"e{i}"] = LoraLayer(down=r(3, 11), up=r(9, 3), alpha=1.5, kind="embedding")
+        if nan:
+            layers[f"l{n // 2}"].up[3, 1] = float("nan")
+        return LoraAdapter(layers, "diffusers")
+    """
+)
+
+
+def _with_blocks(script: str) -> str:
+    return script.replace("# <blocks: model(n), adapter(n, seed, fdtype)>\n", BLOCKS)
+
+
 SCRIPT = textwrap.dedent(
     """
     import json, os, sys
@@ -54,26 +86,7 @@ SCRIPT = textwrap.dedent(
     dtype = torch.float16
     BITS = torch.int16
 
-    def model(n, seed=0):
-        torch.manual_seed(seed)
-        m = nn.ModuleDict()
-        for i in range(n):
-            m[f"l{i}"] = nn.Linear(24, 40)
-            m[f"c{i}"] = nn.Conv2d(6, 10, 3, padding=1)
-            m[f"e{i}"] = nn.Embedding(11, 9)
-        return m.to(dtype)
-
-    def adapter(n, seed, fdtype, nan=False):
-        g = torch.Generator().manual_seed(seed)
-        r = lambda *s: (torch.randn(*s, generator=g) * 0.3).to(fdtype)
-        layers = {}
-        for i in range(n):
-            layers[f"l{i}"] = LoraLayer(down=r(4, 24), up=r(40, 4), alpha=3.0, kind="linear")
-            layers[f"c{i}"] = LoraLayer(down=r(2, 6, 3, 3), up=r(10, 2, 1, 1), alpha=2.0, kind="conv")
-            layers[f"e{i}"] = LoraLayer(down=r(3, 11), up=r(9, 3), alpha=1.5, kind="embedding")
-        if nan:
-            layers[f"l{n // 2}"].up[3, 1] = float("nan")
-        return LoraAdapter(layers, "diffusers")
+    # <blocks: model(n), adapter(n, seed, fdtype)>
 
     def state_bits(m):
         return {k: v.clone().view(BITS) for k, v in m.state_dict().items()}
@@ -131,6 +144,7 @@ SCRIPT = textwrap.dedent(
     print("COUNTS " + json.dumps(out))
     """
 )
+SCRIPT = _with_blocks(SCRIPT)
 
 
 @exact_fma_interpreter
@@ -168,24 +182,7 @@ REPEAT = textwrap.dedent(
     M._DEFAULT["cpu"] = "triton"
     assert P.usable("merge", torch.device("cpu"), dtype, strict=True)
 
-    def model(n, seed=0):
-        torch.manual_seed(seed)
-        m = nn.ModuleDict()
-        for i in range(n):
-            m[f"l{i}"] = nn.Linear(24, 40)
-            m[f"c{i}"] = nn.Conv2d(6, 10, 3, padding=1)
-            m[f"e{i}"] = nn.Embedding(11, 9)
-        return m.to(dtype)
-
-    def adapter(n, seed, fdtype):
-        g = torch.Generator().manual_seed(seed)
-        r = lambda *s: (torch.randn(*s, generator=g) * 0.3).to(fdtype)
-        layers = {}
-        for i in range(n):
-            layers[f"l{i}"] = LoraLayer(down=r(4, 24), up=r(40, 4), alpha=3.0, kind="linear")
-            layers[f"c{i}"] = LoraLayer(down=r(2, 6, 3, 3), up=r(10, 2, 1, 1), alpha=2.0, kind="conv")
-            layers[f"e{i}"] = LoraLayer(down=r(3, 11), up=r(9, 3), alpha=1.5, kind="embedding")
-        return LoraAdapter(layers, "diffusers")
+    # <blocks: model(n), adapter(n, seed, fdtype)>
 
     def bits(m):
         return {k: v.clone().view(BITS) for k, v in m.state_dict().items()}
@@ -297,6 +294,7 @@ REPEAT = textwrap.dedent(
     print("COUNTS " + json.dumps(out))
     """
 )
+REPEAT = _with_blocks(REPEAT)
 
 
 @exact_fma_interpreter
