@@ -9,8 +9,10 @@ Steps, each logged to <out>/gpu_suite.log and skipped (with the reason) when its
 4. whole-model checks (benchmarks/gpu_checks.py): an SDXL-shaped UNet fused and unfused on the GPU in fp16 and bf16
    (rank 32 on every transformer linear): exact unfuse, fused values against float64, the same bits as the CPU
    kernel; ``load_file(device="cuda")`` against safetensors' on a 2 GB file;
-5. benchmarks: segmented shrink/expand at SD1.5 layer shapes (fp16, bf16, fp32), then, if diffusers is
-   importable, the per-sample UNet step (fp16) and the fuse benchmark on CUDA.
+5. benchmarks: segmented shrink/expand at SD1.5 layer shapes (fp16, bf16, fp32), the merge kernel alone for each
+   tile configuration (benchmarks/bench_merge_tiles.py: cached fuse, unfuse, safe and plain fuse against the copy
+   floor, the same bits for every configuration), then, if diffusers is importable, the per-sample UNet step (fp16)
+   and the fuse benchmark on CUDA.
 JSON results land in <out>; copy the figures, device and commit into benchmarks/RESULTS.md.
 """
 
@@ -62,6 +64,9 @@ def main(argv=None) -> int:
     for dt in ("fp16", "bf16", "fp32"):
         step(f"shrink/expand {dt}", [py, "benchmarks/bench_kernels_shrink_expand.py", "--device", "cuda", "--dtype", dt,
                                      "--repeats", "20", "--json", os.path.join(args.out, f"shrink_expand_{dt}.json")])
+    step("merge kernel per tile configuration (fp16, SDXL linear shapes)",
+         [py, "benchmarks/bench_merge_tiles.py", "--device", "cuda", "--out", os.path.join(args.out, "merge_tiles.json")],
+         timeout=600)
     if not args.quick and importlib.util.find_spec("diffusers") is not None:
         step("per-sample UNet step fp16", [py, "benchmarks/bench_per_sample.py", "--device", "cuda", "--dtype", "fp16",
                                            "--json", os.path.join(args.out, "per_sample_fp16.json")])

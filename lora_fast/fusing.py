@@ -335,8 +335,10 @@ def _build_jobs(calls, scales, staged):
             part.idxs.append(len(jobs))
             jobs.append(job)
             labels.append(label)
-            # LoHa/LoKr/full layers (terms built from copies of their tensors, torch backend): not kept for repeats
-            wmods.append((None, None) if job.terms else (module, job.weight))
+            wmods.append((module, job.weight))
+            for layer, _ in additive:  # LoHa/LoKr/full terms are built from copies: watch the adapter's tensors
+                if layer.algorithm != "lora":
+                    sources.extend((t, t._version) for t in layer.lycoris.values() if isinstance(t, torch.Tensor))
             scale = fp8_scale(module, label)
             if scale is not None:  # a repeat must see a changed scale
                 sources.append((scale, scale._version))

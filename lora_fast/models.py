@@ -228,6 +228,16 @@ def build_components(family: str, size: str = "tiny", *, dtype=torch.float32, de
     return out
 
 
+def _tiny_vae(latent_channels: int, *, dtype, device, seed):
+    """The smallest AutoencoderKL a pipeline accepts (one 8-channel block): pipelines need one; LoRAs never target it."""
+    import diffusers
+
+    with _seeded(seed), torch.device(device):
+        return _cast(diffusers.AutoencoderKL(
+            block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+            latent_channels=latent_channels, norm_num_groups=8), dtype)
+
+
 def build_pipeline(family: str, size: str = "tiny", *, dtype=torch.float32, device="cpu", seed: Optional[int] = 0,
                    t5: bool = False):
     """A real diffusers pipeline object around build_components (tiny VAE, no tokenizers; T5 for Flux, and for
@@ -243,10 +253,7 @@ def build_pipeline(family: str, size: str = "tiny", *, dtype=torch.float32, devi
         return diffusers.WanPipeline(tokenizer=None, text_encoder=None, vae=None,
                                      scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
                                      transformer=comps["transformer"])
-    with _seeded(seed), torch.device(device):
-        vae = _cast(diffusers.AutoencoderKL(
-            block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
-            latent_channels=16 if family in ("sd3", "flux") else 4, norm_num_groups=8), dtype)
+    vae = _tiny_vae(16 if family in ("sd3", "flux") else 4, dtype=dtype, device=device, seed=seed)
     if family == "flux":
         return diffusers.FluxPipeline(
             scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=comps.get("text_encoder"),
@@ -274,10 +281,7 @@ def build_flux_pipeline_around(transformer, *, dtype=torch.float32, device="cpu"
     lora_fast's pipeline targets; not for generating images."""
     import diffusers
 
-    with _seeded(seed), torch.device(device):
-        vae = _cast(diffusers.AutoencoderKL(
-            block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
-            latent_channels=16, norm_num_groups=8), dtype)
+    vae = _tiny_vae(16, dtype=dtype, device=device, seed=seed)
     return diffusers.FluxPipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None,
                                   tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=transformer)
 

@@ -159,12 +159,12 @@ def test_fuse_and_unfuse_host_cost_is_independent_of_the_layer_count():
     assert small == large, counts
     # one launch group (CPU, fp16): fuse = counting pass + writing pass and one host read; unfuse = one pass, none
     assert small["fuse"]["launches"] == 2 and small["fuse"]["syncs"] == 1, small
-    assert small["safe fuse"]["launches"] == 2 and small["safe fuse"]["syncs"] == 1, small
+    # the safe_fusing fuse repeats the first one's adapters and scales: one writing pass that also checks, one read
+    assert small["safe fuse"]["launches"] == 1 and small["safe fuse"]["syncs"] == 1, small
     assert small["safe fuse, non-finite"]["launches"] == 1 and small["safe fuse, non-finite"]["syncs"] == 1, small
     # unfuse reuses the fuse's table on the device: nothing rebuilt, nothing uploaded
     assert small["unfuse"]["launches"] == 1 and small["unfuse"]["syncs"] == 0 and small["unfuse"]["uploads"] == 0, small
     assert small["fuse"]["uploads"] == small["safe fuse, non-finite"]["uploads"] == 1, small
-    # the safe_fusing fuse repeats the first one's adapters and scales: it counts again, on the cached table
     assert small["safe fuse"]["uploads"] == 0, small
 
 
@@ -230,7 +230,7 @@ REPEAT = textwrap.dedent(
                 assert same(bits(m), fused)
                 lora_fast.unfuse_lora(m)
                 assert same(bits(m), base), cycle
-            # safe_fusing still counts (one host read), on the cached table: no upload
+            # safe_fusing: the cached writing pass checks too, and the call reads the flags once: no upload
             c["safe"] = counted(lambda: lora_fast.fuse_lora(m, safe_fusing=True, **kw))
             assert same(bits(m), fused)
             lora_fast.unfuse_lora(m)
@@ -290,6 +290,23 @@ REPEAT = textwrap.dedent(
             assert st.fuse_memo
             lora_fast.delete_adapters(m, "b")
             assert not st.fuse_memo
+            # a repeat that safe_fusing refuses: the cached writing pass flags the NaN, one restoring pass puts every
+            # weight back from the records it just wrote, and nothing is changed
+            lora_fast.load_lora_weights(m, adapter(n, 3, torch.float32, nan=True), adapter_name="bad")
+            base = bits(m)
+            lora_fast.fuse_lora(m, adapter_names=["a", "bad"])  # without safe_fusing: fused, NaN and all
+            lora_fast.unfuse_lora(m)
+            assert same(bits(m), base)
+
+            def refused():
+                try:
+                    lora_fast.fuse_lora(m, adapter_names=["a", "bad"], safe_fusing=True)
+                except LoraFusionError:
+                    return
+                raise AssertionError("a NaN factor was fused under safe_fusing")
+            c["safe, refused repeat"] = counted(refused)
+            assert same(bits(m), base), "a refused repeated safe fuse changed weights"
+            assert not st.fused
         out[n] = c
     print("COUNTS " + json.dumps(out))
     """
@@ -301,7 +318,8 @@ REPEAT = _with_blocks(REPEAT)
 def test_repeated_fuse_is_one_launch_and_no_host_read():
     """A fuse of the same adapters at the same scales after an exact unfuse writes at the cached record positions:
     one launch, no host read, no upload, for 5 and 50 blocks alike, with the first fuse's bits and records and exact
-    unfuse over many cycles; safe_fusing still reads once; other scales or adapters miss; a weight changed through
+    unfuse over many cycles; safe_fusing reads the flags once (a refusal restores in one more pass); other scales or
+    adapters miss; a weight changed through
     ``.data`` is found and named, and unfuse stays exact."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
@@ -316,7 +334,8 @@ def test_repeated_fuse_is_one_launch_and_no_host_read():
         assert c["unfuse"] == {"launches": 1, "syncs": 0, "uploads": 0}, c
     for cycle in range(6):
         assert small[f"cycle {cycle}"] == {"launches": 1, "syncs": 0, "uploads": 0}, small
-    assert small["safe"] == {"launches": 2, "syncs": 1, "uploads": 0}, small
+    assert small["safe"] == {"launches": 1, "syncs": 1, "uploads": 0}, small
+    assert small["safe, refused repeat"] == {"launches": 2, "syncs": 1, "uploads": 0}, small
     for k in ("other scale", "other set", "after copy_", "after the error"):
         assert small[k] == {"launches": 2, "syncs": 1, "uploads": 1}, (k, small)
     assert small["other set again"] == small["back to the first"] == {"launches": 1, "syncs": 0, "uploads": 0}, small

@@ -572,3 +572,102 @@ def test_triton_kernel_interpreted_matches_cpu_kernel_and_restores():
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0 and "TRITON-OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+TRITON_SPEC_SCRIPT = textwrap.dedent(
+    """
+    import os
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+    from lora_fast.kernels import merge as M
+
+    BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+    def same(a, b):
+        return torch.equal(a.contiguous().view(BITS[a.dtype]), b.contiguous().view(BITS[b.dtype]))
+
+    g = torch.Generator().manual_seed(5)
+
+    def lora_jobs(dtype, fdtypes, ranks, *, offset=0, transposed_down=False):
+        # weights as fuse_lora sends them (some with a 2-D view of a 4-D conv weight), B and A in their own dtype
+        jobs = []
+        for n, (rank, fdt) in enumerate(zip(ranks, fdtypes)):
+            rows, cols = (48, 136) if n % 2 == 0 else (40, 72)
+            store = (torch.randn(rows * cols + offset, generator=g) * 0.05).to(dtype)
+            w = store[offset:].view(rows, cols)
+            b = (torch.randn(rows, rank, generator=g) * 0.2).to(fdt)
+            a = (torch.randn(rank, cols, generator=g) * 0.2).to(fdt)
+            if transposed_down:
+                a = a.t().contiguous().t()
+            jobs.append(M.MergeJob(w, factors=[M.Factor.of(b, a, 0.75)]))
+        return jobs
+
+    def spec(jobs):
+        return M._Plan(jobs, list(range(len(jobs))), jobs[0].weight.device, jobs[0].weight.dtype).spec
+
+    def check(jobs, what):
+        cpu = [M.MergeJob(j.weight.clone(), factors=j.factors) for j in jobs]
+        originals = [j.weight.clone() for j in jobs]
+        rt, _ = M.fuse(jobs, backend="triton")
+        rc, _ = M.fuse(cpu, backend="cpu")
+        for a, b, x, y in zip(jobs, cpu, rt, rc):
+            assert same(a.weight, b.weight), what
+            assert torch.equal(x.offsets, y.offsets) and torch.equal(x.cols, y.cols) and same(x.value, y.value), what
+        assert rt.count() > 0, what
+        M.unfuse(jobs, rt, backend="triton")
+        assert all(same(j.weight, o) for j, o in zip(jobs, originals)), what
+        # records named per job (a table of record buffers) restore as well
+        rt, _ = M.fuse(jobs, backend="triton")
+        M._triton_run(jobs, negate=True, record=False, check_finite=False, restore=M._items(rt))
+        assert all(same(j.weight, o) for j, o in zip(jobs, originals)), what
+
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        vw = 16 // dtype.itemsize
+        # a plain LoRA fuse: 32-bit offsets, the factors' one dtype, vector accesses, no LyCORIS code
+        jobs = lora_jobs(dtype, [dtype] * 4, [8] * 4)
+        s = spec(jobs)
+        code = M._DTYPE_CODE[dtype]
+        assert s == dict(RK=0, EXACT=True, UDT=code, DDT=code, TERMS=False, I64=False, WV=vw, DV=vw), s
+        check(jobs, f"lora {dtype}")
+        # a weight one element off 16-byte alignment, mixed factor dtypes, a down factor with a column stride:
+        # scalar accesses, dtypes at run time; same bits
+        jobs = lora_jobs(dtype, [torch.float16, torch.bfloat16, torch.float32, torch.float16], [3, 8, 5, 8],
+                         offset=1, transposed_down=True)
+        s = spec(jobs)
+        assert s["WV"] == 0 and s["DV"] == 0 and s["UDT"] == -1 and s["DDT"] == -1 and not s["EXACT"], s
+        check(jobs, f"general {dtype}")
+        # the unrolled rank loop (opt-in): one rank, and several ranks padded to the largest
+        M.RANK_UNROLL_MAX = 16
+        try:
+            jobs = lora_jobs(dtype, [dtype] * 3, [8] * 3)
+            assert spec(jobs)["RK"] == 8 and spec(jobs)["EXACT"]
+            check(jobs, f"unrolled {dtype}")
+            jobs = lora_jobs(dtype, [dtype] * 3, [2, 11, 5])
+            assert spec(jobs)["RK"] == 11 and not spec(jobs)["EXACT"]
+            check(jobs, f"unrolled, padded {dtype}")
+            jobs = lora_jobs(dtype, [dtype] * 2, [8, 17])
+            assert spec(jobs)["RK"] == 0  # beyond the bound: the loop at run time
+        finally:
+            M.RANK_UNROLL_MAX = 0
+    # 64-bit offsets where a view reaches past 2^31 elements (meta tensors: the table only)
+    w = torch.empty(3, 1 << 30, dtype=torch.float16, device="meta")
+    f = M.Factor.of(torch.empty(3, 4, dtype=torch.float16, device="meta"),
+                    torch.empty(4, 1 << 30, dtype=torch.float16, device="meta"))
+    assert M._Plan([M.MergeJob(w, factors=[f])], [0], w.device, w.dtype).spec["I64"]
+    w = torch.empty(3, 1 << 20, dtype=torch.float16, device="meta")
+    f = M.Factor.of(f.up, torch.empty(4, 1 << 20, dtype=torch.float16, device="meta"))
+    assert not M._Plan([M.MergeJob(w, factors=[f])], [0], w.device, w.dtype).spec["I64"]
+    print("SPEC-OK")
+    """
+)
+
+
+@exact_fma_interpreter
+def test_triton_kernel_specializations_give_the_same_bits():
+    """Each compile-time specialization the launcher picks (32-bit offsets, one factor dtype, vector accesses, the
+    unrolled and padded rank loops) against the general kernel's contract: the C++ kernel's bits and records, and
+    an exact unfuse through both restore modes."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", TRITON_SPEC_SCRIPT], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0 and "SPEC-OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -284,6 +284,61 @@ def test_engine_fuse_of_lycoris_layers_runs_the_triton_kernel(monkeypatch):
 
 
 @interpreted
+def test_engine_repeats_a_lycoris_fuse_from_its_cache(monkeypatch):
+    """fuse_lora of LoHa/LoKr/full layers again after an exact unfuse is a repeat (one launch, no host read, the first
+    fuse's bits); an adapter tensor changed in place makes the next fuse a full one with the new values."""
+    import torch.nn as nn
+
+    import lora_fast
+    from lora_fast.adapter import LoraAdapter, LoraLayer
+
+    monkeypatch.setenv("LORA_FAST_MERGE_BACKEND", "triton")
+    torch.manual_seed(1)
+    m = nn.Sequential(nn.Linear(24, 40), nn.Linear(40, 30), nn.Conv2d(4, 8, 3)).half()
+    g = torch.Generator().manual_seed(7)
+    r = lambda *s: _rand(g, *s, scale=0.2)  # noqa: E731
+    layers = {
+        "0": LoraLayer(down=None, up=None, alpha=None, algorithm="loha", shape=(40, 24),
+                       lycoris={"hada_w1_a": r(40, 2), "hada_w1_b": r(2, 24), "hada_w2_a": r(40, 2),
+                                "hada_w2_b": r(2, 24)}),
+        "1": LoraLayer(down=None, up=None, alpha=None, algorithm="lokr", shape=(30, 40),
+                       lycoris={"lokr_w1": r(5, 8), "lokr_w2": r(6, 5).half()}),
+        "2": LoraLayer(down=None, up=None, alpha=None, algorithm="full", kind="conv", shape=(8, 4, 3, 3),
+                       lycoris={"diff": r(8, 4, 3, 3).half()}),
+    }
+    lora_fast.load_lora_weights(m, LoraAdapter(layers, "kohya"), adapter_name="lyco")
+    w0 = {k: _bits(v.detach().clone()) for k, v in m.state_dict().items()}
+
+    def counted(fn):
+        s0 = mk.triton_stats.snapshot()
+        fn()
+        s1 = mk.triton_stats.snapshot()
+        return {k: s1[k] - s0[k] for k in s0}
+
+    def bits():
+        return {k: _bits(v.detach().clone()) for k, v in m.state_dict().items()}
+
+    assert counted(lambda: lora_fast.fuse_lora(m, lora_scale=0.8))["syncs"] == 1
+    fused = bits()
+    for _ in range(3):
+        lora_fast.unfuse_lora(m)
+        assert all(torch.equal(v, w0[k]) for k, v in bits().items())
+        assert counted(lambda: lora_fast.fuse_lora(m, lora_scale=0.8)) == {"launches": 1, "syncs": 0, "uploads": 0}
+        assert all(torch.equal(v, fused[k]) for k, v in bits().items())
+    lora_fast.unfuse_lora(m)
+    bound = lora_fast.engine.component_state(m).adapters["lyco"]
+    diff = next(b.layer for b in bound.values() if b.layer.algorithm == "full").lycoris["diff"]
+    with torch.no_grad():
+        diff.mul_(2)
+    c = counted(lambda: lora_fast.fuse_lora(m, lora_scale=0.8))
+    assert c["syncs"] == 1 and c["uploads"] == 1, c  # a full fuse
+    assert not torch.equal(bits()["2.weight"], fused["2.weight"])
+    assert torch.equal(bits()["0.weight"], fused["0.weight"])
+    lora_fast.unfuse_lora(m)
+    assert all(torch.equal(v, w0[k]) for k, v in bits().items())
+
+
+@interpreted
 @pytest.mark.parametrize("dt", DTYPES, ids=["fp32", "fp16", "bf16"])
 def test_the_first_use_probe_runs_a_term_job(dt):
     cases = probe._merge_cases(dt)

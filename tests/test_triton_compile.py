@@ -54,34 +54,57 @@ def test_segmented_shrink_and_expand_compile(target, dt, block_r):
     }, {"DT": dt, "BLOCK_M": S.EXPAND_BLOCK_M, "BLOCK_N": S.EXPAND_BLOCK_N, "BLOCK_R": block_r}, target)
 
 
-# (mode, negate, check, pointer types of counts/incl/row_off/rec_col/rec_val/nonfinite) for each launch the merge
+# (mode, negate, check, pointer types of counts/incl/rec_col/rec_val/nonfinite) for each launch the merge
 # launcher makes; unused pointers get the table (int64)
 MERGE_VARIANTS = {
-    "fuse-no-record": (M.MODE_PLAIN, False, False, "i64 i64 i64 i64 i64 i64"),
-    "fuse-no-record-check": (M.MODE_PLAIN, False, True, "i64 i64 i64 i64 i64 i32"),
-    "unfuse-no-record": (M.MODE_PLAIN, True, False, "i64 i64 i64 i64 i64 i64"),
-    "count": (M.MODE_COUNT, False, False, "i32 i64 i64 i64 i64 i64"),
-    "count-check": (M.MODE_COUNT, False, True, "i32 i64 i64 i64 i64 i32"),
-    "write-incl32": (M.MODE_WRITE, False, False, "i32 i32 i64 i16 VAL i64"),
-    "write-incl64": (M.MODE_WRITE, False, False, "i32 i64 i64 i16 VAL i64"),
-    "unfuse-restore": (M.MODE_RESTORE, True, False, "i64 i64 i64 i64 i64 i64"),
-    "unfuse-restore-own": (M.MODE_RESTORE_OWN, True, False, "i64 i64 i64 i16 VAL i64"),
+    "fuse-no-record": (M.MODE_PLAIN, False, False, "i64 i64 i64 i64 i64"),
+    "fuse-no-record-check": (M.MODE_PLAIN, False, True, "i64 i64 i64 i64 i32"),
+    "unfuse-no-record": (M.MODE_PLAIN, True, False, "i64 i64 i64 i64 i64"),
+    "count": (M.MODE_COUNT, False, False, "i32 i64 i64 i64 i64"),
+    "count-check": (M.MODE_COUNT, False, True, "i32 i64 i64 i64 i32"),
+    "write-incl32": (M.MODE_WRITE, False, False, "i32 i32 i8 VAL i64"),
+    "write-incl64": (M.MODE_WRITE, False, False, "i32 i64 i8 VAL i64"),
+    "write-check": (M.MODE_WRITE, False, True, "i32 i64 i8 VAL i64"),
+    "unfuse-restore": (M.MODE_RESTORE, True, False, "i64 i64 i64 i64 i64"),
+    "unfuse-restore-own": (M.MODE_RESTORE_OWN, True, False, "i64 i64 i8 VAL i64"),
+}
+
+# the specializations a launch group gets (_Plan.spec): the general one (any rank at run time, factor dtypes per
+# factor, LyCORIS terms, 64-bit offsets, no vector access) and the one of a plain LoRA fuse (one factor dtype,
+# 32-bit offsets, 16-byte vector accesses), with an unrolled rank loop padded to the largest rank
+SPECS = {
+    "general": dict(RK=0, EXACT=False, UDT=-1, DDT=-1, TERMS=True, I64=True, WV=0, DV=0),
+    "lora": dict(RK=0, EXACT=True, UDT=2, DDT=1, TERMS=False, I64=False, WV=-1, DV=8),
+    "unrolled": dict(RK=8, EXACT=False, UDT=0, DDT=2, TERMS=False, I64=False, WV=-1, DV=8),
 }
 
 
-@pytest.mark.parametrize("target", TARGETS, ids=lambda t: f"sm{t.arch}")
-@pytest.mark.parametrize("dt", [0, 1, 2], ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("variant", sorted(MERGE_VARIANTS))
-def test_merge_kernel_compiles(target, dt, variant):
+# the general specialization on sm_80, the LoRA one on sm_90, in every dtype and mode; fp8 weights and the unrolled
+# rank loop on sm_90 only
+MERGE_CASES = ([(TARGETS[0], dt, "general", v) for dt in (0, 1, 2) for v in MERGE_VARIANTS]
+               + [(TARGETS[1], dt, "lora", v) for dt in (0, 1, 2, 3) for v in MERGE_VARIANTS]
+               + [(TARGETS[1], 1, "unrolled", v) for v in ("write-incl64", "unfuse-restore-own")])
+
+
+@pytest.mark.parametrize("target, dt, spec, variant", MERGE_CASES,
+                         ids=[f"sm{t.arch}-{['fp32', 'fp16', 'bf16', 'fp8e4m3'][d]}-{s}-{v}" for t, d, s, v in MERGE_CASES])
+def test_merge_kernel_compiles(target, dt, spec, variant):
     mode, negate, check, ptrs = MERGE_VARIANTS[variant]
     kernel = M._triton_kernel()
-    names = ["counts", "incl", "row_off", "rec_col", "rec_val", "nonfinite"]
+    names = ["counts", "incl", "rec_col", "rec_val", "nonfinite"]
     sig = {"table": "*i64", "tile_job": "*i64"}
+    bits = {**BITS, 3: "*i8"}
     for name, p in zip(names, ptrs.split()):
-        sig[name] = BITS[dt] if p == "VAL" else "*" + p
+        sig[name] = bits[dt] if p == "VAL" else "*" + p
+    sp = dict(SPECS[spec])
+    if sp["WV"] < 0:
+        sp["WV"] = 16 // {0: 4, 1: 2, 2: 2, 3: 1}[dt]
     compiled = compile_for(kernel, sig, {"NJ": M._NJ, "NP": M._NP, "DT": dt, "MODE": mode, "NEGATE": negate,
-                                         "CHECK": check, "BM": M.BLOCK_M, "BN": M.BLOCK_N, "SEG": M.SEG_COLS,
-                                         "STEPS": M.SEARCH_STEPS}, target, enable_fp_fusion=False)  # as launched
+                                         "CHECK": check, "BM": M.BLOCK_M, "BN": M.BLOCK_N, **sp}, target,
+                           enable_fp_fusion=False, num_warps=M.NUM_WARPS)  # as launched
     ptx = compiled.asm["ptx"]
     assert not contractible_fp32_ops(ptx), contractible_fp32_ops(ptx)
-    assert "fma.rn.f32" in ptx or mode == "count"  # the explicit tl.fma chain stays one rounding per step
+    assert "fma.rn.f32" in ptx  # the explicit tl.fma chain stays one rounding per step (every mode computes it)
+    if sp["WV"]:  # the weight tile is read (and written) with vector accesses
+        assert "ld.global.v" in ptx
+        assert "st.global.v" in ptx or mode == M.MODE_COUNT

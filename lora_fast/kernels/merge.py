@@ -245,18 +245,17 @@ class MergeRecord:
 
 class _GroupRecords:
     """The records of one Triton launch group (one device and dtype of one fuse call), in ONE buffer, already in
-    the CPU kernel's order: job after job, row after row (segment key after key), ascending columns.
+    the CPU kernel's order: job after job, row after row, ascending columns.
 
-    ``row_off`` (int64, every key of every job plus one) holds absolute positions into ``cols``/``vals``;
-    ``cols`` the uint16 column inside the segment (as int16), ``vals`` the original bits. Per job (in launch
-    order): ``key0``/``nkeys`` (its keys in ``row_off``), ``starts``/``ends`` (its records, host ints)."""
+    Positions come from the fuse's slot scan ``incl`` (int32/int64 per (row, tile column) slot of the plan, inclusive:
+    slot ``s`` holds records ``[incl[s - 1], incl[s])``); ``cols`` is each record's column inside its tile (uint8 as
+    int8), ``vals`` the original bits. Per job (in launch order) ``starts``/``ends``: its records (host ints)."""
 
-    __slots__ = ("row_off", "cols", "vals", "dtype", "key0", "nkeys", "starts", "ends", "shapes", "plan", "skip",
-                 "guard")
+    __slots__ = ("incl", "cols", "vals", "dtype", "starts", "ends", "shapes", "plan", "skip", "guard")
 
-    def __init__(self, row_off, cols, vals, dtype, key0, nkeys, starts, ends, shapes, plan, skip):
-        self.row_off, self.cols, self.vals, self.dtype = row_off, cols, vals, dtype
-        self.key0, self.nkeys, self.starts, self.ends, self.shapes = key0, nkeys, starts, ends, shapes
+    def __init__(self, incl, cols, vals, dtype, starts, ends, shapes, plan, skip):
+        self.incl, self.cols, self.vals, self.dtype = incl, cols, vals, dtype
+        self.starts, self.ends, self.shapes = starts, ends, shapes
         self.plan = plan  # the fuse's launch plan (its table on the device): unfuse reuses it
         self.skip = skip  # int64 per tile of the plan: 1 where the writing pass left the tile unfused (FuseCache)
         self.guard = None  # FuseGuard of a fuse at cached record positions
@@ -275,24 +274,29 @@ class _GroupRef:
 
     def nbytes(self) -> int:
         g = self.group
-        es = g.dtype.itemsize  # 4, 2, or 1 (fp8)
-        return 8 * g.nkeys[self.pos] + len(self) * (2 + es) + 8 * g.plan.tiles[self.pos]
+        tiles = g.plan.tiles[self.pos]
+        # its slots of the scan, one byte of column and the original bits per record, the skip entry per tile
+        return tiles * BLOCK_M * g.incl.element_size() + len(self) * (1 + g.dtype.itemsize) + 8 * tiles
 
     def materialize(self) -> MergeRecord:
         """This job's record as a stand-alone :class:`MergeRecord` (the CPU kernel's layout; torch operations)."""
         g, p = self.group, self.pos
         rows, cols = g.shapes[p]
-        off_dtype = torch.int64 if rows * cols >= 1 << 31 else torch.int32
         s, e = g.starts[p], g.ends[p]
         dev = g.cols.device
         if e == s:
+            off_dtype = torch.int64 if rows * cols >= 1 << 31 else torch.int32
             return MergeRecord(torch.empty(0, dtype=off_dtype, device=dev), torch.empty(0, dtype=torch.int16, device=dev),
                                torch.empty(0, dtype=g.dtype, device=dev), (rows, cols))
         if g.guard is not None and g.guard.poll(wait=True):
             raise RuntimeError("a record of a fuse that left tiles unfused (FuseCache) cannot be materialized")
-        k0, nk = g.key0[p], g.nkeys[p]
-        off = (g.row_off[k0:k0 + nk + 1] - s).to(off_dtype)
-        return MergeRecord(off, g.cols[s:e], g.vals[s:e].view(g.dtype), (rows, cols))
+        nct = -(-cols // BLOCK_N)
+        s0 = g.plan.tile0s[p] * BLOCK_M  # the job's slots: (row, tile column), row-major, rows padded to BLOCK_M
+        incl = g.incl[s0:s0 + g.plan.tiles[p] * BLOCK_M].to(torch.int64)
+        counts = torch.diff(incl, prepend=incl.new_tensor([s]))
+        slot = torch.repeat_interleave(torch.arange(incl.numel(), device=dev), counts, output_size=e - s)
+        col = (slot % nct) * BLOCK_N + (g.cols[s:e].to(torch.int64) & 0xFF)
+        return MergeRecord.from_flat((slot // nct) * cols + col, g.vals[s:e].view(g.dtype), (rows, cols))
 
 
 class RecordSet(Sequence):
@@ -350,8 +354,9 @@ def fuse(jobs, *, record: bool = True, check_finite: bool = False, abort_nonfini
 
     ``cache`` (:class:`FuseCache`, Triton backend, ``record=True``): a fuse whose key matches the cached one
     writes at the cached record positions, one launch per launch group and no host read (with ``check_finite`` or
-    ``abort_nonfinite``: the cached tables, and the counting pass with its one host read); otherwise the fuse runs
-    as usual and fills the cache when every job went to the Triton kernel."""
+    ``abort_nonfinite``: the same pass also flags non-finite jobs and the call reads the flags, its one host read; a
+    refused call then restores every weight from the records in one more pass); otherwise the fuse runs as usual and
+    fills the cache when every job went to the Triton kernel."""
     key = None
     if cache is not None:
         if record:
@@ -830,13 +835,16 @@ def _torch_run(jobs, *, negate, record, check_finite):
 # under that device:
 #
 # * one int64 table, built from Python lists and uploaded in one copy (pinned, non-blocking on CUDA): per job its
-#   weight address, shape and strides, its factors' row in the same table, its first tile and record key; per
-#   factor the addresses, strides, dtypes, rank and fp32 scale of B and A. The kernel loads the factors in their
-#   own dtype and folds the scale in as it loads them (rn32(fp32(B) * rn32(scale)), exactly what ``B.float() *
-#   scale`` gives), so no torch operation runs per job; after a job's factors, its LyCORIS terms (Term, _T_* fields:
-#   kind, fp32 scale, the tensors' addresses, strides and dtypes), added in the tile after the LoRA chain exactly as
-#   the C++ kernel's apply_terms does (LoHa: both rank chains in the tile; LoKr/full: u and v gathered per element);
-# * ``tile_job`` (tile -> job) by one repeat_interleave on the device.
+#   weight address, shape and strides, its factors' row in the same table and its first tile; per factor the
+#   addresses, strides, dtypes, rank and fp32 scale of B and A. The kernel loads the factors in their own dtype and
+#   folds the scale in as it loads them (rn32(fp32(B) * rn32(scale)), exactly what ``B.float() * scale`` gives), so
+#   no torch operation runs per job; after a job's factors, its LyCORIS terms (Term, _T_* fields: kind, fp32 scale,
+#   the tensors' addresses, strides and dtypes), added in the tile after the LoRA chain exactly as the C++ kernel's
+#   apply_terms does (LoHa: both rank chains in the tile; LoKr/full: u and v gathered per element);
+# * ``tile_job`` (tile -> job) by one repeat_interleave on the device;
+# * the kernel specialized on what the group's table allows (_Plan.spec): 32-bit offsets, the factors' one dtype,
+#   16-byte vector accesses to weight tiles and down rows, no LyCORIS code when there is no term. The general
+#   variant (any of these unknown) gives the same bits, with more registers and scalar accesses.
 #
 # Fuse with records (two passes, no sort, no overflow):
 #   pass 1 (MODE 1): per tile, delta, rn(W + delta), rn(W' - delta) and the elements needing a record; writes the
@@ -845,19 +853,27 @@ def _torch_run(jobs, *, negate, record, check_finite):
 #     job, row after row, tile column after tile column, which is the CPU kernel's record order;
 #   one host read per device: each job's record end and the non-finite flags (the only synchronization);
 #   the record buffers are allocated at their exact size; with ``abort_nonfinite`` and a flag, nothing more runs;
-#   pass 2 (MODE 2): the same tile computation, W written, each record written in its final place, and the first
-#     tile of each row segment writes that row's offset.
-# Fuse without records: MODE 0 (one pass). Unfuse: MODE 3, one pass that computes rn(W' - delta) and, in the same
-# tile, puts back the recorded elements of its rows (binary search of the tile's first column in each row's
-# records, then one masked select per record of the row inside the tile), as the CPU kernel's restore list does.
+#   pass 2 (MODE 2): the same tile computation, W written, each record (its column inside the tile, one byte, and
+#     the original bits) written in its final place. The scan stays with the record: it is the record's index.
+# Fuse without records: MODE 0 (one pass). Unfuse: MODE 4 (the fuse's own table) or MODE 3 (records named per job),
+# one pass that stores rn(W' - delta) and then, after a block barrier, the tile's recorded elements over it: each
+# row's records are [incl[slot - 1], incl[slot]), one gather and one scatter, no search (the CPU kernel's restore
+# list does the same per row).
 
 _TRITON = None
-BLOCK_M, BLOCK_N = 32, 64
-SEARCH_STEPS = 17  # binary search over one row segment's records (at most SEG_COLS = 2^16)
+# a tile of BLOCK_M rows x BLOCK_N columns per program, NUM_WARPS warps; BLOCK_N <= 256 (a record's column inside its
+# tile is one byte). Overridable for tuning runs (LORA_FAST_MERGE_TILE="32x128x4"); records are only valid with the
+# configuration that made them, so it is read once, at import.
+BLOCK_M, BLOCK_N, NUM_WARPS = (int(v) for v in os.environ.get("LORA_FAST_MERGE_TILE", "32x128x16").split("x"))
+if not (BLOCK_N <= 256 and all(v > 0 and v & (v - 1) == 0 for v in (BLOCK_M, BLOCK_N, NUM_WARPS))):
+    raise ValueError("LORA_FAST_MERGE_TILE: rows x columns x warps, powers of two, columns at most 256")
+RANK_UNROLL_MAX = int(os.environ.get("LORA_FAST_MERGE_UNROLL", "0"))  # unroll the rank loop up to this rank
 # job table fields
-(_J_W, _J_ROWS, _J_COLS, _J_SR, _J_SC, _J_PART, _J_NPART, _J_TILE0, _J_KEY0, _J_NSEG, _J_HAS, _J_RO, _J_RC,
- _J_RV, _J_SK, _J_ST, _J_TERM, _J_NTERM) = range(18)
-_NJ = 18
+# (_J_HAS: 0 no record to put back, 1/2 the record's slot scan _J_RO is int32/int64; _J_ST: the job's first tile in
+# the plan of the fuse that made the record)
+(_J_W, _J_ROWS, _J_COLS, _J_SR, _J_SC, _J_PART, _J_NPART, _J_TILE0, _J_HAS, _J_RO, _J_RC, _J_RV, _J_SK, _J_ST,
+ _J_TERM, _J_NTERM) = range(16)
+_NJ = 16
 # factor table fields
 _P_UP, _P_USR, _P_USK, _P_UDT, _P_DN, _P_DSK, _P_DSC, _P_DDT, _P_RANK, _P_SCALE = range(10)
 _NP = 10
@@ -922,8 +938,7 @@ def _upload(values: array.array, device: torch.device) -> torch.Tensor:
 
 def _triton_kernel():
     global _TRITON, triton, tl, _f16_bits_to_f32, _bf16_bits_to_f32, _decode, _encode, _sum_odd_tl, _add_round, \
-        _load_factor, \
-        _broadcast_mask, _restore
+        _load_factor, _load_down, _ix, _broadcast_mask, _put_back
     if _TRITON is not None:
         return _TRITON
     import triton
@@ -1011,8 +1026,15 @@ def _triton_kernel():
         return h
 
     @triton.jit
-    def _load_factor(addr, off, mask, fdt):  # a factor's elements in fp32 (exact), its dtype chosen at run time
-        if fdt == 0:
+    def _load_factor(addr, off, mask, FDT: tl.constexpr, fdt):
+        """A factor's elements in fp32 (exact): FDT its dtype code known at compile time, or -1: ``fdt``'s at run time."""
+        if FDT == 0:
+            v = tl.load(addr.to(tl.pointer_type(tl.float32)) + off, mask=mask, other=0.0)
+        elif FDT == 1:
+            v = _f16_bits_to_f32(tl.load(addr.to(tl.pointer_type(tl.int16)) + off, mask=mask, other=0))
+        elif FDT == 2:
+            v = _bf16_bits_to_f32(tl.load(addr.to(tl.pointer_type(tl.int16)) + off, mask=mask, other=0))
+        elif fdt == 0:
             v = tl.load(addr.to(tl.pointer_type(tl.float32)) + off, mask=mask, other=0.0)
         else:
             b = tl.load(addr.to(tl.pointer_type(tl.int16)) + off, mask=mask, other=0)
@@ -1023,132 +1045,91 @@ def _triton_kernel():
         return v
 
     @triton.jit
+    def _load_down(dn, dsk, dsc, k, offs_n, mask, DDT: tl.constexpr, ddt, DV: tl.constexpr):
+        """Row k of a down factor over the tile's columns, fp32; DV > 0: unit column stride and 16-byte aligned rows of
+        DV elements (DDT is then known), so each thread's columns come in one vector load."""
+        if DV > 0:
+            row = k * ((dsk // DV) * DV)  # dsk is a multiple of DV (checked on the host): the compiler sees it so
+            if DDT == 0:
+                v = tl.load(tl.multiple_of(dn.to(tl.pointer_type(tl.float32)), 16) + row + offs_n, mask=mask, other=0.0)
+            elif DDT == 1:
+                v = _f16_bits_to_f32(tl.load(tl.multiple_of(dn.to(tl.pointer_type(tl.int16)), 16) + row + offs_n,
+                                             mask=mask, other=0))
+            else:
+                v = _bf16_bits_to_f32(tl.load(tl.multiple_of(dn.to(tl.pointer_type(tl.int16)), 16) + row + offs_n,
+                                              mask=mask, other=0))
+        else:
+            v = _load_factor(dn, k * dsk + offs_n * dsc, mask, DDT, ddt)
+        return v
+
+    @triton.jit
+    def _ix(x, I64: tl.constexpr):  # an element offset or count in the index type of the launch
+        if I64:
+            r = x.to(tl.int64)
+        else:
+            r = x.to(tl.int32)
+        return r
+
+    @triton.jit
     def _broadcast_mask(m, cond):  # m & cond for a scalar cond, by arithmetic (the interpreter mis-types bool & bool)
         return m & ((m.to(tl.int32) * 0 + cond.to(tl.int32)) != 0)
 
     @triton.jit
-    def _restore(h, ro, rc, rv, key0, nseg, tc, offs_m, mm, ar_n, BN: tl.constexpr, SEG: tl.constexpr,
-                 STEPS: tl.constexpr):
-        """h with the recorded elements of this tile's rows put back (ro: absolute row offsets, rc: 16-bit columns
-        inside the segment, ascending per row, rv: original bits)."""
-        seg = (tc * BN) // SEG
-        c0 = tc * BN - seg * SEG  # the tile's first column inside its segment
-        keys = key0 + offs_m * nseg + seg
-        lo = tl.load(ro + keys, mask=mm, other=0)
-        hi = tl.load(ro + keys + 1, mask=mm, other=0)
-        # first record of each row at or after column c0 (columns ascend within a row segment)
-        lo_b = lo
-        hi_b = hi
-        for _ in range(STEPS):
-            act = lo_b < hi_b
-            mid = (lo_b + hi_b) // 2
-            cm = tl.load(rc + mid, mask=act, other=0).to(tl.int64) & 0xFFFF
-            right = act & (cm < c0)
-            lo_b = tl.where(right, mid + 1, lo_b)
-            hi_b = tl.where(act & (cm >= c0), mid, hi_b)
-        n = tl.minimum(hi - lo_b, BN)  # at most BN of them fall in this tile
-        nmax = tl.max(n, axis=0)
-        for q in range(0, nmax):
-            v = q < n
-            pc = (tl.load(rc + lo_b + q, mask=v, other=0).to(tl.int64) & 0xFFFF) - c0
-            pv = tl.load(rv + lo_b + q, mask=v, other=0)
-            hit = v[:, None] & (pc[:, None] == ar_n[None, :])
-            h = tl.where(hit, pv[:, None], h)
-        return h
+    def _put_back(wp, sr, sc, incl, rc, rv, slots, rows_ok, offs_m, tc, ar_n, BN: tl.constexpr):
+        """Stores the recorded original elements of this tile's slots (row, tile column) over the tile: slot s holds
+        records [incl[s - 1], incl[s]) with the column inside the tile in ``rc`` (uint8) and the bits in ``rv``.
+        One gather and one scatter, no search: the record positions are the fuse's slot scan."""
+        end = tl.load(incl + slots, mask=rows_ok, other=0)
+        start = tl.load(incl + slots - 1, mask=rows_ok & (slots > 0), other=0)
+        n = end - start  # at most BN
+        v = (ar_n[None, :] < n[:, None]) & rows_ok[:, None]
+        pos = start[:, None] + ar_n[None, :]
+        col = tc * BN + (tl.load(rc + pos, mask=v, other=0).to(tl.int32) & 0xFF)
+        val = tl.load(rv + pos, mask=v, other=0)
+        tl.store(wp + offs_m[:, None] * sr + col * sc, val, mask=v)
 
     @triton.jit
-    def _merge_tiles(table, tile_job, counts, incl, row_off, rec_col, rec_val, nonfinite,
+    def _merge_tiles(table, tile_job, counts, incl, rec_col, rec_val, nonfinite,
                      NJ: tl.constexpr, NP: tl.constexpr, DT: tl.constexpr, MODE: tl.constexpr,
                      NEGATE: tl.constexpr, CHECK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                     SEG: tl.constexpr, STEPS: tl.constexpr):
-        pid = tl.program_id(0).to(tl.int64)
+                     RK: tl.constexpr, EXACT: tl.constexpr, UDT: tl.constexpr, DDT: tl.constexpr,
+                     TERMS: tl.constexpr, I64: tl.constexpr, WV: tl.constexpr, DV: tl.constexpr):
+        # RK > 0: every factor's rank is at most RK (EXACT: equal to it) and the rank loop is unrolled, so the
+        # factor loads of all steps can be issued ahead of the FMA chain (whose order stays k = 0, 1, ...).
+        # UDT/DDT: the up/down factors' dtype code when the launch group has one, else -1 (per factor at run time).
+        # TERMS: some job has LyCORIS terms. I64: element offsets need 64 bits (else 32: fewer registers).
+        # WV > 0: every weight view has unit column stride, 16-byte aligned rows and a column count that is a multiple
+        # of 16 bytes (WV elements), so its tiles are read and written with 16-byte vector accesses; DV > 0: the same
+        # for the down factors' rows (one vector load per thread and rank step instead of one load per element).
+        pid = tl.program_id(0)
         if MODE == 4:  # tile_job starts at a job's first tile (a step's jobs inside the fuse's table)
-            t = tl.load(table + tl.load(tile_job).to(tl.int64) * NJ + 7) + pid
+            t = _ix(tl.load(table + tl.load(tile_job).to(tl.int64) * NJ + 7), I64) + pid
         else:
-            t = pid
+            t = _ix(pid, I64)
         j = tl.load(tile_job + pid).to(tl.int64)
         jrow = table + j * NJ
-        rows = tl.load(jrow + 1)
-        cols = tl.load(jrow + 2)
-        sr = tl.load(jrow + 3)
-        sc = tl.load(jrow + 4)
+        rows = _ix(tl.load(jrow + 1), I64)
+        cols = _ix(tl.load(jrow + 2), I64)
+        sr = _ix(tl.load(jrow + 3), I64)
+        sc = _ix(tl.load(jrow + 4), I64)
+        if WV > 0:  # both are multiples of WV (checked on the host); written so, the compiler knows it (a hint on a
+            # scalar, tl.multiple_of, is lost on some Triton versions)
+            sr = (sr // WV) * WV
+            cols = (cols // WV) * WV
         p0 = tl.load(jrow + 5)
         npart = tl.load(jrow + 6)
-        tile0 = tl.load(jrow + 7)
+        tile0 = _ix(tl.load(jrow + 7), I64)
         local = t - tile0
         nct = (cols + BN - 1) // BN
         tr = local // nct
         tc = local - tr * nct
-        ar_m = tl.arange(0, BM).to(tl.int64)
-        ar_n = tl.arange(0, BN).to(tl.int64)
+        ar_m = _ix(tl.arange(0, BM), I64)
+        ar_n = _ix(tl.arange(0, BN), I64)
         offs_m = tr * BM + ar_m
         offs_n = tc * BN + ar_n
         mm = offs_m < rows
         mn = offs_n < cols
         mask = mm[:, None] & mn[None, :]
-
-        # delta: one fp32 FMA chain over the concatenated rank, factor after factor, from +0
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for p in range(0, npart):
-            prow = table + p0 + p * NP
-            up = tl.load(prow + 0)
-            usr = tl.load(prow + 1)
-            usk = tl.load(prow + 2)
-            udt = tl.load(prow + 3)
-            dn = tl.load(prow + 4)
-            dsk = tl.load(prow + 5)
-            dsc = tl.load(prow + 6)
-            ddt = tl.load(prow + 7)
-            rank = tl.load(prow + 8)
-            s = tl.load(prow + 9).to(tl.int32).to(tl.float32, bitcast=True)
-            for k in range(0, rank):
-                a = _load_factor(up, offs_m * usr + k * usk, mm, udt) * s
-                b = _load_factor(dn, k * dsk + offs_n * dsc, mn, ddt)
-                acc = tl.fma(a[:, None], b[None, :], acc)
-
-        # LyCORIS terms after the LoRA chain, in order, as the C++ kernel's apply_terms: acc = fma(rn32(u·s), v, acc)
-        t0 = tl.load(jrow + 16)
-        nterm = tl.load(jrow + 17)
-        for q in range(0, nterm):
-            trow = table + t0 + q * 20  # _NT fields per term
-            kind = tl.load(trow + 0)
-            ts = tl.load(trow + 1).to(tl.int32).to(tl.float32, bitcast=True)
-            pa = tl.load(trow + 2)
-            as0 = tl.load(trow + 3)
-            as1 = tl.load(trow + 4)
-            adt = tl.load(trow + 5)
-            na = tl.load(trow + 10)
-            pc = tl.load(trow + 11)
-            cs0 = tl.load(trow + 12)
-            cs1 = tl.load(trow + 13)
-            cdt = tl.load(trow + 14)
-            nb = tl.load(trow + 19)
-            if kind == 1:  # LoHa: u = A·B and v = C·D, each one fp32 FMA chain over its rank from +0, in the tile
-                pb = tl.load(trow + 6)
-                bs0 = tl.load(trow + 7)
-                bs1 = tl.load(trow + 8)
-                bdt = tl.load(trow + 9)
-                pd = tl.load(trow + 15)
-                ds0 = tl.load(trow + 16)
-                ds1 = tl.load(trow + 17)
-                ddt2 = tl.load(trow + 18)
-                tu = tl.zeros((BM, BN), dtype=tl.float32)
-                for k in range(0, na):
-                    a = _load_factor(pa, offs_m * as0 + k * as1, mm, adt)
-                    b = _load_factor(pb, k * bs0 + offs_n * bs1, mn, bdt)
-                    tu = tl.fma(a[:, None], b[None, :], tu)
-                tv = tl.zeros((BM, BN), dtype=tl.float32)
-                for k in range(0, nb):
-                    a = _load_factor(pc, offs_m * cs0 + k * cs1, mm, cdt)
-                    b = _load_factor(pd, k * ds0 + offs_n * ds1, mn, ddt2)
-                    tv = tl.fma(a[:, None], b[None, :], tv)
-                acc = tl.fma(tu * ts, tv, acc)
-            else:  # LoKr / full diff: u[i // vm, j // vn] paired with v[i % vm, j % vn], v in its own dtype
-                iu = offs_m // na
-                ju = offs_n // nb
-                u = _load_factor(pa, iu[:, None] * as0 + ju[None, :] * as1, mask, adt)
-                v = _load_factor(pc, (offs_m - iu * na)[:, None] * cs0 + (offs_n - ju * nb)[None, :] * cs1, mask, cdt)
-                acc = tl.fma(u * ts, v, acc)
 
         if DT == 0:
             wp = tl.load(jrow + 0).to(tl.pointer_type(tl.int32))
@@ -1156,74 +1137,157 @@ def _triton_kernel():
             wp = tl.load(jrow + 0).to(tl.pointer_type(tl.int8))
         else:
             wp = tl.load(jrow + 0).to(tl.pointer_type(tl.int16))
-        wptr = wp + offs_m[:, None] * sr + offs_n[None, :] * sc
+        if WV > 0:
+            wptr = tl.multiple_of(wp, 16) + offs_m[:, None] * sr + offs_n[None, :]
+        else:
+            wptr = wp + offs_m[:, None] * sr + offs_n[None, :] * sc
         wbits = tl.load(wptr, mask=mask, other=0)
+
+        # delta: one fp32 FMA chain over the concatenated rank, factor after factor, from +0. The zeros are made from
+        # the weight tile (an expression the compiler cannot fold before it lays out the tensors) so that the chain
+        # runs in the weight tile's layout: each thread then holds a run of contiguous columns, and a rank step costs
+        # it one up load and one vector load of the down row instead of one load per element and a layout conversion
+        acc = ((wbits.to(tl.int32) & 0xFFFF) >> 16).to(tl.float32)
+        for p in range(0, npart):
+            prow = table + p0 + p * NP
+            up = tl.load(prow + 0)
+            usr = _ix(tl.load(prow + 1), I64)
+            usk = _ix(tl.load(prow + 2), I64)
+            udt = tl.load(prow + 3)
+            dn = tl.load(prow + 4)
+            dsk = _ix(tl.load(prow + 5), I64)
+            dsc = _ix(tl.load(prow + 6), I64)
+            ddt = tl.load(prow + 7)
+            rank = tl.load(prow + 8)
+            s = tl.load(prow + 9).to(tl.int32).to(tl.float32, bitcast=True)
+            if RK == 0:
+                for k in range(0, rank):
+                    a = _load_factor(up, offs_m * usr + k * usk, mm, UDT, udt) * s
+                    b = _load_down(dn, dsk, dsc, k, offs_n, mn, DDT, ddt, DV)
+                    acc = tl.fma(a[:, None], b[None, :], acc)
+            elif EXACT:
+                for k in tl.static_range(RK):
+                    a = _load_factor(up, offs_m * usr + k * usk, mm, UDT, udt) * s
+                    b = _load_down(dn, dsk, dsc, k, offs_n, mn, DDT, ddt, DV)
+                    acc = tl.fma(a[:, None], b[None, :], acc)
+            else:
+                for k in tl.static_range(RK):
+                    a = _load_factor(up, offs_m * usr + k * usk, _broadcast_mask(mm, k < rank), UDT, udt) * s
+                    b = _load_down(dn, dsk, dsc, k, offs_n, _broadcast_mask(mn, k < rank), DDT, ddt, DV)
+                    if k < rank:
+                        acc = tl.fma(a[:, None], b[None, :], acc)
+
+        if TERMS:
+            # LyCORIS terms after the LoRA chain, in order, as the C++ kernel's apply_terms: acc = fma(rn32(u·s), v, acc)
+            t0 = tl.load(jrow + 14)
+            nterm = tl.load(jrow + 15)
+            for q in range(0, nterm):
+                trow = table + t0 + q * 20  # _NT fields per term
+                kind = tl.load(trow + 0)
+                ts = tl.load(trow + 1).to(tl.int32).to(tl.float32, bitcast=True)
+                pa = tl.load(trow + 2)
+                as0 = _ix(tl.load(trow + 3), I64)
+                as1 = _ix(tl.load(trow + 4), I64)
+                adt = tl.load(trow + 5)
+                na = _ix(tl.load(trow + 10), I64)
+                pc = tl.load(trow + 11)
+                cs0 = _ix(tl.load(trow + 12), I64)
+                cs1 = _ix(tl.load(trow + 13), I64)
+                cdt = tl.load(trow + 14)
+                nb = _ix(tl.load(trow + 19), I64)
+                if kind == 1:  # LoHa: u = A·B and v = C·D, each one fp32 FMA chain over its rank from +0, in the tile
+                    pb = tl.load(trow + 6)
+                    bs0 = _ix(tl.load(trow + 7), I64)
+                    bs1 = _ix(tl.load(trow + 8), I64)
+                    bdt = tl.load(trow + 9)
+                    pd = tl.load(trow + 15)
+                    ds0 = _ix(tl.load(trow + 16), I64)
+                    ds1 = _ix(tl.load(trow + 17), I64)
+                    ddt2 = tl.load(trow + 18)
+                    tu = tl.zeros((BM, BN), dtype=tl.float32)
+                    for k in range(0, na):
+                        a = _load_factor(pa, offs_m * as0 + k * as1, mm, -1, adt)
+                        b = _load_factor(pb, k * bs0 + offs_n * bs1, mn, -1, bdt)
+                        tu = tl.fma(a[:, None], b[None, :], tu)
+                    tv = tl.zeros((BM, BN), dtype=tl.float32)
+                    for k in range(0, nb):
+                        a = _load_factor(pc, offs_m * cs0 + k * cs1, mm, -1, cdt)
+                        b = _load_factor(pd, k * ds0 + offs_n * ds1, mn, -1, ddt2)
+                        tv = tl.fma(a[:, None], b[None, :], tv)
+                    acc = tl.fma(tu * ts, tv, acc)
+                else:  # LoKr / full diff: u[i // vm, j // vn] paired with v[i % vm, j % vn], v in its own dtype
+                    iu = offs_m // na
+                    ju = offs_n // nb
+                    u = _load_factor(pa, iu[:, None] * as0 + ju[None, :] * as1, mask, -1, adt)
+                    v = _load_factor(pc, (offs_m - iu * na)[:, None] * cs0 + (offs_n - ju * nb)[None, :] * cs1, mask,
+                                     -1, cdt)
+                    acc = tl.fma(u * ts, v, acc)
+
         x = _decode(wbits, DT)
         if NEGATE:
             h = _add_round(x, -acc, DT)
         else:
             h = _add_round(x, acc, DT)
 
+        slots = tile0 * BM + offs_m * nct + tc  # (row, tile column) slots of this job, row-major
         if MODE == 1 or MODE == 2:
             r = _add_round(_decode(h, DT), -acc, DT)
             d = ((r != wbits) & mask).to(tl.int32)
-            slots = tile0 * BM + offs_m * nct + tc  # (row, tile column) slots of this job, row-major
             if MODE == 1:
                 tl.store(counts + slots, tl.sum(d, axis=1))
             else:
                 # each slot's records go to [incl[slot - 1], incl[slot]): the scan of this fuse's counting pass, or
                 # the one a FuseCache kept. A row whose count differs from its slot's (weights changed since the
-                # scan was made, behind torch's back) makes the whole tile write nothing: no weight, no record outside
-                # its slots; the tile is marked in ``nonfinite`` (here the skip array: per tile, 0 or 1) and unfuse
-                # leaves it alone, so the round trip stays exact and the mismatch is reported (FuseCache).
-                end = tl.load(incl + slots).to(tl.int64)
-                start = tl.load(incl + slots - 1, mask=slots > 0, other=0).to(tl.int64)
+                # scan was made, behind torch's back) makes the whole tile write nothing: no weight, no record; the
+                # tile is marked in ``nonfinite`` (here the skip array: per tile, 0 or 1) and unfuse leaves it
+                # alone, so the round trip stays exact and the mismatch is reported (FuseCache).
+                end = tl.load(incl + slots)
+                start = tl.load(incl + slots - 1, mask=slots > 0, other=0)
                 expect = end - start
-                nbad = tl.sum(((tl.sum(d, axis=1).to(tl.int64) != expect) & mm).to(tl.int32), axis=0)
-                pos = (tl.cumsum(d, axis=1) - d).to(tl.int64)
-                dst = start[:, None] + pos
+                nbad = tl.sum(((tl.sum(d, axis=1) != expect) & mm).to(tl.int32), axis=0)
+                dst = start[:, None] + (tl.cumsum(d, axis=1) - d)
                 keep = _broadcast_mask(d != 0, nbad == 0)
-                colv = (offs_n % SEG).to(tl.int16)
-                tl.store(rec_col + dst, colv[None, :] + tl.zeros((BM, BN), dtype=tl.int16), mask=keep)
+                tl.store(rec_col + dst, ar_n.to(tl.int8)[None, :] + tl.zeros((BM, BN), dtype=tl.int8), mask=keep)
                 tl.store(rec_val + dst, wbits, mask=keep)
-                # a skipped tile fills its slots with its first column: the columns of every row stay ascending for
-                # the other tiles' binary search, and no other tile's restore can match them
-                seg = (tc * BN) // SEG
-                c0 = ((tc * BN) - seg * SEG).to(tl.int16)
-                fill = _broadcast_mask(ar_n[None, :] < expect[:, None], nbad > 0)
-                tl.store(rec_col + start[:, None] + ar_n[None, :], c0 + tl.zeros((BM, BN), dtype=tl.int16), mask=fill)
                 tl.store(nonfinite + t, nbad.to(tl.int64))
                 wmask = _broadcast_mask(mask, nbad == 0)
-                # the first tile of a row segment gives each of its rows' offset
-                first = (tc * BN) - seg * SEG == 0
-                key0 = tl.load(jrow + 8)
-                nseg = tl.load(jrow + 9)
-                tl.store(row_off + key0 + offs_m * nseg + seg, start, mask=_broadcast_mask(mm, first))
 
         if MODE == 0:
             wmask = mask
-        if MODE == 3:  # records named per job in the table (any number of record buffers)
-            skipped = local * 0
-            if tl.load(jrow + 10) != 0:
-                ro = tl.load(jrow + 11).to(tl.pointer_type(tl.int64))
-                rc = tl.load(jrow + 12).to(tl.pointer_type(tl.int16))
-                if DT == 0:
-                    rv = tl.load(jrow + 13).to(tl.pointer_type(tl.int32))
-                elif DT >= 3:
-                    rv = tl.load(jrow + 13).to(tl.pointer_type(tl.int8))
-                else:
-                    rv = tl.load(jrow + 13).to(tl.pointer_type(tl.int16))
-                h = _restore(h, ro, rc, rv, tl.load(jrow + 8), tl.load(jrow + 9), tc, offs_m, mm, ar_n, BN, SEG, STEPS)
-                sk = tl.load(jrow + 14)
-                if sk != 0:  # the fuse's skip array: a tile it left unfused is left alone
-                    skipped = tl.load(sk.to(tl.pointer_type(tl.int64)) + tl.load(jrow + 15) + local)
+        if MODE == 3 or MODE == 4:
+            if MODE == 3:  # records named per job in the table (any number of record buffers)
+                skipped = tl.load(jrow + 12) * 0
+                has = tl.load(jrow + 8)  # 0: no record, 1/2: the record's slot scan is int32/int64
+                if has != 0:
+                    sk = tl.load(jrow + 12)
+                    if sk != 0:  # the fuse's skip array: a tile it left unfused is left alone
+                        skipped = tl.load(sk.to(tl.pointer_type(tl.int64)) + tl.load(jrow + 13) + local)
+            else:  # the fuse's own table and record buffer (and its skip array in ``nonfinite``)
+                skipped = tl.load(nonfinite + t)
             wmask = _broadcast_mask(mask, skipped == 0)
-        if MODE == 4:  # the fuse's own table and record buffer (and its skip array in ``nonfinite``)
-            h = _restore(h, row_off, rec_col, rec_val, tl.load(jrow + 8), tl.load(jrow + 9), tc, offs_m, mm, ar_n,
-                         BN, SEG, STEPS)
-            wmask = _broadcast_mask(mask, tl.load(nonfinite + t) == 0)
-
-        if MODE != 1:
+            tl.store(wptr, h, mask=wmask)
+            # the recorded elements overwrite their rounded subtraction: after the barrier every store above is
+            # visible to the whole block, so the later store of a recorded element wins
+            tl.debug_barrier()
+            rows_ok = _broadcast_mask(mm, skipped == 0)
+            if MODE == 4:
+                _put_back(wp, sr, sc, incl, rec_col, rec_val, slots, rows_ok, offs_m, tc, ar_n, BN)
+            elif has != 0:
+                rslots = _ix(tl.load(jrow + 13), I64) * BM + offs_m * nct + tc  # slots in the fuse's own plan
+                rc = tl.load(jrow + 10).to(tl.pointer_type(tl.int8))
+                if DT == 0:
+                    rv = tl.load(jrow + 11).to(tl.pointer_type(tl.int32))
+                elif DT >= 3:
+                    rv = tl.load(jrow + 11).to(tl.pointer_type(tl.int8))
+                else:
+                    rv = tl.load(jrow + 11).to(tl.pointer_type(tl.int16))
+                if has == 1:
+                    _put_back(wp, sr, sc, tl.load(jrow + 9).to(tl.pointer_type(tl.int32)), rc, rv, rslots, rows_ok,
+                              offs_m, tc, ar_n, BN)
+                else:
+                    _put_back(wp, sr, sc, tl.load(jrow + 9).to(tl.pointer_type(tl.int64)), rc, rv, rslots, rows_ok,
+                              offs_m, tc, ar_n, BN)
+        elif MODE != 1:
             tl.store(wptr, h, mask=wmask)
         if CHECK:
             h32 = h.to(tl.int32)
@@ -1242,7 +1306,10 @@ def _triton_kernel():
             else:
                 bad = (h32 & 0x7F80) == 0x7F80
             nbad = tl.sum(tl.reshape((bad & mask).to(tl.int32), [BM * BN]), axis=0)
-            tl.atomic_max(nonfinite + j, 1, mask=nbad > 0)
+            if MODE == 2:  # ``nonfinite`` is the skip array there: the flags go to ``counts`` (unused otherwise)
+                tl.atomic_max(counts + j, 1, mask=nbad > 0)
+            else:
+                tl.atomic_max(nonfinite + j, 1, mask=nbad > 0)
 
     _TRITON = _merge_tiles
     return _TRITON
@@ -1277,7 +1344,8 @@ def _term_row(t: Term) -> tuple:
 
 
 class _Plan:
-    """One (device, dtype) launch group: its jobs' table on the device and the tile bookkeeping."""
+    """One (device, dtype) launch group: its jobs' table on the device, the tile bookkeeping, and the compile-time
+    facts the kernel is specialized on (rank bound, factor dtypes, LyCORIS terms, index width)."""
 
     def __init__(self, jobs, idxs, device, dtype, restore=None):
         self.idxs, self.device, self.dtype = idxs, device, dtype
@@ -1286,8 +1354,13 @@ class _Plan:
         parts: list = []
         tiles: list = []
         end_slot: list = []
-        self.key0, self.nkeys, self.shapes, self.legacy = [], [], [], []
-        tile_acc = key_acc = 0
+        self.shapes, self.legacy = [], []
+        tile_acc = 0
+        ranks, udts, ddts = set(), set(), set()
+        extent = 0  # the largest element offset any load or store of the launch makes
+        has_terms = False
+        wvec = 16 // dtype.itemsize  # weight elements per 16 bytes
+        w_aligned = d_aligned = True  # every weight view / down factor allows 16-byte vector accesses
         part_base = _NJ * n
         codes = _DTYPE_CODE
         for q, i in enumerate(idxs):
@@ -1298,7 +1371,9 @@ class _Plan:
             else:
                 (rows, cols), (sr, sc) = w.shape, w.stride()
             ntiles = -(-rows // BLOCK_M) * -(-cols // BLOCK_N) if rows and cols else 0
-            nseg = 1 if cols <= SEG_COLS else -(-cols // SEG_COLS)
+            extent = max(extent, _extent(rows + BLOCK_M, cols + BLOCK_N, sr, sc))
+            w_aligned = w_aligned and (sc == 1 or cols == 1) and sr % wvec == 0 and cols % wvec == 0 \
+                and w.data_ptr() % 16 == 0
             if job.factors is not None:
                 fs = job.factors
             else:
@@ -1308,35 +1383,50 @@ class _Plan:
                 up, dn = f.up, f.down
                 parts += (up.data_ptr(), f.up_strides[0], f.up_strides[1], codes[up.dtype], dn.data_ptr(),
                           f.down_strides[0], f.down_strides[1], codes[dn.dtype], f.rank, _f32_bits(f.scale))
+                ranks.add(f.rank)
+                udts.add(up.dtype)
+                ddts.add(dn.dtype)
+                extent = max(extent, _extent(rows + BLOCK_M, f.rank, *f.up_strides),
+                             _extent(f.rank, cols + BLOCK_N, *f.down_strides))
+                dk, dc = f.down_strides
+                d_aligned = d_aligned and (dc == 1 or cols == 1) and dk % (16 // dn.element_size()) == 0 \
+                    and dn.data_ptr() % 16 == 0
             t_at = part_base + len(parts)
             terms = job.terms or ()
             for tm in terms:
                 parts += _term_row(tm)
+                has_terms = True
+                extent = max(extent, *(_span(x) for x in tm.tensors()))
             rec = restore[q] if restore is not None else None
             if isinstance(rec, _GroupRef):
                 g = rec.group
-                jt += (w.data_ptr(), rows, cols, sr, sc, p_at, len(fs), tile_acc, g.key0[rec.pos], nseg, 1,
-                       g.row_off.data_ptr(), g.cols.data_ptr(), g.vals.data_ptr(), g.skip.data_ptr(),
-                       g.plan.tile0s[rec.pos], t_at, len(terms))
+                jt += (w.data_ptr(), rows, cols, sr, sc, p_at, len(fs), tile_acc,
+                       2 if g.incl.dtype == torch.int64 else 1, g.incl.data_ptr(), g.cols.data_ptr(),
+                       g.vals.data_ptr(), g.skip.data_ptr(), g.plan.tile0s[rec.pos], t_at, len(terms))
+                extent = max(extent, g.plan.n_tiles * BLOCK_M)
             else:
                 if rec is not None and len(rec):
                     self.legacy.append((q, rec))  # a stand-alone MergeRecord: scattered after the pass
-                jt += (w.data_ptr(), rows, cols, sr, sc, p_at, len(fs), tile_acc, key_acc, nseg, 0, 0, 0, 0, 0, 0,
-                       t_at, len(terms))
+                jt += (w.data_ptr(), rows, cols, sr, sc, p_at, len(fs), tile_acc, 0, 0, 0, 0, 0, 0, t_at, len(terms))
             tiles.append(ntiles)
             end_slot.append(max(0, (tile_acc + ntiles) * BLOCK_M - 1))
-            self.key0.append(key_acc)
-            nk = rows * nseg if ntiles else 0
-            self.nkeys.append(nk)
             self.shapes.append((rows, cols))
             tile_acc += ntiles
-            key_acc += nk
-        self.n, self.n_tiles, self.n_keys = n, tile_acc, key_acc
+        self.n, self.n_tiles = n, tile_acc
         self.jobs = [jobs[i] for i in idxs]
         self.tile0s = [acc - t for acc, t in zip(_running(tiles), tiles)]
         self.tiles = tiles
         self.numel = sum(r * c for r, c in self.shapes)
         self.has_tiles = [t > 0 for t in tiles]
+        rk = max(ranks, default=0)
+        self.spec = dict(
+            RK=rk if 0 < rk <= RANK_UNROLL_MAX else 0, EXACT=len(ranks) == 1,
+            UDT=codes[udts.pop()] if len(udts) == 1 else -1, DDT=codes[ddts.pop()] if len(ddts) == 1 else -1,
+            TERMS=has_terms, I64=max(extent, tile_acc * BLOCK_M + BLOCK_M) >= 1 << 31,
+            WV=wvec if w_aligned else 0)
+        self.spec["DV"] = 16 // 4 if self.spec["DDT"] == 0 else 16 // 2
+        if not (d_aligned and ranks and self.spec["DDT"] >= 0):
+            self.spec["DV"] = 0
         # one upload: [jobs | factors | tiles per job | last slot per job]
         self.tiles_at = len(jt) + len(parts)
         self.end_at = self.tiles_at + n
@@ -1347,17 +1437,27 @@ class _Plan:
         if self.n_tiles:
             self.tile_job = torch.repeat_interleave(self.table[self.tiles_at:self.end_at], output_size=self.n_tiles)
 
-    def launch(self, kernel, mode, *, negate=False, check=False, counts=None, incl=None, row_off=None, rec_col=None,
-               rec_val=None, nonfinite=None) -> None:
+    def launch(self, kernel, mode, *, negate=False, check=False, counts=None, incl=None, rec_col=None, rec_val=None,
+               nonfinite=None, grid=None, tile_job=None) -> None:
         if not self.n_tiles:
             return
         dummy = self.table
-        _launch(kernel, (self.n_tiles,), self.table, self.tile_job, dummy if counts is None else counts,
-                dummy if incl is None else incl, dummy if row_off is None else row_off,
+        _launch(kernel, grid or (self.n_tiles,), self.table, self.tile_job if tile_job is None else tile_job,
+                dummy if counts is None else counts, dummy if incl is None else incl,
                 dummy if rec_col is None else rec_col, dummy if rec_val is None else rec_val,
                 dummy if nonfinite is None else nonfinite,
                 NJ=_NJ, NP=_NP, DT=_WEIGHT_CODE[self.dtype], MODE=mode, NEGATE=bool(negate), CHECK=bool(check),
-                BM=BLOCK_M, BN=BLOCK_N, SEG=SEG_COLS, STEPS=SEARCH_STEPS)
+                BM=BLOCK_M, BN=BLOCK_N, num_warps=NUM_WARPS, **self.spec)
+
+
+def _span(t: torch.Tensor) -> int:
+    """One more than the largest element offset of ``t`` from its first element."""
+    return 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()) if n > 0)
+
+
+def _extent(rows: int, cols: int, sr: int, sc: int) -> int:
+    """An upper bound of the element offsets of a (rows, cols) block with these strides (tiles overhang included)."""
+    return abs(rows * sr) + abs(cols * sc)
 
 
 def _running(values):
@@ -1380,9 +1480,8 @@ def _triton_restore_own(runs) -> None:
             continue
         with _device_guard(pl.device):
             tile_job = pl.tile_job if (ta == 0 and tb == pl.n_tiles) else pl.tile_job[ta:tb]
-            _launch(kernel, (tb - ta,), pl.table, tile_job, pl.table, pl.table, g.row_off, g.cols, g.vals, g.skip,
-                    NJ=_NJ, NP=_NP, DT=_WEIGHT_CODE[pl.dtype], MODE=MODE_RESTORE_OWN, NEGATE=True, CHECK=False,
-                    BM=BLOCK_M, BN=BLOCK_N, SEG=SEG_COLS, STEPS=SEARCH_STEPS)
+            pl.launch(kernel, MODE_RESTORE_OWN, negate=True, incl=g.incl, rec_col=g.cols, rec_val=g.vals,
+                      nonfinite=g.skip, grid=(tb - ta,), tile_job=tile_job)
 
 
 def _read_per_device(plans, pieces_of) -> dict:
@@ -1473,8 +1572,9 @@ class FuseCache:
     start and end, under a key of everything that determines them (:func:`_cache_key`: the weight tensors' identity,
     address, shape, strides, dtype and ``_version``, the factors' identity, address, ``_version``, strides, rank and
     scale, the backend choice). Owned by the caller and given to :func:`fuse` with the same jobs each time; a key
-    that differs refills it. The scan is 4 bytes per row of each 64-column tile (1/32 of an fp16/bf16 weight's
-    bytes, 1/64 of an fp32 one), on the weights' device.
+    that differs refills it. The scan (int32, or int64 for a group of 2^31 elements or more) has one entry per row of
+    each BLOCK_N-column tile: 1/64 of an fp16 weight's bytes (1/32 with int64), on the weights' device; it is also
+    the index of the records of every fuse made from it, so it costs nothing beyond the records while fused.
 
     A weight changed without torch seeing it (through ``.data``, a raw pointer, another library's kernel) keeps the
     key; the writing pass then finds a slot whose count differs, leaves that tile unfused and marks it, so unfuse
@@ -1489,7 +1589,8 @@ class FuseCache:
         self.key, self.scans, self.guards, self._probe_key = None, [], [], None
 
     def nbytes(self) -> int:
-        """Device bytes the cache keeps (the scans; the tables are kept by the fuse's records anyway)."""
+        """Device bytes the cache keeps (the scans; the tables are kept by the fuse's records anyway, and so are the
+        scans while fused)."""
         return sum(sc.nbytes() for sc in self.scans)
 
     def matches(self, jobs, backend: str | None = None) -> bool:
@@ -1529,18 +1630,18 @@ def _cache_key(jobs, backend) -> tuple:
     return tuple(k)
 
 
-def _write_records(kernel, pl, scan, *, guard: bool):
-    """Record buffers at their exact sizes and the writing pass (MODE 2) of one group: its :class:`_GroupRecords`."""
+def _write_records(kernel, pl, scan, *, guard: bool, flags=None):
+    """Record buffers at their exact sizes and the writing pass (MODE 2) of one group: its :class:`_GroupRecords`
+    (which keeps the scan: unfuse finds each slot's records there). ``flags``: int32 per job, set where a fused
+    element is not finite (the non-finite check in the writing pass)."""
     total = scan.total
     dev = pl.device
-    row_off = torch.empty(pl.n_keys + 1, dtype=torch.int64, device=dev)
-    row_off[pl.n_keys:].fill_(total)
-    rec_col = torch.empty(max(1, total), dtype=torch.int16, device=dev)
+    rec_col = torch.empty(max(1, total), dtype=torch.int8, device=dev)
     rec_val = torch.empty(max(1, total), dtype=_BITS_DTYPE[pl.dtype], device=dev)
     skip = torch.empty(max(1, pl.n_tiles), dtype=torch.int64, device=dev)  # the kernel writes every tile's entry
-    pl.launch(kernel, MODE_WRITE, incl=scan.incl, row_off=row_off, rec_col=rec_col, rec_val=rec_val, nonfinite=skip)
-    g = _GroupRecords(row_off, rec_col, rec_val, pl.dtype, pl.key0, pl.nkeys, scan.starts, scan.ends, pl.shapes, pl,
-                      skip)
+    pl.launch(kernel, MODE_WRITE, check=flags is not None, counts=flags, incl=scan.incl, rec_col=rec_col,
+              rec_val=rec_val, nonfinite=skip)
+    g = _GroupRecords(scan.incl, rec_col, rec_val, pl.dtype, scan.starts, scan.ends, pl.shapes, pl, skip)
     if guard and pl.n_tiles:
         g.guard = FuseGuard(pl, skip)
     return g
@@ -1592,30 +1693,40 @@ def _record_passes(kernel, plans, n, *, record, check_finite, abort_nonfinite):
 
 def _triton_cached(cache: FuseCache, n: int, *, check: bool, abort: bool):
     """A fuse of the jobs ``cache`` was filled with: per group one writing pass at the cached record positions, no
-    table built, no host read (``check``: the counting pass and its one host read run too, on the cached table, and
-    the scan is refreshed)."""
+    table built, no host read. ``check`` (safe_fusing): the writing pass also sets the jobs' non-finite flags and the
+    call reads them (its one host read); with ``abort`` and a flag, one restoring pass puts every weight back bit for
+    bit from the records just written, so the call changes nothing, as a refused first fuse (which checks before it
+    writes)."""
     if _probe._faults:
         _probe._fault("merge")  # test hook: a forced launch failure
     kernel = _triton_kernel()
-    plans = [sc.plan for sc in cache.scans]
-    if check:
-        items, flags, scans = _record_passes(kernel, plans, n, record=True, check_finite=True, abort_nonfinite=abort)
-        if scans is not None:
-            cache.scans = scans
-        cache.guards = []
-        return RecordSet(items), flags
     items = [None] * n
-    guards = []
+    guards, groups, flag_bufs = [], [], {}
     for scan in cache.scans:
         pl = scan.plan
         with _device_guard(pl.device):
-            g = _write_records(kernel, pl, scan, guard=True)
+            if check:
+                flag_bufs[id(pl)] = torch.zeros(pl.n, dtype=torch.int32, device=pl.device)
+            g = _write_records(kernel, pl, scan, guard=True, flags=flag_bufs.get(id(pl)))
+        groups.append(g)
         if g.guard is not None:
             guards.append(g.guard)
         for q, i in enumerate(pl.idxs):
             items[i] = _GroupRef(g, q)
     cache.guards = guards
-    return RecordSet(items), [False] * n
+    flags = [False] * n
+    if not check:
+        return RecordSet(items), flags
+    plans = [g.plan for g in groups]
+    host = _read_per_device(plans, lambda pl: [flag_bufs[id(pl)]])
+    for pl in plans:
+        for q, v in enumerate(host[id(pl)][0]):
+            flags[pl.idxs[q]] = bool(v)
+    if abort and any(flags):
+        _triton_restore_own([(g.plan, g, 0, g.plan.n) for g in groups])
+        cache.guards = []
+        return RecordSet([None] * n), flags
+    return RecordSet(items), flags
 
 
 def _triton_run(jobs, *, negate, record, check_finite, abort_nonfinite=False, restore=None, cache=None, key=None):
