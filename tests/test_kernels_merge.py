@@ -635,6 +635,17 @@ TRITON_SPEC_SCRIPT = textwrap.dedent(
         s = spec(jobs)
         assert s["WV"] == 0 and s["DV"] == 0 and s["UDT"] == -1 and s["DDT"] == -1 and not s["EXACT"], s
         check(jobs, f"general {dtype}")
+        # down factors packed as a file packs them (kohya: an alpha scalar before each down), most off 16-byte
+        # alignment: the group keeps its vector specialization, those factors take the scalar loads
+        jobs = lora_jobs(dtype, [dtype] * 4, [8] * 4)
+        for n, j in enumerate(jobs):
+            f = j.factors[0]
+            packed = torch.empty(f.down.numel() + 8, dtype=f.down.dtype)[n:n + f.down.numel()].view(f.down.shape)
+            packed.copy_(f.down)
+            j.factors[0] = M.Factor.of(f.up, packed, f.scale)
+        assert sum(j.factors[0].down.data_ptr() % 16 != 0 for j in jobs) >= 3
+        assert spec(jobs)["DV"] == vw, spec(jobs)
+        check(jobs, f"packed downs {dtype}")
         # the unrolled rank loop (opt-in): one rank, and several ranks padded to the largest
         M.RANK_UNROLL_MAX = 16
         try:

@@ -108,3 +108,12 @@ def test_merge_kernel_compiles(target, dt, spec, variant):
     if sp["WV"]:  # the weight tile is read (and written) with vector accesses
         assert "ld.global.v" in ptx
         assert "st.global.v" in ptx or mode == M.MODE_COUNT
+    if sp["WV"] and mode in (M.MODE_RESTORE, M.MODE_RESTORE_OWN):
+        # the restore stores the tile, then the recorded elements over it: a block barrier must separate the two
+        # (the interpreter runs stores in program order and cannot show this)
+        lines = ptx.splitlines()
+        vec = [i for i, ln in enumerate(lines) if "st.global.v" in ln]
+        scatter = [i for i, ln in enumerate(lines) if "st.global.b" in ln]
+        bars = [i for i, ln in enumerate(lines) if "bar.sync" in ln or "barrier.sync" in ln]
+        assert vec and scatter and max(vec) < min(scatter), (vec, scatter)
+        assert any(max(vec) < b < min(scatter) for b in bars), (vec, bars, scatter)

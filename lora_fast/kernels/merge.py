@@ -875,6 +875,7 @@ RANK_UNROLL_MAX = int(os.environ.get("LORA_FAST_MERGE_UNROLL", "0"))  # unroll t
  _J_TERM, _J_NTERM) = range(16)
 _NJ = 16
 # factor table fields
+# (_P_DDT: the down factor's dtype code, plus 16 when its address is 16-byte aligned)
 _P_UP, _P_USR, _P_USK, _P_UDT, _P_DN, _P_DSK, _P_DSC, _P_DDT, _P_RANK, _P_SCALE = range(10)
 _NP = 10
 # term table fields (LyCORIS Term, after a job's factor rows): kind (1 hada, 2 kron), fp32 scale bits, then four
@@ -938,7 +939,7 @@ def _upload(values: array.array, device: torch.device) -> torch.Tensor:
 
 def _triton_kernel():
     global _TRITON, triton, tl, _f16_bits_to_f32, _bf16_bits_to_f32, _decode, _encode, _sum_odd_tl, _add_round, \
-        _load_factor, _load_down, _ix, _broadcast_mask, _put_back
+        _load_factor, _load_down, _rank_chain, _ix, _broadcast_mask, _put_back
     if _TRITON is not None:
         return _TRITON
     import triton
@@ -1046,8 +1047,8 @@ def _triton_kernel():
 
     @triton.jit
     def _load_down(dn, dsk, dsc, k, offs_n, mask, DDT: tl.constexpr, ddt, DV: tl.constexpr):
-        """Row k of a down factor over the tile's columns, fp32; DV > 0: unit column stride and 16-byte aligned rows of
-        DV elements (DDT is then known), so each thread's columns come in one vector load."""
+        """Row k of a down factor over the tile's columns, fp32; DV > 0: a 16-byte aligned address, unit column stride and
+        rows of a multiple of DV elements (DDT is then known), so each thread's columns come in one vector load."""
         if DV > 0:
             row = k * ((dsk // DV) * DV)  # dsk is a multiple of DV (checked on the host): the compiler sees it so
             if DDT == 0:
@@ -1061,6 +1062,28 @@ def _triton_kernel():
         else:
             v = _load_factor(dn, k * dsk + offs_n * dsc, mask, DDT, ddt)
         return v
+
+    @triton.jit
+    def _rank_chain(acc, up, usr, usk, udt, dn, dsk, dsc, ddt, rank, s, offs_m, offs_n, mm, mn, RK: tl.constexpr,
+                    EXACT: tl.constexpr, UDT: tl.constexpr, DDT: tl.constexpr, DV: tl.constexpr):
+        """acc = fma(rn32(B[i, k] · s), A[k, j], acc) for k = 0 .. rank-1 in order (one factor of a job)."""
+        if RK == 0:
+            for k in range(0, rank):
+                a = _load_factor(up, offs_m * usr + k * usk, mm, UDT, udt) * s
+                b = _load_down(dn, dsk, dsc, k, offs_n, mn, DDT, ddt, DV)
+                acc = tl.fma(a[:, None], b[None, :], acc)
+        elif EXACT:
+            for k in tl.static_range(RK):
+                a = _load_factor(up, offs_m * usr + k * usk, mm, UDT, udt) * s
+                b = _load_down(dn, dsk, dsc, k, offs_n, mn, DDT, ddt, DV)
+                acc = tl.fma(a[:, None], b[None, :], acc)
+        else:
+            for k in tl.static_range(RK):
+                a = _load_factor(up, offs_m * usr + k * usk, _broadcast_mask(mm, k < rank), UDT, udt) * s
+                b = _load_down(dn, dsk, dsc, k, offs_n, _broadcast_mask(mn, k < rank), DDT, ddt, DV)
+                if k < rank:
+                    acc = tl.fma(a[:, None], b[None, :], acc)
+        return acc
 
     @triton.jit
     def _ix(x, I64: tl.constexpr):  # an element offset or count in the index type of the launch
@@ -1157,25 +1180,19 @@ def _triton_kernel():
             dn = tl.load(prow + 4)
             dsk = _ix(tl.load(prow + 5), I64)
             dsc = _ix(tl.load(prow + 6), I64)
-            ddt = tl.load(prow + 7)
+            ddt = tl.load(prow + 7)  # the down factor's dtype code, + 16 when its address is 16-byte aligned
             rank = tl.load(prow + 8)
             s = tl.load(prow + 9).to(tl.int32).to(tl.float32, bitcast=True)
-            if RK == 0:
-                for k in range(0, rank):
-                    a = _load_factor(up, offs_m * usr + k * usk, mm, UDT, udt) * s
-                    b = _load_down(dn, dsk, dsc, k, offs_n, mn, DDT, ddt, DV)
-                    acc = tl.fma(a[:, None], b[None, :], acc)
-            elif EXACT:
-                for k in tl.static_range(RK):
-                    a = _load_factor(up, offs_m * usr + k * usk, mm, UDT, udt) * s
-                    b = _load_down(dn, dsk, dsc, k, offs_n, mn, DDT, ddt, DV)
-                    acc = tl.fma(a[:, None], b[None, :], acc)
+            if DV > 0:
+                if ddt >= 16:
+                    acc = _rank_chain(acc, up, usr, usk, udt, dn, dsk, dsc, ddt & 15, rank, s, offs_m, offs_n, mm, mn,
+                                      RK, EXACT, UDT, DDT, DV)
+                else:  # a down factor off 16-byte alignment (a file's tensors are packed): scalar loads
+                    acc = _rank_chain(acc, up, usr, usk, udt, dn, dsk, dsc, ddt & 15, rank, s, offs_m, offs_n, mm, mn,
+                                      RK, EXACT, UDT, DDT, 0)
             else:
-                for k in tl.static_range(RK):
-                    a = _load_factor(up, offs_m * usr + k * usk, _broadcast_mask(mm, k < rank), UDT, udt) * s
-                    b = _load_down(dn, dsk, dsc, k, offs_n, _broadcast_mask(mn, k < rank), DDT, ddt, DV)
-                    if k < rank:
-                        acc = tl.fma(a[:, None], b[None, :], acc)
+                acc = _rank_chain(acc, up, usr, usk, udt, dn, dsk, dsc, ddt & 15, rank, s, offs_m, offs_n, mm, mn,
+                                  RK, EXACT, UDT, DDT, 0)
 
         if TERMS:
             # LyCORIS terms after the LoRA chain, in order, as the C++ kernel's apply_terms: acc = fma(rn32(u·s), v, acc)
@@ -1382,15 +1399,16 @@ class _Plan:
             for f in fs:
                 up, dn = f.up, f.down
                 parts += (up.data_ptr(), f.up_strides[0], f.up_strides[1], codes[up.dtype], dn.data_ptr(),
-                          f.down_strides[0], f.down_strides[1], codes[dn.dtype], f.rank, _f32_bits(f.scale))
+                          f.down_strides[0], f.down_strides[1], codes[dn.dtype] + (16 if dn.data_ptr() % 16 == 0 else 0),
+                          f.rank, _f32_bits(f.scale))
                 ranks.add(f.rank)
                 udts.add(up.dtype)
                 ddts.add(dn.dtype)
                 extent = max(extent, _extent(rows + BLOCK_M, f.rank, *f.up_strides),
                              _extent(f.rank, cols + BLOCK_N, *f.down_strides))
                 dk, dc = f.down_strides
-                d_aligned = d_aligned and (dc == 1 or cols == 1) and dk % (16 // dn.element_size()) == 0 \
-                    and dn.data_ptr() % 16 == 0
+                # the address is checked per factor, in the kernel (a file's packed tensors are often not aligned)
+                d_aligned = d_aligned and (dc == 1 or cols == 1) and dk % (16 // dn.element_size()) == 0
             t_at = part_base + len(parts)
             terms = job.terms or ()
             for tm in terms:
