@@ -483,7 +483,8 @@ def test_a_warm_fuse_keeps_no_more_resident_memory_than_its_records(path):
 
 # ------------------------------------------------------------------------------------------- Triton
 
-TRITON_SCRIPT = textwrap.dedent(
+# what both interpreted scripts start with (the interpreter must be on before Triton is imported)
+SCRIPT_PRELUDE = textwrap.dedent(
     """
     import os
     os.environ["TRITON_INTERPRET"] = "1"
@@ -493,7 +494,11 @@ TRITON_SCRIPT = textwrap.dedent(
     BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
     def same(a, b):
         return torch.equal(a.contiguous().view(BITS[a.dtype]), b.contiguous().view(BITS[b.dtype]))
+    """
+)
 
+TRITON_SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
+    """
     g = torch.Generator().manual_seed(11)
     shapes = [(37, 70, 3), (1, 65, 1), (66, 1, 4), (40, 33, 33)]
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
@@ -574,17 +579,8 @@ def test_triton_kernel_interpreted_matches_cpu_kernel_and_restores():
     assert proc.returncode == 0 and "TRITON-OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-TRITON_SPEC_SCRIPT = textwrap.dedent(
+TRITON_SPEC_SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
     """
-    import os
-    os.environ["TRITON_INTERPRET"] = "1"
-    import torch
-    from lora_fast.kernels import merge as M
-
-    BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-    def same(a, b):
-        return torch.equal(a.contiguous().view(BITS[a.dtype]), b.contiguous().view(BITS[b.dtype]))
-
     g = torch.Generator().manual_seed(5)
 
     def lora_jobs(dtype, fdtypes, ranks, *, offset=0, transposed_down=False):
@@ -646,6 +642,15 @@ TRITON_SPEC_SCRIPT = textwrap.dedent(
         assert sum(j.factors[0].down.data_ptr() % 16 != 0 for j in jobs) >= 3
         assert spec(jobs)["DV"] == vw, spec(jobs)
         check(jobs, f"packed downs {dtype}")
+        # 64-bit offsets (chosen for views past 2^31 elements; forced here on small ones)
+        extent = M._extent
+        M._extent = lambda *a: 1 << 31
+        try:
+            jobs = lora_jobs(dtype, [dtype] * 3, [8, 3, 8])
+            assert spec(jobs)["I64"]
+            check(jobs, f"64-bit offsets {dtype}")
+        finally:
+            M._extent = extent
         # the unrolled rank loop (opt-in): one rank, and several ranks padded to the largest
         M.RANK_UNROLL_MAX = 16
         try:

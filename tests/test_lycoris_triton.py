@@ -236,6 +236,23 @@ def test_elements_outside_the_view_stay_untouched():
     assert view.shape == (20, 30)
 
 
+def _lycoris_layers(g):
+    """LoHa (40x24 Linear), LoKr (30x40 Linear) and full-diff (8x4x3x3 conv) layers for models whose layers "0", "1",
+    "2" have those shapes."""
+    from lora_fast.adapter import LoraLayer
+
+    r = lambda *s: _rand(g, *s, scale=0.2)  # noqa: E731
+    return {
+        "0": LoraLayer(down=None, up=None, alpha=None, algorithm="loha", shape=(40, 24),
+                       lycoris={"hada_w1_a": r(40, 2), "hada_w1_b": r(2, 24), "hada_w2_a": r(40, 2),
+                                "hada_w2_b": r(2, 24)}),
+        "1": LoraLayer(down=None, up=None, alpha=None, algorithm="lokr", shape=(30, 40),
+                       lycoris={"lokr_w1": r(5, 8), "lokr_w2": r(6, 5).half()}),
+        "2": LoraLayer(down=None, up=None, alpha=None, algorithm="full", kind="conv", shape=(8, 4, 3, 3),
+                       lycoris={"diff": r(8, 4, 3, 3).half()}),
+    }
+
+
 @interpreted
 def test_engine_fuse_of_lycoris_layers_runs_the_triton_kernel(monkeypatch):
     """fuse_lora on a model with LoHa, LoKr and full layers beside a LoRA layer, on the Triton backend: the kernel
@@ -250,17 +267,8 @@ def test_engine_fuse_of_lycoris_layers_runs_the_triton_kernel(monkeypatch):
         return nn.Sequential(nn.Linear(24, 40), nn.Linear(40, 30), nn.Conv2d(4, 8, 3), nn.Linear(30, 30)).half()
 
     g = torch.Generator().manual_seed(5)
-    r = lambda *s: _rand(g, *s, scale=0.2)  # noqa: E731
-    layers = {
-        "0": LoraLayer(down=None, up=None, alpha=None, algorithm="loha", shape=(40, 24),
-                       lycoris={"hada_w1_a": r(40, 2), "hada_w1_b": r(2, 24), "hada_w2_a": r(40, 2),
-                                "hada_w2_b": r(2, 24)}),
-        "1": LoraLayer(down=None, up=None, alpha=None, algorithm="lokr", shape=(30, 40),
-                       lycoris={"lokr_w1": r(5, 8), "lokr_w2": r(6, 5).half()}),
-        "2": LoraLayer(down=None, up=None, alpha=None, algorithm="full", kind="conv", shape=(8, 4, 3, 3),
-                       lycoris={"diff": r(8, 4, 3, 3).half()}),
-        "3": LoraLayer(down=r(2, 30), up=r(30, 2), alpha=2.0),
-    }
+    layers = _lycoris_layers(g)
+    layers["3"] = LoraLayer(down=_rand(g, 2, 30, scale=0.2), up=_rand(g, 30, 2, scale=0.2), alpha=2.0)
     results = {}
     for backend in ("cpu", "triton"):
         monkeypatch.setenv("LORA_FAST_MERGE_BACKEND", backend)
@@ -290,23 +298,13 @@ def test_engine_repeats_a_lycoris_fuse_from_its_cache(monkeypatch):
     import torch.nn as nn
 
     import lora_fast
-    from lora_fast.adapter import LoraAdapter, LoraLayer
+    from lora_fast.adapter import LoraAdapter
 
     monkeypatch.setenv("LORA_FAST_MERGE_BACKEND", "triton")
     torch.manual_seed(1)
     m = nn.Sequential(nn.Linear(24, 40), nn.Linear(40, 30), nn.Conv2d(4, 8, 3)).half()
-    g = torch.Generator().manual_seed(7)
-    r = lambda *s: _rand(g, *s, scale=0.2)  # noqa: E731
-    layers = {
-        "0": LoraLayer(down=None, up=None, alpha=None, algorithm="loha", shape=(40, 24),
-                       lycoris={"hada_w1_a": r(40, 2), "hada_w1_b": r(2, 24), "hada_w2_a": r(40, 2),
-                                "hada_w2_b": r(2, 24)}),
-        "1": LoraLayer(down=None, up=None, alpha=None, algorithm="lokr", shape=(30, 40),
-                       lycoris={"lokr_w1": r(5, 8), "lokr_w2": r(6, 5).half()}),
-        "2": LoraLayer(down=None, up=None, alpha=None, algorithm="full", kind="conv", shape=(8, 4, 3, 3),
-                       lycoris={"diff": r(8, 4, 3, 3).half()}),
-    }
-    lora_fast.load_lora_weights(m, LoraAdapter(layers, "kohya"), adapter_name="lyco")
+    lora_fast.load_lora_weights(m, LoraAdapter(_lycoris_layers(torch.Generator().manual_seed(7)), "kohya"),
+                                adapter_name="lyco")
     w0 = {k: _bits(v.detach().clone()) for k, v in m.state_dict().items()}
 
     def counted(fn):
