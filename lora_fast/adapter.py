@@ -221,9 +221,11 @@ class LoraLayer:
                     out.append((a.reshape(a.shape[0], -1).float(), b.reshape(b.shape[0], -1).float()))
             return tuple(out)
         if self.algorithm == "lokr":
+            # cached with the versions of the tensors it was built from: an in-place change rebuilds it
+            stamp = tuple((k, id(v), v._version) for k, v in sorted(t.items()) if isinstance(v, torch.Tensor))
             cached = self.__dict__.get("_kron_halves")
-            if cached is not None:
-                return cached
+            if cached is not None and cached[0] == stamp:
+                return cached[1]
             if "lokr_w1" in t:
                 w1 = t["lokr_w1"].float()
             else:
@@ -237,7 +239,7 @@ class LoraLayer:
                 b = t["lokr_w2_b"]
                 w2 = (t["lokr_w2_a"].double() @ b.reshape(b.shape[0], -1).double()).float()
             halves = (w1.contiguous(), w2.contiguous())
-            self.__dict__["_kron_halves"] = halves
+            self.__dict__["_kron_halves"] = (stamp, halves)
             return halves
         if self.algorithm == "full":
             d = t["diff"]

@@ -326,11 +326,14 @@ def test_engine_repeats_a_lycoris_fuse_from_its_cache(monkeypatch):
     lora_fast.unfuse_lora(m)
     bound = lora_fast.engine.component_state(m).adapters["lyco"]
     diff = next(b.layer for b in bound.values() if b.layer.algorithm == "full").lycoris["diff"]
+    w2 = next(b.layer for b in bound.values() if b.layer.algorithm == "lokr").lycoris["lokr_w2"]
     with torch.no_grad():
         diff.mul_(2)
+        w2.mul_(2)  # the LoKr halves cached on the layer must be rebuilt too
     c = counted(lambda: lora_fast.fuse_lora(m, lora_scale=0.8))
     assert c["syncs"] == 1 and c["uploads"] == 1, c  # a full fuse
     assert not torch.equal(bits()["2.weight"], fused["2.weight"])
+    assert not torch.equal(bits()["1.weight"], fused["1.weight"])
     assert torch.equal(bits()["0.weight"], fused["0.weight"])
     lora_fast.unfuse_lora(m)
     assert all(torch.equal(v, w0[k]) for k, v in bits().items())
