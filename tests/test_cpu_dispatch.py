@@ -45,16 +45,11 @@ PROFILES = [
     ("native", None, True, {}),
 ]
 
-WORKER = textwrap.dedent(
+# machine-independent random inputs for the worker scripts (test_fp8's worker uses them too)
+RANDOM_INPUTS = textwrap.dedent(
     r'''
-    import hashlib, json, os, sys
     import numpy as np
     import torch
-    from lora_fast.kernels import merge as M
-    from lora_fast.kernels import shrink_expand as S
-
-    BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-    out = {"capability": torch.backends.cpu.get_cpu_capability()}
 
     def rand_u64(n, seed):
         """splitmix64: n uint64 values, the same on every machine."""
@@ -70,6 +65,17 @@ WORKER = textwrap.dedent(
         exp = np.uint64(lo) + (u >> np.uint64(32)) % np.uint64(hi - lo + 1)
         b = ((u >> np.uint64(63)) << np.uint64(31)) | (exp << np.uint64(23)) | (u & np.uint64(0x7FFFFF))
         return torch.from_numpy(b.astype(np.uint32).view(np.int32)).view(torch.float32).reshape(shape).clone()
+    '''
+)
+
+WORKER = RANDOM_INPUTS + textwrap.dedent(
+    r'''
+    import hashlib, json, os, sys
+    from lora_fast.kernels import merge as M
+    from lora_fast.kernels import shrink_expand as S
+
+    BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+    out = {"capability": torch.backends.cpu.get_cpu_capability()}
 
     def weight(shape, dtype, seed):
         w = rand_f32(shape, seed, 117, 127).to(dtype)  # exact conversions: the fp32 values are rounded once

@@ -10,8 +10,6 @@ is the kernels' fp32 FMA chain (checked elsewhere)."""
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -25,7 +23,8 @@ import lora_fast
 from lora_fast import LoraAdapter, LoraFusionError, LoraLayer
 from lora_fast import _C
 from lora_fast.kernels import merge as M
-from test_cpu_dispatch import PROFILES, _run as _dispatch_run  # noqa: F401  (profiles: forced CPU levels)
+import test_cpu_dispatch as D  # its forced-CPU-level launcher, profiles and random inputs serve the fp8 worker
+from test_cpu_dispatch import PROFILES
 from triton_support import exact_fma_interpreter
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
@@ -239,25 +238,10 @@ def test_triton_interpreted_gives_the_cpu_kernels_bits():
 # the torch backend); any CPU must reproduce it.
 FP8_DIGEST = "677d131d773b547188e4ad94d2e1e643d2abbcfa50bfc1084b8523d9ce420e82"
 
-FP8_WORKER = textwrap.dedent(
+FP8_WORKER = D.RANDOM_INPUTS + textwrap.dedent(
     r'''
     import hashlib, json
-    import numpy as np
-    import torch
     from lora_fast.kernels import merge as M
-
-    def rand_u64(n, seed):
-        x = (np.arange(1, n + 1, dtype=np.uint64) + np.uint64(seed * 1000003)) * np.uint64(0x9E3779B97F4A7C15)
-        z = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
-
-    def rand_f32(shape, seed, lo, hi):
-        n = int(np.prod(shape))
-        u = rand_u64(n, seed)
-        exp = np.uint64(lo) + (u >> np.uint64(32)) % np.uint64(hi - lo + 1)
-        b = ((u >> np.uint64(63)) << np.uint64(31)) | (exp << np.uint64(23)) | (u & np.uint64(0x7FFFFF))
-        return torch.from_numpy(b.astype(np.uint32).view(np.int32)).view(torch.float32).reshape(shape).clone()
 
     def weight(shape, dtype, seed):
         b = (rand_u64(int(np.prod(shape)), seed) & np.uint64(0xFF)).astype(np.uint8)
@@ -301,8 +285,6 @@ FP8_WORKER = textwrap.dedent(
 
 
 def _fp8_dispatch_run(profile) -> dict:
-    import test_cpu_dispatch as D
-
     saved = D.WORKER
     D.WORKER = FP8_WORKER  # the same subprocess launcher and forced environment, another worker
     try:

@@ -147,16 +147,21 @@ SCRIPT = textwrap.dedent(
 SCRIPT = _with_blocks(SCRIPT)
 
 
-@exact_fma_interpreter
-def test_fuse_and_unfuse_host_cost_is_independent_of_the_layer_count():
+def _counts(script: str) -> tuple:
+    """The COUNTS a worker script prints, for 5 and for 50 blocks (run interpreted, in a subprocess)."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=900)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("COUNTS ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
     counts = json.loads(lines[-1][len("COUNTS "):])
-    small, large = counts["5"], counts["50"]
-    assert small == large, counts
+    return counts["5"], counts["50"]
+
+
+@exact_fma_interpreter
+def test_fuse_and_unfuse_host_cost_is_independent_of_the_layer_count():
+    small, large = _counts(SCRIPT)
+    assert small == large, (small, large)
     # one launch group (CPU, fp16): fuse = counting pass + writing pass and one host read; unfuse = one pass, none
     assert small["fuse"]["launches"] == 2 and small["fuse"]["syncs"] == 1, small
     # the safe_fusing fuse repeats the first one's adapters and scales: one writing pass that also checks, one read
@@ -319,15 +324,8 @@ def test_repeated_fuse_is_one_launch_and_no_host_read():
     """A fuse of the same adapters at the same scales after an exact unfuse writes at the cached record positions:
     one launch, no host read, no upload, for 5 and 50 blocks alike, with the first fuse's bits and records and exact
     unfuse over many cycles; safe_fusing reads the flags once (a refusal restores in one more pass); other scales or
-    adapters miss; a weight changed through
-    ``.data`` is found and named, and unfuse stays exact."""
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", REPEAT], capture_output=True, text=True, env=env, timeout=900)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("COUNTS ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    counts = json.loads(lines[-1][len("COUNTS "):])
-    small, large = counts["5"], counts["50"]
+    adapters miss; a weight changed through ``.data`` is found and named, and unfuse stays exact."""
+    small, large = _counts(REPEAT)
     for c in (small, large):
         assert c["first"] == {"launches": 2, "syncs": 1, "uploads": 1}, c
         assert c["repeat"] == {"launches": 1, "syncs": 0, "uploads": 0}, c

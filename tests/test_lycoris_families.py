@@ -94,6 +94,14 @@ def _split_of(inner, mlp):
             PROJ: ("lokr", (inner, inner), [(D + "attn.to_out.0", [(0, inner)])])}
 
 
+def _flux_file_for(inner, mlp, aligned):
+    """_flux_file with LoKr blocks of ``inner`` rows (aligned with the split of linear1) or of a row count that
+    divides linear1 but not ``inner`` (misaligned: the parts become full-diff slices)."""
+    rows1 = 3 * inner + mlp
+    c = inner if aligned else next(c for c in range(3, rows1) if rows1 % c == 0 and inner % c)
+    return _flux_file(inner, mlp, c)
+
+
 def _rows(d, spans):
     return torch.cat([d[a:b] for a, b in spans], 0)
 
@@ -101,9 +109,7 @@ def _rows(d, spans):
 @pytest.mark.parametrize("aligned", [True, False], ids=["lokr-aligned", "lokr-misaligned"])
 def test_flux_split_parts_are_the_rows_of_the_unsplit_delta(flux_dims, aligned):
     inner, mlp = flux_dims
-    rows1 = 3 * inner + mlp
-    c = inner if aligned else next(c for c in range(3, rows1) if rows1 % c == 0 and inner % c)
-    sd = _flux_file(inner, mlp, c)
+    sd = _flux_file_for(inner, mlp, aligned)
     adapter = read_flux(sd, "kohya", source="lyco.safetensors")
     for name, (algo, shape, targets) in _split_of(inner, mlp).items():
         want = whole_delta64(sd, name, algo, shape)
@@ -126,9 +132,7 @@ def test_flux_split_parts_are_the_rows_of_the_unsplit_delta(flux_dims, aligned):
 @pytest.mark.parametrize("aligned", [True, False], ids=["lokr-aligned", "lokr-misaligned"])
 def test_flux_lycoris_fuses_to_the_float64_reference_and_unfuses_exactly(flux_dims, aligned):
     inner, mlp = flux_dims
-    rows1 = 3 * inner + mlp
-    c = inner if aligned else next(c for c in range(3, rows1) if rows1 % c == 0 and inner % c)
-    sd = _flux_file(inner, mlp, c)
+    sd = _flux_file_for(inner, mlp, aligned)
     t = build_flux_transformer("tiny", seed=0)
     before = {n: p.detach().clone() for n, p in t.named_parameters()}
     lora_fast.load_lora_weights({"transformer": t}, read_flux(sd, "kohya"), adapter_name="lyco")

@@ -46,19 +46,24 @@ def reference(lora_dir):
     def run(req: GenerationRequest) -> torch.Tensor:
         key = (req.prompt, str(req.adapter), req.lora_scale, req.seed, req.steps, req.height, req.guidance_scale)
         if key not in memo:
-            w = req.weights()
-            if w:
-                lora_fast.enable_lora(pipe)
-                lora_fast.set_adapters(pipe, list(w), list(w.values()))
-            else:
-                lora_fast.disable_lora(pipe)
-            with torch.no_grad():
-                memo[key] = pipe(prompt=[req.prompt], num_inference_steps=req.steps, height=req.height,
-                                 width=req.width, guidance_scale=req.guidance_scale, output_type="latent",
-                                 generator=[torch.Generator().manual_seed(req.seed)]).images[0]
+            memo[key] = alone(pipe, req)
         return memo[key]
 
     return run
+
+
+def alone(pipe, req: GenerationRequest) -> torch.Tensor:
+    """The request alone on an in-process pipeline with its adapters loaded directly (no cache, no batching)."""
+    w = req.weights()
+    if w:
+        lora_fast.enable_lora(pipe)
+        lora_fast.set_adapters(pipe, list(w), list(w.values()))
+    else:
+        lora_fast.disable_lora(pipe)
+    with torch.no_grad():
+        return pipe(prompt=[req.prompt], num_inference_steps=req.steps, height=req.height, width=req.width,
+                    guidance_scale=req.guidance_scale, output_type="latent",
+                    generator=[torch.Generator().manual_seed(req.seed)]).images[0]
 
 
 def rel_max(out, ref) -> float:

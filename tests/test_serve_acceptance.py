@@ -12,7 +12,6 @@ import random
 import time
 
 import pytest
-import torch
 
 import lora_fast
 
@@ -21,6 +20,7 @@ psutil = pytest.importorskip("psutil")
 
 from lora_fast.serve.demo import tiny_pipeline, write_adapters  # noqa: E402
 from lora_fast.serve.runner import GenerationRequest, decode_npy  # noqa: E402
+from test_serve import alone, rel_max  # noqa: E402  (the request alone, the error measure)
 
 NAMES = tuple(f"style{i}" for i in range(10))
 STEPS, SIZE = 2, 16
@@ -53,29 +53,10 @@ def traffic() -> list[dict]:
     return bodies
 
 
-def alone(pipe, req: GenerationRequest) -> torch.Tensor:
-    """The request alone on an in-process pipeline with every adapter loaded directly (no cache, no batching)."""
-    w = req.weights()
-    if w:
-        lora_fast.enable_lora(pipe)
-        lora_fast.set_adapters(pipe, list(w), list(w.values()))
-    else:
-        lora_fast.disable_lora(pipe)
-    with torch.no_grad():
-        return pipe(prompt=[req.prompt], num_inference_steps=req.steps, height=req.height, width=req.width,
-                    guidance_scale=req.guidance_scale, output_type="latent",
-                    generator=[torch.Generator().manual_seed(req.seed)]).images[0]
-
-
 async def fire_each(handle, bodies):
     """Concurrent requests, each routed by its adapter id."""
     return await asyncio.gather(*(handle.options(multiplexed_model_id=b["adapter"]).generate.remote(b)
                                   for b in bodies))
-
-
-def rel_max(out, ref) -> float:
-    out, ref = torch.as_tensor(out).double(), torch.as_tensor(ref).double()
-    return ((out - ref).abs().max() / ref.abs().max()).item()
 
 
 def ray_session_processes(session_name: str) -> list:

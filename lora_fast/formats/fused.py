@@ -733,27 +733,13 @@ def _block_diagonal(fused: FusedModule, index, members: dict, source: str) -> di
             at += n
         col += layer.rank
     down = torch.cat([layer.down.to(down_dtype) for layer in layers], 0).contiguous()
-    alpha = _alpha_for_scale(base, rank)
+    from .kohya import alpha_for_scale
+
+    alpha = alpha_for_scale(base, rank)
     if alpha is None:
         raise LoraFormatError(f"{source}: {where}: no alpha gives scale {base!r} at rank {rank} exactly")
     name = kohya_name(where)
     return {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": alpha}
-
-
-def _alpha_for_scale(scale: float, rank: int) -> Optional[torch.Tensor]:
-    """The 0-d alpha tensor with alpha / rank == scale in float64 (as the readers divide), float32 when it holds one."""
-    guess = scale * rank
-    candidates = [guess]
-    lo = hi = guess
-    for _ in range(4):
-        hi, lo = math.nextafter(hi, math.inf), math.nextafter(lo, -math.inf)
-        candidates += [hi, lo]
-    exact = [c for c in candidates if c / rank == scale and c != 0]
-    for c in exact:
-        c32 = float(torch.tensor(c, dtype=torch.float32))
-        if c32 == c:
-            return torch.tensor(c, dtype=torch.float32)
-    return torch.tensor(exact[0], dtype=torch.float64) if exact else None
 
 
 def _write_lycoris_group(fused: FusedModule, where: str, members: dict, source: str) -> dict:

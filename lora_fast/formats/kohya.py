@@ -421,6 +421,29 @@ def _float32(x: float) -> float:
     return float(torch.tensor(x, dtype=torch.float32).item())
 
 
+def _alpha_candidates(scale: float, rank: int) -> list:
+    """scale · rank and the 4 doubles on either side of it, nearest first."""
+    guess = scale * rank
+    candidates = [guess]
+    up = down = guess
+    for _ in range(4):
+        up, down = math.nextafter(up, math.inf), math.nextafter(down, -math.inf)
+        candidates += [up, down]
+    return candidates
+
+
+def alpha_for_scale(scale: float, rank: int) -> Optional[torch.Tensor]:
+    """The 0-d alpha tensor with alpha / rank == scale exactly in float64 (as the readers divide): float32 when a
+    float32 value does it, else float64; None when no double near scale · rank does."""
+    candidates = _alpha_candidates(scale, rank)
+    for c in candidates:
+        c32 = _float32(c)
+        if c32 != 0 and c32 / rank == scale:
+            return torch.tensor(c32, dtype=torch.float32)
+    exact = [c for c in candidates if c != 0 and c / rank == scale]
+    return torch.tensor(exact[0], dtype=torch.float64) if exact else None
+
+
 def _stored_alpha(layer: LoraLayer, source: str, key: str) -> torch.Tensor:
     """The 0-d ``.alpha`` tensor whose alpha / r reproduces ``layer.scale``.
 
@@ -441,17 +464,10 @@ def _stored_alpha(layer: LoraLayer, source: str, key: str) -> torch.Tensor:
         alpha = layer.alpha
         dtype = torch.float32 if _float32(alpha) == alpha else torch.float64
         return torch.tensor(alpha, dtype=dtype)
-    guess = target * r
-    candidates = [guess]
-    up = down = guess
-    for _ in range(4):
-        up, down = math.nextafter(up, math.inf), math.nextafter(down, -math.inf)
-        candidates += [up, down]
-    for c in candidates:
-        c32 = _float32(c)
-        if c32 / r == target:
-            return torch.tensor(c32, dtype=torch.float32)
-    best = min(candidates, key=lambda c: abs(c / r - target))
+    exact = alpha_for_scale(target, r)
+    if exact is not None:
+        return exact
+    best = min(_alpha_candidates(target, r), key=lambda c: abs(c / r - target))
     if _float32(best / r) != _float32(target):
         raise LoraFormatError(f"{source}: {key}: cannot fold the rsLoRA scale {target!r} into a kohya alpha at rank {r}")
     return torch.tensor(best, dtype=torch.float64)
