@@ -247,18 +247,28 @@ class _GroupRecords:
     """The records of one Triton launch group (one device and dtype of one fuse call), in ONE buffer, already in
     the CPU kernel's order: job after job, row after row, ascending columns.
 
-    Positions come from the fuse's slot scan ``incl`` (int32/int64 per (row, tile column) slot of the plan, inclusive:
-    slot ``s`` holds records ``[incl[s - 1], incl[s])``); ``cols`` is each record's column inside its tile (uint8 as
-    int8), ``vals`` the original bits. Per job (in launch order) ``starts``/``ends``: its records (host ints)."""
+    Positions come from the fuse's slot scan (:class:`_Scan`: ``incl``, int32/int64 per (row, tile column) slot of
+    the plan, inclusive: slot ``s`` holds records ``[incl[s - 1], incl[s])``, and each job's record start and end);
+    ``cols`` is each record's column inside its tile (uint8 as int8), ``vals`` the original bits."""
 
-    __slots__ = ("incl", "cols", "vals", "dtype", "starts", "ends", "shapes", "plan", "skip", "guard")
+    __slots__ = ("scan", "cols", "vals", "skip", "guard")
 
-    def __init__(self, incl, cols, vals, dtype, starts, ends, shapes, plan, skip):
-        self.incl, self.cols, self.vals, self.dtype = incl, cols, vals, dtype
-        self.starts, self.ends, self.shapes = starts, ends, shapes
-        self.plan = plan  # the fuse's launch plan (its table on the device): unfuse reuses it
+    def __init__(self, scan, cols, vals, skip):
+        self.scan, self.cols, self.vals = scan, cols, vals
         self.skip = skip  # int64 per tile of the plan: 1 where the writing pass left the tile unfused (FuseCache)
         self.guard = None  # FuseGuard of a fuse at cached record positions
+
+    @property
+    def plan(self):  # the fuse's launch plan (its table on the device): unfuse reuses it
+        return self.scan.plan
+
+    @property
+    def incl(self):
+        return self.scan.incl
+
+    @property
+    def dtype(self):
+        return self.scan.plan.dtype
 
 
 class _GroupRef:
@@ -270,7 +280,8 @@ class _GroupRef:
         self.group, self.pos = group, pos
 
     def __len__(self) -> int:
-        return self.group.ends[self.pos] - self.group.starts[self.pos]
+        sc = self.group.scan
+        return sc.ends[self.pos] - sc.starts[self.pos]
 
     def nbytes(self) -> int:
         g = self.group
@@ -281,8 +292,8 @@ class _GroupRef:
     def materialize(self) -> MergeRecord:
         """This job's record as a stand-alone :class:`MergeRecord` (the CPU kernel's layout; torch operations)."""
         g, p = self.group, self.pos
-        rows, cols = g.shapes[p]
-        s, e = g.starts[p], g.ends[p]
+        rows, cols = g.plan.shapes[p]
+        s, e = g.scan.starts[p], g.scan.ends[p]
         dev = g.cols.device
         if e == s:
             off_dtype = torch.int64 if rows * cols >= 1 << 31 else torch.int32
@@ -428,7 +439,7 @@ def _own_runs(jobs, items):
     runs, i, n = [], 0, len(items)
     while i < n:
         it = items[i]
-        if type(it) is not _GroupRef or it.group.plan is None:
+        if type(it) is not _GroupRef:
             return None
         g, q0 = it.group, it.pos
         pj, q = g.plan.jobs, q0
@@ -542,7 +553,7 @@ def _check_record(job: MergeJob, rec) -> None:
     # attribute checks only: a torch op per job here would be an OpenMP fork/join per job (see _cpu_run)
     if isinstance(rec, _GroupRef):
         g = rec.group
-        if tuple(g.shapes[rec.pos]) != tuple(job.shape2d()) or g.dtype != job.weight.dtype:
+        if tuple(g.plan.shapes[rec.pos]) != tuple(job.shape2d()) or g.dtype != job.weight.dtype:
             raise ValueError("unfuse: record does not match its job (shape, dtype or length)")
         return
     if (not isinstance(rec, MergeRecord) or tuple(rec.shape) != tuple(job.shape2d())
@@ -1659,7 +1670,7 @@ def _write_records(kernel, pl, scan, *, guard: bool, flags=None):
     skip = torch.empty(max(1, pl.n_tiles), dtype=torch.int64, device=dev)  # the kernel writes every tile's entry
     pl.launch(kernel, MODE_WRITE, check=flags is not None, counts=flags, incl=scan.incl, rec_col=rec_col,
               rec_val=rec_val, nonfinite=skip)
-    g = _GroupRecords(scan.incl, rec_col, rec_val, pl.dtype, scan.starts, scan.ends, pl.shapes, pl, skip)
+    g = _GroupRecords(scan, rec_col, rec_val, skip)
     if guard and pl.n_tiles:
         g.guard = FuseGuard(pl, skip)
     return g
