@@ -950,7 +950,7 @@ def _upload(values: array.array, device: torch.device) -> torch.Tensor:
 
 def _triton_kernel():
     global _TRITON, triton, tl, _f16_bits_to_f32, _bf16_bits_to_f32, _decode, _encode, _sum_odd_tl, _add_round, \
-        _load_factor, _load_down, _rank_chain, _ix, _broadcast_mask, _put_back
+        _load_factor, _load_down, _rank_chain, _bits_ptr, _ix, _broadcast_mask, _put_back
     if _TRITON is not None:
         return _TRITON
     import triton
@@ -1097,6 +1097,16 @@ def _triton_kernel():
         return acc
 
     @triton.jit
+    def _bits_ptr(addr, DT: tl.constexpr):  # a weight-dtype buffer's address as a pointer to its bits
+        if DT == 0:
+            p = addr.to(tl.pointer_type(tl.int32))
+        elif DT >= 3:
+            p = addr.to(tl.pointer_type(tl.int8))
+        else:
+            p = addr.to(tl.pointer_type(tl.int16))
+        return p
+
+    @triton.jit
     def _ix(x, I64: tl.constexpr):  # an element offset or count in the index type of the launch
         if I64:
             r = x.to(tl.int64)
@@ -1165,12 +1175,7 @@ def _triton_kernel():
         mn = offs_n < cols
         mask = mm[:, None] & mn[None, :]
 
-        if DT == 0:
-            wp = tl.load(jrow + 0).to(tl.pointer_type(tl.int32))
-        elif DT >= 3:
-            wp = tl.load(jrow + 0).to(tl.pointer_type(tl.int8))
-        else:
-            wp = tl.load(jrow + 0).to(tl.pointer_type(tl.int16))
+        wp = _bits_ptr(tl.load(jrow + 0), DT)
         if WV > 0:
             wptr = tl.multiple_of(wp, 16) + offs_m[:, None] * sr + offs_n[None, :]
         else:
@@ -1303,12 +1308,7 @@ def _triton_kernel():
             elif has != 0:
                 rslots = _ix(tl.load(jrow + 13), I64) * BM + offs_m * nct + tc  # slots in the fuse's own plan
                 rc = tl.load(jrow + 10).to(tl.pointer_type(tl.int8))
-                if DT == 0:
-                    rv = tl.load(jrow + 11).to(tl.pointer_type(tl.int32))
-                elif DT >= 3:
-                    rv = tl.load(jrow + 11).to(tl.pointer_type(tl.int8))
-                else:
-                    rv = tl.load(jrow + 11).to(tl.pointer_type(tl.int16))
+                rv = _bits_ptr(tl.load(jrow + 11), DT)
                 if has == 1:
                     _put_back(wp, sr, sc, tl.load(jrow + 9).to(tl.pointer_type(tl.int32)), rc, rv, rslots, rows_ok,
                               offs_m, tc, ar_n, BN)
