@@ -45,11 +45,13 @@ PROFILES = [
     ("native", None, True, {}),
 ]
 
-# machine-independent random inputs for the worker scripts (test_fp8's worker uses them too)
-RANDOM_INPUTS = textwrap.dedent(
+# what the worker scripts share (test_fp8's worker too): machine-independent random inputs, a fuse/unfuse digest
+WORKER_COMMON = textwrap.dedent(
     r'''
+    import json
     import numpy as np
     import torch
+    from lora_fast.kernels import merge as M
 
     def rand_u64(n, seed):
         """splitmix64: n uint64 values, the same on every machine."""
@@ -65,13 +67,30 @@ RANDOM_INPUTS = textwrap.dedent(
         exp = np.uint64(lo) + (u >> np.uint64(32)) % np.uint64(hi - lo + 1)
         b = ((u >> np.uint64(63)) << np.uint64(31)) | (exp << np.uint64(23)) | (u & np.uint64(0x7FFFFF))
         return torch.from_numpy(b.astype(np.uint32).view(np.int32)).view(torch.float32).reshape(shape).clone()
+
+    def fuse_hash_unfuse(h, specs, backend, threads, canon):
+        """Fuse [weight, up, down] specs (non-finite check on), hash the flags, fused bits and records (records of NaN
+        weights depend on payloads: left out) into h, unfuse, and check every bit came back."""
+        bases = [w.clone() for w, _, _ in specs]
+        jobs = [M.MergeJob(w, up, down) for w, up, down in specs]
+        recs, flags = M.fuse(jobs, check_finite=True, backend=backend, num_threads=threads)
+        h.update(json.dumps(flags).encode())
+        for job, rec, base in zip(jobs, recs, bases):
+            h.update(canon(job.weight).numpy().tobytes())
+            idx = rec.flat_index()
+            keep = ~torch.isnan(base.reshape(-1)[idx].float())
+            h.update(idx[keep].numpy().tobytes())
+            h.update(canon(rec.value[keep]).numpy().tobytes())
+        M.unfuse(jobs, recs, backend=backend, num_threads=threads)
+        for job, base in zip(jobs, bases):
+            assert torch.equal(job.weight.contiguous().view(torch.uint8), base.contiguous().view(torch.uint8)), \
+                (backend, base.dtype, "unfuse did not restore every bit")
     '''
 )
 
-WORKER = RANDOM_INPUTS + textwrap.dedent(
+WORKER = WORKER_COMMON + textwrap.dedent(
     r'''
-    import hashlib, json, os, sys
-    from lora_fast.kernels import merge as M
+    import hashlib, os, sys
     from lora_fast.kernels import shrink_expand as S
 
     BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
@@ -125,20 +144,7 @@ WORKER = RANDOM_INPUTS + textwrap.dedent(
             for w, up, down in specs:
                 for t in (w, up, down):
                     h_in.update(canon(t).numpy().tobytes())
-            bases = [w.clone() for w, _, _ in specs]
-            jobs = [M.MergeJob(w, up, down) for w, up, down in specs]
-            recs, flags = M.fuse(jobs, check_finite=True, backend=backend, num_threads=threads)
-            h.update(json.dumps(flags).encode())
-            for job, rec, base in zip(jobs, recs, bases):
-                h.update(canon(job.weight).numpy().tobytes())
-                idx = rec.flat_index()
-                keep = ~torch.isnan(base.reshape(-1)[idx].float())  # records of NaN weights depend on payloads
-                h.update(idx[keep].numpy().tobytes())
-                h.update(canon(rec.value[keep]).numpy().tobytes())
-            M.unfuse(jobs, recs, backend=backend, num_threads=threads)
-            for job, base in zip(jobs, bases):
-                assert torch.equal(job.weight.contiguous().view(BITS[dtype]), base.contiguous().view(BITS[dtype])), \
-                    (backend, dtype, "unfuse did not restore every bit")
+            fuse_hash_unfuse(h, specs, backend, threads, canon)
         return h.hexdigest(), h_in.hexdigest()
 
     digests = {}

@@ -238,10 +238,9 @@ def test_triton_interpreted_gives_the_cpu_kernels_bits():
 # the torch backend); any CPU must reproduce it.
 FP8_DIGEST = "677d131d773b547188e4ad94d2e1e643d2abbcfa50bfc1084b8523d9ce420e82"
 
-FP8_WORKER = D.RANDOM_INPUTS + textwrap.dedent(
+FP8_WORKER = D.WORKER_COMMON + textwrap.dedent(
     r'''
-    import hashlib, json
-    from lora_fast.kernels import merge as M
+    import hashlib
 
     def weight(shape, dtype, seed):
         b = (rand_u64(int(np.prod(shape)), seed) & np.uint64(0xFF)).astype(np.uint8)
@@ -265,19 +264,7 @@ FP8_WORKER = D.RANDOM_INPUTS + textwrap.dedent(
             store = weight((53, 29), dtype, seed * 100 + 70)
             specs.append([store.t(), rand_f32((29, 3), seed * 100 + 71, 112, 124), rand_f32((3, 53), seed * 100 + 72, 112, 124)])
             specs[1][1][4, 0] = float("nan")
-            bases = [w.clone() for w, _, _ in specs]
-            jobs = [M.MergeJob(w, up, down) for w, up, down in specs]
-            recs, flags = M.fuse(jobs, check_finite=True, backend=backend, num_threads=threads)
-            h.update(json.dumps(flags).encode())
-            for job, rec, base in zip(jobs, recs, bases):
-                h.update(canon(job.weight).numpy().tobytes())
-                idx = rec.flat_index()
-                keep = ~torch.isnan(base.reshape(-1)[idx].float())
-                h.update(idx[keep].numpy().tobytes())
-                h.update(canon(rec.value[keep]).numpy().tobytes())
-            M.unfuse(jobs, recs, backend=backend, num_threads=threads)
-            for job, base in zip(jobs, bases):
-                assert torch.equal(job.weight.contiguous().view(torch.uint8), base.contiguous().view(torch.uint8))
+            fuse_hash_unfuse(h, specs, backend, threads, canon)
         out["fp8"][f"{backend}-{threads}"] = h.hexdigest()
     print("RESULT " + json.dumps(out))
     '''
