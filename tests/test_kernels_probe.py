@@ -325,3 +325,40 @@ def test_a_wrong_kernel_result_is_caught_warned_once_and_the_torch_backend_takes
     (nothing written); otherwise one warning naming the kernel, device, dtype and what differed, then the torch
     backend's exact bits, an exact unfuse, and backend='triton' still raises."""
     run_interpreted(WRONG_SCRIPT, "PROBE-WRONG-OK")
+
+
+SPECIALIZED_SCRIPT = PRELUDE + textwrap.dedent(
+    """
+    launched = []
+    _launch = M._Plan.launch
+    def spying(self, kernel, mode, **kw):
+        launched.append((dict(self.spec), mode))
+        if BREAK and self.spec["WV"] and mode in (M.MODE_WRITE, M.MODE_PLAIN):
+            kw["negate"] = not kw.get("negate", False)  # a fault only the specialized (vector) variant has
+        return _launch(self, kernel, mode, **kw)
+    M._Plan.launch = spying
+    for dtype in DTYPES:
+        vec = 16 // dtype.itemsize
+        code = {{torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}}[dtype]
+        BREAK = False
+        launched.clear()
+        assert P._probe_merge(torch.device("cpu"), dtype) is None, dtype
+        lora = dict(RK=0, EXACT=True, UDT=code, DDT=code, TERMS=False, I64=False, WV=vec, DV=vec)
+        modes = {{m for s, m in launched if s == lora}}
+        # the variant an aligned model's fuse and unfuse run, in every mode they use
+        assert modes == {{M.MODE_COUNT, M.MODE_WRITE, M.MODE_PLAIN, M.MODE_RESTORE_OWN, M.MODE_RESTORE}}, (dtype, modes)
+        assert any(s["TERMS"] and not s["WV"] for s, _ in launched), dtype  # and the general variant
+        BREAK = True
+        reason = P._probe_merge(torch.device("cpu"), dtype)
+        assert reason is not None and reason.startswith("plain LoRA group: ") and "differ" in reason, reason
+    print("PROBE-SPECIALIZED-OK")
+    """
+)
+
+
+@exact_fma_interpreter
+def test_the_probe_runs_the_specialized_variant_that_aligned_models_fuse_with():
+    """Interpreted: besides its awkward cases (the kernel's general variant), the merge probe runs a group of aligned
+    plain LoRA jobs through the variant specialized for them (vector accesses, the factors' dtype known) in every
+    launch mode a fuse and an unfuse use, so a fault of that variant alone is caught at first use."""
+    run_interpreted(SPECIALIZED_SCRIPT, "PROBE-SPECIALIZED-OK")

@@ -5,9 +5,10 @@ of awkward shapes (odd sizes, rank 1, strided and transposed views, denormal and
 under the non-finite check, LyCORIS LoHa/LoKr/full terms) and compares the results with the kernel's twin:
 
 * ``"merge"`` (:mod:`.merge`): every fused element must have the same bits as the CPU kernel (NaN positions must
-  match; NaN payloads may differ), and so must the records and the non-finite flags, for each kernel variant the
-  library launches (fuse with records with and without the non-finite check, fuse without records, unfuse); the
-  exact-unfuse round trip must give back the original weights bit for bit.
+  match; NaN payloads may differ), and so must the records and the non-finite flags, for each launch the library
+  makes (fuse with records with and without the non-finite check, fuse without records, unfuse); the
+  exact-unfuse round trip must give back the original weights bit for bit. Two launch groups: the awkward jobs
+  (the kernel's general variant) and aligned plain LoRA jobs (the specialized variant most fuses run).
 * ``"segmented"`` (:mod:`.shrink_expand`): ``h`` and the expanded output must agree with the torch backend within
   the kernels' documented precision (see :func:`_probe_segmented`), NaN positions must match, and rows no entry
   names must stay bit-identical.
@@ -258,7 +259,54 @@ def _merge_cases(dtype: torch.dtype):
     return cases
 
 
+def _lora_group(dtype: torch.dtype):
+    """A launch group as fuse_lora sends a model with plain LoRA factors in its own dtype: every weight row and down
+    row 16-byte aligned with unit column stride, one rank, no LyCORIS terms, so the kernel specialized for that case
+    runs (vector accesses, the factors' dtype known; merge._Plan.spec), not the general one the awkward cases above
+    need. Ragged tiles, a row-sliced weight, a transposed up, a padded down, a down at an address that is not 16-byte
+    aligned (as a kohya file's packed tensors are: the scalar loads inside the vector group), -0.0/Inf/NaN and
+    denormal weights, deltas as large as the weights (many records) and a NaN factor (the non-finite check).
+    Returns ``build(device) -> (stores, jobs)``: the buffers are made on the device and the views taken there, so the
+    alignments are the same on every device."""
+    g = torch.Generator().manual_seed(20261205)
+    fi = torch.finfo(dtype)
+    vec = 16 // dtype.itemsize
+    rank = 4
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+    w0 = rnd(40, 17 * vec, scale=0.05)  # 2 x 2 tiles, the last row and column tiles partial
+    w0[0, :4] = torch.tensor([-0.0, float("inf"), float("nan"), float("-inf")])
+    w0[1:5] = (fi.tiny * torch.rand(4, w0.shape[1], generator=g) * 0.5).to(dtype)
+    w1 = rnd(38, 9 * vec, scale=0.05)  # viewed as rows 3..36: an aligned row slice
+    w2 = rnd(8, 2 * vec, scale=0.05)
+    nan_up = rnd(8, rank)
+    nan_up[5, 2] = float("nan")
+    parts = [
+        (w0, lambda w: w, rnd(rank, 40, scale=0.3), lambda u: u.t(),  # a transposed up
+         rnd(rank, w0.shape[1] + vec, scale=0.3), lambda d: d[:, :w0.shape[1]]),  # a padded down (row stride + vec)
+        (w1, lambda w: w[3:37], rnd(34, rank, scale=0.3), lambda u: u,
+         rnd(rank * w1.shape[1] + 1, scale=0.3), lambda d: d[1:].view(rank, w1.shape[1])),  # packed: misaligned
+        (w2, lambda w: w, nan_up, lambda u: u, rnd(rank, w2.shape[1], scale=0.1), lambda d: d),
+    ]
+
+    def build(dev):
+        from . import merge as M
+
+        stores, jobs = [], []
+        for w, wv, u, uv, d, dv in parts:
+            s = w.to(dev, copy=True)
+            stores.append(s)
+            jobs.append(M.MergeJob(wv(s), uv(u.to(dev, copy=True)), dv(d.to(dev, copy=True))))
+        return stores, jobs
+
+    return build
+
+
 def _probe_merge(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """The awkward cases (one launch group, the kernel's general variant), then a group of aligned plain LoRA jobs
+    (the variant most fuses run); each through every launch the library makes."""
     from . import merge as M
 
     cases = _merge_cases(dtype)
@@ -278,22 +326,35 @@ def _probe_merge(device: torch.device, dtype: torch.dtype) -> Optional[str]:
             return M.MergeJob(view(s), factors=fs, view=down)
         return M.MergeJob(view(s), up.to(dev), down.to(dev))
 
-    def build(dev):
+    def awkward(dev):
         stores = [st.to(dev, copy=True) for st, _, _, _ in cases]
         return stores, [job(s, c, dev) for s, c in zip(stores, cases)]
+
+    return _probe_merge_group(device, awkward, "") or _probe_merge_group(device, _lora_group(dtype),
+                                                                         "plain LoRA group: ")
+
+
+def _probe_merge_group(device: torch.device, build, label: str) -> Optional[str]:
+    """One launch group (``build(device) -> (stores, jobs)``) through every merge launch, against the CPU kernel."""
+    from . import merge as M
 
     ref_st, ref_jobs = build("cpu")
     ref_recs, ref_flags = M.fuse(ref_jobs, record=True, check_finite=True, backend="cpu")
     ref_recs = list(ref_recs)
 
     def compare(stores, recs, flags, what, want_flags):
+        what = label + what
         for n, (s, r) in enumerate(zip(stores, ref_st)):
-            d = _same_bits(s, r, f"{what}, job {n} {tuple(cases[n][0].shape)}: fused weights vs the CPU kernel")
+            d = _same_bits(s, r, f"{what}, job {n} {tuple(r.shape)}: fused weights vs the CPU kernel")
             if d:
                 return d
         if flags != want_flags:
             return f"{what}: non-finite flags {flags}, the CPU kernel gives {want_flags}"
-        for n, (a, b) in enumerate(zip(recs, ref_recs)):
+        for n, b in enumerate(ref_recs):
+            try:  # records a faulty kernel wrote may not even convert (counts that disagree with the scan)
+                a = recs[n]
+            except Exception as e:  # noqa: BLE001
+                return f"{what}, job {n}: exact-unfuse record unreadable ({_describe(e)})"
             if a is None:
                 continue
             if not (torch.equal(a.offsets.cpu(), b.offsets) and torch.equal(a.cols.cpu(), b.cols)
@@ -306,27 +367,28 @@ def _probe_merge(device: torch.device, dtype: torch.dtype) -> Optional[str]:
     originals = [s.clone() for s in stores]
     recs, flags = M._triton_run(jobs, negate=False, record=True, check_finite=True, abort_nonfinite=True)
     if flags != ref_flags:
-        return f"fuse (safe_fusing): non-finite flags {flags}, the CPU kernel gives {ref_flags}"
+        return f"{label}fuse (safe_fusing): non-finite flags {flags}, the CPU kernel gives {ref_flags}"
     for n, (s, o) in enumerate(zip(stores, originals)):
         if not torch.equal(_bits(s), _bits(o)):
-            return f"fuse (safe_fusing) with a non-finite job, job {n}: weights were changed"
+            return f"{label}fuse (safe_fusing) with a non-finite job, job {n}: weights were changed"
     # fuse with records and the non-finite check (both passes)
     recs, flags = M._triton_run(jobs, negate=False, record=True, check_finite=True)
-    d = compare(stores, list(recs), flags, "fuse (records, non-finite check)", ref_flags)
+    d = compare(stores, recs, flags, "fuse (records, non-finite check)", ref_flags)
     if d:
         return d
+
     def round_trip(stores, originals, what):
         for n, (s, o) in enumerate(zip(stores, originals)):
             if not torch.equal(_bits(s), _bits(o)):
                 bad = (_bits(s) != _bits(o)).cpu()
-                return f"{what}, job {n}: {_where(bad)} not restored bit for bit"
+                return f"{label}{what}, job {n}: {_where(bad)} not restored bit for bit"
         return None
 
     # the exact unfuse as unfuse_lora runs it: the fuse's own table, rn(W' - delta) and the recorded elements put
     # back in the same pass
     runs = M._own_runs(jobs, M._items(recs))
     if runs is None:
-        return "unfuse: the fuse's own records were not recognized"
+        return f"{label}unfuse: the fuse's own records were not recognized"
     M._triton_restore_own(runs)
     d = round_trip(stores, originals, "unfuse round trip (the fuse's table)")
     if d:
@@ -336,8 +398,8 @@ def _probe_merge(device: torch.device, dtype: torch.dtype) -> Optional[str]:
         stores, jobs = build(device)
         recs, flags = M._triton_run(jobs, negate=False, record=record, check_finite=False)
         if not record and any(r is not None for r in recs):
-            return "fuse (no records): records were returned"
-        d = compare(stores, list(recs), flags, f"fuse ({'records' if record else 'no records'})", [False] * len(jobs))
+            return f"{label}fuse (no records): records were returned"
+        d = compare(stores, recs, flags, f"fuse ({'records' if record else 'no records'})", [False] * len(jobs))
         if d:
             return d
         if record:  # the unfuse of records named per job in a table (records of several fuse calls)
