@@ -350,9 +350,10 @@ class LiveSlot:
             if lam != 1.0 or torch.compiler.is_compiling():  # traced: no guard on λ == 1
                 coef = coef * lam
             if in_place and self._in_place(out):
-                # out += (coef·A x) Bᵀ as one accumulating matmul into the output: no output-sized temporaries
-                h = F.linear(x, self.down) * coef
-                out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), self.up.t())
+                # out += coef·(A x) Bᵀ as one accumulating matmul into the output: no output-sized temporaries, and
+                # coef (a host scalar) enters as the matmul's alpha, in fp32, instead of one more pass over A x
+                h = F.linear(x, self.down)
+                out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), self.up.t(), alpha=float(coef))
                 return out
             return out + self._lora(module, x, coef).to(out.dtype)
         bias = getattr(module, "bias", None)
@@ -904,8 +905,7 @@ def _shared_linear(sharing, state, slot, x: torch.Tensor, out: torch.Tensor, lam
     coef = slot.scale * slot.weight
     if lam != 1.0:
         coef = coef * lam
-    h = h * coef
-    out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), slot.up.t())
+    out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), slot.up.t(), alpha=float(coef))
     return out
 
 
