@@ -14,6 +14,7 @@ comparison.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import statistics
@@ -353,6 +354,37 @@ def time_cycles(fuse: Callable[[], None], unfuse: Callable[[], None], *, repeats
     )
 
 
+def _fuse_series(fuse: Callable[[], None], unfuse: Callable[[], None], repeats: int,
+                 sync: Callable[[], None]) -> float:
+    """Median time of ``repeats`` fuses, each undone (untimed) before the next; garbage collector off."""
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        times = []
+        for _ in range(repeats):
+            times.append(_timed(fuse, sync))
+            unfuse()
+        sync()
+    finally:
+        if was_enabled:
+            gc.enable()
+    return statistics.median(times)
+
+
+@contextlib.contextmanager
+def _environ(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
 def run_case(case: str, dtype_name: str, *, floor: dict, repeats: int = REPEATS, warmup: int = WARMUP,
              compare_diffusers: bool = True, size: str = "full", drift_sample: int = 64,
              log: Callable[[str], None] = print, device: str = "cpu") -> CaseResult:
@@ -433,12 +465,21 @@ def run_case(case: str, dtype_name: str, *, floor: dict, repeats: int = REPEATS,
         lf = time_cycles(lambda: lora_fast.fuse_lora(pipe), lambda: lora_fast.unfuse_lora(pipe), repeats=repeats,
                          warmup=warmup, sync=sync, after_first_fuse=lambda: rec.append(engine.fused_record_bytes(pipe)))
         changed = _changed_bits(sample, pristine)
+        # the other fuse paths, warm: safe_fusing (a repeat: one writing pass that checks), and a fuse that finds
+        # no cached positions (counting pass, one host read, writing pass: what a new adapter or scale costs and
+        # what fuse-on-load overlaps with reading the file)
+        safe = _fuse_series(lambda: lora_fast.fuse_lora(pipe, safe_fusing=True), lambda: lora_fast.unfuse_lora(pipe),
+                            repeats, sync)
+        with _environ("LORA_FAST_FUSE_CACHE", "0"):
+            uncached = _fuse_series(lambda: lora_fast.fuse_lora(pipe), lambda: lora_fast.unfuse_lora(pipe), repeats,
+                                    sync)
         lora_fast.unload_lora_weights(pipe)
         t_e2e = _timed(lambda: lora_fast.load_lora_weights(pipe, path, adapter_name="bench2", fuse=True), sync)
         lora_fast.unfuse_lora(pipe)
         lora_fast.unload_lora_weights(pipe)
         res.lora_fast = dict(
             load_s=t_load, **lf, load_fuse_s=t_load + lf["first_fuse_s"], fuse_on_load_s=t_e2e,
+            safe_fuse_s=safe, uncached_fuse_s=uncached,
             record_bytes=rec[0], record_fraction_of_weight_bytes=rec[0] / (n_params * elt),
             changed_elements_after_cycles=changed, sample_elements=sum(w.numel() for w in sample),
         )
@@ -550,8 +591,8 @@ def _ms(x) -> str:
     return "-" if x is None else f"{x * 1e3:.1f}"
 
 
-def _ratio(a, b) -> str:
-    return "-" if (a is None or b is None or b == 0) else f"{a / b:.1f}x"
+def _ratio(a, b, digits: int = 1) -> str:
+    return "-" if (a is None or b is None or b == 0) else f"{a / b:.{digits}f}x"
 
 
 def _faster(slow, fast) -> str:
@@ -627,6 +668,24 @@ def format_table(report: dict) -> str:
         ])
     lines += _table(["case", "dtype", "lora_fast load", "fuse", "unfuse", "load+fuse", "diffusers load", "fuse",
                      "unfuse", "load+fuse", "fuse speed-up", "load+fuse speed-up"], rows)
+
+    rows = []
+    for r in results:
+        lf = r["lora_fast"]
+        if lf.get("safe_fuse_s") is None:
+            continue
+        overlap = max(lf["load_s"], lf["uncached_fuse_s"])
+        rows.append([
+            r["case"], r["dtype"], _ms(lf.get("fuse_s")), _ratio(lf.get("unfuse_s"), lf.get("fuse_s"), 2),
+            _ms(lf["safe_fuse_s"]), _ratio(lf["safe_fuse_s"], lf.get("fuse_s"), 2), _ms(lf["uncached_fuse_s"]),
+            _ms(lf["load_s"]), _ms(lf["fuse_on_load_s"]), _ratio(lf["fuse_on_load_s"], overlap, 2),
+        ])
+    if rows:
+        lines += ["", "lora_fast's fuse paths, warm medians: a repeated fuse (cached record positions), unfuse, "
+                      "safe_fusing, a fuse without cached positions (a new adapter or scale); fuse-on-load "
+                      "(load_lora_weights(fuse=True), one sample) against the longer of reading and fusing."]
+        lines += _table(["case", "dtype", "fuse", "unfuse / fuse", "safe fuse", "safe / fuse", "uncached fuse",
+                         "load", "fuse-on-load", "on-load / max(load, uncached)"], rows)
 
     lines += ["", "Exactness: share of sampled weight elements that differ from the original after fuse+unfuse."]
     rows = []

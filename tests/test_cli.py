@@ -640,6 +640,8 @@ def test_bench_tiny_writes_json_and_chart(tmp_path):
         assert d["load_fuse_s"] == d["load_s"] + d["first_fuse_s"]
     assert r["lora_fast"]["changed_elements_after_cycles"] == 0
     assert r["lora_fast"]["fuse_on_load_s"] > 0
+    assert r["lora_fast"]["safe_fuse_s"] > 0 and r["lora_fast"]["uncached_fuse_s"] > 0
+    assert "lora_fast's fuse paths, warm medians" in proc.stdout
     assert report["floor"]["copy_bytes_per_s"] > 0
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -692,6 +694,12 @@ def test_bench_table_headline_is_the_warm_ratio_and_busy_runs_are_flagged():
     assert "9.0x faster" in text  # the first calls (1 s vs 9 s) in their own table, not in the headline
     assert "0 (bit-exact)" in text and "9.00%" in text
     assert "warning" not in text
+    assert "fuse paths" not in text  # a report without those figures (an older bench.json) has no such table
+    report = _report(0.05, 0.2)
+    report["results"][0]["lora_fast"].update(safe_fuse_s=0.055, uncached_fuse_s=0.08, fuse_on_load_s=0.096)
+    paths = bench.format_table(report).split("lora_fast's fuse paths")[1].split("Exactness")[0]
+    # fuse 50.0, unfuse/fuse 1.00x, safe 55.0 (1.10x the fuse), uncached 80.0, load 10.0, on-load 96.0 = 1.20x of 80
+    assert paths.split()[-8:] == ["50.0", "1.00x", "55.0", "1.10x", "80.0", "10.0", "96.0", "1.20x"], paths
     busy = bench.format_table(_report(0.05, 0.2, load=1.9))
     assert "warning: other work was running (load average 1.90 on 2 CPUs)" in busy
     noisy = bench.format_table(_report(0.05, 0.2, quartiles=[0.04, 0.07]))
