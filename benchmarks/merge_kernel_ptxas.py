@@ -36,6 +36,8 @@ def specs(dt: int) -> dict:
         "general": dict(RK=0, EXACT=False, UDT=-1, DDT=-1, TERMS=True, I64=True, WV=0, DV=0),
         "lora": dict(RK=0, EXACT=True, UDT=dt, DDT=dt, TERMS=False, I64=False, WV=vw, DV=vw),
         "lora, unrolled 32": dict(RK=32, EXACT=True, UDT=dt, DDT=dt, TERMS=False, I64=False, WV=vw, DV=vw),
+        "lora, misaligned": dict(RK=0, EXACT=True, UDT=dt, DDT=dt, TERMS=False, I64=False, WV=0, DV=0),
+        "lycoris terms": dict(RK=0, EXACT=True, UDT=dt, DDT=dt, TERMS=True, I64=False, WV=vw, DV=vw),
     }
 
 

@@ -64,9 +64,25 @@ def test_jobs_are_grouped_by_device_and_dtype():
     jobs = (jobs_on("cpu", torch.float16, 1) + jobs_on("meta", torch.float16, 1) + jobs_on("cpu", torch.float32, 1)
             + jobs_on("meta", torch.float16, 1) + jobs_on("cpu", torch.float16, 1))
     groups = M._group_jobs(jobs)
-    assert list(groups) == [(torch.device("cpu"), torch.float16), (torch.device("meta"), torch.float16),
-                            (torch.device("cpu"), torch.float32)]
+    assert [k[:2] for k in groups] == [(torch.device("cpu"), torch.float16), (torch.device("meta"), torch.float16),
+                                       (torch.device("cpu"), torch.float32)]
     assert list(groups.values()) == [[0, 4], [1, 3], [2]]
+
+
+def test_aligned_and_plain_lora_jobs_keep_a_launch_group_of_their_own():
+    """A weight whose tiles allow vector accesses (16-byte rows and base) and a job without LyCORIS terms do not share
+    a group with a misaligned weight or a LyCORIS job: the kernel is specialized per group (merge._Plan.spec)."""
+    def job(cols, terms=False):
+        w = torch.zeros(4, cols, dtype=torch.float16)
+        t = [M.Term("kron", torch.ones(1, 1), torch.zeros(4, cols))] if terms else None
+        return M.MergeJob(w, torch.zeros(4, 2), torch.zeros(2, cols), terms=t)
+
+    jobs = [job(16), job(7), job(16), job(16, terms=True), job(8), job(36)]
+    groups = M._group_jobs(jobs)
+    assert [(k[2], k[3]) for k in groups] == [(True, False), (False, False), (True, True)]
+    assert list(groups.values()) == [[0, 2, 4], [1, 5], [3]]
+    plans = [M._Plan(jobs, idxs, torch.device("cpu"), torch.float16) for idxs in groups.values()]
+    assert [p.spec["WV"] for p in plans] == [8, 0, 8] and [p.spec["TERMS"] for p in plans] == [False, False, True]
 
 
 def test_each_merge_group_launches_under_its_device_with_its_tables_there(monkeypatch):

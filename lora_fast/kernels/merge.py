@@ -433,25 +433,34 @@ def unfuse(jobs, records, *, backend: str | None = None, num_threads: int | None
 
 
 def _own_runs(jobs, items):
-    """[(plan, group, first, end)] when ``items`` are, in order, runs of consecutive records of Triton fuse groups
-    and ``jobs`` the very job objects those fuses got (then they were validated and their table is on the device);
-    None otherwise. Attribute reads only."""
-    runs, i, n = [], 0, len(items)
-    while i < n:
-        it = items[i]
+    """[(plan, group, first, end)] when each of ``items`` is a record of a Triton fuse group and ``jobs`` the very job
+    objects those fuses got (then they were validated and their table is on the device); None otherwise. One run per
+    range of consecutive positions inside a group, whatever the order of the list (a fuse's groups interleave in it),
+    so a whole fuse's unfuse is one launch per group. Attribute reads only."""
+    by_group: dict = {}
+    for i, it in enumerate(items):
         if type(it) is not _GroupRef:
             return None
-        g, q0 = it.group, it.pos
-        pj, q = g.plan.jobs, q0
-        while i < n:
-            it = items[i]
-            if type(it) is not _GroupRef or it.group is not g or it.pos != q or pj[q] is not jobs[i]:
-                break
-            i += 1
-            q += 1
-        if q == q0:
+        g = it.group
+        if g.plan.jobs[it.pos] is not jobs[i]:
             return None
-        runs.append((g.plan, g, q0, q))
+        hit = by_group.get(id(g))
+        if hit is None:
+            by_group[id(g)] = (g, [it.pos])
+        else:
+            hit[1].append(it.pos)
+    runs = []
+    for g, qs in by_group.values():
+        qs.sort()
+        q0 = prev = qs[0]
+        for q in qs[1:]:
+            if q == prev:  # one record twice: not a fuse's own list
+                return None
+            if q != prev + 1:
+                runs.append((g.plan, g, q0, prev + 1))
+                q0 = q
+            prev = q
+        runs.append((g.plan, g, q0, prev + 1))
     return runs
 
 
@@ -920,11 +929,33 @@ def _device_guard(device: torch.device):
 
 
 def _group_jobs(jobs) -> dict:
-    """{(device, dtype): [job index]} in first-seen order; one launch group each (tables live on that device)."""
+    """{(device, dtype, vector tiles, LyCORIS terms): [job index]} in first-seen order; one launch group each
+    (tables live on that device). Jobs whose weight tiles allow vector accesses, and jobs without LyCORIS terms,
+    keep a group of their own, so one misaligned weight (a 3x3 conv over 4 input channels) or one LyCORIS layer does
+    not turn every other job's launch into the general variant (merge._Plan.spec). At most four groups per device
+    and dtype, whatever the job count."""
     groups: dict = {}
     for i, j in enumerate(jobs):
-        groups.setdefault((j.weight.device, j.weight.dtype), []).append(i)
+        groups.setdefault((j.weight.device, j.weight.dtype, _vector_tiles(j), bool(j.terms)), []).append(i)
     return groups
+
+
+def _geometry(job) -> tuple:
+    """(rows, columns, row stride, column stride) of a job's 2-D weight view."""
+    if job.view is not None:
+        return job.view
+    w = job.weight
+    (rows, cols), (sr, sc) = w.shape, w.stride()
+    return rows, cols, sr, sc
+
+
+def _vector_tiles(job, geometry=None) -> bool:
+    """Whether the job's weight tiles allow 16-byte vector accesses: unit column stride (or one column), a row
+    stride and a column count that are multiples of 16 bytes, a 16-byte aligned first element."""
+    rows, cols, sr, sc = geometry or _geometry(job)
+    w = job.weight
+    vec = 16 // w.element_size()
+    return (sc == 1 or cols == 1) and sr % vec == 0 and cols % vec == 0 and w.data_ptr() % 16 == 0
 
 
 def _launch(kernel, grid, *args, **kw) -> None:
@@ -1394,14 +1425,10 @@ class _Plan:
         for q, i in enumerate(idxs):
             job = jobs[i]
             w = job.weight
-            if job.view is not None:
-                rows, cols, sr, sc = job.view
-            else:
-                (rows, cols), (sr, sc) = w.shape, w.stride()
+            geometry = rows, cols, sr, sc = _geometry(job)
             ntiles = -(-rows // BLOCK_M) * -(-cols // BLOCK_N) if rows and cols else 0
             extent = max(extent, _extent(rows + BLOCK_M, cols + BLOCK_N, sr, sc))
-            w_aligned = w_aligned and (sc == 1 or cols == 1) and sr % wvec == 0 and cols % wvec == 0 \
-                and w.data_ptr() % 16 == 0
+            w_aligned = w_aligned and _vector_tiles(job, geometry)
             if job.factors is not None:
                 fs = job.factors
             else:
@@ -1773,7 +1800,7 @@ def _triton_run(jobs, *, negate, record, check_finite, abort_nonfinite=False, re
     n = len(jobs)
     flags = [False] * n
     plans = []
-    for (device, dtype), idxs in _group_jobs(jobs).items():
+    for (device, dtype, _, _), idxs in _group_jobs(jobs).items():
         with _device_guard(device):
             plans.append(_Plan(jobs, idxs, device, dtype, None if restore is None else [restore[i] for i in idxs]))
     if two_pass:

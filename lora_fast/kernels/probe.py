@@ -260,10 +260,10 @@ def _merge_cases(dtype: torch.dtype):
 
 
 def _lora_group(dtype: torch.dtype):
-    """A launch group as fuse_lora sends a model with plain LoRA factors in its own dtype: every weight row and down
-    row 16-byte aligned with unit column stride, one rank, no LyCORIS terms, so the kernel specialized for that case
-    runs (vector accesses, the factors' dtype known; merge._Plan.spec), not the general one the awkward cases above
-    need. Ragged tiles, a row-sliced weight, a transposed up, a padded down, a down at an address that is not 16-byte
+    """A launch group as fuse_lora sends a model with plain LoRA factors in its own dtype (bf16 for an fp8 model):
+    every weight row and down row 16-byte aligned with unit column stride, one rank, no LyCORIS terms, so the kernel
+    specialized for that case runs (vector accesses, the factors' dtype known; merge._Plan.spec), not the general one
+    the awkward cases above need. Ragged tiles, a row-sliced weight, a transposed up, a padded down, a down at an address that is not 16-byte
     aligned (as a kohya file's packed tensors are: the scalar loads inside the vector group), -0.0/Inf/NaN and
     denormal weights, deltas as large as the weights (many records) and a NaN factor (the non-finite check).
     Returns ``build(device) -> (stores, jobs)``: the buffers are made on the device and the views taken there, so the
@@ -272,15 +272,16 @@ def _lora_group(dtype: torch.dtype):
     fi = torch.finfo(dtype)
     vec = 16 // dtype.itemsize
     rank = 4
+    fdt = dtype if dtype.itemsize > 1 else torch.bfloat16  # an fp8 model's LoRA factors come in a 16-bit dtype
 
-    def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+    def rnd(*shape, scale=1.0, dt=fdt):
+        return (torch.randn(*shape, generator=g) * scale).to(dt)
 
-    w0 = rnd(40, 17 * vec, scale=0.05)  # 2 x 2 tiles, the last row and column tiles partial
+    w0 = rnd(40, 17 * vec, scale=0.05, dt=dtype)  # 2 x 2 tiles, the last row and column tiles partial
     w0[0, :4] = torch.tensor([-0.0, float("inf"), float("nan"), float("-inf")])
     w0[1:5] = (fi.tiny * torch.rand(4, w0.shape[1], generator=g) * 0.5).to(dtype)
-    w1 = rnd(38, 9 * vec, scale=0.05)  # viewed as rows 3..36: an aligned row slice
-    w2 = rnd(8, 2 * vec, scale=0.05)
+    w1 = rnd(38, 9 * vec, scale=0.05, dt=dtype)  # viewed as rows 3..36: an aligned row slice
+    w2 = rnd(8, 2 * vec, scale=0.05, dt=dtype)
     nan_up = rnd(8, rank)
     nan_up[5, 2] = float("nan")
     parts = [
