@@ -143,8 +143,7 @@ def test_triton_terms_repeat_from_the_fuse_cache():
     before = mk.triton_stats.snapshot()
     recs, _ = mk.fuse(jobs, backend="triton", cache=cache)
     after = mk.triton_stats.snapshot()
-    groups = len(mk._group_jobs(jobs))  # the term jobs and the factor-only ones: a launch group each
-    assert groups == 2
+    groups = len(mk._group_jobs(jobs))  # one writing pass per launch group
     assert after["launches"] - before["launches"] == groups and after["syncs"] == before["syncs"]
     assert after["uploads"] == before["uploads"]
     assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(got, ref))
@@ -157,8 +156,8 @@ def test_triton_terms_repeat_from_the_fuse_cache():
 
 @interpreted
 def test_term_jobs_cost_the_same_launches_syncs_and_uploads_as_factor_jobs():
-    """Per launch group (jobs with terms and jobs without keep a group each: merge._group_jobs), the same launches,
-    host reads and uploads as factor jobs: two passes and one read per fuse with records, one pass per unfuse."""
+    """Per launch group (merge._group_jobs), the same launches, host reads and uploads as factor jobs: two passes and
+    one read per fuse with records, one pass per unfuse."""
     def cost(with_terms):
         stores, build = _jobs(torch.float16, seed=3)
         jobs = build(stores)
@@ -177,9 +176,9 @@ def test_term_jobs_cost_the_same_launches_syncs_and_uploads_as_factor_jobs():
             out[name] = ({k: mid[k] - before[k] for k in mid}, {k: after[k] - mid[k] for k in mid})
         return out, len(mk._group_jobs(jobs))
 
-    for with_terms in (True, False):
-        out, g = cost(with_terms)
-        assert g == (2 if with_terms else 1)
+    (with_terms, g), (without, g2) = cost(True), cost(False)
+    assert with_terms == without and g == g2
+    for out in (with_terms, without):
         assert out["record"][0] == {"launches": 2 * g, "syncs": 1, "uploads": g}  # count, one host read, write
         assert out["record"][1] == {"launches": g, "syncs": 0, "uploads": 0}  # the fuse's own table
         assert out["check"][0] == {"launches": 2 * g, "syncs": 1, "uploads": g}

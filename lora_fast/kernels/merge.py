@@ -929,14 +929,14 @@ def _device_guard(device: torch.device):
 
 
 def _group_jobs(jobs) -> dict:
-    """{(device, dtype, vector tiles, LyCORIS terms): [job index]} in first-seen order; one launch group each
-    (tables live on that device). Jobs whose weight tiles allow vector accesses, and jobs without LyCORIS terms,
-    keep a group of their own, so one misaligned weight (a 3x3 conv over 4 input channels) or one LyCORIS layer does
-    not turn every other job's launch into the general variant (merge._Plan.spec). At most four groups per device
-    and dtype, whatever the job count."""
+    """{(device, dtype, vector tiles): [job index]} in first-seen order; one launch group each (tables live on that
+    device). Jobs whose weight tiles allow 16-byte vector accesses keep a group of their own, so one misaligned weight
+    (a 3x3 conv over 4 input channels) does not turn every other job's launch into scalar code (merge._Plan.spec). At
+    most two groups per device and dtype, whatever the job count. (LyCORIS terms do not split a group: their variant
+    keeps the vector accesses, and every variant is one more compile at first use.)"""
     groups: dict = {}
     for i, j in enumerate(jobs):
-        groups.setdefault((j.weight.device, j.weight.dtype, _vector_tiles(j), bool(j.terms)), []).append(i)
+        groups.setdefault((j.weight.device, j.weight.dtype, _vector_tiles(j)), []).append(i)
     return groups
 
 
@@ -1800,7 +1800,7 @@ def _triton_run(jobs, *, negate, record, check_finite, abort_nonfinite=False, re
     n = len(jobs)
     flags = [False] * n
     plans = []
-    for (device, dtype, _, _), idxs in _group_jobs(jobs).items():
+    for (device, dtype, _), idxs in _group_jobs(jobs).items():
         with _device_guard(device):
             plans.append(_Plan(jobs, idxs, device, dtype, None if restore is None else [restore[i] for i in idxs]))
     if two_pass:
