@@ -11,6 +11,10 @@ different adapters of rank r, one per image), the table gives the median time of
 * one adapter (naive): base + B(A x) for one adapter on the whole batch in plain torch (three ``F.linear``),
 
 and per-sample / base, the overhead a per-sample step pays on that layer. No diffusers needed.
+
+``--tiles 32x32x32x64x4,64x64x64x128x8`` runs the Triton kernels once per tile configuration (shrink rows x k-step x
+expand rows x columns x warps, LORA_FAST_SEGMENTED_TILE; each in its own process, the tile sizes are read at import)
+and prints per-sample / base per layer and configuration side by side.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -81,7 +87,10 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--backend", choices=("triton", "torch"), default=None)
     p.add_argument("--json", default=None)
+    p.add_argument("--tiles", default=None, help="comma-separated SMxSKxEMxENxW tile configurations to compare")
     args = p.parse_args(argv)
+    if args.tiles:
+        return sweep_tiles(args, argv if argv is not None else sys.argv[1:])
     dtype = DTYPES[args.dtype]
     backend = args.backend or ("triton" if args.device.startswith("cuda") else "torch")
     machine = (torch.cuda.get_device_name() if args.device.startswith("cuda")
@@ -105,6 +114,50 @@ def main(argv=None) -> int:
             json.dump({"device": args.device, "machine": machine, "dtype": args.dtype, "backend": backend,
                        "batch": args.batch, "rank": args.rank, "results": results}, f, indent=1)
     return 0
+
+
+def sweep_tiles(args, argv) -> int:
+    """Each tile configuration in a subprocess (the kernels read their tile sizes at import); one table of
+    per-sample / base per layer (rows) and configuration (columns)."""
+    rest, skip = [], False
+    for a in argv:  # this call's arguments without --tiles / --json
+        if skip:
+            skip = False
+            continue
+        if a in ("--tiles", "--json"):
+            skip = True
+            continue
+        if not a.startswith(("--tiles=", "--json=")):
+            rest.append(a)
+    configs = args.tiles.split(",")
+    table, failed = {}, []
+    with tempfile.TemporaryDirectory() as tmp:
+        for cfg in configs:
+            out = os.path.join(tmp, cfg + ".json")
+            env = dict(os.environ, LORA_FAST_SEGMENTED_TILE=cfg)
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), *rest, "--json", out], env=env,
+                                  capture_output=True, text=True)
+            if proc.returncode != 0 or not os.path.exists(out):
+                failed.append(cfg)
+                print(f"# {cfg}: failed\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+                continue
+            with open(out) as f:
+                table[cfg] = json.load(f)
+    done = [c for c in configs if c in table]
+    if done:
+        first = table[done[0]]
+        print(f"# per-sample / base by tile configuration: {first['device']} ({first['machine']}), {first['dtype']}, "
+              f"backend {first['backend']}, {first['batch']} adapters r{first['rank']}")
+        print("| layer | " + " | ".join(done) + " |")
+        print("|---|" + "---|" * len(done))
+        for i, r in enumerate(first["results"]):
+            cells = [f"{table[c]['results'][i]['per_sample_over_base']:.2f}" for c in done]
+            print(f"| {r['layer']} | " + " | ".join(cells) + " |")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"configs": table, "failed": failed}, f, indent=1)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

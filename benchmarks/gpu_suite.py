@@ -15,8 +15,8 @@ most important figures written. Each step is logged to <out>/gpu_suite.log.
    live / per-sample adapters), when diffusers is importable;
 5. the CUDA tests (``pytest -m cuda``) and the whole-model checks (benchmarks/gpu_checks.py: exact unfuse, fused
    values against float64, the same bits as the CPU kernel, ``load_file(device="cuda")``);
-6. the rest: Triton kernel tests, segmented shrink/expand at SD1.5 layer shapes, the per-sample UNet step, the
-   fuse benchmark on CUDA.
+6. the rest: Triton kernel tests, segmented shrink/expand at SD1.5 layer shapes (and per tile configuration), the
+   per-sample UNet step, the fuse benchmark on CUDA.
 Every step runs with LORA_FAST_TRITON_FALLBACK=0: a kernel that fails its first-use probe, or to compile, fails the
 step instead of falling back. JSON results land in <out>; copy the figures, device and commit into
 benchmarks/RESULTS.md.
@@ -69,6 +69,10 @@ def steps(out: str, py: str, quick: bool, have_diffusers: bool) -> list:
         todo.append((f"shrink/expand {dt}", [py, "benchmarks/bench_kernels_shrink_expand.py", "--device", "cuda",
                                              "--dtype", dt, "--repeats", "20", "--json", j(f"shrink_expand_{dt}.json")],
                      120, 20))
+    todo.append(("shrink/expand fp16 per tile configuration",
+                 [py, "benchmarks/bench_kernels_shrink_expand.py", "--device", "cuda", "--dtype", "fp16", "--repeats",
+                  "20", "--tiles", "32x32x32x64x4,64x32x64x64x4,128x32x64x128x4,64x64x128x128x8,128x64x128x64x8",
+                  "--json", j("shrink_expand_tiles_fp16.json")], 180, 60))
     if not quick and have_diffusers:
         todo.append(("per-sample UNet step fp16", [py, "benchmarks/bench_per_sample.py", "--device", "cuda", "--dtype",
                                                    "fp16", "--json", j("per_sample_fp16.json")], 180, 45))

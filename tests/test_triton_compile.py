@@ -54,6 +54,30 @@ def test_segmented_shrink_and_expand_compile(target, dt, block_r):
     }, {"DT": dt, "BLOCK_M": S.EXPAND_BLOCK_M, "BLOCK_N": S.EXPAND_BLOCK_N, "BLOCK_R": block_r}, target)
 
 
+@pytest.mark.parametrize("tile", ["64x32x64x64x4", "128x64x128x128x8"])
+def test_segmented_kernels_compile_with_other_tiles(tile):
+    """The tile configurations benchmarks/bench_kernels_shrink_expand.py --tiles compares compile for sm_90."""
+    sm, sk, em, en, warps = S._tile_config(tile)
+    shrink, expand = S._kernels()
+    target = GPUTarget("cuda", 90, 32)
+    compile_for(shrink, {
+        "x_ptr": "*fp16", "h_ptr": "*fp32", "table_ptr": "*i64", "rows_ptr": "*i64", "seg_start_ptr": "*i32",
+        "seg_group_ptr": "*i32", "K": "i32", "stride_xm": "i32", "stride_hm": "i32",
+    }, {"DT": 1, "DOT16": True, "BLOCK_M": sm, "BLOCK_K": sk, "BLOCK_R": 16}, target, num_warps=warps)
+    compile_for(expand, {
+        "h_ptr": "*fp32", "out_ptr": "*fp16", "table_ptr": "*i64", "scale_ptr": "*fp32", "coef_ptr": "*fp32",
+        "rows_ptr": "*i64", "seg_start_ptr": "*i32", "seg_group_ptr": "*i32", "seg_base": "i32", "N": "i32",
+        "stride_hm": "i32", "stride_om": "i32", "lam": "fp32",
+    }, {"DT": 1, "BLOCK_M": em, "BLOCK_N": en, "BLOCK_R": 16}, target, num_warps=warps)
+
+
+def test_segmented_tile_configuration_is_checked():
+    assert S._tile_config("32x32x32x64x4") == (32, 32, 32, 64, 4)
+    for bad in ("32x32x32x64", "32x32x32x8x4", "32x32x48x64x4", "axbxcxdxe"):
+        with pytest.raises(ValueError, match="LORA_FAST_SEGMENTED_TILE"):
+            S._tile_config(bad)
+
+
 # (mode, negate, check, pointer types of counts/incl/rec_col/rec_val/nonfinite) for each launch the merge
 # launcher makes; unused pointers get the table (int64)
 MERGE_VARIANTS = {

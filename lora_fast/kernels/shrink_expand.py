@@ -573,8 +573,22 @@ def _next_pow2(v: int) -> int:
 # by integer ops on the bits, which the interpreter and compiled code agree on).
 
 _KERNELS = None
-SHRINK_BLOCK_M, SHRINK_BLOCK_K = 32, 32
-EXPAND_BLOCK_M, EXPAND_BLOCK_N = 32, 64
+
+
+def _tile_config(spec: str) -> tuple:
+    """``SMxSKxEMxENxW`` (LORA_FAST_SEGMENTED_TILE, for tuning runs: benchmarks/bench_kernels_shrink_expand.py
+    --tiles): shrink rows and k-step, expand rows and columns, warps; powers of two, each block at least 16 (tl.dot)."""
+    try:
+        vals = tuple(int(v) for v in spec.split("x"))
+    except ValueError:
+        vals = ()
+    if len(vals) != 5 or not all(v > 0 and v & (v - 1) == 0 for v in vals) or min(vals[:4]) < 16:
+        raise ValueError(f"LORA_FAST_SEGMENTED_TILE={spec!r}: want SMxSKxEMxENxW, powers of two, blocks >= 16")
+    return vals
+
+
+SHRINK_BLOCK_M, SHRINK_BLOCK_K, EXPAND_BLOCK_M, EXPAND_BLOCK_N, NUM_WARPS = _tile_config(
+    os.environ.get("LORA_FAST_SEGMENTED_TILE", "32x32x32x64x4"))
 
 
 def _kernels():
@@ -688,7 +702,7 @@ def _triton_shrink(x: torch.Tensor, h: torch.Tensor, groups: AdapterGroups, rows
     with _kernels_pkg.device_guard(x.device):  # Triton launches on the current device: make it x's
         shrink[grid](x, h, groups.table, rows.rows, rows.seg_start, rows.seg_group, x.shape[1], x.stride(0),
                      h.stride(0), DT=_DTYPE_CODE[x.dtype], DOT16=x.dtype == torch.float16 or not _interpreted(),
-                     BLOCK_M=SHRINK_BLOCK_M, BLOCK_K=SHRINK_BLOCK_K, BLOCK_R=h.shape[1])
+                     BLOCK_M=SHRINK_BLOCK_M, BLOCK_K=SHRINK_BLOCK_K, BLOCK_R=h.shape[1], num_warps=NUM_WARPS)
 
 
 def _triton_expand(out: torch.Tensor, h: torch.Tensor, groups: AdapterGroups, rows: RowMap, p: int, lam: float) -> None:
@@ -702,7 +716,8 @@ def _triton_expand(out: torch.Tensor, h: torch.Tensor, groups: AdapterGroups, ro
     with _kernels_pkg.device_guard(out.device):  # Triton launches on the current device: make it out's
         expand[grid](h, target, groups.table, groups.scale, rows.coef, rows.rows, rows.seg_start, rows.seg_group,
                      first, out.shape[1], h.stride(0), out.stride(0), lam,
-                     DT=_DTYPE_CODE[groups.dtype], BLOCK_M=EXPAND_BLOCK_M, BLOCK_N=EXPAND_BLOCK_N, BLOCK_R=h.shape[1])
+                     DT=_DTYPE_CODE[groups.dtype], BLOCK_M=EXPAND_BLOCK_M, BLOCK_N=EXPAND_BLOCK_N, BLOCK_R=h.shape[1],
+                     num_warps=NUM_WARPS)
 
 
 def _same_device(t: torch.Tensor, h: torch.Tensor, groups: "AdapterGroups", rows: "RowMap") -> None:
