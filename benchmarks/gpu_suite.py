@@ -92,8 +92,8 @@ def main(argv=None) -> int:
     log = open(os.path.join(args.out, "gpu_suite.log"), "w")
     failures = 0
     os.environ["LORA_FAST_TRITON_FALLBACK"] = "0"  # a kernel that fails to compile must fail the suite, not fall back
-    py = sys.executable
-    for title, cmd, longest, shortest in steps(args.out, py, args.quick, importlib.util.find_spec("diffusers") is not None):
+    have_diffusers = importlib.util.find_spec("diffusers") is not None
+    for title, cmd, longest, shortest in steps(args.out, sys.executable, args.quick, have_diffusers):
         left = deadline - time.monotonic()
         print(f"\n## {title}\n$ {' '.join(cmd)}", file=log, flush=True)
         if left < shortest:

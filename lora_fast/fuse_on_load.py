@@ -27,8 +27,8 @@ from .errors import LoraFusionError
 from .kernels import merge as merge_kernels
 
 #: Fuse a batch once the weights waiting in it reach this many bytes. Each batch is one fuse call (on the GPU two
-#: launches per launch group and one host read, whatever its layer count), so batches are few and large; the file's reading still
-#: overlaps the merges (the reader threads keep filling the ring while a batch is fused).
+#: launches per launch group and one host read, whatever its layer count), so batches are few and large; the file's
+#: reading still overlaps the merges (the reader threads keep filling the ring while a batch is fused).
 BATCH_WEIGHT_BYTES = 256 << 20
 
 _FACTOR_FIELDS = ("down", "up", "mid")

@@ -264,9 +264,10 @@ def _lora_group(dtype: torch.dtype):
     """A launch group as fuse_lora sends a model with plain LoRA factors in its own dtype (bf16 for an fp8 model):
     every weight row and down row 16-byte aligned with unit column stride, one rank, no LyCORIS terms, so the kernel
     specialized for that case runs (vector accesses, the factors' dtype known; merge._Plan.spec), not the general one
-    the awkward cases above need. Ragged tiles, a row-sliced weight, a transposed up, a padded down, a down at an address that is not 16-byte
-    aligned (as a kohya file's packed tensors are: the scalar loads inside the vector group), -0.0/Inf/NaN and
-    denormal weights, deltas as large as the weights (many records) and a NaN factor (the non-finite check).
+    the awkward cases above need. Ragged tiles, a row-sliced weight, a transposed up, a padded down, a down at an
+    address that is not 16-byte aligned (as a kohya file's packed tensors are: the scalar loads inside the vector
+    group), -0.0/Inf/NaN and denormal weights, deltas as large as the weights (many records) and a NaN factor (the
+    non-finite check).
     Returns ``build(device) -> (stores, jobs)``: the buffers are made on the device and the views taken there, so the
     alignments are the same on every device."""
     g = torch.Generator().manual_seed(20261205)
