@@ -329,7 +329,7 @@ REPEAT = _with_blocks(REPEAT)
 @exact_fma_interpreter
 def test_repeated_fuse_is_one_launch_and_no_host_read():
     """A fuse of the same adapters at the same scales after an exact unfuse writes at the cached record positions:
-    one launch, no host read, no upload, for 5 and 50 blocks alike, with the first fuse's bits and records and exact
+    one launch per launch group, no host read, no upload, for 5 and 50 blocks alike, with the first fuse's bits and records and exact
     unfuse over many cycles; safe_fusing reads the flags once (a refusal restores in one more pass); other scales or
     adapters miss; a weight changed through ``.data`` is found and named, and unfuse stays exact."""
     small, large = _counts(REPEAT)

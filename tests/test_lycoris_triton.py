@@ -59,8 +59,8 @@ def _rand(g, *shape, scale=1.0):
 
 
 def _jobs(dt, seed=0):
-    """(weights, job builder): four jobs of one launch group. 0: LoRA (fp16 B, transposed bf16 A) then LoHa (fp16 ub,
-    a transposed v), LoKr (bf16 W2 whose blocks straddle the 64-column tiles) and a full diff (fp16) on a 70x130
+    """(weights, job builder): four jobs of one device and dtype. 0: LoRA (fp16 B, transposed bf16 A) then LoHa (fp16
+    ub, a transposed v), LoKr (bf16 W2 whose blocks straddle the 64-column tiles) and a full diff (fp16) on a 70x130
     weight (3x3 tiles); 1: LoHa alone on a column-strided view; 2: a 4-D conv weight by its 2-D geometry with a
     LoKr term alone (a transposed fp32 W1) and a LoRA factor; 3: a plain LoRA job (no term) beside them."""
     g = torch.Generator().manual_seed(seed)
@@ -299,8 +299,8 @@ def test_engine_fuse_of_lycoris_layers_runs_the_triton_kernel(monkeypatch):
 
 @interpreted
 def test_engine_repeats_a_lycoris_fuse_from_its_cache(monkeypatch):
-    """fuse_lora of LoHa/LoKr/full layers again after an exact unfuse is a repeat (one launch, no host read, the first
-    fuse's bits); an adapter tensor changed in place makes the next fuse a full one with the new values."""
+    """fuse_lora of LoHa/LoKr/full layers again after an exact unfuse is a repeat (a launch per group, no host read,
+    the first fuse's bits); an adapter tensor changed in place makes the next fuse a full one with the new values."""
     import torch.nn as nn
 
     import lora_fast

@@ -1623,7 +1623,7 @@ class FuseGuard:
 
 class FuseCache:
     """What a recording Triton fuse of a job list computed, kept so that fusing the same jobs again costs one launch
-    per launch group and no host read (docs/fuse.md, "On the GPU: data flow"): per (device, dtype) group the job
+    per launch group and no host read (docs/fuse.md, "On the GPU: data flow"): per launch group the job
     table and tile map on the device (:class:`_Plan`), the inclusive scan of its slot counts and each job's record
     start and end, under a key of everything that determines them (:func:`_cache_key`: the weight tensors' identity,
     address, shape, strides, dtype and ``_version``, the factors' identity, address, ``_version``, strides, rank and
