@@ -354,24 +354,6 @@ def time_cycles(fuse: Callable[[], None], unfuse: Callable[[], None], *, repeats
     )
 
 
-def _fuse_series(fuse: Callable[[], None], unfuse: Callable[[], None], repeats: int,
-                 sync: Callable[[], None]) -> float:
-    """Median time of ``repeats`` fuses, each undone (untimed) before the next; garbage collector off."""
-    was_enabled = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
-        times = []
-        for _ in range(repeats):
-            times.append(_timed(fuse, sync))
-            unfuse()
-        sync()
-    finally:
-        if was_enabled:
-            gc.enable()
-    return statistics.median(times)
-
-
 @contextlib.contextmanager
 def _environ(name: str, value: str):
     old = os.environ.get(name)
@@ -468,11 +450,13 @@ def run_case(case: str, dtype_name: str, *, floor: dict, repeats: int = REPEATS,
         # the other fuse paths, warm: safe_fusing (a repeat: one writing pass that checks), and a fuse that finds
         # no cached positions (counting pass, one host read, writing pass: what a new adapter or scale costs and
         # what fuse-on-load overlaps with reading the file)
-        safe = _fuse_series(lambda: lora_fast.fuse_lora(pipe, safe_fusing=True), lambda: lora_fast.unfuse_lora(pipe),
-                            repeats, sync)
+        # (time_cycles' first, separately timed cycle warms each path up; its warm median is the figure)
+        unfuse = lambda: lora_fast.unfuse_lora(pipe)  # noqa: E731
+        safe = time_cycles(lambda: lora_fast.fuse_lora(pipe, safe_fusing=True), unfuse, repeats=repeats, warmup=0,
+                           sync=sync)["fuse_s"]
         with _environ("LORA_FAST_FUSE_CACHE", "0"):
-            uncached = _fuse_series(lambda: lora_fast.fuse_lora(pipe), lambda: lora_fast.unfuse_lora(pipe), repeats,
-                                    sync)
+            uncached = time_cycles(lambda: lora_fast.fuse_lora(pipe), unfuse, repeats=repeats, warmup=0,
+                                   sync=sync)["fuse_s"]
         lora_fast.unload_lora_weights(pipe)
         t_e2e = _timed(lambda: lora_fast.load_lora_weights(pipe, path, adapter_name="bench2", fuse=True), sync)
         lora_fast.unfuse_lora(pipe)

@@ -168,6 +168,13 @@ class MergeJob:
     def shape2d(self) -> tuple:
         return (self.view[0], self.view[1]) if self.view is not None else tuple(self.weight.shape)
 
+    def geometry(self) -> tuple:
+        """(rows, columns, row stride, column stride) of the 2-D weight view."""
+        if self.view is not None:
+            return self.view
+        (rows, cols), (sr, sc) = self.weight.shape, self.weight.stride()
+        return rows, cols, sr, sc
+
     def materialized(self) -> "MergeJob":
         """The same job with a 2-D weight view and float32 contiguous up/down (torch operations)."""
         w = self.matrix()
@@ -940,19 +947,10 @@ def _group_jobs(jobs) -> dict:
     return groups
 
 
-def _geometry(job) -> tuple:
-    """(rows, columns, row stride, column stride) of a job's 2-D weight view."""
-    if job.view is not None:
-        return job.view
-    w = job.weight
-    (rows, cols), (sr, sc) = w.shape, w.stride()
-    return rows, cols, sr, sc
-
-
 def _vector_tiles(job, geometry=None) -> bool:
     """Whether the job's weight tiles allow 16-byte vector accesses: unit column stride (or one column), a row
     stride and a column count that are multiples of 16 bytes, a 16-byte aligned first element."""
-    rows, cols, sr, sc = geometry or _geometry(job)
+    rows, cols, sr, sc = geometry or job.geometry()
     w = job.weight
     vec = 16 // w.element_size()
     return (sc == 1 or cols == 1) and sr % vec == 0 and cols % vec == 0 and w.data_ptr() % 16 == 0
@@ -1425,7 +1423,7 @@ class _Plan:
         for q, i in enumerate(idxs):
             job = jobs[i]
             w = job.weight
-            geometry = rows, cols, sr, sc = _geometry(job)
+            geometry = rows, cols, sr, sc = job.geometry()
             ntiles = -(-rows // BLOCK_M) * -(-cols // BLOCK_N) if rows and cols else 0
             extent = max(extent, _extent(rows + BLOCK_M, cols + BLOCK_N, sr, sc))
             w_aligned = w_aligned and _vector_tiles(job, geometry)
