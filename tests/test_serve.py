@@ -165,6 +165,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_ray(ray) -> None:
+    """ray.init for the tests, retried once when Ray's own head processes do not come up in time (its GCS server
+    occasionally misses Ray's start-up deadline on a loaded 2-core machine, right after another test's shutdown)."""
+    kw = dict(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        ray.init(**kw)
+    except RuntimeError as e:
+        if "Timed out waiting for file" not in str(e):
+            raise
+        ray.shutdown()
+        ray.init(**kw)
+
+
 @pytest.fixture(scope="module")
 def serve_apps(lora_dir):
     ray = pytest.importorskip("ray")
@@ -172,7 +185,7 @@ def serve_apps(lora_dir):
     from lora_fast.serve import build_app
 
     t0 = time.perf_counter()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_ray(ray)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     common = dict(pipeline="lora_fast.serve.demo:tiny_pipeline", adapters=str(lora_dir), torch_threads=1,

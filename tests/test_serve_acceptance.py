@@ -20,7 +20,7 @@ psutil = pytest.importorskip("psutil")
 
 from lora_fast.serve.demo import tiny_pipeline, write_adapters  # noqa: E402
 from lora_fast.serve.runner import GenerationRequest, decode_npy  # noqa: E402
-from test_serve import alone, rel_max  # noqa: E402  (the request alone, the error measure)
+from test_serve import alone, rel_max, start_ray  # noqa: E402  (request alone, error measure, ray.init)
 
 NAMES = tuple(f"style{i}" for i in range(10))
 STEPS, SIZE = 2, 16
@@ -99,7 +99,7 @@ def test_two_replicas_ten_adapters_mixed_traffic_then_clean_shutdown(tmp_path):
     me = psutil.Process()
     before = {p.pid for p in me.children(recursive=True)}
     t0 = time.perf_counter()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_ray(ray)
     try:
         try:  # Ray's private API: the processes' command lines name the session (gcs_server, raylet, agents)
             session = ray._private.worker._global_node.session_name
