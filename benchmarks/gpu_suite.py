@@ -13,6 +13,8 @@ most important figures written. Each step is logged to <out>/gpu_suite.log.
    fuse and fuse-on-load figures (against diffusers when it is importable) with the floor measured in the same run;
 4. the live step (benchmarks/bench_live.py --step-only: SD1.5 UNet fp16, batch 16, latent 64; base / one adapter
    live / per-sample adapters), when diffusers is importable;
+   then the first fuse of a fresh process on a cold Triton cache, with the kernel variants compiled ahead in
+   parallel and one at a time (benchmarks/bench_first_fuse.py);
 5. the CUDA tests (``pytest -m cuda``) and the whole-model checks (benchmarks/gpu_checks.py: exact unfuse, fused
    values against float64, the same bits as the CPU kernel, ``load_file(device="cuda")``);
 6. the rest: Triton kernel tests, segmented shrink/expand at SD1.5 layer shapes (and per tile configuration), the
@@ -58,6 +60,9 @@ def steps(out: str, py: str, quick: bool, have_diffusers: bool) -> list:
                          [py, "benchmarks/bench_live.py", "--step-only", "--device", "cuda", "--dtype", "fp16",
                           "--size", "full", "--batch", "16", "--latent", "64", "--step-repeats", "5",
                           "--out", j("live_step.json")], 180, 45))
+        todo.append(("first fuse on a cold Triton cache: variants compiled ahead in parallel vs one at a time",
+                     [py, "benchmarks/bench_first_fuse.py", "--device", "cuda", "--out", j("first_fuse.json")],
+                     150, 40))
     todo += [
         ("CUDA tests", [py, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "-rs",
                         "--junitxml", j("cuda_tests.xml"), "tests"], 300, 60),

@@ -35,6 +35,7 @@ from __future__ import annotations
 import array
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
@@ -956,12 +957,94 @@ def _vector_tiles(job, geometry=None) -> bool:
     return (sc == 1 or cols == 1) and sr % vec == 0 and cols % vec == 0 and w.data_ptr() % 16 == 0
 
 
+# No FP contraction: every mul and add rounds on its own (mul.rn/add.rn) and only the kernel's explicit tl.fma
+# fuses, as in the C++ kernel, so the bits do not depend on Triton's default (contraction on up to 3.9, off from
+# 3.10) or on ptxas turning a plain mul.f32 + add.f32 into an fma.
+_COMPILE_OPTIONS = dict(enable_fp_fusion=False)
+
+
 def _launch(kernel, grid, *args, **kw) -> None:
     triton_stats.launches += 1
-    # No FP contraction: every mul and add rounds on its own (mul.rn/add.rn) and only the kernel's explicit tl.fma
-    # fuses, as in the C++ kernel, so the bits do not depend on Triton's default (contraction on up to 3.9, off
-    # from 3.10) or on ptxas turning a plain mul.f32 + add.f32 into an fma.
-    kernel[grid](*args, enable_fp_fusion=False, **kw)
+    kernel[grid](*args, **_COMPILE_OPTIONS, **kw)
+
+
+def _plans(jobs, restore=None) -> list:
+    """One :class:`_Plan` per launch group of ``jobs`` (tables uploaded to each group's device)."""
+    plans = []
+    for (device, dtype, _), idxs in _group_jobs(jobs).items():
+        with _device_guard(device):
+            plans.append(_Plan(jobs, idxs, device, dtype, None if restore is None else [restore[i] for i in idxs]))
+    return plans
+
+
+_precompiled: set = set()  # (device, buffer dtypes, constants) of the launches compiled ahead in this process
+_MAX_COMPILE_THREADS = 8  # each compile holds an LLVM context (100-200 MB) while it runs
+
+
+def _precompile(plans) -> None:
+    """Compiles the launch variants of ``plans`` (:meth:`_Plan.variants`) that no earlier call compiled ahead,
+    several at once, before the first of them launches. A variant is one Triton compile (0.2-1.8 s for sm_90 on one
+    core), a first use on a cold cache needs up to seven per launch group plus the probe's, and Triton's compile
+    releases the GIL for most of its time; in sequence they made the first fuse of a process several seconds long.
+    Runs on CUDA devices through Triton's own threaded-compile mode (triton.runtime._async_compile, Triton 3.5 and
+    later; not there: nothing is compiled ahead). Only a head start: a variant that does not compile here compiles, or
+    fails and says why, at its launch as before. ``LORA_FAST_PARALLEL_COMPILE=0`` turns it off."""
+    if not any(pl.device.type == "cuda" for pl in plans) or os.environ.get("LORA_FAST_PARALLEL_COMPILE") == "0":
+        return
+    try:
+        from triton.runtime import _async_compile as ac
+    except ImportError:
+        return
+    todo: dict = {}
+    for pl in plans:
+        if pl.device.type != "cuda":
+            continue
+        for args, kw in pl.variants():
+            key = (pl.device, tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args),
+                   tuple(sorted(kw.items())))
+            if key not in _precompiled:
+                _precompiled.add(key)
+                todo.setdefault(pl.device, []).append((args, kw))
+    if not todo:
+        return
+    kernel = _triton_kernel()
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    for device, launches in todo.items():
+        workers = min(len(launches), cpus, _MAX_COMPILE_THREADS)
+        if workers < 2:
+            continue
+        _compile_ahead(ac, kernel, device, launches, workers)
+
+
+def _quietly(fn, *args, **kw):
+    """``fn(...)``, or None when it raises: a variant that fails to compile ahead compiles (or fails, saying why) at
+    its launch."""
+    try:
+        return fn(*args, **kw)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _compile_ahead(ac, kernel, device, launches, workers: int) -> None:
+    mode = None
+    try:
+        with _device_guard(device), ThreadPoolExecutor(workers, thread_name_prefix="lora_fast-compile") as ex:
+            mode = ac.AsyncCompileMode(ex)  # (no ignore_errors: Triton 3.5 has no such argument)
+            with mode:
+                pending = []
+                for args, kw in launches:  # each warmup returns at once, with a future of its compile
+                    pending.append(_quietly(kernel.warmup, *args, grid=(1,), **_COMPILE_OPTIONS, **kw))
+                for fut in pending:  # one by one, so that one failed compile does not drop the others
+                    if hasattr(fut, "result"):
+                        _quietly(fut.result)  # the compiled kernel goes into the kernel's cache
+    except Exception:  # noqa: BLE001 - a head start only (see _precompile); the caller's own mode is left alone
+        pass
+    finally:
+        if mode is not None and ac.active_mode.get() is mode:  # Triton 3.5/3.6 leave it set when a compile raised
+            ac.active_mode.set(None)
 
 
 def _to_host(t: torch.Tensor) -> list:
@@ -1491,17 +1574,42 @@ class _Plan:
         if self.n_tiles:
             self.tile_job = torch.repeat_interleave(self.table[self.tiles_at:self.end_at], output_size=self.n_tiles)
 
-    def launch(self, kernel, mode, *, negate=False, check=False, counts=None, incl=None, rec_col=None, rec_val=None,
-               nonfinite=None, grid=None, tile_job=None) -> None:
+    @property
+    def scan_dtype(self) -> torch.dtype:
+        """The dtype of the group's slot scan (the record positions): int64 from 2^31 elements on."""
+        return torch.int64 if self.numel >= 1 << 31 else torch.int32
+
+    def launch(self, kernel, mode, *, grid=None, **buffers) -> None:
         if not self.n_tiles:
             return
+        args, kw = self._launch_args(mode, **buffers)
+        _launch(kernel, grid or (self.n_tiles,), *args, **kw)
+
+    def _launch_args(self, mode, *, negate=False, check=False, counts=None, incl=None, rec_col=None, rec_val=None,
+                     nonfinite=None, tile_job=None) -> tuple:
+        """The kernel's arguments and compile-time constants for a launch in ``mode``. A buffer may be a torch dtype
+        in place of a tensor (:meth:`variants`): Triton keys a compile on the buffers' dtypes and alignments."""
         dummy = self.table
-        _launch(kernel, grid or (self.n_tiles,), self.table, self.tile_job if tile_job is None else tile_job,
-                dummy if counts is None else counts, dummy if incl is None else incl,
-                dummy if rec_col is None else rec_col, dummy if rec_val is None else rec_val,
-                dummy if nonfinite is None else nonfinite,
-                NJ=_NJ, NP=_NP, DT=_WEIGHT_CODE[self.dtype], MODE=mode, NEGATE=bool(negate), CHECK=bool(check),
-                BM=BLOCK_M, BN=BLOCK_N, num_warps=NUM_WARPS, **self.spec)
+        args = (self.table, self.tile_job if tile_job is None else tile_job, dummy if counts is None else counts,
+                dummy if incl is None else incl, dummy if rec_col is None else rec_col,
+                dummy if rec_val is None else rec_val, dummy if nonfinite is None else nonfinite)
+        kw = dict(NJ=_NJ, NP=_NP, DT=_WEIGHT_CODE[self.dtype], MODE=mode, NEGATE=bool(negate), CHECK=bool(check),
+                  BM=BLOCK_M, BN=BLOCK_N, num_warps=NUM_WARPS, **self.spec)
+        return args, kw
+
+    def variants(self) -> list:
+        """``(args, kw)`` of the launches a recording fuse of this group makes, with and without the non-finite
+        check, first and cached, and its two unfuses, plus the fuse without records: what a first use compiles
+        ahead in parallel (:func:`_precompile`). Buffers are given by dtype, as the launch sites allocate them."""
+        if not self.n_tiles:
+            return []
+        i32 = torch.int32
+        rec = dict(incl=self.scan_dtype, rec_col=torch.int8, rec_val=_BITS_DTYPE[self.dtype], nonfinite=torch.int64)
+        kinds = [dict(mode=MODE_COUNT, counts=i32), dict(mode=MODE_COUNT, check=True, counts=i32, nonfinite=i32),
+                 dict(mode=MODE_WRITE, **rec), dict(mode=MODE_WRITE, check=True, counts=i32, **rec),
+                 dict(mode=MODE_RESTORE_OWN, negate=True, **rec), dict(mode=MODE_PLAIN),
+                 dict(mode=MODE_RESTORE, negate=True)]
+        return [self._launch_args(**k) for k in kinds]
 
 
 def _span(t: torch.Tensor) -> int:
@@ -1712,8 +1820,7 @@ def _record_passes(kernel, plans, n, *, record, check_finite, abort_nonfinite):
             nonfinite = torch.zeros(pl.n, dtype=torch.int32, device=pl.device) if check_finite else None
             counts = torch.empty(max(1, pl.n_tiles * BLOCK_M), dtype=torch.int32, device=pl.device)
             pl.launch(kernel, MODE_COUNT, check=check_finite, counts=counts, nonfinite=nonfinite)
-            big = pl.numel >= 1 << 31
-            incl = torch.cumsum(counts, 0, dtype=torch.int64 if big else torch.int32)
+            incl = torch.cumsum(counts, 0, dtype=pl.scan_dtype)
             tmp[id(pl)] = (incl, nonfinite)
             del counts
 
@@ -1797,10 +1904,8 @@ def _triton_run(jobs, *, negate, record, check_finite, abort_nonfinite=False, re
     two_pass = record or abort_nonfinite
     n = len(jobs)
     flags = [False] * n
-    plans = []
-    for (device, dtype, _), idxs in _group_jobs(jobs).items():
-        with _device_guard(device):
-            plans.append(_Plan(jobs, idxs, device, dtype, None if restore is None else [restore[i] for i in idxs]))
+    plans = _plans(jobs, restore)
+    _precompile(plans)
     if two_pass:
         items, flags, scans = _record_passes(kernel, plans, n, record=record, check_finite=check_finite,
                                              abort_nonfinite=abort_nonfinite)

@@ -6,7 +6,8 @@ under the non-finite check, LyCORIS LoHa/LoKr/full terms) and compares the resul
 
 * ``"merge"`` (:mod:`.merge`): every fused element must have the same bits as the CPU kernel (NaN positions must
   match; NaN payloads may differ), and so must the records and the non-finite flags, for each launch the library
-  makes (fuse with records with and without the non-finite check, fuse without records, unfuse); the
+  makes (fuse with records with and without the non-finite check, the repeated fuse at cached record positions
+  with the check, refused and not, fuse without records, both unfuses); the
   exact-unfuse round trip must give back the original weights bit for bit. Two launch groups: the awkward jobs
   (the kernel's general variant) and aligned plain LoRA jobs (the specialized variant most fuses run).
 * ``"segmented"`` (:mod:`.shrink_expand`): ``h`` and the expanded output must agree with the torch backend within
@@ -22,8 +23,9 @@ merge kernel is raised rather than answered by switching backends (records made 
 it); shrink/expand keep nothing between calls, so there a later launch error falls back the same way.
 
 The probe is a few tiny launches plus small copies and host syncs: a few milliseconds once per process and key
-(estimated from its operation count; not yet timed on a GPU). On a cold Triton cache the kernel variants it
-exercises are compiled during it (the first real calls would compile most of them anyway).
+(estimated from its operation count; not yet timed on a GPU). On a cold Triton cache the merge kernel variants it
+exercises are compiled before it, several at once (merge._precompile; the first real calls would compile most of them
+anyway).
 
 Test hooks (private): :func:`_set_fault` makes a kernel's launcher raise or compute a wrong result, :func:`_reset`
 forgets every verdict.
@@ -333,8 +335,10 @@ def _probe_merge(device: torch.device, dtype: torch.dtype) -> Optional[str]:
         stores = [st.to(dev, copy=True) for st, _, _, _ in cases]
         return stores, [job(s, c, dev) for s, c in zip(stores, cases)]
 
-    return _probe_merge_group(device, awkward, "") or _probe_merge_group(device, _lora_group(dtype),
-                                                                         "plain LoRA group: ")
+    lora = _lora_group(dtype)
+    if device.type == "cuda":  # every variant below, compiled several at once before the first launch
+        M._precompile([pl for build in (awkward, lora) for pl in M._plans(build(device)[1])])
+    return _probe_merge_group(device, awkward, "") or _probe_merge_group(device, lora, "plain LoRA group: ")
 
 
 def _probe_merge_group(device: torch.device, build, label: str) -> Optional[str]:
@@ -374,8 +378,9 @@ def _probe_merge_group(device: torch.device, build, label: str) -> Optional[str]
     for n, (s, o) in enumerate(zip(stores, originals)):
         if not torch.equal(_bits(s), _bits(o)):
             return f"{label}fuse (safe_fusing) with a non-finite job, job {n}: weights were changed"
-    # fuse with records and the non-finite check (both passes)
-    recs, flags = M._triton_run(jobs, negate=False, record=True, check_finite=True)
+    # fuse with records and the non-finite check (both passes), keeping its scan as a repeated fuse does
+    cache = M.FuseCache()
+    recs, flags = M._triton_run(jobs, negate=False, record=True, check_finite=True, cache=cache)
     d = compare(stores, recs, flags, "fuse (records, non-finite check)", ref_flags)
     if d:
         return d
@@ -394,6 +399,21 @@ def _probe_merge_group(device: torch.device, build, label: str) -> Optional[str]
         return f"{label}unfuse: the fuse's own records were not recognized"
     M._triton_restore_own(runs)
     d = round_trip(stores, originals, "unfuse round trip (the fuse's table)")
+    if d:
+        return d
+    # safe_fusing's repeated fuse: the writing pass at the cached positions also flags; refused, it restores
+    recs, flags = M._triton_cached(cache, len(jobs), check=True, abort=True)
+    if flags != ref_flags:
+        return f"{label}repeated fuse (safe_fusing): non-finite flags {flags}, the CPU kernel gives {ref_flags}"
+    d = round_trip(stores, originals, "repeated fuse refused (safe_fusing)")
+    if d:
+        return d
+    recs, flags = M._triton_cached(cache, len(jobs), check=True, abort=False)
+    d = compare(stores, recs, flags, "repeated fuse (cached positions, non-finite check)", ref_flags)
+    if d:
+        return d
+    M._triton_restore_own(M._own_runs(jobs, M._items(recs)))
+    d = round_trip(stores, originals, "unfuse round trip (repeated fuse)")
     if d:
         return d
     # fuse with records, no check (fuse_lora's default), and fuse without records (lora-fast merge)
