@@ -55,7 +55,7 @@ VARIANTS_SCRIPT = """
         return t.view(torch.int32 if t.dtype == torch.float32 else torch.int16)
 
     g = torch.Generator().manual_seed(4)
-    for dtype in (torch.float16, torch.float32):
+    for dtype in (torch.float16,):  # (fp32 and bf16 only change the constants and the record value's dtype)
         assert P._run("merge", torch.device("cpu"), dtype).reason is None  # the probe's two groups, every launch
         # a model's aligned rank-8 LoRA (a third specialization) through every launch the engine makes
         jobs = [M.MergeJob((torch.randn(48, 64, generator=g) * 0.05).to(dtype), torch.randn(48, 8, generator=g),
@@ -74,8 +74,7 @@ VARIANTS_SCRIPT = """
     listed = {signature(a, k) for pl in plans for a, k in pl.variants()}
     assert launched == listed, (sorted(launched - listed, key=str)[:3], sorted(listed - launched, key=str)[:3])
     specs = {(pl.dtype, tuple(sorted(pl.spec.items()))) for pl in plans}
-    # per dtype the probe's general and vector groups; the fp16 model's fp32 factors make a third specialization
-    assert len(specs) == 5, specs
+    assert len(specs) == 3, specs  # the probe's general and vector groups; the model's fp32 factors make a third
     print("VARIANTS-OK", len(listed))
 """
 
