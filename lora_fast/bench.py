@@ -14,7 +14,6 @@ comparison.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
 import statistics
@@ -22,6 +21,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
+from unittest import mock
 
 import torch
 from torch import nn
@@ -354,19 +354,6 @@ def time_cycles(fuse: Callable[[], None], unfuse: Callable[[], None], *, repeats
     )
 
 
-@contextlib.contextmanager
-def _environ(name: str, value: str):
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
-
-
 def run_case(case: str, dtype_name: str, *, floor: dict, repeats: int = REPEATS, warmup: int = WARMUP,
              compare_diffusers: bool = True, size: str = "full", drift_sample: int = 64,
              log: Callable[[str], None] = print, device: str = "cpu") -> CaseResult:
@@ -454,7 +441,7 @@ def run_case(case: str, dtype_name: str, *, floor: dict, repeats: int = REPEATS,
         unfuse = lambda: lora_fast.unfuse_lora(pipe)  # noqa: E731
         safe = time_cycles(lambda: lora_fast.fuse_lora(pipe, safe_fusing=True), unfuse, repeats=repeats, warmup=0,
                            sync=sync)["fuse_s"]
-        with _environ("LORA_FAST_FUSE_CACHE", "0"):
+        with mock.patch.dict(os.environ, {"LORA_FAST_FUSE_CACHE": "0"}):
             uncached = time_cycles(lambda: lora_fast.fuse_lora(pipe), unfuse, repeats=repeats, warmup=0,
                                    sync=sync)["fuse_s"]
         lora_fast.unload_lora_weights(pipe)

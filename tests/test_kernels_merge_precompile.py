@@ -129,7 +129,7 @@ def test_variants_compiled_ahead_in_threads_are_the_ones_the_launches_look_up():
     run_script(COMPILE_SCRIPT, "COMPILE-AHEAD-OK", TRITON_INTERPRET="0")
 
 
-def test_each_variant_is_compiled_ahead_once_per_process_and_the_switch_turns_it_off(monkeypatch):
+def test_a_launch_groups_variants_are_compiled_ahead_once_per_process_and_the_switch_turns_it_off(monkeypatch):
     pytest.importorskip("triton.runtime._async_compile")
     calls = []
     monkeypatch.setattr(M, "_compile_ahead", lambda ac, kernel, device, launches, workers:

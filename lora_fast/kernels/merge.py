@@ -977,7 +977,7 @@ def _plans(jobs, restore=None) -> list:
     return plans
 
 
-_precompiled: set = set()  # (device, buffer dtypes, constants) of the launches compiled ahead in this process
+_precompiled: set = set()  # (device, dtype, scan dtype, spec) of the launch groups compiled ahead in this process
 _MAX_COMPILE_THREADS = 8  # each compile holds an LLVM context (100-200 MB) while it runs
 
 
@@ -997,14 +997,10 @@ def _precompile(plans) -> None:
         return
     todo: dict = {}
     for pl in plans:
-        if pl.device.type != "cuda":
-            continue
-        for args, kw in pl.variants():
-            key = (pl.device, tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args),
-                   tuple(sorted(kw.items())))
-            if key not in _precompiled:
-                _precompiled.add(key)
-                todo.setdefault(pl.device, []).append((args, kw))
+        key = (pl.device, pl.dtype, pl.scan_dtype, tuple(sorted(pl.spec.items())))  # what its variants depend on
+        if pl.device.type == "cuda" and key not in _precompiled:
+            _precompiled.add(key)
+            todo.setdefault(pl.device, []).extend(pl.variants())
     if not todo:
         return
     kernel = _triton_kernel()
