@@ -38,37 +38,33 @@ def contractible_fp32_ops(ptx: str) -> list:
                    if line.strip().split(" ")[0] in ("mul.f32", "add.f32", "sub.f32")})
 
 
-@pytest.mark.parametrize("target", TARGETS, ids=lambda t: f"sm{t.arch}")
-@pytest.mark.parametrize("dt", [0, 1, 2], ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("block_r", [16, 128])
-def test_segmented_shrink_and_expand_compile(target, dt, block_r):
+def compile_segmented(target, dt: int, block_r: int, sm=S.SHRINK_BLOCK_M, sk=S.SHRINK_BLOCK_K, em=S.EXPAND_BLOCK_M,
+                      en=S.EXPAND_BLOCK_N, warps=None):
+    """The segmented shrink and expand kernels with the launchers' signatures, for these tiles."""
     shrink, expand = S._kernels()
+    opts = {} if warps is None else {"num_warps": warps}
     compile_for(shrink, {
         "x_ptr": ELEM[dt], "h_ptr": "*fp32", "table_ptr": "*i64", "rows_ptr": "*i64", "seg_start_ptr": "*i32",
         "seg_group_ptr": "*i32", "K": "i32", "stride_xm": "i32", "stride_hm": "i32",
-    }, {"DT": dt, "DOT16": True, "BLOCK_M": S.SHRINK_BLOCK_M, "BLOCK_K": S.SHRINK_BLOCK_K, "BLOCK_R": block_r}, target)
+    }, {"DT": dt, "DOT16": True, "BLOCK_M": sm, "BLOCK_K": sk, "BLOCK_R": block_r}, target, **opts)
     compile_for(expand, {
         "h_ptr": "*fp32", "out_ptr": "*i16" if dt == 2 else ELEM[dt], "table_ptr": "*i64", "scale_ptr": "*fp32",
         "coef_ptr": "*fp32", "rows_ptr": "*i64", "seg_start_ptr": "*i32", "seg_group_ptr": "*i32", "seg_base": "i32",
         "N": "i32", "stride_hm": "i32", "stride_om": "i32", "lam": "fp32",
-    }, {"DT": dt, "BLOCK_M": S.EXPAND_BLOCK_M, "BLOCK_N": S.EXPAND_BLOCK_N, "BLOCK_R": block_r}, target)
+    }, {"DT": dt, "BLOCK_M": em, "BLOCK_N": en, "BLOCK_R": block_r}, target, **opts)
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=lambda t: f"sm{t.arch}")
+@pytest.mark.parametrize("dt", [0, 1, 2], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("block_r", [16, 128])
+def test_segmented_shrink_and_expand_compile(target, dt, block_r):
+    compile_segmented(target, dt, block_r)
 
 
 @pytest.mark.parametrize("tile", ["64x32x64x64x4", "128x64x128x128x8"])
 def test_segmented_kernels_compile_with_other_tiles(tile):
     """The tile configurations benchmarks/bench_kernels_shrink_expand.py --tiles compares compile for sm_90."""
-    sm, sk, em, en, warps = S._tile_config(tile)
-    shrink, expand = S._kernels()
-    target = GPUTarget("cuda", 90, 32)
-    compile_for(shrink, {
-        "x_ptr": "*fp16", "h_ptr": "*fp32", "table_ptr": "*i64", "rows_ptr": "*i64", "seg_start_ptr": "*i32",
-        "seg_group_ptr": "*i32", "K": "i32", "stride_xm": "i32", "stride_hm": "i32",
-    }, {"DT": 1, "DOT16": True, "BLOCK_M": sm, "BLOCK_K": sk, "BLOCK_R": 16}, target, num_warps=warps)
-    compile_for(expand, {
-        "h_ptr": "*fp32", "out_ptr": "*fp16", "table_ptr": "*i64", "scale_ptr": "*fp32", "coef_ptr": "*fp32",
-        "rows_ptr": "*i64", "seg_start_ptr": "*i32", "seg_group_ptr": "*i32", "seg_base": "i32", "N": "i32",
-        "stride_hm": "i32", "stride_om": "i32", "lam": "fp32",
-    }, {"DT": 1, "BLOCK_M": em, "BLOCK_N": en, "BLOCK_R": 16}, target, num_warps=warps)
+    compile_segmented(GPUTarget("cuda", 90, 32), 1, 16, *S._tile_config(tile))
 
 
 def test_segmented_tile_configuration_is_checked():
